@@ -1,0 +1,103 @@
+"""Saving and restoring the train state with the data-iterator position; the only orbax user.
+
+A checkpoint `checkpoints/<step>/` holds three items: `state` (TrainState arrays, sharded),
+`data` (the iterator position, JSON) and `meta` (the config fingerprint, JSON). Restores try the
+newest step first and fall back to older ones when a step is damaged.
+"""
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from flowjax.state import TrainState
+
+ITEMS = ("state", "data", "meta")
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint, or one that does not belong to this run."""
+
+
+def manager(workdir: str, ckpt_config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=ckpt_config.max_to_keep,
+      enable_async_checkpointing=ckpt_config.async_save,
+      create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               item_names=ITEMS, options=options)
+
+
+def save(mngr: ocp.CheckpointManager, state: TrainState, data_state: dict, meta: dict,
+         force: bool = False) -> bool:
+  """Starts a (possibly asynchronous) save at state.step; returns whether one was started.
+
+  The device-to-host copy happens before this returns, so the caller may donate `state` next.
+  """
+  step = int(state.step)
+  if step in mngr.all_steps():
+    return False
+  return mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+      meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState):
+  """(state, data_state, meta, step) from the newest readable checkpoint, or None if none exist.
+
+  abstract_state: TrainState of jax.ShapeDtypeStruct with shardings; restored arrays are placed
+  directly on those shardings. A step that cannot be read is reported and the previous one tried.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  failures = []
+  for step in steps:
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    except Exception as error:  # orbax raises ValueError, FileNotFoundError, KeyError, ...
+      logging.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); trying the "
+                      "previous one.", step, mngr.directory, type(error).__name__, error)
+      failures.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
+      continue
+    if failures:
+      logging.warning("Resumed from step %d after skipping damaged checkpoints: %s", step,
+                      "; ".join(failures))
+    return restored.state, restored.data, restored.meta, step
+  raise CheckpointError(
+      f"None of the checkpoints in {mngr.directory} can be restored:\n  " + "\n  ".join(failures)
+      + "\nMove the checkpoints directory away to start afresh, or fix the files.")
+
+
+def restore_params(workdir: str, abstract_params, key: str = "params"):
+  """The `params` subtree of the newest readable checkpoint in another run's `workdir`.
+
+  abstract_params: tree of jax.ShapeDtypeStruct with shardings (the current run's parameters).
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"ckpt.init_from={workdir!r} has no checkpoints directory "
+                          f"({directory}); name a workdir written by flowjax.main.")
+  mngr = ocp.CheckpointManager(directory, item_names=ITEMS,
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  errors = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    path = os.path.join(directory, str(step), "state")
+    item = {key: abstract_params}
+    try:
+      restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+      return restored[key], step
+    except Exception as error:  # see restore_latest
+      errors.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
+  raise CheckpointError(f"ckpt.init_from={workdir!r}: no checkpoint with parameters matching this "
+                        "model could be read:\n  " + "\n  ".join(errors or ["no checkpoints"]))
+
+
+def abstract_of(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

@@ -1,0 +1,242 @@
+"""The one config schema: defaults shared by every experiment, validation and fingerprints.
+
+An experiment file (`experiments/*.py`) defines `get_config(arg=None)` that starts from
+`base_config()`, fills in its sections and returns the locked ConfigDict. `validate` runs before
+anything is compiled and turns every bad value into one error that names the key and the fix.
+"""
+
+import hashlib
+import json
+from typing import Any
+
+import ml_collections
+
+SECTIONS = ("objective", "model", "data", "mesh", "sharding", "optim", "train", "ckpt", "eval",
+            "sample")
+
+# Keys that may change between a run and its resumption without changing what is trained.
+RESUMABLE_KEYS = (
+    "train.steps", "train.log_every", "train.dry_run", "train.progress", "mesh",
+    "ckpt.every_steps", "ckpt.max_to_keep", "ckpt.async_save", "eval", "sample", "data.num_workers",
+    "data.prefetch", "data.tfds_data_dir",
+)
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("vocab", None),
+    ("conv_in", None),
+    ("conv_out", None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key an experiment may set, with defaults; model/objective sections start empty."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.objective = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict()
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="digits", toy_distribution="checkerboard", conditional=False, image_size=8,
+      channels=3, num_classes=0, random_flip=False, tfds_data_dir="", num_workers=0,
+      prefetch=2))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      decay_norms_and_biases=False, schedule="constant", warmup_steps=0, final_lr=0.0,
+      grad_clip=1.0, ema_decays=(0.999,), ema_start_step=0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, batch_size=64, grad_accum_steps=1, log_every=50, dry_run=False,
+      nonfinite="stop", progress="auto"))
+
+  c.ckpt = ml_collections.ConfigDict(dict(
+      every_steps=500, max_to_keep=3, init_from="", async_save=True))
+
+  c.eval = ml_collections.ConfigDict(dict(every_steps=0, num_batches=4, split="test"))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      every_steps=0, num=64, num_steps=50, method="euler", guidance=1.0, use_ema=True))
+  return c
+
+
+def apply_preset(config: ml_collections.ConfigDict, arg: str | None,
+                 presets: dict[str, dict[str, Any]]) -> ml_collections.ConfigDict:
+  """Applies `arg` = "name" or "key=value,..." (e.g. "size=XL") picking entries of `presets`.
+
+  `presets` maps a preset name to {"dotted.key": value}. A bare name selects that preset; a
+  `size=NAME` (or any `x=NAME`) form selects preset NAME as well.
+  """
+  if not arg:
+    return config
+  for part in arg.split(","):
+    name = part.split("=", 1)[-1].strip()
+    if name not in presets:
+      from flowjax.registry import unknown_name_message
+      raise ValueError(unknown_name_message("preset", name, sorted(presets)))
+    for key, value in presets[name].items():
+      set_dotted(config, key, value)
+  return config
+
+
+def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  *parents, leaf = key.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = value
+
+
+def flatten(config, prefix: str = "") -> dict[str, Any]:
+  """{"a.b": value} for every leaf of a ConfigDict (tuples and lists stay leaves)."""
+  out = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def to_json(config) -> str:
+  return json.dumps(_jsonable(config.to_dict()), indent=2, sort_keys=True)
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  return x
+
+
+def _is_resumable(key: str) -> bool:
+  return any(key == r or key.startswith(r + ".") for r in RESUMABLE_KEYS)
+
+
+def identity(config) -> dict[str, Any]:
+  """The flattened config without the keys that may change on resume."""
+  flat = flatten(json.loads(to_json(config)))
+  return {k: v for k, v in flat.items() if not _is_resumable(k)}
+
+
+def fingerprint(config) -> str:
+  return hashlib.sha256(json.dumps(identity(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  keys = sorted(set(old) | set(new))
+  missing = object()
+  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys
+          if old.get(k, missing) != new.get(k, missing)]
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _one_of(config, key: str, allowed) -> None:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if value not in allowed:
+    from flowjax.registry import unknown_name_message
+    raise ConfigError(f"config.{key}: " + unknown_name_message("value", str(value),
+                                                               [str(a) for a in allowed]))
+
+
+def validate(config, num_devices: int) -> None:
+  """Checks values and their combinations; raises ConfigError naming the key and the fix."""
+  from flowjax import registry
+  import flowjax.models  # noqa: F401  (registers the models)
+  import flowjax.objectives  # noqa: F401  (registers the objectives)
+
+  for section in SECTIONS:
+    _check(section in config, f"config has no section {section!r}; start experiment configs from "
+           "flowjax.config.base_config().")
+  _check("name" in config.objective, "config.objective.name is not set.")
+  _check("name" in config.model, "config.model.name is not set.")
+  for kind, reg, name in (("objective", registry.OBJECTIVES, config.objective.name),
+                          ("model", registry.MODELS, config.model.name)):
+    if name not in reg:
+      raise ConfigError(f"config.{kind}.name: " + registry.unknown_name_message(kind, name,
+                                                                              reg.names()))
+  _check_positive(config, ("train.steps", "train.batch_size", "train.grad_accum_steps",
+                           "train.log_every", "ckpt.max_to_keep", "sample.num_steps",
+                           "sample.num"))
+  _check_non_negative(config, ("optim.lr", "optim.weight_decay", "optim.warmup_steps",
+                               "optim.grad_clip", "ckpt.every_steps", "eval.every_steps",
+                               "sample.every_steps", "data.num_workers", "data.prefetch"))
+  _one_of(config, "train.nonfinite", ("stop", "skip"))
+  _one_of(config, "train.progress", ("auto", "bar", "lines"))
+  _one_of(config, "optim.name", ("adamw", "adam", "sgd"))
+  _one_of(config, "optim.schedule", ("constant", "cosine", "linear"))
+  for decay in config.optim.ema_decays:
+    _check(0.0 <= decay < 1.0, f"config.optim.ema_decays: {decay} is outside [0, 1).")
+  for key in ("dtype", "param_dtype"):
+    if key in config.model:
+      _one_of(config, f"model.{key}", ("float32", "bfloat16"))
+
+  mesh_sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+  for axis, size in zip(("data", "fsdp", "tensor"), mesh_sizes):
+    _check(size == -1 or size >= 1, f"config.mesh.{axis}={size}: use a positive size or -1 "
+           "(all remaining devices).")
+  _check(mesh_sizes.count(-1) <= 1, f"config.mesh: only one axis may be -1, got {mesh_sizes}.")
+  fixed = 1
+  for size in mesh_sizes:
+    fixed *= size if size > 0 else 1
+  _check(num_devices % fixed == 0 and (-1 in mesh_sizes or fixed == num_devices),
+         f"config.mesh (data={config.mesh.data}, fsdp={config.mesh.fsdp}, "
+         f"tensor={config.mesh.tensor}) does not fit {num_devices} devices; the product of the "
+         "axes must equal the device count (use -1 for one axis to take the rest).")
+  batch_shards = (config.mesh.data if config.mesh.data > 0 else num_devices // fixed) * (
+      config.mesh.fsdp if config.mesh.fsdp > 0 else num_devices // fixed)
+  micro = config.train.batch_size // config.train.grad_accum_steps
+  _check(config.train.batch_size % config.train.grad_accum_steps == 0,
+         f"config.train.batch_size={config.train.batch_size} is not divisible by "
+         f"config.train.grad_accum_steps={config.train.grad_accum_steps}.")
+  _check(micro % batch_shards == 0,
+         f"config.train.batch_size={config.train.batch_size} (micro-batch {micro}) is not "
+         f"divisible by the {batch_shards} batch shards of the mesh (mesh.data x mesh.fsdp); "
+         f"use a multiple of {batch_shards}.")
+  rule_names = [r[0] for r in config.sharding.rules]
+  _check(len(set(rule_names)) == len(rule_names),
+         f"config.sharding.rules names a logical axis twice: {rule_names}.")
+  known_axes = {"data", "fsdp", "tensor", None}
+  for name, target in config.sharding.rules:
+    targets = target if isinstance(target, (tuple, list)) else (target,)
+    for t in targets:
+      _check(t in known_axes, f"config.sharding.rules maps {name!r} to unknown mesh axis {t!r}; "
+             "mesh axes are data, fsdp, tensor.")
+
+
+def _get(config, key):
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  return value
+
+
+def _check_positive(config, keys) -> None:
+  for key in keys:
+    _check(_get(config, key) > 0, f"config.{key}={_get(config, key)} must be positive.")
+
+
+def _check_non_negative(config, keys) -> None:
+  for key in keys:
+    _check(_get(config, key) >= 0, f"config.{key}={_get(config, key)} must be >= 0.")

@@ -1,0 +1,68 @@
+"""Data sources ('toy2d', 'digits', 'synthetic', 'tfds:<name>') served as sharded global batches.
+
+`build` returns a `Batches` iterator whose global batches depend only on (seed, global batch
+size, dataset, split); every process reads its slice of each global batch.
+"""
+
+import importlib
+
+import jax
+
+from flowjax import registry
+from flowjax.data import pipeline
+from flowjax.data.pipeline import Batches, DataInfo
+
+__all__ = ["Batches", "DataInfo", "build", "data_info"]
+
+_MODULES = {"toy2d": "toy2d", "digits": "digits", "synthetic": "synthetic"}
+_TFDS_PREFIX = "tfds:"
+
+
+def _source_module(name):
+  """The module serving data.name (imported on first use: tfds and sklearn are slow)."""
+  if isinstance(name, str) and name in _MODULES:
+    return importlib.import_module(f"flowjax.data.{_MODULES[name]}")
+  if isinstance(name, str) and name.startswith(_TFDS_PREFIX) and len(name) > len(_TFDS_PREFIX):
+    return importlib.import_module("flowjax.data.tfds")
+  known = sorted(_MODULES) + [_TFDS_PREFIX + "<name>"]
+  raise ValueError(registry.unknown_name_message("data.name", str(name), known))
+
+
+def data_info(data_config, split: str = "train") -> DataInfo:
+  """Shape, label count and size of a split, without reading examples.
+
+  Raises the 'not prepared' FileNotFoundError for a TFDS dataset that is not built.
+  """
+  return _source_module(data_config.name).info(data_config, split)
+
+
+def build(data_config, *, split: str, global_batch_size: int, seed: int,
+          sharding: jax.sharding.NamedSharding, shuffle: bool = True,
+          process_index: int | None = None, process_count: int | None = None) -> Batches:
+  """An infinite iterator of global batches of a split.
+
+  Args:
+    data_config: the config's `data` section (name, toy_distribution, conditional, image_size,
+      random_flip, tfds_data_dir, num_workers, prefetch).
+    split: 'train' or 'test' ('toy2d', 'digits'); a TFDS split string for 'tfds:<name>'.
+    global_batch_size: B, examples per global batch (all processes together).
+    seed: non-negative int; fixes the order of every epoch and the random flips.
+    sharding: sharding of the batch arrays; the leading axis is the batch axis.
+    shuffle: False reads every epoch in the source order.
+    process_index: with process_count, read process p's rows [p B / P, (p + 1) B / P) instead
+      of the rows the sharding places on this process (to compute another process's slice).
+    process_count: P; see process_index.
+
+  Returns:
+    Batches yielding {'image': [B, *image_shape] float32, 'label': [B] int32 if conditional}.
+  """
+  module = _source_module(data_config.name)
+  seed = pipeline.check_non_negative_int(seed, "seed")
+  rows = pipeline.process_rows(sharding, global_batch_size, process_index, process_count)
+  info, local_batch = module.local_batches(
+      data_config, split=split, seed=seed, global_batch_size=global_batch_size, rows=rows,
+      shuffle=shuffle)
+  fingerprint = {"dataset": data_config.name, "split": split, "seed": seed, "shuffle": shuffle}
+  return Batches(local_batch, info=info, global_batch_size=global_batch_size,
+                 sharding=sharding, rows=rows, fingerprint=fingerprint,
+                 num_workers=data_config.num_workers, prefetch=data_config.prefetch)

@@ -1,0 +1,170 @@
+"""TFDS image datasets read with random access from prepared array_record files.
+
+`tfds.data_source` decodes images to uint8 [H, W, C]; each is center cropped and resized the
+way ADM (guided-diffusion) does, then scaled to [-1, 1]. Nothing is ever downloaded here: an
+unprepared dataset raises one error that names the command preparing it.
+"""
+
+import dataclasses
+import difflib
+from typing import Any
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from flowjax.data import pipeline
+
+PREFIX = "tfds:"
+_SUPPORTED_CHANNELS = (1, 2, 3, 4)
+
+
+def center_crop_arr(image: np.ndarray, image_size: int) -> np.ndarray:
+  """ADM's center_crop_arr: BOX-halve while the short side >= 2 * size, BICUBIC-resize the
+  short side to size, then crop the center.
+
+  Args:
+    image: [H, W, C] uint8, C in (1, 2, 3, 4).
+    image_size: S, the output side.
+
+  Returns:
+    [S, S, C] uint8.
+  """
+  channels = image.shape[-1]
+  pil_image = Image.fromarray(image[..., 0] if channels == 1 else image)
+  while min(*pil_image.size) >= 2 * image_size:
+    pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size),
+                                 resample=Image.Resampling.BOX)
+  scale = image_size / min(*pil_image.size)
+  pil_image = pil_image.resize(tuple(round(side * scale) for side in pil_image.size),
+                               resample=Image.Resampling.BICUBIC)
+  array = np.asarray(pil_image)
+  crop_y = (array.shape[0] - image_size) // 2
+  crop_x = (array.shape[1] - image_size) // 2
+  array = array[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
+  return array[..., None] if channels == 1 else array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """Random access to a TFDS split: i -> {'image': [S, S, C] float32 in [-1, 1], 'label': int}.
+
+  Each example is validated: image rank, channels and dtype against image_shape, and the
+  label against [0, num_classes) (labels are only read when num_classes > 0).
+  """
+  source: Any
+  data_name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = self.source[index]
+    image = np.asarray(example["image"])
+    channels = self.image_shape[-1]
+    if image.ndim != 3 or image.shape[-1] != channels or image.dtype != np.uint8:
+      raise ValueError(
+          f"data.name={self.data_name!r}: example {index} has an image of shape {image.shape} "
+          f"and dtype {image.dtype}, expected [H, W, {channels}] uint8 as the dataset's image "
+          "feature declares; the prepared files do not match their metadata, rebuild them.")
+    out = {"image": center_crop_arr(image, self.image_shape[0]).astype(np.float32) / 127.5 - 1.0}
+    if self.num_classes > 0:
+      label = int(example["label"])
+      if not 0 <= label < self.num_classes:
+        raise ValueError(
+            f"data.name={self.data_name!r}: example {index} has label {label}, outside "
+            f"[0, {self.num_classes}); the prepared files do not match their metadata, rebuild "
+            "them.")
+      out["label"] = label
+    return out
+
+
+def _unknown_dataset_message(data_name: str, dataset: str) -> str:
+  base_name = dataset.split("/")[0].split(":")[0]
+  close = difflib.get_close_matches(base_name, tfds.list_builders(with_community_datasets=False),
+                                    n=3)
+  hint = f" Did you mean {', '.join(repr(PREFIX + name) for name in close)}?" if close else ""
+  return (f"Unknown TFDS dataset in data.name={data_name!r}.{hint} "
+          "`tfds.list_builders()` lists the known names.")
+
+
+def _open(data_config, split: str) -> tuple[Any, str]:
+  """Opens the array_record data source of a split, or raises the 'not prepared' error."""
+  data_name = data_config.name
+  dataset = data_name[len(PREFIX):]
+  data_dir = data_config.tfds_data_dir or None
+  try:
+    source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+  except tfds.core.DatasetNotFoundError as error:
+    raise ValueError(_unknown_dataset_message(data_name, dataset)) from error
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    # A missing or unusable directory surfaces as NotImplementedError, FileNotFoundError, ...;
+    # the builder tells whether the dataset is prepared at all.
+    builder = tfds.builder(dataset, data_dir=data_dir)
+    root = builder.data_dir_root
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f"data.name={data_name!r} is not prepared in {root}; prepare it with: "
+          f"pip install -e .[prepare] && tfds build {dataset} --file_format=array_record "
+          f"--data_dir={root} (see BUILD.md)") from error
+    raise ValueError(
+        f"data.name={data_name!r}: split {split!r} could not be opened from {root} ({error}); "
+        "check the split name, and that the dataset was built with "
+        "--file_format=array_record.") from error
+  if len(source) == 0:
+    raise ValueError(
+        f"data.name={data_name!r}: split {split!r} is empty (0 examples); choose a split with "
+        "examples (data source split names follow TFDS, e.g. 'train', 'train[:90%]').")
+  return source, data_name
+
+
+def _describe(data_config, split: str) -> tuple[Any, pipeline.DataInfo]:
+  """The opened source and its DataInfo, after checking the image and label features."""
+  source, data_name = _open(data_config, split)
+  image_size = pipeline.check_positive_int(data_config.image_size, "data.image_size")
+  features = source.dataset_info.features
+  image_feature = features["image"] if "image" in features else None
+  if not isinstance(image_feature, tfds.features.Image):
+    raise ValueError(
+        f"data.name={data_name!r} has no tfds.features.Image feature named 'image' (features: "
+        f"{list(features)}); flowjax reads image datasets only.")
+  channels = image_feature.shape[-1]
+  if channels not in _SUPPORTED_CHANNELS:
+    raise ValueError(
+        f"data.name={data_name!r}: the image feature has shape {image_feature.shape}; flowjax "
+        f"needs a known channel count in {_SUPPORTED_CHANNELS}.")
+  num_classes = 0
+  if data_config.conditional:
+    label_feature = features["label"] if "label" in features else None
+    if not isinstance(label_feature, tfds.features.ClassLabel):
+      raise ValueError(
+          f"data.conditional=True but data.name={data_name!r} has no ClassLabel feature named "
+          f"'label' (features: {list(features)}); set data.conditional=False.")
+    num_classes = label_feature.num_classes
+  info = pipeline.DataInfo(image_shape=(image_size, image_size, channels),
+                           num_classes=num_classes, num_examples=len(source))
+  return source, info
+
+
+def info(data_config, split: str) -> pipeline.DataInfo:
+  """DataInfo of a TFDS split; opens the files' index, reads no examples."""
+  return _describe(data_config, split)[1]
+
+
+def local_batches(data_config, *, split: str, seed: int, global_batch_size: int,
+                  rows: tuple[int, int],
+                  shuffle: bool) -> tuple[pipeline.DataInfo, pipeline.LocalBatchFn]:
+  """The split's DataInfo and k -> this process's rows of global batch k.
+
+  The rows are {'image': [n, S, S, C] float32 in [-1, 1], 'label': [n] int32 if conditional}.
+  """
+  source, data_info = _describe(data_config, split)
+  transform = pipeline.ExampleTransform(
+      seed=seed, random_flip=bool(data_config.random_flip) and split.startswith("train"),
+      with_labels=data_info.num_classes > 0)
+  examples = pipeline.example_stream(
+      _Source(source, data_config.name, data_info.image_shape, data_info.num_classes),
+      transform, seed=seed, shuffle=shuffle)
+  return data_info, pipeline.ExampleBatch(examples, global_batch_size, rows)

@@ -1,0 +1,43 @@
+"""Evaluation of trained workdirs: `--mode=eval` and `--mode=sample` of flowjax.main."""
+
+import logging
+import os
+
+import jax
+import numpy as np
+
+from flowjax import checkpoint, metrics, train
+
+
+def load(config, workdir: str):
+  """(setup, state) with the newest good checkpoint of `workdir` restored onto the mesh."""
+  setup = train.build(config)
+  mngr = checkpoint.manager(workdir, config.ckpt)
+  restored = checkpoint.restore_latest(mngr, setup.abstract_state)
+  mngr.close()
+  if restored is None:
+    raise checkpoint.CheckpointError(
+        f"--workdir={workdir} has no checkpoints; train first with "
+        f"python -m flowjax.main --config=... --workdir={workdir}")
+  return setup, restored[0]
+
+
+def run_eval(config, workdir: str) -> dict:
+  """Evaluates the latest checkpoint; writes eval/step_N.json."""
+  setup, state = load(config, workdir)
+  writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
+  result = train.evaluate(setup, state, int(state.step), workdir, writer)
+  writer.close()
+  logging.info("Evaluation at step %d: %s", int(state.step), result)
+  return result
+
+
+def run_sample(config, workdir: str) -> np.ndarray:
+  """Samples from the latest checkpoint; writes samples/final.png and samples/final.npz."""
+  setup, state = load(config, workdir)
+  writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
+  samples = train.write_samples(setup, state, int(state.step), workdir, writer, name="final.png")
+  if jax.process_index() == 0:
+    np.savez(os.path.join(workdir, "samples", "final.npz"), samples=samples)
+  writer.close()
+  return samples

@@ -1,0 +1,68 @@
+"""Entry point: python -m flowjax.main --config=experiments/X.py[:preset] --workdir=DIR.
+
+Parses flags, starts the multi-host runtime when asked, and hands over to train/eval/sample.
+"""
+
+import logging as std_logging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume in a workdir whose config.json differs from --config.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("FLOWJAX_COORDINATOR_ADDRESS"),
+    "host:port of process 0 for multi-process runs (or FLOWJAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("FLOWJAX_NUM_PROCESSES", "1")),
+    "Number of processes (or FLOWJAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ.get("FLOWJAX_PROCESS_ID", "0")),
+    "This process's index (or FLOWJAX_PROCESS_ID).")
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", None, "Fake CPU devices for this process (testing multi-device runs).")
+
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax and grain; their warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "array_record"))
+
+
+def quiet_libraries() -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def main(argv):
+  del argv
+  quiet_libraries()
+  import jax
+  jax.config.update("jax_threefry_partitionable", True)
+  if _NUM_CPU_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+  if _COORDINATOR.value and _NUM_PROCESSES.value > 1:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  logging.info("flowjax: process %d of %d, %d local / %d global devices (%s).",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.default_backend())
+  from flowjax import evals, train
+  if _MODE.value == "train":
+    train.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  elif _MODE.value == "eval":
+    evals.run_eval(_CONFIG.value, _WORKDIR.value)
+  else:
+    evals.run_sample(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,181 @@
+"""What a run reports: metrics.jsonl, TensorBoard scalars and images, progress, sample grids.
+
+Only process 0 writes; the writer is a no-op elsewhere.
+"""
+
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+  """Keeps only complete records with record["step"] <= step (used on resume)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if line.endswith("\n") and record.get("step", step + 1) <= step:
+        kept.append(line)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Writer:
+  """metrics.jsonl + TensorBoard (tensorboardX, no TensorFlow needed) on process 0."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.workdir = workdir
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _to_python(v) for k, v in values.items()}}
+    with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)):
+        self._tb.add_scalar(key, value, step)
+
+  def image(self, step: int, name: str, image: np.ndarray) -> None:
+    """image: [H, W, 3] uint8."""
+    if self.enabled:
+      self._tb.add_image(name, image, step, dataformats="HWC")
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def _to_python(value):
+  value = np.asarray(value)
+  if value.dtype.kind in "iub":
+    return int(value)
+  return float(value)
+
+
+class Progress:
+  """A live progress line on a terminal; periodic log lines otherwise (CI, pod logs)."""
+
+  def __init__(self, total_steps: int, batch_size: int, start_step: int, mode: str = "auto",
+               enabled: bool = True):
+    self.total = total_steps
+    self.batch_size = batch_size
+    self.enabled = enabled
+    self.live = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+    self._last_time = time.perf_counter()
+    self._last_step = start_step
+
+  def rate(self, step: int) -> float:
+    """Steps per second since the previous call."""
+    now = time.perf_counter()
+    steps = step - self._last_step
+    rate = steps / max(now - self._last_time, 1e-9) if steps > 0 else 0.0
+    self._last_time, self._last_step = now, step
+    return rate
+
+  def report(self, step: int, loss: float, steps_per_sec: float) -> None:
+    if not self.enabled:
+      return
+    eta = (self.total - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
+    line = (f"step {step}/{self.total}  loss {loss:.4f}  {steps_per_sec:.2f} steps/s  "
+            f"{steps_per_sec * self.batch_size:.1f} examples/s  ETA {format_seconds(eta)}")
+    if self.live:
+      sys.stderr.write("\r" + line.ljust(100))
+      sys.stderr.flush()
+    else:
+      logging.info(line)
+
+  def done(self) -> None:
+    if self.enabled and self.live:
+      sys.stderr.write("\n")
+
+
+def format_seconds(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, min_cell: int = 32) -> np.ndarray:
+  """images: [N, H, W, C] in [-1, 1] -> one [rows * h, columns * w, 3] uint8 grid, each image
+  upscaled (nearest) to at least `min_cell` pixels."""
+  images = np.asarray(images, np.float32)
+  n, h, w, c = images.shape
+  columns = columns or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / columns))
+  scale = max(1, int(np.ceil(min_cell / max(h, w))))
+  pixels = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+  if c == 1:
+    pixels = np.repeat(pixels, 3, axis=-1)
+  elif c != 3:
+    pixels = np.repeat(pixels[..., :1], 3, axis=-1)
+  pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
+  h, w = h * scale, w * scale
+  pad = 2
+  grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
+  for i in range(n):
+    r, col = divmod(i, columns)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+         pad + col * (w + pad):pad + col * (w + pad) + w] = pixels[i]
+  return grid
+
+
+def scatter_image(points: np.ndarray, size: int = 256, extent: float = 4.0) -> np.ndarray:
+  """points: [N, 2] -> [size, size, 3] uint8 density picture of [-extent, extent]^2."""
+  points = np.asarray(points, np.float32)
+  hist, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=size,
+                              range=[[-extent, extent], [-extent, extent]])
+  hist = hist[::-1]
+  density = np.log1p(hist) / max(np.log1p(hist).max(), 1e-9)
+  gray = (255 * (1.0 - density)).astype(np.uint8)
+  return np.stack([gray] * 3, axis=-1)
+
+
+def samples_picture(samples: np.ndarray) -> np.ndarray:
+  """A picture of samples: an image grid for [N, H, W, C], a density plot for [N, 2]."""
+  samples = np.asarray(samples)
+  if samples.ndim == 2 and samples.shape[1] == 2:
+    return scatter_image(samples)
+  return image_grid(samples)
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.png"
+  Image.fromarray(image).save(tmp)
+  os.replace(tmp, path)

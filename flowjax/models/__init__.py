@@ -1,0 +1,36 @@
+"""Backbones, found by `config.model.name` in the MODELS registry."""
+
+import flax.linen as nn
+import ml_collections
+
+from flowjax.models import dit
+from flowjax.models import mlp
+from flowjax.registry import MODELS
+
+__all__ = ["build", "dit", "mlp"]
+
+
+def build(model_config: ml_collections.ConfigDict, info) -> nn.Module:
+  """Builds the backbone named by model_config.name.
+
+  Args:
+    model_config: config.model; `name` selects the builder ('dit', 'mlp', ...).
+    info: dataset facts with `.image_shape` (per example, e.g. (H, W, C) or (2,))
+      and `.num_classes` (0 = unconditional).
+  """
+  return MODELS.get(model_config.name)(model_config, info)
+
+
+DEFAULTS = {
+    "mlp": dict(hidden_size=256, depth=4, time_scale=1000.0, dropout=0.0, dtype="float32",
+                param_dtype="float32"),
+    "dit": dict(patch_size=2, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                time_scale=1000.0, dropout=0.0, attention_impl="xla", remat="none",
+                dtype="float32", param_dtype="float32"),
+}
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+  """The model section with every key the named backbone reads, at its defaults."""
+  MODELS.get(name)
+  return ml_collections.ConfigDict(dict(name=name, **DEFAULTS[name]))

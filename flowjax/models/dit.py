@@ -1,0 +1,220 @@
+"""DiT with adaLN-Zero (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023).
+
+patchify -> linear embed + fixed 2D sin-cos positions -> depth x DiTBlock -> final adaLN
+layer -> unpatchify. The conditioning vector c is the sum of one timestep embedding per
+time input and the label embedding. The residual stream and the conditioning path stay in
+float32; the token matmuls and attention run in the compute dtype.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from flowjax.models import layers
+from flowjax.registry import MODELS
+
+# DiT paper sizes; patch size is the suffix (e.g. XL/2).
+DIT_PRESETS = {
+    "S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2),
+    "S/4": dict(depth=12, hidden_size=384, num_heads=6, patch_size=4),
+    "S/8": dict(depth=12, hidden_size=384, num_heads=6, patch_size=8),
+    "B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    "B/4": dict(depth=12, hidden_size=768, num_heads=12, patch_size=4),
+    "B/8": dict(depth=12, hidden_size=768, num_heads=12, patch_size=8),
+    "L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
+    "L/4": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=4),
+    "L/8": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=8),
+    "XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+    "XL/4": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=4),
+    "XL/8": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=8),
+}
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+TOKENS = ("batch", "length", "embed")
+
+
+def patchify(x: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C], patches row-major, pixels (p, p, C) inside."""
+  batch, height, width, channels = x.shape
+  p = patch_size
+  x = x.reshape(batch, height // p, p, width // p, p, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+def unpatchify(x: jax.Array, patch_size: int, height: int, width: int) -> jax.Array:
+  """Inverse of patchify: [B, (H/p)(W/p), p*p*C] -> [B, H, W, C]."""
+  batch, _, features = x.shape
+  p = patch_size
+  channels = features // (p * p)
+  x = x.reshape(batch, height // p, width // p, p, p, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(batch, height, width, channels)
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero transformer block: [B, L, D] tokens, [B, D] conditioning -> [B, L, D].
+
+  x <- x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))
+  x <- x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
+  with (shift, scale, gate) x 2 = Dense_6D(SiLU(c)), zero-initialised so the block
+  starts as the identity.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dropout: float = 0.0
+  attention_impl: str = "xla"
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array, train: bool) -> jax.Array:
+    """x: [B, L, D] float32 residual stream; c: [B, D] float32; train: static bool."""
+    width = x.shape[-1]
+    modulation = layers.dense(6 * width, ("embed", "mlp"), kernel_init=nn.initializers.zeros,
+                              param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
+        modulation, 6, axis=-1)
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
+                                     dtype=self.dtype, name=name)
+
+    h = layers.modulate(norm("norm1")(x), shift_msa, scale_msa)
+    h = layers.Attention(self.num_heads, impl=self.attention_impl, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="attn")(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
+    x = nn.with_logical_constraint(x, TOKENS)
+
+    h = layers.modulate(norm("norm2")(x), shift_mlp, scale_mlp)
+    h = layers.FeedForward(int(width * self.mlp_ratio), dropout=self.dropout, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="mlp")(h, train)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    x = x + gate_mlp[:, None, :] * h.astype(jnp.float32)
+    return nn.with_logical_constraint(x, TOKENS)
+
+
+class FinalLayer(nn.Module):
+  """LN -> adaLN(shift, scale) -> zero-initialised Dense: [B, L, D] -> [B, L, out] float32."""
+  out_features: int
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    modulation = layers.dense(2 * width, ("embed", "mlp"), kernel_init=nn.initializers.zeros,
+                              param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+    shift, scale = jnp.split(modulation, 2, axis=-1)
+    x = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=jnp.float32,
+                     name="norm")(x)
+    x = layers.modulate(x, shift, scale)
+    return layers.dense(self.out_features, ("embed", "conv_out"),
+                        kernel_init=nn.initializers.zeros, param_dtype=self.param_dtype,
+                        name="linear")(x)
+
+
+class DiT(nn.Module):
+  """Diffusion Transformer backbone (the flowjax Backbone contract).
+
+  Attributes:
+    patch_size: p; image height and width must be divisible by it.
+    hidden_size: token width D (divisible by 4 and by num_heads).
+    depth: number of DiT blocks.
+    num_heads: attention heads.
+    mlp_ratio: MLP hidden width / D.
+    num_classes: 0 = unconditional; else the label table has num_classes + 1 rows.
+    time_scale: times are multiplied by this before the sinusoidal embedding.
+    dropout: dropout rate on attention and MLP outputs when train=True.
+    attention_impl: 'xla' (reference, supports jax.jvp) or 'cudnn'.
+    remat: 'none' | 'full' | 'dots' rematerialisation of each block.
+    dtype: compute dtype of the token matmuls and attention.
+    param_dtype: parameter dtype.
+  """
+  patch_size: int
+  hidden_size: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  num_classes: int = 0
+  time_scale: float = 1000.0
+  dropout: float = 0.0
+  attention_impl: str = "xla"
+  remat: str = "none"
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, times: tuple[jax.Array, ...], cond: jax.Array | None, *,
+               train: bool) -> jax.Array:
+    """Predicts a field of the same shape as the input.
+
+    Args:
+      x: [B, H, W, C] float.
+      times: tuple of 1 to 3 arrays [B] in [0, 1]; one embedder per element.
+      cond: int32 labels [B] (num_classes = null label) or None (all null).
+      train: enables dropout (rng collection 'dropout').
+    Returns:
+      [B, H, W, C] float32.
+    """
+    if x.ndim != 4:
+      raise ValueError(f"DiT expects images [B, H, W, C]; got shape {list(x.shape)}.")
+    batch, height, width, channels = x.shape
+    p = self.patch_size
+    if height % p or width % p:
+      raise ValueError(f"model.patch_size={p} does not divide the image size {height}x{width}; "
+                       f"pick a patch size that divides both.")
+    if self.remat not in ("none", *REMAT_POLICIES):
+      raise ValueError(f"model.remat={self.remat!r}; use 'none', 'full' or 'dots'.")
+
+    c = layers.embed_conditioning(times, cond, batch_size=batch, hidden_size=self.hidden_size,
+                                  num_classes=self.num_classes, time_scale=self.time_scale,
+                                  param_dtype=self.param_dtype)
+
+    tokens = patchify(x.astype(self.dtype), p)
+    h = layers.dense(self.hidden_size, ("conv_in", "embed"), dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="x_embed")(tokens)
+    pos = layers.sincos_pos_embed_2d(self.hidden_size, height // p, width // p)
+    h = h.astype(jnp.float32) + pos[None]
+    h = nn.with_logical_constraint(h, TOKENS)
+
+    block_cls = DiTBlock
+    if self.remat != "none":
+      block_cls = nn.remat(DiTBlock, static_argnums=(3,), policy=REMAT_POLICIES[self.remat])
+    for i in range(self.depth):
+      h = block_cls(self.num_heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
+                    attention_impl=self.attention_impl, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"block_{i}")(h, c, train)
+
+    out = FinalLayer(p * p * channels, param_dtype=self.param_dtype, name="final")(h, c)
+    return unpatchify(out, p, height, width).astype(jnp.float32)
+
+
+@MODELS.register("dit")
+def build(model_config: ml_collections.ConfigDict, info) -> DiT:
+  """DiT from config.model.
+
+  Keys: patch_size, hidden_size, depth, num_heads (required); mlp_ratio (4.0),
+  time_scale (1000.0), dropout (0.0), attention_impl ('xla'), remat ('none'),
+  dtype ('float32'), param_dtype ('float32').
+  """
+  if len(info.image_shape) != 3:
+    raise ValueError(f"model.name='dit' needs image data [H, W, C]; got per-example shape "
+                     f"{tuple(info.image_shape)}. Use model.name='mlp' for flat vectors.")
+  return DiT(
+      patch_size=int(model_config.patch_size),
+      hidden_size=int(model_config.hidden_size),
+      depth=int(model_config.depth),
+      num_heads=int(model_config.num_heads),
+      mlp_ratio=float(model_config.get("mlp_ratio", 4.0)),
+      num_classes=int(info.num_classes),
+      time_scale=float(model_config.get("time_scale", 1000.0)),
+      dropout=float(model_config.get("dropout", 0.0)),
+      attention_impl=str(model_config.get("attention_impl", "xla")),
+      remat=str(model_config.get("remat", "none")),
+      dtype=layers.dtype_from_name(model_config.get("dtype", "float32"), "dtype"),
+      param_dtype=layers.dtype_from_name(model_config.get("param_dtype", "float32"),
+                                         "param_dtype"))

@@ -1,0 +1,256 @@
+"""Building blocks shared by the backbones: embeddings, attention, partitioned dense layers.
+
+Every parameter is created through `nn.with_logical_partitioning` with names from
+`LOGICAL_AXES`; the mesh mapping lives in `flowjax/sharding.py`, never here.
+"""
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "conv_in",
+                "conv_out")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+Dtype = Any
+AxisNames = tuple[str | None, ...]
+Initializer = Callable[..., jax.Array]
+
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def dtype_from_name(name: str, key: str = "dtype") -> Dtype:
+  """Maps a config string ('float32' | 'bfloat16') to a jnp dtype."""
+  if name not in DTYPES:
+    raise ValueError(f"model.{key}={name!r} is not supported; use one of {sorted(DTYPES)}.")
+  return DTYPES[name]
+
+
+def dense(features: int, names: AxisNames, *,
+          kernel_init: Initializer = xavier_uniform,
+          bias_init: Initializer = nn.initializers.zeros,
+          use_bias: bool = True,
+          dtype: Dtype = jnp.float32,
+          param_dtype: Dtype = jnp.float32,
+          name: str | None = None) -> nn.Dense:
+  """A Dense layer whose [in, out] kernel and [out] bias carry logical axis names.
+
+  Args:
+    features: output width.
+    names: logical names of the kernel's (input, output) dims, e.g. ('embed', 'mlp');
+      the bias takes the output name.
+  """
+  if len(names) != 2:
+    raise ValueError(f"dense: need 2 logical axis names for an [in, out] kernel; got {names}.")
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, tuple(names)),
+      bias_init=nn.with_logical_partitioning(bias_init, (names[1],)),
+      name=name)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation x * (1 + scale) + shift.
+
+  Args:
+    x: [B, L, D] tokens.
+    shift, scale: [B, D] per-example modulation (broadcast over L).
+  Returns:
+    [B, L, D] in the dtype of x.
+  """
+  shift = shift.astype(x.dtype)[:, None, :]
+  scale = scale.astype(x.dtype)[:, None, :]
+  return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal frequency embedding of (scaled) times, as in DiT / ADM.
+
+  Args:
+    t: [B] float times (already multiplied by the time scale).
+    dim: embedding width.
+    max_period: the lowest frequency is 1 / max_period.
+  Returns:
+    [B, dim] float32, [cos(t f_k) ..., sin(t f_k) ...] with f_k = max_period^(-k / (dim/2)).
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    embedding = jnp.concatenate([embedding, jnp.zeros_like(embedding[:, :1])], axis=-1)
+  return embedding
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_height: int, grid_width: int) -> np.ndarray:
+  """Fixed 2D sin-cos positional embedding (MAE / DiT), not a parameter.
+
+  Half of the channels encode the column, half the row, each as [sin, cos] over
+  embed_dim / 4 frequencies 10000^(-k / (embed_dim / 4)).
+
+  Returns:
+    [grid_height * grid_width, embed_dim] float32, row-major over the patch grid.
+  """
+  if embed_dim % 4:
+    raise ValueError(f"The 2D sin-cos position embedding needs hidden_size divisible by 4; "
+                     f"got {embed_dim}.")
+
+  def embed_1d(dim, positions):
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", positions.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  rows, cols = np.meshgrid(np.arange(grid_height, dtype=np.float64),
+                           np.arange(grid_width, dtype=np.float64), indexing="ij")
+  embedding = np.concatenate([embed_1d(embed_dim // 2, cols), embed_1d(embed_dim // 2, rows)],
+                             axis=1)
+  return embedding.astype(np.float32)
+
+
+class TimestepEmbedder(nn.Module):
+  """t -> sinusoid(time_scale * t) -> Dense -> SiLU -> Dense: [B] -> [B, hidden_size].
+
+  Runs in float32: it is tiny, and time_scale * t in bfloat16 would lose the
+  resolution between nearby times.
+  """
+  hidden_size: int
+  time_scale: float = 1000.0
+  frequency_size: int = 256
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    """t: [B] in [0, 1]. Returns [B, hidden_size] float32."""
+    init = nn.initializers.normal(0.02)
+    h = timestep_embedding(self.time_scale * t.astype(jnp.float32), self.frequency_size)
+    h = dense(self.hidden_size, (None, "mlp"), kernel_init=init, param_dtype=self.param_dtype,
+              name="fc1")(h)
+    h = nn.silu(h)
+    return dense(self.hidden_size, ("mlp", "embed"), kernel_init=init,
+                 param_dtype=self.param_dtype, name="fc2")(h)
+
+
+class LabelEmbedder(nn.Module):
+  """Class labels -> [B, hidden_size], with one extra row for the null label (CFG).
+
+  The table has num_classes + 1 rows; label num_classes is the null label, and
+  labels=None means every example is null.
+  """
+  num_classes: int
+  hidden_size: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, labels: jax.Array | None, batch_size: int) -> jax.Array:
+    """labels: int [B] in [0, num_classes] or None. Returns [B, hidden_size] float32."""
+    if labels is None:
+      labels = jnp.full((batch_size,), self.num_classes, jnp.int32)
+    if labels.shape != (batch_size,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+      raise ValueError(f"cond must be integer class labels of shape ({batch_size},); got "
+                       f"{labels.dtype}{list(labels.shape)}.")
+    table = nn.Embed(
+        self.num_classes + 1, self.hidden_size, dtype=jnp.float32, param_dtype=self.param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                    ("vocab", "embed")),
+        name="table")
+    return table(labels)
+
+
+def embed_conditioning(times: Sequence[jax.Array], cond: jax.Array | None, *,
+                       batch_size: int, hidden_size: int, num_classes: int,
+                       time_scale: float, param_dtype: Dtype) -> jax.Array:
+  """Sum of one TimestepEmbedder per time input and the label embedding.
+
+  Must be called inside a compact module: creates `time_embed_{i}` and
+  `label_embed` in the calling module's scope.
+
+  Args:
+    times: tuple of 1 to 3 arrays [B] in [0, 1], e.g. (t,), (t, s), (t, h).
+    cond: int labels [B] (num_classes = null) or None.
+  Returns:
+    c: [B, hidden_size] float32.
+  """
+  if not isinstance(times, (tuple, list)) or not 1 <= len(times) <= 3:
+    raise ValueError(f"times must be a tuple of 1, 2 or 3 arrays of shape [B]; got {times!r}.")
+  for t in times:
+    if jnp.shape(t) != (batch_size,):
+      raise ValueError(f"every time input must have shape ({batch_size},); got "
+                       f"{list(jnp.shape(t))}.")
+  if num_classes == 0 and cond is not None:
+    raise ValueError("This model is unconditional (num_classes=0) but received class labels "
+                     "(cond is not None); pass cond=None or build it for a labelled dataset.")
+  c = sum(TimestepEmbedder(hidden_size, time_scale=time_scale, param_dtype=param_dtype,
+                           name=f"time_embed_{i}")(jnp.asarray(t))
+          for i, t in enumerate(times))
+  if num_classes > 0:
+    c = c + LabelEmbedder(num_classes, hidden_size, param_dtype=param_dtype,
+                          name="label_embed")(cond, batch_size)
+  return c
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a switchable kernel.
+
+  impl='xla' is the pure-XLA reference (supports forward-mode jax.jvp);
+  impl='cudnn' is the fused cuDNN kernel (GPU, bfloat16/float16 only).
+  """
+  num_heads: int
+  impl: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, L, D] -> [B, L, D]."""
+    if self.impl not in ("xla", "cudnn"):
+      raise ValueError(f"model.attention_impl={self.impl!r}; use 'xla' or 'cudnn'.")
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"hidden_size={width} is not divisible by num_heads={self.num_heads}.")
+    head_dim = width // self.num_heads
+    # DiT initialises its fused [D, 3D] qkv kernel with xavier-uniform, i.e. variance
+    # 2 / (D + 3D); separate [D, D] projections get the same variance with scale 1/2.
+    qkv_init = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform")
+    batch, length, _ = x.shape
+    projections = []
+    for name in ("query", "key", "value"):
+      y = dense(width, ("embed", "heads"), kernel_init=qkv_init, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=name)(x)
+      y = y.reshape(batch, length, self.num_heads, head_dim)
+      projections.append(nn.with_logical_constraint(y, ("batch", "length", "heads", "kv")))
+    q, k, v = projections
+    if self.impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"model.attention_impl='cudnn' runs in bfloat16 or float16, but the "
+                       f"compute dtype is {q.dtype}; set model.dtype='bfloat16' or use 'xla'.")
+    y = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+    y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+    y = y.reshape(batch, length, width)
+    return dense(width, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="out")(y)
+
+
+class FeedForward(nn.Module):
+  """Dense -> GELU(tanh) -> dropout -> Dense: [B, L, D] -> [B, L, D]."""
+  hidden_features: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    width = x.shape[-1]
+    h = dense(self.hidden_features, ("embed", "mlp"), dtype=self.dtype,
+              param_dtype=self.param_dtype, name="fc1")(x)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = nn.gelu(h, approximate=True)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    return dense(width, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="fc2")(h)

@@ -1,0 +1,20 @@
+"""Objectives, found by name: `build(objective_config, model, info)` -> objective.
+
+An objective is a frozen dataclass with `init(rng, batch) -> (params, extra)`,
+`loss(params, batch, rng, step, view) -> (scalar, metrics)` and
+`sample(params, rng, num, cond, **sampler_args) -> x`, all pure and jittable.
+"""
+
+import ml_collections
+
+from flowjax.objectives import flow_matching  # noqa: F401  (registers)
+from flowjax.registry import OBJECTIVES
+
+
+def build(objective_config, model, info):
+  return OBJECTIVES.get(objective_config.name).build(objective_config, model, info)
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+  """The objective section with every key the named objective reads, at its defaults."""
+  return ml_collections.ConfigDict(dict(name=name, **OBJECTIVES.get(name).DEFAULTS))

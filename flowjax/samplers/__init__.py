@@ -1,0 +1,1 @@
+"""Samplers: ODE solvers, few-step flow-map and pushforward samplers, AR-flow inversion."""

@@ -1,0 +1,98 @@
+"""Meshes, logical-axis rules and shardings: the only module that knows about physical devices."""
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Mesh with axes (data, fsdp, tensor) from `config.mesh`; -1 takes the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [mesh_config.data, mesh_config.fsdp, mesh_config.tensor]
+  fixed = math.prod(s for s in sizes if s > 0)
+  sizes = [s if s > 0 else len(devices) // fixed for s in sizes]
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"found {len(devices)}; set config.mesh so the product equals the count.")
+  return jax.make_mesh(tuple(sizes), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def rules(sharding_config) -> tuple[tuple[str, Any], ...]:
+  return tuple((name, tuple(t) if isinstance(t, list) else t)
+               for name, t in sharding_config.rules)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Leading (batch) axis split over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def logical_to_sharding(logical_spec, shape: Sequence[int], mesh, axis_rules) -> NamedSharding:
+  """NamedSharding for one array from its logical axis names.
+
+  A mesh axis is used at most once per array, and a dimension that its mesh axes do not divide
+  is replicated instead (e.g. a 3-channel output layer on a 4-way tensor axis).
+  """
+  table = dict(axis_rules)
+  used: set[str] = set()
+  spec = []
+  names = tuple(logical_spec) if logical_spec is not None else ()
+  names = names + (None,) * (len(shape) - len(names))
+  for dim, name in zip(shape, names):
+    target = table.get(name) if name is not None else None
+    targets = target if isinstance(target, tuple) else ((target,) if target else ())
+    targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
+    size = math.prod(mesh.shape[t] for t in targets)
+    if not targets or dim % size != 0:
+      spec.append(None)
+      continue
+    used.update(targets)
+    spec.append(targets if len(targets) > 1 else targets[0])
+  return NamedSharding(mesh, P(*spec))
+
+
+def tree_shardings(abstract_boxed, mesh, axis_rules):
+  """Shardings for a tree whose leaves may be flax LogicallyPartitioned boxes.
+
+  Returns a tree shaped like the unboxed tree: boxed leaves follow their logical names, every
+  other leaf (step counters, optimizer counts) is replicated.
+  """
+  specs = nn.get_partition_spec(abstract_boxed)
+  shapes = nn.meta.unbox(abstract_boxed)
+  return jax.tree.map(
+      lambda spec, leaf: logical_to_sharding(spec, leaf.shape, mesh, axis_rules),
+      specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def describe(shardings, abstract, max_rows: int = 60) -> str:
+  """A table of each array's shape, sharding and bytes per device."""
+  rows = []
+  total = 0
+  for (path, sharding), leaf in zip(jax.tree_util.tree_flatten_with_path(shardings)[0],
+                                    jax.tree.leaves(abstract)):
+    local = sharding.shard_shape(leaf.shape)
+    nbytes = math.prod(local) * jnp.dtype(leaf.dtype).itemsize
+    total += nbytes
+    rows.append((jax.tree_util.keystr(path), tuple(leaf.shape), str(sharding.spec), nbytes))
+  rows.sort(key=lambda r: -r[3])
+  lines = [f"{'array':60s} {'shape':>22s} {'spec':>28s} {'MiB/device':>11s}"]
+  for name, shape, spec, nbytes in rows[:max_rows]:
+    lines.append(f"{name[-60:]:60s} {str(shape):>22s} {spec:>28s} {nbytes / 2**20:11.3f}")
+  if len(rows) > max_rows:
+    lines.append(f"... {len(rows) - max_rows} more arrays")
+  lines.append(f"total {total / 2**20:.1f} MiB per device over {len(rows)} arrays")
+  return "\n".join(lines)
+

@@ -1,0 +1,343 @@
+"""THE training loop. Sections: mesh, data, model/objective/optimizer, shapes and shardings,
+compile, restore-or-init, loop (step, metrics, checkpoints, evaluation, samples), final save.
+
+Nothing here knows about a particular method or model: objectives and backbones are found by
+name from the config.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from flowjax import checkpoint, config as config_lib, data, metrics, models, objectives, optim
+from flowjax import sharding, step as step_lib
+from flowjax.state import TrainState
+
+
+class NonFiniteError(FloatingPointError):
+  """A non-finite loss or gradient with train.nonfinite='stop'."""
+
+
+class WorkdirError(RuntimeError):
+  """The workdir belongs to another config, or cannot be written."""
+
+
+class Setup(NamedTuple):
+  """Everything built from a config before any parameter exists."""
+  config: Any
+  mesh: Any
+  rules: tuple
+  info: Any
+  objective: Any
+  tx: Any
+  lr_schedule: Any
+  abstract_state: TrainState
+  state_shardings: Any
+  batch_spec: dict
+  init_fn: Any
+  train_step: Any
+  eval_step: Any
+  step_rng: Any
+  eval_rng: Any
+
+
+def context(setup_or_mesh, rules=None):
+  """The mesh and logical-axis rules under which models trace."""
+  mesh, rules = ((setup_or_mesh.mesh, setup_or_mesh.rules) if rules is None
+                 else (setup_or_mesh, rules))
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nn.logical_axis_rules(rules))
+  return stack
+
+
+def build(config, devices=None) -> Setup:
+  """Builds mesh, data info, objective, optimizer, abstract state, shardings and jitted steps."""
+  # Mesh.
+  devices = list(devices if devices is not None else jax.devices())
+  config_lib.validate(config, len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules(config.sharding)
+
+  # Data: only shapes here; the iterator is built by `run`.
+  info = data.data_info(config.data, split="train")
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch_spec = {"image": jax.ShapeDtypeStruct((config.train.batch_size,) + tuple(info.image_shape),
+                                              jnp.float32, sharding=batch_sharding)}
+  if info.num_classes > 0:
+    batch_spec["label"] = jax.ShapeDtypeStruct((config.train.batch_size,), jnp.int32,
+                                               sharding=batch_sharding)
+
+  # Model, objective, optimizer.
+  model = models.build(config.model, info)
+  objective = objectives.build(config.objective, model, info)
+  tx, lr_schedule = optim.build(config.optim, config.train.steps)
+  root = jax.random.key(config.seed)
+  init_rng, step_rng, eval_rng = jax.random.split(root, 3)
+
+  def init_boxed(rng):
+    example = {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in batch_spec.items()}
+    params, extra = objective.init(rng, example)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema=optim.init_ema(params, config.optim.ema_decays), extra=extra,
+                      skipped=jnp.zeros((), jnp.int32))
+
+  # Shapes and shardings: nothing is allocated.
+  with context(mesh, rules):
+    abstract_boxed = jax.eval_shape(init_boxed, init_rng)
+  state_shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)
+  abstract_state = checkpoint.abstract_of(nn.meta.unbox(abstract_boxed), state_shardings)
+  init_fn = jax.jit(lambda: nn.meta.unbox(init_boxed(init_rng)), out_shardings=state_shardings)
+
+  # The update step: state buffers are donated.
+  batch_shardings = {k: v.sharding for k, v in batch_spec.items()}
+  replicated = sharding.replicated(mesh)
+  train_step = jax.jit(
+      step_lib.make_train_step(objective, tx, lr_schedule, config.optim, config.train, step_rng),
+      in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
+  eval_step = jax.jit(step_lib.make_eval_step(objective, eval_rng), out_shardings=replicated)
+  return Setup(config, mesh, rules, info, objective, tx, lr_schedule, abstract_state,
+               state_shardings, batch_spec, init_fn, train_step, eval_step, step_rng, eval_rng)
+
+
+def compile_step(setup: Setup):
+  """Compiles the train step from abstract shapes alone; logs its memory analysis."""
+  start = time.perf_counter()
+  with context(setup):
+    compiled = setup.train_step.lower(setup.abstract_state, setup.batch_spec).compile()
+  seconds = time.perf_counter() - start
+  memory = memory_summary(compiled)
+  logging.info("Compiled the train step in %.1f s; memory per device: %s", seconds,
+               ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items()))
+  return compiled, seconds, memory
+
+
+def memory_summary(compiled) -> dict:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "alias_size_in_bytes", "generated_code_size_in_bytes")
+  out = {f.replace("_size_in_bytes", ""): int(getattr(analysis, f, 0) or 0) for f in fields}
+  out["peak_estimate"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
+def sampler(setup: Setup, num: int | None = None):
+  """jitted (params, rng, cond) -> samples with the config's sampler settings."""
+  sample_config = setup.config.sample
+  num = num or sample_config.num
+  args = dict(num_steps=sample_config.num_steps, method=sample_config.method,
+              guidance=sample_config.guidance)
+  return jax.jit(lambda params, rng, cond: setup.objective.sample(params, rng, num, cond, **args))
+
+
+def sample_labels(info, num: int):
+  return jnp.arange(num, dtype=jnp.int32) % info.num_classes if info.num_classes > 0 else None
+
+
+def sampling_params(state: TrainState, use_ema: bool):
+  if use_ema and state.ema:
+    return next(iter(state.ema.values()))
+  return state.params
+
+
+def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
+  """Refuses a workdir whose config.json differs from `config` beyond the resumable keys."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as error:
+    raise WorkdirError(f"--workdir={workdir} cannot be written ({error}); choose a writable "
+                       "directory with free space.") from error
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path) or allow_config_change:
+    return
+  with open(path) as f:
+    old = config_lib.identity(json.load(f))
+  diff = config_lib.differences(old, config_lib.identity(config))
+  if diff:
+    raise WorkdirError(
+        f"--workdir={workdir} belongs to a different config:\n  " + "\n  ".join(diff) +
+        "\nUse a new --workdir, start from its parameters with --config.ckpt.init_from="
+        f"{workdir} in a new workdir, or pass --allow_config_change to resume anyway.")
+
+
+def evaluate(setup: Setup, state: TrainState, step: int, workdir: str, writer) -> dict:
+  """The objective's loss on `eval.num_batches` batches of `eval.split`; writes eval/step_N.json."""
+  config = setup.config
+  batches = data.build(config.data, split=config.eval.split,
+                       global_batch_size=config.train.batch_size, seed=config.seed,
+                       sharding=sharding.batch_sharding(setup.mesh), shuffle=False)
+  totals = {}
+  with context(setup):
+    for index in range(config.eval.num_batches):
+      values = setup.eval_step(state.params, step_lib.view_of(state), next(batches), index)
+      totals = jax.tree.map(jnp.add, totals, values) if totals else values
+  batches.close()
+  result = {f"eval_{k}": float(v) / config.eval.num_batches for k, v in totals.items()}
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
+      json.dump({"step": step, **result}, f, indent=2)
+  writer.scalars(step, result)
+  return result
+
+
+def write_samples(setup: Setup, state: TrainState, step: int, workdir: str, writer, name=None):
+  config = setup.config
+  rng = jax.random.fold_in(setup.eval_rng, step)
+  with context(setup):
+    samples = sampler(setup)(sampling_params(state, config.sample.use_ema), rng,
+                             sample_labels(setup.info, config.sample.num))
+  samples = np.asarray(jax.device_get(samples))
+  picture = metrics.samples_picture(samples)
+  if jax.process_index() == 0:
+    metrics.save_png(os.path.join(workdir, "samples", name or f"step_{step}.png"), picture)
+    writer.image(step, "samples", picture)
+  return samples
+
+
+class _StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def restore_or_init(setup: Setup, mngr, workdir: str):
+  """(state, data_state or None, start_step): the latest good checkpoint, else a fresh state
+  (with parameters from ckpt.init_from when set)."""
+  config = setup.config
+  restored = checkpoint.restore_latest(mngr, setup.abstract_state)
+  if restored is not None:
+    state, data_state, meta, step = restored
+    if meta.get("fingerprint") != config_lib.fingerprint(config):
+      logging.warning("Checkpoint %d was written with config fingerprint %s; now %s.", step,
+                      meta.get("fingerprint"), config_lib.fingerprint(config))
+    logging.info("Resumed from %s at step %d.", mngr.directory, step)
+    return state, data_state, step
+  with context(setup):
+    state = setup.init_fn()
+  if config.ckpt.init_from:
+    params, from_step = checkpoint.restore_params(config.ckpt.init_from,
+                                                  setup.abstract_state.params)
+    state = state.replace(params=params,
+                          ema=optim.init_ema(params, config.optim.ema_decays))
+    logging.info("Initialised parameters from %s (step %d).", config.ckpt.init_from, from_step)
+  return state, None, 0
+
+
+def run(config, workdir: str, allow_config_change: bool = False):
+  """Trains `config` in `workdir`, resuming from its latest good checkpoint. Returns the state."""
+  is_host0 = jax.process_index() == 0
+  setup = build(config)
+  if is_host0:
+    logging.info("Parameters and optimizer state:\n%s",
+                 sharding.describe(setup.state_shardings, setup.abstract_state))
+  compiled, _, _ = compile_step(setup)
+  if config.train.dry_run:
+    logging.info("train.dry_run: compiled from abstract shapes; nothing allocated, stopping.")
+    return None
+
+  check_workdir(config, workdir, allow_config_change)
+  mngr = checkpoint.manager(workdir, config.ckpt)
+  state, data_state, start = restore_or_init(setup, mngr, workdir)
+  if is_host0:
+    metrics.truncate_metrics(workdir, start)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(config))
+  batches = data.build(config.data, split="train", global_batch_size=config.train.batch_size,
+                       seed=config.seed, sharding=sharding.batch_sharding(setup.mesh))
+  if data_state is not None:
+    batches.set_state(data_state)
+  writer = metrics.Writer(workdir, enabled=is_host0)
+  progress = metrics.Progress(config.train.steps, config.train.batch_size, start,
+                              config.train.progress, enabled=is_host0)
+  meta = {"fingerprint": config_lib.fingerprint(config)}
+  total = config.train.steps
+
+  def handle(step_metrics, step):
+    """Host-side work for finished step `step` (its metrics are already computed)."""
+    values = jax.device_get(step_metrics)
+    if values["nonfinite"] and config.train.nonfinite == "stop":
+      mngr.wait_until_finished()
+      raise NonFiniteError(
+          f"Non-finite values at step {step} (global batch index {step - 1} of the data order, "
+          f"seed {config.seed}): loss={values['loss']}, grad_norm={values['grad_norm']}. The "
+          "update was not applied and nothing non-finite was saved. Lower optim.lr, enable "
+          "optim.grad_clip, or set train.nonfinite=skip to skip such updates.")
+    if values["nonfinite"]:
+      logging.warning("Step %d: non-finite loss or gradient; update skipped (%d so far).", step,
+                      values["skipped"])
+    if step % config.train.log_every == 0 or step == total:
+      rate = progress.rate(step)
+      writer.scalars(step, dict(values, steps_per_sec=rate,
+                                examples_per_sec=rate * config.train.batch_size))
+      progress.report(step, float(values["loss"]), rate)
+
+  pending = None
+  step = start
+  with context(setup), _StopSignal() as stop:
+    while step < total and stop.received is None:
+      batch = next(batches)
+      state, step_metrics = compiled(state, batch)
+      step += 1
+      if pending is not None:
+        handle(*pending)
+      pending = (step_metrics, step)
+      if config.ckpt.every_steps and step % config.ckpt.every_steps == 0:
+        checkpoint.save(mngr, state, batches.get_state(), meta)
+      elif mngr.reached_preemption(step):
+        stop.received = "preemption notice"
+      if config.eval.every_steps and step % config.eval.every_steps == 0:
+        evaluate(setup, state, step, workdir, writer)
+      if config.sample.every_steps and step % config.sample.every_steps == 0:
+        write_samples(setup, state, step, workdir, writer)
+    if pending is not None:
+      handle(*pending)
+
+  checkpoint.save(mngr, state, batches.get_state(), meta, force=True)
+  mngr.wait_until_finished()
+  batches.close()
+  if stop.received is not None:
+    logging.warning("Stopped by %s at step %d; checkpoint saved, rerun the same command to "
+                    "resume.", stop.received, step)
+  else:
+    if not (config.sample.every_steps and step % config.sample.every_steps == 0):
+      write_samples(setup, state, step, workdir, writer)
+    logging.info("Finished %d steps in %s.", total, workdir)
+  progress.done()
+  writer.close()
+  mngr.close()
+  return state
