@@ -99,8 +99,8 @@ def benchmark(config, steps: int, sample_repeats: int) -> dict:
 
 def main(argv):
   del argv
-  from flowjax.main import quiet_libraries
-  quiet_libraries()
+  from flowjax import metrics
+  metrics.quiet_libraries()
   import jax
   jax.config.update("jax_threefry_partitionable", True)
   if _NUM_CPU_DEVICES.value:

@@ -7,6 +7,7 @@ anything is compiled and turns every bad value into one error that names the key
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -109,7 +110,8 @@ def flatten(config, prefix: str = "") -> dict[str, Any]:
 
 
 def to_json(config) -> str:
-  return json.dumps(_jsonable(config.to_dict()), indent=2, sort_keys=True)
+  tree = config.to_dict() if hasattr(config, "to_dict") else config
+  return json.dumps(_jsonable(tree), indent=2, sort_keys=True)
 
 
 def _jsonable(x):
@@ -240,3 +242,28 @@ def _check_positive(config, keys) -> None:
 def _check_non_negative(config, keys) -> None:
   for key in keys:
     _check(_get(config, key) >= 0, f"config.{key}={_get(config, key)} must be >= 0.")
+
+
+def load_experiment(path: str, arg: str | None = None, **overrides) -> ml_collections.ConfigDict:
+  """The locked config of an experiment file (as `--config=path:arg`), with dotted overrides.
+
+  load_experiment("experiments/quickstart.py", "tiny", **{"train.steps": 10})
+  """
+  import importlib.util
+  if not os.path.exists(path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for candidate in (os.path.join(root, path), os.path.join(root, "experiments", path),
+                      os.path.join(root, "experiments", path + ".py")):
+      if os.path.exists(candidate):
+        path = candidate
+        break
+    else:
+      raise FileNotFoundError(f"No experiment file {path!r}; see the experiments/ directory.")
+  spec = importlib.util.spec_from_file_location(
+      "flowjax_experiment_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  for key, value in overrides.items():
+    set_dotted(config, key, value)
+  return config

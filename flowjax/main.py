@@ -3,11 +3,13 @@
 Parses flags, starts the multi-host runtime when asked, and hands over to train/eval/sample.
 """
 
-import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from flowjax import metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -30,21 +32,9 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax and grain; their warnings and errors still show."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or not any(
-        f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "array_record"))
-
-
-def quiet_libraries() -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-
-
 def main(argv):
   del argv
-  quiet_libraries()
+  metrics.quiet_libraries()
   import jax
   jax.config.update("jax_threefry_partitionable", True)
   if _NUM_CPU_DEVICES.value:
@@ -55,14 +45,32 @@ def main(argv):
   logging.info("flowjax: process %d of %d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
-  from flowjax import evals, train
-  if _MODE.value == "train":
-    train.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-  elif _MODE.value == "eval":
-    evals.run_eval(_CONFIG.value, _WORKDIR.value)
-  else:
-    evals.run_sample(_CONFIG.value, _WORKDIR.value)
+  from flowjax import checkpoint, config as config_lib, evals, train
+  user_errors = (config_lib.ConfigError, train.WorkdirError, train.NonFiniteError,
+                 checkpoint.CheckpointError, FileNotFoundError)
+  try:
+    if _MODE.value == "train":
+      train.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    elif _MODE.value == "eval":
+      evals.run_eval(_CONFIG.value, _WORKDIR.value)
+    else:
+      evals.run_sample(_CONFIG.value, _WORKDIR.value)
+  except user_errors as error:
+    logging.error("%s: %s", type(error).__name__, error)
+    sys.exit(1)
+
+
+def parse_flags(argv):
+  """absl flag parsing that reports a bad --config override as one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+    message = str(error).replace("\\n", " ").replace("\\'", "'")
+    if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+      message = message[1:-1]
+    sys.stderr.write(f"FATAL flags error: {message}\nPass --helpfull to see the flags.\n")
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -43,6 +43,19 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+class _QuietLibraries(logging.Filter):
+  """Drops the INFO chatter of orbax and grain; their warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or not any(
+        f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "array_record"))
+
+
+def quiet_libraries() -> None:
+  from absl import logging as absl_logging
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 class Writer:
   """metrics.jsonl + TensorBoard (tensorboardX, no TensorFlow needed) on process 0."""
 

@@ -33,6 +33,30 @@ class Path:
       return jnp.ones_like(t)
     return 0.5 * jnp.pi * jnp.cos(0.5 * jnp.pi * t)
 
+  def eta(self, t):
+    """Noise-to-signal ratio eta_t = sigma_t / alpha_t: t / (1 - t) (OT), tan(pi t / 2) (cosine).
+
+    t: [...] in [0, 1); eta grows without bound as t -> 1, so callers keep t <= T < 1.
+    """
+    return self.sigma(t) / self.alpha(t)
+
+  def t_of_eta(self, eta):
+    """Inverse of `eta`: eta / (1 + eta) (OT), (2 / pi) atan(eta) (cosine); eta: [...] >= 0."""
+    if self.name == "ot":
+      return eta / (1.0 + eta)
+    return jnp.arctan(eta) / (0.5 * jnp.pi)
+
+  def log_snr(self, t):
+    """lambda_t = 2 log(alpha_t / sigma_t); t: [...] in (0, 1)."""
+    return 2.0 * (jnp.log(self.alpha(t)) - jnp.log(self.sigma(t)))
+
+  def neg_d_log_snr(self, t):
+    """-d lambda_t / dt = 2 (sigma'_t / sigma_t - alpha'_t / alpha_t); t: [...] in (0, 1).
+
+    Equals 2 / (t (1 - t)) on the OT path and 2 pi / sin(pi t) on the cosine path.
+    """
+    return 2.0 * (self.d_sigma(t) / self.sigma(t) - self.d_alpha(t) / self.alpha(t))
+
   def interpolate(self, x, eps, t):
     """x_t = alpha_t x + sigma_t eps; x, eps: [B, ...], t: [B]."""
     t = expand(t, x)

@@ -265,12 +265,13 @@ def run(config, workdir: str, allow_config_change: bool = False):
   if is_host0:
     logging.info("Parameters and optimizer state:\n%s",
                  sharding.describe(setup.state_shardings, setup.abstract_state))
+  if not config.train.dry_run:
+    check_workdir(config, workdir, allow_config_change)
   compiled, _, _ = compile_step(setup)
   if config.train.dry_run:
     logging.info("train.dry_run: compiled from abstract shapes; nothing allocated, stopping.")
     return None
 
-  check_workdir(config, workdir, allow_config_change)
   mngr = checkpoint.manager(workdir, config.ckpt)
   state, data_state, start = restore_or_init(setup, mngr, workdir)
   if is_host0:

@@ -8,6 +8,7 @@ An objective is a frozen dataclass with `init(rng, batch) -> (params, extra)`,
 import ml_collections
 
 from flowjax.objectives import flow_matching  # noqa: F401  (registers)
+from flowjax.objectives import imm  # noqa: F401  (registers)
 from flowjax.registry import OBJECTIVES
 
 

@@ -1,0 +1,324 @@
+"""Inductive Moment Matching (Zhou, Ermon and Song, 2025): a few-step flow map f_theta(x_t, t, s).
+
+Per group of M particles sharing times s <= r < t, IMM matches the distribution of
+f_theta(x_t, t, s) with that of the bootstrapped target stop_gradient f_theta(x_r, r, s), where
+x_r is the DDIM step of x_t to r with the same noise, by a kernel MMD^2 (ALGORITHMS.md section 2).
+Conventions (section 0): t = 0 is data, t = 1 is noise, x_t = alpha_t x + sigma_t eps with
+eps ~ N(0, sigma_d^2 I); times are fed to the backbone in [0, 1], whose time_scale (1000) applies
+IMM's 1000 t scaling.
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flowjax import paths
+from flowjax.objectives import common
+from flowjax.registry import OBJECTIVES, unknown_name_message
+from flowjax.samplers import ode, pushforward
+
+F_TYPES = ("euler_fm", "simple_edm")
+TIME_EMBEDDINGS = ("identity", "stride")
+TIME_SAMPLERS = ("uniform", "lognormal_eta")
+KERNELS = ("laplace", "rbf")
+WEIGHTINGS = ("sigmoid", "none")
+SAMPLE_METHODS = ("uniform", "edm", "restart", "restart_edm")
+
+# Floor of the Laplace kernel's distance: sqrt is not differentiable at 0, which every diagonal
+# entry of the M x M kernel matrices hits.
+DISTANCE_FLOOR = 1e-8
+# Floor of |c_out(s, t)| in the kernel bandwidth, so that s = t (where f = x_t and the MMD is 0)
+# gives a finite bandwidth and finite gradients.
+C_OUT_FLOOR = 1e-6
+
+
+def kernel_matrix(a, b, bandwidth, kernel: str = "laplace"):
+  """Per-group kernel matrices K[g, i, j] = k(a[g, i], b[g, j]).
+
+  laplace: k = exp(-w ||a - b||_2 / D) with ||.||_2 = sqrt(max(||.||^2, DISTANCE_FLOOR^2));
+  rbf: k = exp(-(w ||a - b||_2)^2 / D). a, b: [G, M, D] float32; bandwidth w: [G]. Returns
+  [G, M, M]. The squared distance is summed from differences (not ||a||^2 + ||b||^2 - 2 a.b) to
+  avoid cancellation between nearby particles.
+  """
+  dims = a.shape[-1]
+  squared = jnp.sum(jnp.square(a[:, :, None, :] - b[:, None, :, :]), axis=-1)
+  w = bandwidth[:, None, None]
+  if kernel == "laplace":
+    distance = jnp.sqrt(jnp.maximum(squared, DISTANCE_FLOOR ** 2))
+    return jnp.exp(-w * distance / dims)
+  if kernel == "rbf":
+    return jnp.exp(-jnp.square(w) * squared / dims)
+  raise ValueError(unknown_name_message("kernel", kernel, list(KERNELS)))
+
+
+def mmd2(y_a, y_b, bandwidth, kernel: str = "laplace"):
+  """V-statistic MMD^2 per group, diagonals included (ALGORITHMS.md section 2, step 6).
+
+  mean_ij [k(a_i, a_j) + k(b_i, b_j) - 2 k(a_i, b_j)]; y_a, y_b: [G, M, D]; bandwidth: [G].
+  Returns [G] >= 0 for a positive-definite kernel.
+  """
+  k_aa = kernel_matrix(y_a, y_a, bandwidth, kernel)
+  k_bb = kernel_matrix(y_b, y_b, bandwidth, kernel)
+  k_ab = kernel_matrix(y_a, y_b, bandwidth, kernel)
+  return jnp.mean(k_aa + k_bb - 2.0 * k_ab, axis=(1, 2))
+
+
+def _check_choice(key: str, value: str, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"objective.{key}: " + unknown_name_message(key, value, list(allowed)))
+
+
+@OBJECTIVES.register("imm")
+@dataclasses.dataclass(frozen=True)
+class IMM:
+  """model: backbone F_theta(c_in x_t, (t, s or t - s), cond); image_shape: per-example shape;
+  num_classes: 0 for unconditional models. The other fields are the `objective` config keys
+  (see DEFAULTS)."""
+  model: nn.Module
+  image_shape: tuple
+  num_classes: int
+  path: str = "ot"
+  f_type: str = "euler_fm"
+  time_embedding: str = "stride"
+  sigma_d: float = 0.5
+  t_max: float = 0.994
+  t_min: float = 1e-3
+  time_sampler: str = "uniform"
+  eta_mean: float = -1.1
+  eta_std: float = 2.0
+  mapping_k: int = 12
+  group_size: int = 4
+  kernel: str = "laplace"
+  weighting: str = "sigmoid"
+  weight_a: float = 2.0
+  weight_b: float = 4.0
+  label_dropout: float = 0.1
+
+  DEFAULTS: ClassVar[dict] = dict(
+      path="ot", f_type="euler_fm", time_embedding="stride", sigma_d=0.5, t_max=0.994,
+      t_min=1e-3, time_sampler="uniform", eta_mean=-1.1, eta_std=2.0, mapping_k=12,
+      group_size=4, kernel="laplace", weighting="sigmoid", weight_a=2.0, weight_b=4.0,
+      label_dropout=0.1)
+
+  def __post_init__(self):
+    _check_choice("path", self.path, paths.PATHS)
+    _check_choice("f_type", self.f_type, F_TYPES)
+    _check_choice("time_embedding", self.time_embedding, TIME_EMBEDDINGS)
+    _check_choice("time_sampler", self.time_sampler, TIME_SAMPLERS)
+    _check_choice("kernel", self.kernel, KERNELS)
+    _check_choice("weighting", self.weighting, WEIGHTINGS)
+    if self.f_type == "euler_fm" and self.path != "ot":
+      raise ValueError(f"objective.f_type='euler_fm' is the Euler step of the OT path but "
+                       f"objective.path={self.path!r}; use path='ot' or f_type='simple_edm'.")
+    if not 0.0 < self.t_min < self.t_max < 1.0:
+      raise ValueError(f"objective.t_min={self.t_min} and objective.t_max={self.t_max} must "
+                       "satisfy 0 < t_min < t_max < 1 (eta = sigma / alpha is infinite at t = 1 "
+                       "and the loss weight at t = 0); the defaults are 1e-3 and 0.994.")
+    if self.sigma_d <= 0 or self.eta_std <= 0:
+      raise ValueError(f"objective.sigma_d={self.sigma_d} and objective.eta_std={self.eta_std} "
+                       "must be positive.")
+    if self.group_size < 1 or self.mapping_k < 0:
+      raise ValueError(f"objective.group_size={self.group_size} must be >= 1 and "
+                       f"objective.mapping_k={self.mapping_k} >= 0.")
+
+  @classmethod
+  def build(cls, config, model, info):
+    keys = {key: config[key] for key in cls.DEFAULTS}
+    return cls(model=model, image_shape=tuple(info.image_shape), num_classes=info.num_classes,
+               **keys)
+
+  @property
+  def schedule(self) -> paths.Path:
+    return paths.get(self.path)
+
+  def init(self, rng, batch):
+    x = batch["image"][:1]
+    cond = common.labels(batch, self.num_classes)
+    cond = None if cond is None else cond[:1]
+    return common.init_model(self.model, rng, x, 2, cond), {}
+
+  # The flow map.
+
+  def network(self, params, x_t, t, s, cond, rng=None, train=False):
+    """Raw output F_theta(c_in x_t, (t, s) or (t, t - s), c): [B, ...] float32.
+
+    c_in = 1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)); x_t: [B, ...]; t, s: [B] with s <= t;
+    cond: [B] labels or None.
+    """
+    path = self.schedule
+    t_x = paths.expand(t, x_t)
+    c_in = 1.0 / (self.sigma_d * jnp.sqrt(path.alpha(t_x) ** 2 + path.sigma(t_x) ** 2))
+    second = s if self.time_embedding == "identity" else t - s
+    out = common.apply_model(self.model, params, c_in * x_t, (t, second), cond, rng, train)
+    return out.astype(jnp.float32)
+
+  def parameterize(self, x_t, out, t, s):
+    """f(x_t, t, s) from the raw output F; x_t, out: [B, ...]; t, s: [B].
+
+    euler_fm: f = x_t - (t - s) sigma_d F. simple_edm: f = c_skip x_t + c_out F with
+    c_skip = (alpha_t alpha_s + sigma_t sigma_s) / (alpha_t^2 + sigma_t^2),
+    c_out = -(alpha_s sigma_t - alpha_t sigma_s) sigma_d / sqrt(alpha_t^2 + sigma_t^2).
+    Both give f(x, t, t) = x for any F.
+    """
+    t, s = paths.expand(t, x_t), paths.expand(s, x_t)
+    x_t = x_t.astype(jnp.float32)
+    if self.f_type == "euler_fm":
+      return x_t - (t - s) * self.sigma_d * out
+    path = self.schedule
+    alpha_t, sigma_t, alpha_s, sigma_s = path.alpha(t), path.sigma(t), path.alpha(s), path.sigma(s)
+    norm = alpha_t ** 2 + sigma_t ** 2
+    c_skip = (alpha_t * alpha_s + sigma_t * sigma_s) / norm
+    c_out = -(alpha_s * sigma_t - alpha_t * sigma_s) * self.sigma_d / jnp.sqrt(norm)
+    return c_skip * x_t + c_out * out
+
+  def flow_map(self, params, x_t, t, s, cond, rng=None, train=False):
+    """f_theta(x_t, t, s): [B, ...] float32, an estimate of x_s given x_t."""
+    return self.parameterize(x_t, self.network(params, x_t, t, s, cond, rng, train), t, s)
+
+  # Times, mapping and weights (float32, guarded).
+
+  def eta_bounds(self):
+    """(eta_min, eta_max) = (eta(t_min), eta(t_max)) as float32 scalars."""
+    path = self.schedule
+    return path.eta(jnp.float32(self.t_min)), path.eta(jnp.float32(self.t_max))
+
+  def sample_times(self, rng, num_groups: int):
+    """(t, s): [G] each with t_min <= s <= t <= t_max.
+
+    "uniform": t ~ U(t_min, t_max), s ~ U(t_min, t). "lognormal_eta": log eta_t ~
+    N(eta_mean, eta_std^2) truncated to [eta_min, eta_max], eta_s from the same law truncated to
+    [eta_min, eta_t]; t = t(eta_t), s = t(eta_s).
+    """
+    t_key, s_key = jax.random.split(rng)
+    path = self.schedule
+    if self.time_sampler == "uniform":
+      t = jax.random.uniform(t_key, (num_groups,), minval=self.t_min, maxval=self.t_max)
+      s = self.t_min + jax.random.uniform(s_key, (num_groups,)) * (t - self.t_min)
+    else:
+      eta_min, eta_max = self.eta_bounds()
+      lower = (jnp.log(eta_min) - self.eta_mean) / self.eta_std
+      upper = (jnp.log(eta_max) - self.eta_mean) / self.eta_std
+      z_t = jax.random.truncated_normal(t_key, lower, upper, (num_groups,))
+      z_s = jax.random.truncated_normal(s_key, lower, z_t, (num_groups,))
+      t = path.t_of_eta(jnp.exp(self.eta_mean + self.eta_std * z_t))
+      s = path.t_of_eta(jnp.exp(self.eta_mean + self.eta_std * z_s))
+    t = jnp.clip(t, self.t_min, self.t_max)
+    return t, jnp.clip(s, self.t_min, t)
+
+  def mapping(self, t, s):
+    """r(s, t): eta_r = clip(eta_t - (eta_max - eta_min) / 2^k, eta_min, eta_max), r = max(t(eta_r),
+    s); the final clip to [s, t] also absorbs float32 rounding, so s <= r <= t. t, s: [G]."""
+    path = self.schedule
+    eta_min, eta_max = self.eta_bounds()
+    eta_r = jnp.clip(path.eta(t) - (eta_max - eta_min) / 2.0 ** self.mapping_k, eta_min, eta_max)
+    return jnp.clip(path.t_of_eta(eta_r), s, t)
+
+  def loss_weight(self, t):
+    """w(t) = 0.5 sigmoid(b - lambda_t) (-d lambda_t / dt) alpha_t^a / (alpha_t^2 + sigma_t^2),
+    lambda_t = 2 log(alpha_t / sigma_t), a = weight_a, b = weight_b; 1 for weighting='none'.
+    t: [G] in (0, 1)."""
+    if self.weighting == "none":
+      return jnp.ones_like(t)
+    path = self.schedule
+    alpha, sigma = path.alpha(t), path.sigma(t)
+    return (0.5 * jax.nn.sigmoid(self.weight_b - path.log_snr(t)) * path.neg_d_log_snr(t) *
+            alpha ** self.weight_a / (alpha ** 2 + sigma ** 2))
+
+  def kernel_bandwidth(self, t, s):
+    """w~(s, t) = 1 / |c_out(s, t)|: 1 / ((t - s) sigma_d) for euler_fm,
+    sqrt(alpha_t^2 + sigma_t^2) / (|alpha_s sigma_t - alpha_t sigma_s| sigma_d) for simple_edm;
+    |c_out| is floored at C_OUT_FLOOR. t, s: [G]."""
+    if self.f_type == "euler_fm":
+      c_out = (t - s) * self.sigma_d
+    else:
+      path = self.schedule
+      alpha_t, sigma_t, alpha_s, sigma_s = path.alpha(t), path.sigma(t), path.alpha(s), path.sigma(s)
+      c_out = (jnp.abs(alpha_s * sigma_t - alpha_t * sigma_s) * self.sigma_d /
+               jnp.sqrt(alpha_t ** 2 + sigma_t ** 2))
+    return 1.0 / jnp.maximum(jnp.abs(c_out), C_OUT_FLOOR)
+
+  # The loss.
+
+  def num_groups(self, batch_size: int) -> int:
+    """B / M; raises a ValueError naming the keys to change when M does not divide B."""
+    if batch_size % self.group_size:
+      raise ValueError(
+          f"objective.group_size={self.group_size} does not divide the batch of {batch_size} "
+          "examples the IMM loss received (train.batch_size / train.grad_accum_steps): each "
+          "group of group_size particles shares its times. Use a train.batch_size that is a "
+          "multiple of group_size x grad_accum_steps; to keep every group on one device, also "
+          "make batch_size / (group_size x grad_accum_steps) a multiple of the number of batch "
+          "shards (mesh.data x mesh.fsdp).")
+    return batch_size // self.group_size
+
+  def loss(self, params, batch, rng, step, view):
+    """IMM loss of a batch {'image': [B, ...], 'label': [B]}: B / M groups of M particles."""
+    del step, view
+    x = batch["image"].astype(jnp.float32)
+    num_groups = self.num_groups(x.shape[0])
+    time_key, noise_key, drop_key, model_key = jax.random.split(rng, 4)
+    t, s = self.sample_times(time_key, num_groups)
+    r = self.mapping(t, s)
+    eps = self.sigma_d * jax.random.normal(noise_key, x.shape, jnp.float32)
+    cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
+                              self.label_dropout, self.num_classes)
+    return self.loss_at(params, x, cond, t, r, s, eps, model_key)
+
+  def loss_at(self, params, x, cond, t, r, s, eps, rng):
+    """The IMM loss at given times and noise (ALGORITHMS.md section 2, steps 3-6).
+
+    x: [B, ...] data; cond: [B] labels or None; t, r, s: [G] group times with s <= r <= t;
+    eps: [B, ...] noise with std sigma_d; rng: dropout key, shared by both network calls.
+    Particles g M .. g M + M - 1 form group g. x_t = alpha_t x + sigma_t eps,
+    x_r = ddim(x_t, x, t, r), y_st = f(x_t, t, s), y_sr = stop_gradient(f(x_r, r, s)), and
+    loss = mean_g w(t_g) MMD^2_g(y_st, y_sr).
+    """
+    num_groups = self.num_groups(x.shape[0])
+    path = self.schedule
+    t_b, r_b, s_b = (jnp.repeat(v, self.group_size) for v in (t, r, s))
+    x_t = path.interpolate(x, eps, t_b)
+    x_r = path.ddim(x_t, x, t_b, r_b)
+    y_st = self.flow_map(params, x_t, t_b, s_b, cond, rng, train=True)
+    y_sr = jax.lax.stop_gradient(self.flow_map(params, x_r, r_b, s_b, cond, rng, train=True))
+    grouped = lambda y: y.reshape(num_groups, self.group_size, -1)
+    mmd = mmd2(grouped(y_st), grouped(y_sr), self.kernel_bandwidth(t, s), self.kernel)
+    weight = self.loss_weight(t)
+    metrics = {"mmd": jnp.mean(mmd), "weight_mean": jnp.mean(weight), "t_mean": jnp.mean(t),
+               "s_mean": jnp.mean(s), "t_minus_r": jnp.mean(t - r)}
+    return jnp.mean(weight * mmd), metrics
+
+  # Sampling.
+
+  def initial_noise(self, rng, num: int):
+    """x_T ~ N(0, sigma_d^2 I): [num, *image_shape] float32."""
+    return self.sigma_d * jax.random.normal(rng, (num,) + self.image_shape, jnp.float32)
+
+  def sample(self, params, rng, num, cond=None, *, num_steps=1, method="uniform",
+             guidance=1.0):
+    """num samples by pushforward from x_T ~ N(0, sigma_d^2 I) at t_max down to t_min.
+
+    method: "uniform" (grid uniform in t), "edm" (EDM-like in eta, rho = 7), "restart" and
+    "restart_edm" (jump to t_min at every grid time, re-noise to the next one). Classifier-free
+    guidance acts on the raw output, F = F_u + w (F_c - F_u); w = 1 is the conditional model.
+    rng is split into (noise key, restart key); cond: [num] labels or None.
+    """
+    if method not in SAMPLE_METHODS:
+      raise ValueError("sample.method: " + unknown_name_message("IMM sampling method", method,
+                                                                list(SAMPLE_METHODS)))
+    path = self.schedule
+    noise_key, restart_key = jax.random.split(rng)
+    x_start = self.initial_noise(noise_key, num)
+    # Times travel as one [B, 2] array so that the guidance helper batches them like x.
+    raw = lambda x, times, c: self.network(params, x, times[:, 0], times[:, 1], c)
+    guided = ode.guided(raw, cond, guidance, self.num_classes)
+    flow_map = lambda x, t, s: self.parameterize(x, guided(x, jnp.stack([t, s], axis=1)), t, s)
+    schedule = "edm" if method.endswith("edm") else "uniform"
+    grid = pushforward.time_grid(schedule, num_steps, path, self.t_max, self.t_min)
+    if method.startswith("restart"):
+      renoise = lambda x0, t, key: path.interpolate(
+          x0, self.sigma_d * jax.random.normal(key, x0.shape, jnp.float32), t)
+      return pushforward.restart(flow_map, x_start, grid, restart_key, renoise)
+    return pushforward.pushforward(flow_map, x_start, grid)

@@ -1,0 +1,213 @@
+"""The trainer's guarantees: validation errors, non-finite handling, workdir ownership, damaged
+checkpoints, init_from, and metrics truncation on resume."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flowjax import checkpoint, config as config_lib, data, metrics, train
+
+
+def toy_config(**overrides):
+  base = {"train.steps": 6, "ckpt.every_steps": 2, "train.log_every": 1, "data.prefetch": 0,
+          "optim.schedule": "constant", "sample.num": 16}
+  base.update(overrides)
+  return config_lib.load_experiment("experiments/fm_toy2d.py", "tiny", **base)
+
+
+def params_of(state):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+
+
+# Validation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.batch_size": 12}, "not divisible by the 8 batch shards"),
+    ({"mesh.data": 3}, "does not fit 8 devices"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "only one axis may be -1"),
+    ({"train.nonfinite": "skp"}, "Did you mean 'skip'"),
+    ({"model.name": "dti"}, "Did you mean 'dit'"),
+    ({"objective.name": "flow_matchin"}, "Did you mean 'flow_matching'"),
+    ({"train.steps": 0}, "config.train.steps=0 must be positive"),
+    ({"optim.lr": -1.0}, "config.optim.lr=-1.0 must be >= 0"),
+    ({"train.grad_accum_steps": 3}, "not divisible by config.train.grad_accum_steps=3"),
+    ({"optim.ema_decays": (1.5,)}, "outside [0, 1)"),
+])
+def test_bad_config_values_give_one_clear_error(overrides, message):
+  config = toy_config(**overrides)
+  with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(
+      "[", r"\[").replace(")", r"\)")):
+    config_lib.validate(config, 8)
+
+
+def test_unknown_key_and_wrong_type_are_refused_by_the_locked_config():
+  config = toy_config()
+  with pytest.raises(AttributeError, match='Did you mean "steps"'):
+    config.train.stesp = 3
+  with pytest.raises(TypeError, match="cannot be casted"):
+    config.train.steps = "many"
+
+
+def test_unprepared_dataset_names_the_fix(tmp_path):
+  config = toy_config(**{"data.name": "tfds:cifar10", "data.tfds_data_dir": str(tmp_path)})
+  with pytest.raises(FileNotFoundError, match="not prepared.*tfds build cifar10"):
+    train.build(config)
+
+
+def test_unwritable_workdir_is_reported_before_training(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(train.WorkdirError, match="cannot be written"):
+    train.check_workdir(toy_config(), str(blocker / "run"), allow_config_change=False)
+
+
+# Non-finite values ------------------------------------------------------------------------------
+
+
+class PoisonedBatches:
+  """Wraps a Batches iterator and puts NaN into the images of one global batch index."""
+
+  def __init__(self, inner, poisoned_index):
+    self.inner, self.poisoned_index, self.count = inner, poisoned_index, 0
+
+  def __next__(self):
+    batch = next(self.inner)
+    self.count += 1
+    if self.count - 1 == self.poisoned_index:
+      batch = dict(batch, image=batch["image"] * jnp.nan)
+    return batch
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+  def install(index):
+    build = data.build
+
+    def poisoned(*args, **kwargs):
+      inner = build(*args, **kwargs)
+      return PoisonedBatches(inner, index) if kwargs.get("split") == "train" else inner
+
+    monkeypatch.setattr(data, "build", poisoned)
+  return install
+
+
+def test_nonfinite_skip_does_not_apply_the_update_and_counts_it(tmp_path, poison):
+  poison(2)
+  state = train.run(toy_config(**{"train.nonfinite": "skip"}), str(tmp_path))
+  assert int(state.step) == 6 and int(state.skipped) == 1
+  assert all(np.isfinite(p).all() for p in params_of(state))
+  records = metrics.read_metrics(str(tmp_path))
+  assert [r["nonfinite"] for r in records] == [0, 0, 1, 0, 0, 0]
+  assert records[-1]["skipped"] == 1
+
+
+def test_nonfinite_stop_names_the_step_and_saves_nothing_nonfinite(tmp_path, poison):
+  poison(2)
+  with pytest.raises(train.NonFiniteError, match="at step 3 .*global batch index 2"):
+    train.run(toy_config(), str(tmp_path))
+  setup = train.build(toy_config())
+  mngr = checkpoint.manager(str(tmp_path), toy_config().ckpt)
+  assert mngr.all_steps()
+  for step in mngr.all_steps():
+    restored = mngr.restore(step, args=checkpoint.ocp.args.Composite(
+        state=checkpoint.ocp.args.StandardRestore(setup.abstract_state)))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state))
+  mngr.close()
+
+
+def test_step_keeps_the_state_on_nan(tmp_path):
+  setup = train.build(toy_config())
+  with train.context(setup):
+    state = setup.init_fn()
+    before = params_of(state)
+    batches = data.build(setup.config.data, split="train", global_batch_size=16, seed=0,
+                         sharding=setup.batch_spec["image"].sharding)
+    batch = next(batches)
+    new_state, step_metrics = setup.train_step(state, dict(batch, image=batch["image"] * jnp.inf))
+  assert int(step_metrics["nonfinite"]) == 1 and int(new_state.skipped) == 1
+  assert int(new_state.step) == 1
+  for a, b in zip(before, params_of(new_state)):
+    np.testing.assert_array_equal(a, b)
+
+
+# Workdir ownership, damaged checkpoints, init_from -----------------------------------------------
+
+
+def test_workdir_of_another_config_is_refused_unless_allowed(tmp_path):
+  train.run(toy_config(), str(tmp_path))
+  changed = toy_config(**{"optim.lr": 0.5, "train.steps": 8})
+  with pytest.raises(train.WorkdirError, match=r"optim.lr: 0.001 -> 0.5"):
+    train.run(changed, str(tmp_path))
+  # train.steps may change on resume: the run continues from step 6 to 8.
+  state = train.run(toy_config(**{"train.steps": 8}), str(tmp_path))
+  assert int(state.step) == 8
+  state = train.run(changed, str(tmp_path), allow_config_change=True)
+  assert int(state.step) == 8
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+  config = toy_config(**{"ckpt.max_to_keep": 5})
+  train.run(config, str(tmp_path))
+  ckpts = tmp_path / "checkpoints"
+  assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4, 6]
+  shutil.rmtree(ckpts / "6" / "state")
+  setup = train.build(config)
+  mngr = checkpoint.manager(str(tmp_path), config.ckpt)
+  state, data_state, _, step = checkpoint.restore_latest(mngr, setup.abstract_state)
+  mngr.close()
+  assert step == 4 and int(state.step) == 4 and data_state["next_batch"] == 4
+  assert "cannot be restored" in caplog.text
+
+
+def test_all_checkpoints_damaged_is_one_clear_error(tmp_path):
+  config = toy_config()
+  train.run(config, str(tmp_path))
+  for step_dir in (tmp_path / "checkpoints").iterdir():
+    if step_dir.name.isdigit():
+      (step_dir / "state" / "_METADATA").write_text("garbage")
+      shutil.rmtree(step_dir / "state" / "d", ignore_errors=True)
+  with pytest.raises(checkpoint.CheckpointError, match="None of the checkpoints"):
+    train.run(config, str(tmp_path))
+
+
+def test_init_from_copies_parameters_only(tmp_path):
+  source = tmp_path / "source"
+  trained = train.run(toy_config(), str(source))
+  target = tmp_path / "target"
+  config = toy_config(**{"ckpt.init_from": str(source), "train.steps": 1})
+  setup = train.build(config)
+  mngr = checkpoint.manager(str(target), config.ckpt)
+  state, data_state, start = train.restore_or_init(setup, mngr, str(target))
+  mngr.close()
+  assert start == 0 and data_state is None and int(state.step) == 0
+  for a, b in zip(params_of(trained), params_of(state)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(checkpoint.CheckpointError, match="has no checkpoints directory"):
+    checkpoint.restore_params(str(tmp_path / "nowhere"), setup.abstract_state.params)
+
+
+def test_truncate_metrics_keeps_complete_records_up_to_step(tmp_path):
+  path = tmp_path / metrics.METRICS_FILE
+  path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4, 6))
+                  + '{"step": 8, "lo')
+  metrics.truncate_metrics(str(tmp_path), 4)
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [2, 4]
+
+
+def test_config_json_and_fingerprint_ignore_resumable_keys():
+  a = toy_config()
+  b = toy_config(**{"train.steps": 100, "mesh.data": 4, "mesh.fsdp": 2, "ckpt.every_steps": 7})
+  c = toy_config(**{"model.hidden_size": 64})
+  assert config_lib.fingerprint(a) == config_lib.fingerprint(b)
+  assert config_lib.fingerprint(a) != config_lib.fingerprint(c)
+  assert json.loads(config_lib.to_json(a))["train"]["steps"] == 6
+  assert os.path.basename(metrics.METRICS_FILE) == "metrics.jsonl"
