@@ -139,7 +139,8 @@ def sampler(setup: Setup, num: int | None = None):
   num = num or sample_config.num
   args = dict(num_steps=sample_config.num_steps, method=sample_config.method,
               guidance=sample_config.guidance)
-  return jax.jit(lambda params, rng, cond: setup.objective.sample(params, rng, num, cond, **args))
+  return jax.jit(lambda params, rng, cond: setup.objective.sample(params, rng, num, cond, **args),
+                 out_shardings=sharding.replicated(setup.mesh))
 
 
 def sample_labels(info, num: int):
