@@ -16,8 +16,8 @@ def get_config(arg=None):
   c.data.update(dict(name="digits", conditional=True, image_size=8))
   c.optim.update(dict(lr=1e-3, schedule="cosine", warmup_steps=100, final_lr=1e-5,
                       ema_decays=(0.995,), weight_decay=0.0))
-  c.train.update(dict(steps=3000, batch_size=128, log_every=100))
-  c.ckpt.every_steps = 1000
+  c.train.update(dict(steps=1500, batch_size=128, log_every=100))
+  c.ckpt.every_steps = 500
   c.sample.update(dict(num=100, num_steps=50, method="heun", guidance=2.0))
   config_lib.apply_preset(c, arg, PRESETS)
   return c.lock()
