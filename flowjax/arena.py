@@ -1,0 +1,166 @@
+"""python -m flowjax.arena --suite=toy2d|digits --workdir=DIR [--budget=STEPS] [--methods=...]
+
+Trains every method of a suite with the same backbone and the same budget (steps x batch),
+evaluates each at its natural step counts, and writes DIR/arena.md (a table) and DIR/arena.png
+(metric against network evaluations per sample, one line per method). Each method trains in
+DIR/<method>/ with the ordinary trainer, so an interrupted arena resumes where it stopped.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+
+SUITES = {
+    "toy2d": dict(
+        methods={"flow_matching": ("fm_toy2d.py", [1, 2, 4, 8, 100], "euler"),
+                 "imm": ("imm_toy2d.py", [1, 2, 4, 8], "uniform")},
+        overrides={"model.hidden_size": 256, "model.depth": 4, "train.batch_size": 512,
+                   "data.toy_distribution": "checkerboard", "sample.every_steps": 0,
+                   "train.log_every": 500},
+        steps=4000, num_samples=4096, metric="energy_distance"),
+    "digits": dict(
+        methods={"flow_matching": ("quickstart.py", [1, 2, 4, 8, 100], "euler"),
+                 "imm": ("imm_digits.py", [1, 2, 4, 8], "uniform")},
+        overrides={"model.hidden_size": 96, "model.depth": 4, "model.num_heads": 4,
+                   "model.patch_size": 2, "train.batch_size": 128, "sample.every_steps": 0,
+                   "train.log_every": 250},
+        steps=1500, num_samples=500, metric="fd"),
+}
+
+
+@dataclasses.dataclass
+class Result:
+  method: str
+  num_steps: int
+  nfe: int
+  metrics: dict
+
+
+def evaluate_method(config, workdir: str, method: str, step_counts, sample_method: str,
+                    num_samples: int, suite: str) -> list[Result]:
+  from flowjax import evals, train
+  from flowjax.evals import digits as digits_metric, toy2d as toy_metric
+  setup, state = evals.load(config, workdir)
+  params = train.sampling_params(state, config.sample.use_ema)
+  labels = train.sample_labels(setup.info, num_samples)
+  guided = labels is not None and config.sample.guidance != 1.0
+  classifier = digits_metric.load_classifier() if suite == "digits" else None
+  results = []
+  for num_steps in step_counts:
+    sample = jax.jit(lambda p, rng, cond, n=num_steps: setup.objective.sample(
+        p, rng, num_samples, cond, num_steps=n, method=sample_method,
+        guidance=config.sample.guidance))
+    with train.context(setup):
+      samples = np.asarray(jax.device_get(sample(params, jax.random.key(1234), labels)))
+    if suite == "toy2d":
+      values = toy_metric.evaluate(samples, config.data.toy_distribution)
+    else:
+      values = digits_metric.evaluate(samples, None if labels is None else np.asarray(labels),
+                                      classifier=classifier)
+    from flowjax import metrics
+    metrics.save_png(os.path.join(workdir, "samples", f"arena_{num_steps}_steps.png"),
+                     metrics.samples_picture(samples[:100] if suite == "digits" else samples))
+    results.append(Result(method, num_steps, num_steps * (2 if guided else 1), values))
+    logging.info("%s %d steps: %s", method, num_steps, values)
+  return results
+
+
+def run(suite: str, workdir: str, budget: int | None = None, methods=None) -> list[Result]:
+  from flowjax import config as config_lib, train
+  spec = SUITES[suite]
+  steps = budget or spec["steps"]
+  results = []
+  for method, (experiment, step_counts, sample_method) in spec["methods"].items():
+    if methods and method not in methods:
+      continue
+    overrides = dict(spec["overrides"], **{"train.steps": steps, "ckpt.every_steps": steps})
+    config = config_lib.load_experiment(experiment, None, **overrides)
+    method_dir = os.path.join(workdir, method)
+    train.run(config, method_dir)
+    results += evaluate_method(config, method_dir, method, step_counts, sample_method,
+                               spec["num_samples"], suite)
+  write_report(suite, workdir, steps, spec, results)
+  return results
+
+
+def write_report(suite: str, workdir: str, steps: int, spec: dict, results) -> None:
+  metric = spec["metric"]
+  all_steps = sorted({r.num_steps for r in results})
+  floor_key = f"{metric}_floor"
+  lines = [f"# flowjax arena: {suite}", "",
+           f"Budget: {steps} steps x batch {spec['overrides']['train.batch_size']} for every "
+           f"method, the same backbone ({spec['overrides'].get('model.hidden_size')} wide, "
+           f"depth {spec['overrides'].get('model.depth')}); {spec['num_samples']} samples per "
+           f"entry. Metric: {metric} (lower is better).", "",
+           "| method | " + " | ".join(f"{n} steps" for n in all_steps) + " |",
+           "|---|" + "---|" * len(all_steps)]
+  by_method = {}
+  for r in results:
+    by_method.setdefault(r.method, {})[r.num_steps] = r
+  for method, entries in by_method.items():
+    cells = [f"{entries[n].metrics[metric]:.4g}" if n in entries else "" for n in all_steps]
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  floors = [r.metrics[floor_key] for r in results if floor_key in r.metrics]
+  if floors:
+    lines += ["", f"Noise floor (the metric between two independent sets of real data of the "
+              f"same size): {np.mean(floors):.4g}."]
+  if suite == "digits" and any("accuracy" in r.metrics for r in results):
+    lines += ["", "Classifier accuracy of class-conditional samples:", "",
+              "| method | " + " | ".join(f"{n} steps" for n in all_steps) + " |",
+              "|---|" + "---|" * len(all_steps)]
+    for method, entries in by_method.items():
+      cells = [f"{entries[n].metrics['accuracy']:.3f}" if n in entries else "" for n in all_steps]
+      lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "arena.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(os.path.join(workdir, "arena.json"), "w") as f:
+    json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
+  plot(os.path.join(workdir, "arena.png"), by_method, metric, np.mean(floors) if floors else None,
+       suite)
+
+
+def plot(path: str, by_method: dict, metric: str, floor, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+  for method, entries in by_method.items():
+    points = sorted((r.nfe, r.metrics[metric]) for r in entries.values())
+    ax.plot(*zip(*points), marker="o", label=method)
+  if floor is not None:
+    ax.axhline(floor, color="gray", linestyle="--", label="real-data floor")
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("network evaluations per sample")
+  ax.set_ylabel(metric)
+  ax.set_title(f"flowjax arena: {title}")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def main(argv=None):
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--budget", type=int, default=None, help="train steps for every method")
+  parser.add_argument("--methods", default="", help="comma-separated subset of the methods")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  from flowjax import metrics
+  metrics.quiet_libraries()
+  jax.config.update("jax_threefry_partitionable", True)
+  methods = [m for m in args.methods.split(",") if m]
+  run(args.suite, args.workdir, args.budget, methods)
+  print(open(os.path.join(args.workdir, "arena.md")).read())
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,26 @@
+"""The arena trains each method of a suite on one budget and writes its table and plot."""
+
+import json
+
+from flowjax import arena
+
+
+def test_toy2d_arena_writes_table_and_plot(tmp_path, monkeypatch):
+  suite = dict(arena.SUITES["toy2d"])
+  suite["methods"] = {name: (experiment, [1, 2], method)
+                      for name, (experiment, _, method) in suite["methods"].items()}
+  suite["overrides"] = dict(suite["overrides"], **{"model.hidden_size": 32, "model.depth": 1,
+                                                  "train.batch_size": 64})
+  suite["num_samples"] = 256
+  monkeypatch.setitem(arena.SUITES, "toy2d", suite)
+  results = arena.run("toy2d", str(tmp_path), budget=4)
+  assert {(r.method, r.num_steps) for r in results} == {
+      (m, n) for m in suite["methods"] for n in (1, 2)}
+  table = (tmp_path / "arena.md").read_text()
+  for method in suite["methods"]:
+    assert f"| {method} |" in table
+  assert (tmp_path / "arena.png").stat().st_size > 1000
+  records = json.loads((tmp_path / "arena.json").read_text())
+  assert all(r["metrics"]["energy_distance"] >= 0 for r in records)
+  for method in suite["methods"]:
+    assert (tmp_path / method / "checkpoints" / "4").is_dir()
