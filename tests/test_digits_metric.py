@@ -75,8 +75,6 @@ def test_fd_ranks_real_digits_far_below_noise_blurred_shuffled_and_mode_dropped_
   padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
   blurred = sum(padded[:, i:i + 8, j:j + 8] for i in range(3) for j in range(3)) / 9
   shuffled = np.stack([image.reshape(-1)[rng.permutation(64)] for image in images])
-  all_images, all_labels = digits.load()
-  low_digits = all_images[:digits.NUM_TRAIN][all_labels[:digits.NUM_TRAIN] < 5][:500]
   corrupted = {
       "noise": rng.standard_normal(images.shape),
       "blurred": blurred,
