@@ -259,10 +259,13 @@ def restore_or_init(setup: Setup, mngr, workdir: str):
   return state, None, 0
 
 
-def run(config, workdir: str, allow_config_change: bool = False):
-  """Trains `config` in `workdir`, resuming from its latest good checkpoint. Returns the state."""
+def run(config, workdir: str, allow_config_change: bool = False, devices=None):
+  """Trains `config` in `workdir`, resuming from its latest good checkpoint. Returns the state.
+
+  devices: the devices of the mesh (default: all of them), e.g. to continue on fewer.
+  """
   is_host0 = jax.process_index() == 0
-  setup = build(config)
+  setup = build(config, devices)
   if is_host0:
     logging.info("Parameters and optimizer state:\n%s",
                  sharding.describe(setup.state_shardings, setup.abstract_state))

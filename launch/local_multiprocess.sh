@@ -18,10 +18,15 @@ devices=${DEVICES_PER_PROCESS:-2}
 port=${PORT:-12355}
 python=${PYTHON:-python3}
 
+# Quoted for the shell, so that arguments with spaces or brackets pass through unchanged.
+args=""
+if [ $# -gt 0 ]; then
+  printf -v args ' %q' "$@"
+fi
 commands=()
 for ((i = 0; i < num_processes; i++)); do
-  commands+=("$python -m flowjax.main --coordinator_address=127.0.0.1:$port \
---num_processes=$num_processes --process_id=$i --num_cpu_devices=$devices $*")
+  commands+=("$(printf '%q' "$python") -m flowjax.main --coordinator_address=127.0.0.1:$port \
+--num_processes=$num_processes --process_id=$i --num_cpu_devices=$devices$args")
 done
 
 if [ "${PRINT_ONLY:-0}" = 1 ]; then
