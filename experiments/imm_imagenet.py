@@ -4,7 +4,9 @@ The paper's ImageNet setting (ALGORITHMS.md section 2): euler_fm output, the sec
 as the stride t - s, loss weight exponent a = 2, groups of M = 4 particles, classifier-free
 guidance 1.5 on the raw output; batch 4096, AdamW lr 1e-4, EMA 0.9999 (values recalled from the
 paper, not re-read in it). The batch must stay divisible by objective.group_size, and
-batch / group_size by the batch shards, so every M x M kernel matrix stays on one device.
+batch / group_size by the batch shards, so every M x M kernel matrix stays on one device. A
+DiT-XL/2 step at batch 4096 needs many accelerators; on fewer, raise train.grad_accum_steps
+(each micro-batch, batch / grad_accum_steps, must then be divisible by group_size x batch shards).
 
 python -m flowjax.main --config=experiments/imm_imagenet.py --workdir=DIR
   --config.data.name selects the latent dataset; the default `synthetic` source has the latents'

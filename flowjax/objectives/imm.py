@@ -235,7 +235,8 @@ class IMM:
       c_out = (t - s) * self.sigma_d
     else:
       path = self.schedule
-      alpha_t, sigma_t, alpha_s, sigma_s = path.alpha(t), path.sigma(t), path.alpha(s), path.sigma(s)
+      alpha_t, sigma_t = path.alpha(t), path.sigma(t)
+      alpha_s, sigma_s = path.alpha(s), path.sigma(s)
       c_out = (jnp.abs(alpha_s * sigma_t - alpha_t * sigma_s) * self.sigma_d /
                jnp.sqrt(alpha_t ** 2 + sigma_t ** 2))
     return 1.0 / jnp.maximum(jnp.abs(c_out), C_OUT_FLOOR)
