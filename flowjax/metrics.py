@@ -53,7 +53,8 @@ class _QuietLibraries(logging.Filter):
 
 def quiet_libraries() -> None:
   from absl import logging as absl_logging
-  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  for handler in [absl_logging.get_absl_handler(), *logging.getLogger().handlers]:
+    handler.addFilter(_QuietLibraries())
 
 
 class Writer:
