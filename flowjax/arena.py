@@ -156,7 +156,8 @@ def main(argv=None):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   from flowjax import metrics
   metrics.quiet_libraries()
-  jax.config.update("jax_threefry_partitionable", True)
+  from flowjax import sharding
+  sharding.start_runtime()
   methods = [m for m in args.methods.split(",") if m]
   run(args.suite, args.workdir, args.budget, methods)
   print(open(os.path.join(args.workdir, "arena.md")).read())

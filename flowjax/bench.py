@@ -99,12 +99,9 @@ def benchmark(config, steps: int, sample_repeats: int) -> dict:
 
 def main(argv):
   del argv
-  from flowjax import metrics
+  from flowjax import metrics, sharding
   metrics.quiet_libraries()
-  import jax
-  jax.config.update("jax_threefry_partitionable", True)
-  if _NUM_CPU_DEVICES.value:
-    jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
+  sharding.start_runtime(_NUM_CPU_DEVICES.value)
   result = benchmark(_CONFIG.value, _STEPS.value, _SAMPLE_REPEATS.value)
   text = json.dumps(result, indent=2)
   print(text)

@@ -36,12 +36,9 @@ def main(argv):
   del argv
   metrics.quiet_libraries()
   import jax
-  jax.config.update("jax_threefry_partitionable", True)
-  if _NUM_CPU_DEVICES.value:
-    jax.config.update("jax_num_cpu_devices", _NUM_CPU_DEVICES.value)
-  if _COORDINATOR.value and _NUM_PROCESSES.value > 1:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  from flowjax import sharding
+  sharding.start_runtime(_NUM_CPU_DEVICES.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)
   logging.info("flowjax: process %d of %d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())

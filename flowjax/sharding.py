@@ -12,6 +12,19 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
+def start_runtime(num_cpu_devices: int | None = None, coordinator_address: str | None = None,
+                  num_processes: int = 1, process_id: int = 0) -> None:
+  """Process start-up shared by every command: partitionable random numbers (draws do not depend
+  on the device layout), optional fake CPU devices, and jax.distributed for multi-process runs
+  (only when a coordinator and more than one process are given, never by accident)."""
+  jax.config.update("jax_threefry_partitionable", True)
+  if num_cpu_devices:
+    jax.config.update("jax_num_cpu_devices", num_cpu_devices)
+  if coordinator_address and num_processes > 1:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+
+
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """Mesh with axes (data, fsdp, tensor) from `config.mesh`; -1 takes the remaining devices."""
   devices = list(devices if devices is not None else jax.devices())
