@@ -207,3 +207,23 @@ def test_dry_run_compiles_and_allocates_nothing(tmp_path, monkeypatch):
   new = [a for a in jax.live_arrays() if id(a) not in before]
   assert sum(a.size for a in new) < 100  # nothing state-sized left behind (thousands of floats)
   assert not workdir.exists() or not any(workdir.iterdir())  # no config.json, no checkpoints
+
+
+# The other paper-scale presets: full shapes and shardings by eval_shape, and a compile of a
+# reduced-depth version of the same width, batch and mesh.
+
+@pytest.mark.parametrize("name", ["imm_imagenet", "imm_cifar10"])
+def test_paper_scale_preset_shapes_and_reduced_depth_compile(name):
+  config = load(name).get_config(None)
+  with config.unlocked():
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 4, 1
+    if config.data.name.startswith("tfds:"):  # the same shapes, without a prepared dataset
+      image_size = config.data.image_size
+      config.data.update(dict(name="synthetic", image_size=image_size, channels=3))
+  setup = train.build(config)
+  kernels = [leaf for leaf in jax.tree.leaves(setup.abstract_state.params) if leaf.size >= 2**20]
+  assert kernels and all("fsdp" in jax.tree.leaves(tuple(k.sharding.spec)) for k in kernels)
+  with config.unlocked():
+    config.model.depth = 1
+  compiled, _, memory = train.compile_step(train.build(config))
+  assert compiled is not None
