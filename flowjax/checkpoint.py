@@ -17,7 +17,11 @@ ITEMS = ("state", "data", "meta")
 
 
 class CheckpointError(RuntimeError):
-  """No usable checkpoint, or one that does not belong to this run."""
+  """No usable checkpoint, or one that does not belong to this run, or saves keep failing."""
+
+
+class SaveError(CheckpointError):
+  """One save failed; the previous checkpoint is intact."""
 
 
 def manager(workdir: str, ckpt_config) -> ocp.CheckpointManager:
@@ -38,9 +42,26 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, data_state: dict, meta:
   step = int(state.step)
   if step in mngr.all_steps():
     return False
-  return mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-      meta=ocp.args.JsonSave(meta)), force=force)
+  try:
+    return mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=force)
+  except Exception as error:  # disk full, permissions, a failed earlier asynchronous write, ...
+    logging.error("CHECKPOINT SAVE FAILED at step %d in %s (%s: %s). The previous checkpoint "
+                  "(step %s) is kept; training continues and the next save retries.", step,
+                  mngr.directory, type(error).__name__, error, mngr.latest_step())
+    raise SaveError(str(error)) from error
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+  """Waits for pending asynchronous saves; a failure is raised as CheckpointError."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as error:  # see save
+    raise CheckpointError(f"A checkpoint write to {mngr.directory} failed ({type(error).__name__}: "
+                          f"{error}); the latest complete checkpoint is step "
+                          f"{mngr.latest_step()}. Check the disk space and permissions of the "
+                          "workdir, then rerun the same command to resume.") from error
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState):

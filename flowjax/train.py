@@ -23,6 +23,9 @@ from flowjax import sharding, step as step_lib
 from flowjax.state import TrainState
 
 
+MAX_FAILED_SAVES = 3
+
+
 class NonFiniteError(FloatingPointError):
   """A non-finite loss or gradient with train.nonfinite='stop'."""
 
@@ -296,7 +299,7 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
     """Host-side work for finished step `step` (its metrics are already computed)."""
     values = jax.device_get(step_metrics)
     if values["nonfinite"] and config.train.nonfinite == "stop":
-      mngr.wait_until_finished()
+      checkpoint.finish(mngr)
       raise NonFiniteError(
           f"Non-finite values at step {step} (global batch index {step - 1} of the data order, "
           f"seed {config.seed}): loss={values['loss']}, grad_norm={values['grad_norm']}. The "
@@ -311,29 +314,50 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
                                 examples_per_sec=rate * config.train.batch_size))
       progress.report(step, float(values["loss"]), rate)
 
+  failed_saves = []
+
+  def save(force=False):
+    """Saves; tolerates MAX_FAILED_SAVES failures in a row (each is logged as an error)."""
+    try:
+      checkpoint.save(mngr, state, batches.get_state(), meta, force=force)
+      failed_saves.clear()
+    except checkpoint.SaveError as error:
+      failed_saves.append(step)
+      if force or len(failed_saves) >= MAX_FAILED_SAVES:
+        raise checkpoint.CheckpointError(
+            f"Saving checkpoints in {mngr.directory} failed at steps {failed_saves} ({error}); "
+            f"the latest complete checkpoint is step {mngr.latest_step()}. Free disk space or "
+            "fix the workdir's permissions, then rerun the same command to resume.") from error
+
   pending = None
   step = start
-  with context(setup), _StopSignal() as stop:
-    while step < total and stop.received is None:
-      batch = next(batches)
-      state, step_metrics = compiled(state, batch)
-      step += 1
+  try:
+    with context(setup), _StopSignal() as stop:
+      while step < total and stop.received is None:
+        batch = next(batches)
+        state, step_metrics = compiled(state, batch)
+        step += 1
+        if pending is not None:
+          handle(*pending)
+        pending = (step_metrics, step)
+        if config.ckpt.every_steps and step % config.ckpt.every_steps == 0:
+          save()
+        elif mngr.reached_preemption(step):
+          stop.received = "preemption notice"
+        if config.eval.every_steps and step % config.eval.every_steps == 0:
+          evaluate(setup, state, step, workdir, writer)
+        if config.sample.every_steps and step % config.sample.every_steps == 0:
+          write_samples(setup, state, step, workdir, writer)
       if pending is not None:
         handle(*pending)
-      pending = (step_metrics, step)
-      if config.ckpt.every_steps and step % config.ckpt.every_steps == 0:
-        checkpoint.save(mngr, state, batches.get_state(), meta)
-      elif mngr.reached_preemption(step):
-        stop.received = "preemption notice"
-      if config.eval.every_steps and step % config.eval.every_steps == 0:
-        evaluate(setup, state, step, workdir, writer)
-      if config.sample.every_steps and step % config.sample.every_steps == 0:
-        write_samples(setup, state, step, workdir, writer)
-    if pending is not None:
-      handle(*pending)
+  except BaseException:
+    # Whatever stops the loop, checkpoints already being written are completed.
+    with contextlib.suppress(Exception):
+      mngr.wait_until_finished()
+    raise
 
-  checkpoint.save(mngr, state, batches.get_state(), meta, force=True)
-  mngr.wait_until_finished()
+  save(force=True)
+  checkpoint.finish(mngr)
   batches.close()
   if stop.received is not None:
     logging.warning("Stopped by %s at step %d; checkpoint saved, rerun the same command to "

@@ -211,3 +211,42 @@ def test_config_json_and_fingerprint_ignore_resumable_keys():
   assert config_lib.fingerprint(a) != config_lib.fingerprint(c)
   assert json.loads(config_lib.to_json(a))["train"]["steps"] == 6
   assert os.path.basename(metrics.METRICS_FILE) == "metrics.jsonl"
+
+
+# Storage faults ----------------------------------------------------------------------------------
+
+
+def failing_saves(monkeypatch, fail_steps):
+  real_save = checkpoint.ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    if step in fail_steps:
+      raise OSError(28, "No space left on device")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", save)
+
+
+def test_a_failed_save_is_reported_and_the_previous_checkpoint_stays(tmp_path, monkeypatch,
+                                                                     caplog):
+  failing_saves(monkeypatch, {4})
+  state = train.run(toy_config(**{"ckpt.max_to_keep": 5}), str(tmp_path))
+  assert int(state.step) == 6
+  assert "CHECKPOINT SAVE FAILED at step 4" in caplog.text
+  assert "No space left on device" in caplog.text
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [2, 6]
+
+
+def test_saves_that_keep_failing_stop_the_run_with_one_clear_error(tmp_path, monkeypatch):
+  failing_saves(monkeypatch, {4, 6, 8, 10})
+  config = toy_config(**{"train.steps": 12})
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"failed at steps \[4, 6, 8\].*latest complete checkpoint is step 2"):
+    train.run(config, str(tmp_path))
+  # The last good checkpoint is intact and resumable.
+  setup = train.build(config)
+  mngr = checkpoint.manager(str(tmp_path), config.ckpt)
+  state, _, _, step = checkpoint.restore_latest(mngr, setup.abstract_state)
+  mngr.close()
+  assert step == 2 and int(state.step) == 2
