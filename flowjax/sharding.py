@@ -1,7 +1,8 @@
 """Meshes, logical-axis rules and shardings: the only module that knows about physical devices."""
 
 import math
-from typing import Any, Sequence
+import os
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +16,53 @@ BATCH_AXES = ("data", "fsdp")
 def start_runtime(num_cpu_devices: int | None = None, coordinator_address: str | None = None,
                   num_processes: int = 1, process_id: int = 0) -> None:
   """Process start-up shared by every command: partitionable random numbers (draws do not depend
-  on the device layout), optional fake CPU devices, and jax.distributed for multi-process runs
-  (only when a coordinator and more than one process are given, never by accident)."""
+  on the device layout), optional fake CPU devices, and jax.distributed for multi-process runs.
+
+  jax.distributed is initialized in exactly two cases, never by accident:
+  - explicitly: a coordinator address and `num_processes > 1` (flags or FLOWJAX_* variables, as
+    launch/local_multiprocess.sh and launch/gpu_multinode.sh pass them);
+  - auto-detected, when no coordinator is given and the environment clearly is one process of a
+    multi-process cluster: a TPU pod slice (TPU_WORKER_HOSTNAMES lists more than one host, or,
+    when that variable is absent, CLOUD_TPU_TASK_ID is set) or a SLURM job step with more than one
+    task (SLURM_JOB_ID set and SLURM_NTASKS > 1). Then `jax.distributed.initialize()` is called
+    with no arguments and JAX reads the coordinator, process count and id from the cluster.
+  A single process - a laptop, one GPU node, a single-host TPU VM, a notebook, a SLURM job with
+  one task - initializes nothing. Inside a multi-task SLURM allocation, start every process with
+  srun (launch/gpu_multinode.sh does); a single python started directly in such an allocation is
+  taken for one process of the job, so run it with SLURM_NTASKS=1.
+  """
   jax.config.update("jax_threefry_partitionable", True)
   if num_cpu_devices:
     jax.config.update("jax_num_cpu_devices", num_cpu_devices)
-  if coordinator_address and num_processes > 1:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+  if coordinator_address:
+    if num_processes > 1:
+      jax.distributed.initialize(coordinator_address=coordinator_address,
+                                 num_processes=num_processes, process_id=process_id)
+    return
+  cluster = _detect_cluster(os.environ)
+  if cluster is not None and not jax.distributed.is_initialized():
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:
+      raise RuntimeError(
+          f"this looks like one process of a multi-process {cluster} job, but "
+          f"jax.distributed.initialize() could not auto-detect it ({e}). Start every process "
+          "with the launcher (launch/tpu_pod.sh, launch/gpu_multinode.sh), or pass "
+          "--coordinator_address/--num_processes/--process_id.") from e
+
+
+def _detect_cluster(environ: Mapping[str, str]) -> str | None:
+  """'TPU pod' or 'SLURM' when `environ` is one process of a multi-process cluster, else None."""
+  hosts = environ.get("TPU_WORKER_HOSTNAMES")
+  if hosts is not None:
+    if len([h for h in hosts.split(",") if h.strip()]) > 1:
+      return "TPU pod"
+  elif environ.get("CLOUD_TPU_TASK_ID"):
+    return "TPU pod"
+  ntasks = environ.get("SLURM_NTASKS", "")
+  if environ.get("SLURM_JOB_ID") and ntasks.strip().isdigit() and int(ntasks) > 1:
+    return "SLURM"
+  return None
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
