@@ -83,6 +83,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState):
       logging.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); trying the "
                       "previous one.", step, mngr.directory, type(error).__name__, error)
       failures.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
+      set_aside(mngr, step)
       continue
     if failures:
       logging.warning("Resumed from step %d after skipping damaged checkpoints: %s", step,
@@ -91,6 +92,29 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState):
   raise CheckpointError(
       f"None of the checkpoints in {mngr.directory} can be restored:\n  " + "\n  ".join(failures)
       + "\nMove the checkpoints directory away to start afresh, or fix the files.")
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Moves a damaged step to checkpoints/damaged/ (kept for inspection, never deleted), so that
+  the resumed run can save that step again. Process 0 moves it; every process then re-reads the
+  list of steps."""
+  if jax.process_index() == 0:
+    source = os.path.join(str(mngr.directory), str(step))
+    target = os.path.join(str(mngr.directory), "damaged", str(step))
+    suffix = 0
+    while os.path.exists(target):
+      suffix += 1
+      target = os.path.join(str(mngr.directory), "damaged", f"{step}.{suffix}")
+    try:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(source, target)
+      logging.warning("Moved the damaged checkpoint of step %d to %s.", step, target)
+    except OSError as error:
+      logging.warning("Could not move the damaged checkpoint %s aside: %s", source, error)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"flowjax_set_aside_{step}")
+  mngr.reload()
 
 
 def restore_params(workdir: str, abstract_params, key: str = "params"):

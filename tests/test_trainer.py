@@ -4,6 +4,7 @@ checkpoints, init_from, and metrics truncation on resume."""
 import json
 import os
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,41 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   mngr.close()
   assert step == 4 and int(state.step) == 4 and data_state["next_batch"] == 4
   assert "cannot be restored" in caplog.text
+  # The damaged step is kept aside, not deleted, and the resumed run writes step 6 again.
+  assert (ckpts / "damaged" / "6").is_dir()
+  state = train.run(config, str(tmp_path))
+  assert int(state.step) == 6 and (ckpts / "6" / "state").is_dir()
+
+
+def test_sigint_and_preemption_notice_save_and_stop_cleanly(tmp_path, monkeypatch):
+  # SIGINT arrives while the third batch is read: the run finishes that step, saves, returns.
+  build = data.build
+
+  class Interrupting:
+    def __init__(self, inner):
+      self.inner, self.count = inner, 0
+
+    def __next__(self):
+      self.count += 1
+      if self.count == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+      return next(self.inner)
+
+    def __getattr__(self, name):
+      return getattr(self.inner, name)
+
+  monkeypatch.setattr(data, "build", lambda *a, **k: Interrupting(build(*a, **k)))
+  config = toy_config(**{"train.steps": 50, "ckpt.every_steps": 100})
+  state = train.run(config, str(tmp_path / "sigint"))
+  assert int(state.step) == 3
+  assert (tmp_path / "sigint" / "checkpoints" / "3").is_dir()
+  monkeypatch.setattr(data, "build", build)
+  # The platform's preemption notice (orbax's reached_preemption) does the same.
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "reached_preemption",
+                      lambda self, step: step == 5)
+  state = train.run(config, str(tmp_path / "preempted"))
+  assert int(state.step) == 5
+  assert (tmp_path / "preempted" / "checkpoints" / "5").is_dir()
 
 
 def test_all_checkpoints_damaged_is_one_clear_error(tmp_path):
