@@ -64,16 +64,26 @@ def finish(mngr: ocp.CheckpointManager) -> None:
                           "workdir, then rerun the same command to resume.") from error
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState):
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState, check_meta=None):
   """(state, data_state, meta, step) from the newest readable checkpoint, or None if none exist.
 
   abstract_state: TrainState of jax.ShapeDtypeStruct with shardings; restored arrays are placed
-  directly on those shardings. A step that cannot be read is reported and the previous one tried.
+  directly on those shardings. check_meta(meta, step), if given, runs on the newest step's meta
+  item before any array is read and may raise (a checkpoint of another config). A step that
+  cannot be read is reported and the previous one tried; once an older step restores, the
+  damaged newer ones are moved to checkpoints/damaged/. If none restores, nothing is moved.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
     return None
-  failures = []
+  if check_meta is not None:
+    try:
+      meta = mngr.restore(steps[0], args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception:  # a damaged meta item: the array restore below reports the step
+      meta = None
+    if meta is not None:
+      check_meta(meta, steps[0])
+  failures, damaged = [], []
   for step in steps:
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
@@ -83,15 +93,18 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState):
       logging.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); trying the "
                       "previous one.", step, mngr.directory, type(error).__name__, error)
       failures.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
-      set_aside(mngr, step)
+      damaged.append(step)
       continue
     if failures:
       logging.warning("Resumed from step %d after skipping damaged checkpoints: %s", step,
                       "; ".join(failures))
+      for bad in damaged:
+        set_aside(mngr, bad)
     return restored.state, restored.data, restored.meta, step
   raise CheckpointError(
       f"None of the checkpoints in {mngr.directory} can be restored:\n  " + "\n  ".join(failures)
-      + "\nMove the checkpoints directory away to start afresh, or fix the files.")
+      + "\nIf they belong to another model or config, use a new --workdir; otherwise move the "
+      "checkpoints directory away to start afresh.")
 
 
 def set_aside(mngr: ocp.CheckpointManager, step: int) -> None:

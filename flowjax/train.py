@@ -239,16 +239,27 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def restore_or_init(setup: Setup, mngr, workdir: str):
+def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool = False):
   """(state, data_state or None, start_step): the latest good checkpoint, else a fresh state
-  (with parameters from ckpt.init_from when set)."""
+  (with parameters from ckpt.init_from when set). A checkpoint written by a different config
+  (beyond the resumable keys) is refused unless allow_config_change."""
   config = setup.config
-  restored = checkpoint.restore_latest(mngr, setup.abstract_state)
+
+  def check_meta(meta, step):
+    if meta.get("fingerprint") == config_lib.fingerprint(config):
+      return
+    diff = config_lib.differences(meta.get("identity", {}), config_lib.identity(config))
+    if not allow_config_change:
+      raise WorkdirError(
+          f"The checkpoint at step {step} in {mngr.directory} was written by a different "
+          "config:\n  " + "\n  ".join(diff) + "\nUse a new --workdir, start from its "
+          f"parameters with --config.ckpt.init_from={workdir} in a new workdir, or pass "
+          "--allow_config_change to resume anyway.")
+    logging.warning("Resuming step %d written by a different config: %s", step, diff)
+
+  restored = checkpoint.restore_latest(mngr, setup.abstract_state, check_meta)
   if restored is not None:
-    state, data_state, meta, step = restored
-    if meta.get("fingerprint") != config_lib.fingerprint(config):
-      logging.warning("Checkpoint %d was written with config fingerprint %s; now %s.", step,
-                      meta.get("fingerprint"), config_lib.fingerprint(config))
+    state, data_state, _, step = restored
     logging.info("Resumed from %s at step %d.", mngr.directory, step)
     return state, data_state, step
   with context(setup):
@@ -280,7 +291,7 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
     return None
 
   mngr = checkpoint.manager(workdir, config.ckpt)
-  state, data_state, start = restore_or_init(setup, mngr, workdir)
+  state, data_state, start = restore_or_init(setup, mngr, workdir, allow_config_change)
   if is_host0:
     metrics.truncate_metrics(workdir, start)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -292,7 +303,7 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
   writer = metrics.Writer(workdir, enabled=is_host0)
   progress = metrics.Progress(config.train.steps, config.train.batch_size, start,
                               config.train.progress, enabled=is_host0)
-  meta = {"fingerprint": config_lib.fingerprint(config)}
+  meta = {"fingerprint": config_lib.fingerprint(config), "identity": config_lib.identity(config)}
   total = config.train.steps
 
   def handle(step_metrics, step):
