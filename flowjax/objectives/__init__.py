@@ -9,6 +9,7 @@ import ml_collections
 
 from flowjax.objectives import flow_matching  # noqa: F401  (registers)
 from flowjax.objectives import imm  # noqa: F401  (registers)
+from flowjax.objectives import meanflow  # noqa: F401  (registers)
 from flowjax.registry import OBJECTIVES
 
 
