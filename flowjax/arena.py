@@ -17,14 +17,16 @@ import numpy as np
 SUITES = {
     "toy2d": dict(
         methods={"flow_matching": ("fm_toy2d.py", [1, 2, 4, 8, 100], "euler"),
-                 "imm": ("imm_toy2d.py", [1, 2, 4, 8], "uniform")},
+                 "imm": ("imm_toy2d.py", [1, 2, 4, 8], "uniform"),
+                 "meanflow": ("meanflow_toy2d.py", [1, 2, 4, 8], "euler")},
         overrides={"model.hidden_size": 256, "model.depth": 4, "train.batch_size": 512,
                    "data.toy_distribution": "checkerboard", "sample.every_steps": 0,
                    "train.log_every": 500},
         steps=4000, num_samples=4096, metric="energy_distance"),
     "digits": dict(
         methods={"flow_matching": ("quickstart.py", [1, 2, 4, 8, 100], "euler"),
-                 "imm": ("imm_digits.py", [1, 2, 4, 8], "uniform")},
+                 "imm": ("imm_digits.py", [1, 2, 4, 8], "uniform"),
+                 "meanflow": ("meanflow_digits.py", [1, 2, 4, 8], "euler")},
         overrides={"model.hidden_size": 96, "model.depth": 4, "model.num_heads": 4,
                    "model.patch_size": 2, "train.batch_size": 128, "sample.every_steps": 0,
                    "train.log_every": 250},
