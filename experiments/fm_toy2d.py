@@ -24,12 +24,4 @@ def get_config(arg=None):
   return c.lock()
 
 
-PRESETS = {
-    "checkerboard": {"data.toy_distribution": "checkerboard"},
-    "8gaussians": {"data.toy_distribution": "8gaussians"},
-    "moons": {"data.toy_distribution": "moons"},
-    "swissroll": {"data.toy_distribution": "swissroll"},
-    "tiny": {"model.hidden_size": 32, "model.depth": 1, "train.steps": 4, "train.batch_size": 16,
-             "train.log_every": 2, "ckpt.every_steps": 2, "sample.num": 64,
-             "sample.num_steps": 4, "optim.warmup_steps": 0},
-}
+PRESETS = config_lib.toy2d_presets(**{"sample.num_steps": 4})

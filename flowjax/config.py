@@ -267,3 +267,14 @@ def load_experiment(path: str, arg: str | None = None, **overrides) -> ml_collec
   for key, value in overrides.items():
     set_dotted(config, key, value)
   return config
+
+
+def toy2d_presets(**tiny) -> dict[str, dict[str, Any]]:
+  """The presets every toy2d experiment offers: one per distribution, and `tiny` (a few CPU steps
+  in tests) whose entries `tiny` extends or overrides."""
+  from flowjax.data import toy2d
+  presets = {name: {"data.toy_distribution": name} for name in toy2d.DISTRIBUTIONS}
+  presets["tiny"] = {"model.hidden_size": 32, "model.depth": 1, "train.steps": 4,
+                     "train.batch_size": 16, "train.log_every": 2, "ckpt.every_steps": 2,
+                     "sample.every_steps": 0, "sample.num": 64, "optim.warmup_steps": 0, **tiny}
+  return presets
