@@ -127,21 +127,14 @@ def write_report(suite: str, workdir: str, steps: int, spec: dict, results) -> N
 
 
 def plot(path: str, by_method: dict, metric: str, floor, title: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from flowjax import plot as plot_lib
+  plt = plot_lib.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
-  for method, entries in by_method.items():
-    points = sorted((r.nfe, r.metrics[metric]) for r in entries.values())
-    ax.plot(*zip(*points), marker="o", label=method)
-  if floor is not None:
-    ax.axhline(floor, color="gray", linestyle="--", label="real-data floor")
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("network evaluations per sample")
-  ax.set_ylabel(metric)
-  ax.set_title(f"flowjax arena: {title}")
-  ax.legend()
+  series = {method: [(r.nfe, r.metrics[metric]) for r in entries.values()]
+            for method, entries in by_method.items()}
+  plot_lib.line_chart(ax, series, xlabel="network evaluations per sample", ylabel=metric,
+                      title=f"flowjax arena: {title}", log_x=2, log_y=True, markers=True,
+                      hline=None if floor is None else (floor, "real-data floor"))
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
       name="digits", toy_distribution="checkerboard", conditional=False, image_size=8,
       channels=3, num_classes=0, random_flip=False, tfds_data_dir="", num_workers=0,
       prefetch=2))
+  # data.name='latents:<DIR>': 'channel' (per-channel standardisation by the cached statistics),
+  # 'factor' (times the autoencoder's scaling_factor, 0.18215 for the SD-VAE) or 'none'.
+  c.data.latent_scaling = "channel"
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
@@ -112,6 +115,18 @@ def flatten(config, prefix: str = "") -> dict[str, Any]:
 def to_json(config) -> str:
   tree = config.to_dict() if hasattr(config, "to_dict") else config
   return json.dumps(_jsonable(tree), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """The locked config that `to_json` wrote (e.g. a workdir's config.json); lists become tuples,
+  as experiments write them, so the fingerprint is that of the original config."""
+  def tuples(x):
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return tuple(tuples(v) for v in x)
+    return x
+  return ml_collections.ConfigDict(tuples(json.loads(text))).lock()
 
 
 def _jsonable(x):
@@ -188,6 +203,8 @@ def validate(config, num_devices: int) -> None:
   _one_of(config, "train.progress", ("auto", "bar", "lines"))
   _one_of(config, "optim.name", ("adamw", "adam", "sgd"))
   _one_of(config, "optim.schedule", ("constant", "cosine", "linear"))
+  if "latent_scaling" in config.data:
+    _one_of(config, "data.latent_scaling", ("channel", "factor", "none"))
   for decay in config.optim.ema_decays:
     _check(0.0 <= decay < 1.0, f"config.optim.ema_decays: {decay} is outside [0, 1).")
   for key in ("dtype", "param_dtype"):

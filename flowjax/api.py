@@ -1,0 +1,159 @@
+"""flowjax from Python (notebooks, scripts): the code paths of `python -m flowjax.main`.
+
+  from flowjax import api
+  config = api.get_config("quickstart", overrides={"train.steps": 300})
+  api.train(config, "workdirs/quickstart")        # resumes when the workdir has checkpoints
+  model = api.load("workdirs/quickstart")         # the newest good checkpoint, on all devices
+  images = model.sample(16, num_steps=8, seed=0)  # [16, H, W, C] numpy in [-1, 1]
+  api.show(images)                                # a PIL image (shown inline in a notebook)
+  api.curves("workdirs/quickstart")               # matplotlib figure of metrics.jsonl
+"""
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from flowjax import config as config_lib
+from flowjax import metrics
+from flowjax import plot
+from flowjax import sharding
+from flowjax import train as train_lib
+
+
+def get_config(experiment: str, preset: str | None = None,
+               overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The locked config of an experiment, as `--config=experiments/NAME.py:PRESET` builds it.
+
+  experiment: a path, or a name in the checkout's experiments/ ("quickstart", "imm_toy2d");
+  overrides: {"dotted.key": value}, as `--config.dotted.key=value` on the command line.
+  """
+  return config_lib.load_experiment(experiment, preset, **(overrides or {}))
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A locked copy of `config` with {"dotted.key": value} set (the original is unchanged)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in overrides.items():
+    config_lib.set_dotted(config, key, value)
+  return config.lock()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, steps: int | None = None,
+          allow_config_change: bool = False):
+  """Trains `config` in `workdir` up to `steps` (default train.steps) total steps, resuming from
+  the workdir's latest checkpoint; returns the final TrainState. Interrupting the cell saves a
+  checkpoint first, so calling again continues."""
+  if steps is not None:
+    config = with_overrides(config, {"train.steps": int(steps)})
+  return train_lib.run(config, workdir, allow_config_change=allow_config_change)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (its config.json)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist; {workdir!r} is not a flowjax workdir "
+                            "(train one with api.train or python -m flowjax.main).")
+  with open(path) as f:
+    return config_lib.from_json(f.read())
+
+
+@dataclasses.dataclass
+class Trained:
+  """A restored workdir: `setup` (mesh, objective, jitted steps) and the restored `state`."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  setup: train_lib.Setup
+  state: object
+  _samplers: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def step(self) -> int:
+    return int(self.state.step)
+
+  def sampler(self, num: int, num_steps: int | None = None, method: str | None = None,
+              guidance: float | None = None):
+    """A jitted (params, rng, cond) -> [num, ...] sampler; unset arguments come from
+    config.sample. Compiled once per distinct argument set."""
+    sample_config = self.config.sample
+    args = dict(num_steps=sample_config.num_steps if num_steps is None else int(num_steps),
+                method=sample_config.method if method is None else method,
+                guidance=sample_config.guidance if guidance is None else float(guidance))
+    key = (int(num),) + tuple(sorted(args.items()))
+    if key not in self._samplers:
+      objective = self.setup.objective
+      self._samplers[key] = jax.jit(
+          lambda params, rng, cond: objective.sample(params, rng, int(num), cond, **args),
+          out_shardings=sharding.replicated(self.setup.mesh))
+    return self._samplers[key]
+
+  def sample(self, num: int = 16, *, num_steps: int | None = None, method: str | None = None,
+             guidance: float | None = None, seed: int = 0, labels=None,
+             use_ema: bool | None = None) -> np.ndarray:
+    """num samples as numpy [num, ...] (images in [-1, 1], or points for toy2d).
+
+    labels: [num] class labels for a conditional model (default: 0, 1, ..., cycling);
+    use_ema: sample with the first EMA parameters (default config.sample.use_ema).
+    """
+    info = self.setup.info
+    if labels is None:
+      labels = train_lib.sample_labels(info, num)
+    elif info.num_classes > 0:
+      labels = np.asarray(labels, np.int32).reshape(num)
+    else:
+      raise ValueError("labels were given, but this model is unconditional (data.conditional="
+                       "False); call sample() without labels.")
+    use_ema = self.config.sample.use_ema if use_ema is None else use_ema
+    params = train_lib.sampling_params(self.state, use_ema)
+    with train_lib.context(self.setup):
+      out = self.sampler(num, num_steps, method, guidance)(params, jax.random.key(seed), labels)
+    return np.asarray(jax.device_get(out))
+
+  def evaluate(self) -> dict:
+    """The objective's loss and metrics on config.eval.split, as `--mode=eval` computes them
+    (also written to WORKDIR/eval/step_N.json)."""
+    writer = metrics.Writer(self.workdir, enabled=jax.process_index() == 0)
+    try:
+      return train_lib.evaluate(self.setup, self.state, self.step, self.workdir, writer)
+    finally:
+      writer.close()
+
+
+def load(workdir: str, config: ml_collections.ConfigDict | None = None) -> Trained:
+  """The newest good checkpoint of `workdir` on this process's devices; the config defaults to
+  the workdir's own config.json."""
+  from flowjax import evals
+  config = config if config is not None else read_config(workdir)
+  setup, state = evals.load(config, workdir)
+  return Trained(workdir, config, setup, state)
+
+
+def show(samples: np.ndarray, columns: int | None = None):
+  """A PIL image of samples: an image grid (`columns` wide), or a density plot of 2-D points.
+  A notebook displays the returned image inline."""
+  from PIL import Image
+  samples = np.asarray(samples)
+  if columns is None or samples.ndim == 2:
+    return Image.fromarray(metrics.samples_picture(samples))
+  return Image.fromarray(metrics.image_grid(samples, columns))
+
+
+def compare(samples_by_title: dict, columns: int | None = None):
+  """A matplotlib figure with one panel per {title: samples}, e.g. 1 step against 64 steps."""
+  plt = plot.pyplot()
+  fig, axes = plt.subplots(1, len(samples_by_title), figsize=(3.2 * len(samples_by_title), 3.4),
+                           dpi=100, squeeze=False)
+  for ax, (title, samples) in zip(axes.flat, samples_by_title.items()):
+    ax.imshow(show(samples, columns))
+    ax.set_title(title)
+    ax.axis("off")
+  fig.tight_layout()
+  return fig
+
+
+def curves(workdir: str, keys=None):
+  """A matplotlib figure of the workdir's logged metrics (one panel each, or just `keys`)."""
+  return plot.metrics_figure(workdir, keys)

@@ -1,0 +1,135 @@
+"""Curves as PNG: `python -m flowjax.plot --workdir=DIR` renders DIR/metrics.jsonl.
+
+  python -m flowjax.plot --workdir=workdirs/quickstart              # every logged metric
+  python -m flowjax.plot --workdir=workdirs/quickstart --keys=loss  # one panel
+writes DIR/plots/metrics.png (or --out). The same `line_chart` draws the arena's comparison plot.
+"""
+
+import json
+import math
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+# Columns of metrics.jsonl that are bookkeeping rather than curves worth a panel.
+_NOT_CURVES = ("step", "time", "epoch")
+
+
+def pyplot():
+  """matplotlib.pyplot; drawing off screen (Agg) unless inside a notebook kernel."""
+  import matplotlib
+  if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def line_chart(ax, series: dict, *, xlabel: str, ylabel: str, title: str = "",
+               log_x: int | None = None, log_y: bool = False, hline=None, markers: bool = False):
+  """Draws one line per entry of `series` {label: [(x, y), ...]} on a matplotlib axis.
+
+  log_x: base of a logarithmic x axis (None: linear); hline: (y, label) of a reference line.
+  Non-finite points are dropped (a NaN step does not hide the rest of a curve).
+  """
+  for label, points in series.items():
+    points = sorted((x, y) for x, y in points if math.isfinite(x) and math.isfinite(y))
+    if points:
+      ax.plot(*zip(*points), marker="o" if markers else None, label=label)
+  if hline is not None:
+    ax.axhline(hline[0], color="gray", linestyle="--", label=hline[1])
+  if log_x:
+    ax.set_xscale("log", base=log_x)
+  if log_y:
+    ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  if len(series) > 1 or hline is not None:
+    ax.legend()
+  ax.grid(alpha=0.3)
+
+
+def metric_series(records: list[dict], keys=None) -> dict[str, list[tuple[float, float]]]:
+  """{metric: [(step, value), ...]} from metrics.jsonl records; keys=None takes every numeric
+  metric that is logged at least twice. Records may carry different keys (eval_* only at
+  evaluation steps)."""
+  series: dict[str, list[tuple[float, float]]] = {}
+  for record in records:
+    step = record.get("step")
+    if step is None:
+      continue
+    for key, value in record.items():
+      if key in _NOT_CURVES or (keys is not None and key not in keys):
+        continue
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        series.setdefault(key, []).append((float(step), float(value)))
+  if keys is not None:
+    missing = [k for k in keys if k not in series]
+    if missing:
+      known = sorted({k for r in records for k in r} - set(_NOT_CURVES))
+      raise ValueError(f"--keys names {missing}, which metrics.jsonl does not log; logged: "
+                       f"{', '.join(known)}.")
+    return {k: series[k] for k in keys}
+  return {k: v for k, v in sorted(series.items()) if len(v) > 1}
+
+
+def metrics_figure(workdir: str, keys=None):
+  """A matplotlib figure with one panel per metric of `workdir`/metrics.jsonl (loss on a log
+  axis when it stays positive)."""
+  from flowjax import metrics
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist; --workdir must be a flowjax training workdir "
+                            "(python -m flowjax.main --config=... --workdir=DIR writes it).")
+  series = metric_series(metrics.read_metrics(workdir), keys)
+  if not series:
+    raise ValueError(f"{path} has fewer than two logged steps; train longer or lower "
+                     "train.log_every.")
+  plt = pyplot()
+  columns = min(3, len(series))
+  rows = math.ceil(len(series) / columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), dpi=100,
+                           squeeze=False)
+  for ax, (key, points) in zip(axes.flat, series.items()):
+    positive = all(y > 0 for _, y in points)
+    line_chart(ax, {key: points}, xlabel="step", ylabel=key, title=key,
+               log_y=positive and key.endswith("loss"))
+  for ax in list(axes.flat)[len(series):]:
+    ax.axis("off")
+  fig.suptitle(os.path.basename(os.path.normpath(workdir)))
+  fig.tight_layout()
+  return fig
+
+
+def plot_workdir(workdir: str, keys=None, out: str | None = None) -> str:
+  """Writes the metrics figure of `workdir` as PNG (default DIR/plots/metrics.png); returns its
+  path."""
+  fig = metrics_figure(workdir, keys)
+  out = out or os.path.join(workdir, "plots", "metrics.png")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out)
+  pyplot().close(fig)
+  return out
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (holds metrics.jsonl).")
+_KEYS = flags.DEFINE_list("keys", None, "Metrics to plot (default: every logged metric).")
+_OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/plots/metrics.png).")
+
+
+def main(argv):
+  del argv
+  try:
+    path = plot_workdir(_WORKDIR.value, _KEYS.value, _OUT.value)
+  except (FileNotFoundError, ValueError) as error:
+    sys.stderr.write(f"flowjax.plot: {error}\n")
+    sys.exit(1)
+  print(json.dumps({"png": path}))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
