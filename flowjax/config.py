@@ -22,6 +22,9 @@ RESUMABLE_KEYS = (
     "data.prefetch", "data.tfds_data_dir",
 )
 
+# The logical axes models name (t5x-style); rules map them to mesh axes.
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "conv_in", "conv_out")
+
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -33,6 +36,24 @@ DEFAULT_RULES = (
     ("conv_in", None),
     ("conv_out", None),
 )
+
+# sharding.preset: complete rule tables; sharding.rules overrides single entries of the preset.
+# Each only shards over mesh axes larger than 1, so "fsdp_tensor" on a data-only mesh is pure data
+# parallelism; the other presets keep parameters whole along the axes they leave out.
+RULE_PRESETS = {
+    "fsdp_tensor": DEFAULT_RULES,
+    "fsdp": tuple((n, None if n in ("mlp", "heads") else t) for n, t in DEFAULT_RULES),
+    "tensor": tuple((n, None if n == "embed" else t) for n, t in DEFAULT_RULES),
+    "data_parallel": tuple((n, t if n == "batch" else None) for n, t in DEFAULT_RULES),
+}
+
+
+def resolved_rules(sharding_config) -> tuple:
+  """The preset's rule table with sharding.rules' entries replacing those of the same axis."""
+  table = dict(RULE_PRESETS[sharding_config.preset])
+  for name, target in sharding_config.rules:
+    table[name] = tuple(target) if isinstance(target, list) else target
+  return tuple(table.items())
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.latent_scaling = "channel"
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+  c.sharding = ml_collections.ConfigDict(dict(preset="fsdp_tensor", rules=()))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
@@ -233,11 +254,15 @@ def validate(config, num_devices: int) -> None:
          f"config.train.batch_size={config.train.batch_size} (micro-batch {micro}) is not "
          f"divisible by the {batch_shards} batch shards of the mesh (mesh.data x mesh.fsdp); "
          f"use a multiple of {batch_shards}.")
+  _one_of(config, "sharding.preset", tuple(RULE_PRESETS))
   rule_names = [r[0] for r in config.sharding.rules]
   _check(len(set(rule_names)) == len(rule_names),
-         f"config.sharding.rules names a logical axis twice: {rule_names}.")
+         f"config.sharding.rules names a logical axis twice: {rule_names}; give each axis once.")
   known_axes = {"data", "fsdp", "tensor", None}
   for name, target in config.sharding.rules:
+    _check(name in LOGICAL_AXES,
+           f"config.sharding.rules maps {name!r}, which no flowjax model names; the logical axes "
+           f"are {', '.join(LOGICAL_AXES)}.")
     targets = target if isinstance(target, (tuple, list)) else (target,)
     for t in targets:
       _check(t in known_axes, f"config.sharding.rules maps {name!r} to unknown mesh axis {t!r}; "

@@ -80,8 +80,41 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.s
 
 
 def rules(sharding_config) -> tuple[tuple[str, Any], ...]:
-  return tuple((name, tuple(t) if isinstance(t, list) else t)
-               for name, t in sharding_config.rules)
+  """The logical-axis rule table of config.sharding: its preset with `rules` overriding entries."""
+  from flowjax import config as config_lib
+  return config_lib.resolved_rules(sharding_config)
+
+
+def check_rules(sharding_config, abstract_boxed, mesh) -> None:
+  """Fails on rules that cannot do what they say, given the model's parameters:
+  an override in sharding.rules that shards an axis no parameter has, and a parameter whose
+  dimensions the rules send to the same mesh axis twice (the second would silently stay whole).
+  """
+  from flowjax.config import ConfigError
+  table = dict(rules(sharding_config))
+  named = jax.tree_util.tree_flatten_with_path(nn.get_partition_spec(abstract_boxed),
+                                               is_leaf=lambda x: isinstance(x, P))[0]
+  used = {name for _, spec in named for name in spec if isinstance(name, str)}
+  for name, target in sharding_config.rules:
+    if target is not None and name not in used and name not in ("batch", "length"):
+      raise ConfigError(
+          f"config.sharding.rules maps {name!r} to {target!r}, but no parameter of this model has "
+          f"a {name!r} axis, so the rule does nothing; the model's parameter axes are "
+          f"{', '.join(sorted(used))}. Remove the rule or map one of those.")
+  for path, spec in named:
+    seen: dict[str, str] = {}
+    for name in spec:
+      target = table.get(name) if isinstance(name, str) else None
+      for axis in (target if isinstance(target, tuple) else (target,)):
+        if axis is None or mesh.shape[axis] == 1:
+          continue
+        if axis in seen and seen[axis] != name:
+          raise ConfigError(
+              f"config.sharding rules send both {seen[axis]!r} and {name!r} to mesh axis "
+              f"{axis!r} for parameter {jax.tree_util.keystr(path)} {tuple(spec)}; a mesh axis "
+              "can shard one dimension only. Map one of them elsewhere (or to None) in "
+              "config.sharding.rules, or pick another sharding.preset.")
+        seen[axis] = name
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -97,6 +97,7 @@ def build(config, devices=None) -> Setup:
   # Shapes and shardings: nothing is allocated.
   with context(mesh, rules):
     abstract_boxed = jax.eval_shape(init_boxed, init_rng)
+  sharding.check_rules(config.sharding, abstract_boxed, mesh)
   state_shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)
   abstract_state = checkpoint.abstract_of(nn.meta.unbox(abstract_boxed), state_shardings)
   init_fn = jax.jit(lambda: nn.meta.unbox(init_boxed(init_rng)), out_shardings=state_shardings)

@@ -268,3 +268,49 @@ def test_gradient_accumulation_validation_names_the_key():
     c.train.grad_accum_steps = 4  # micro-batch 4 over 8 batch shards
   with pytest.raises(config_lib.ConfigError, match="batch shards"):
     config_lib.validate(c, 8)
+
+
+# Rule presets and rule validation.
+
+def test_rule_presets_resolve_and_overrides_replace_single_entries():
+  c = tiny_dit_config((2, 2, 2)).unlock()
+  assert sharding.rules(c.sharding) == config_lib.DEFAULT_RULES
+  c.sharding.preset = "data_parallel"
+  table = dict(sharding.rules(c.sharding))
+  assert table["batch"] == ("data", "fsdp") and table["embed"] is None and table["mlp"] is None
+  c.sharding.preset = "fsdp"
+  table = dict(sharding.rules(c.sharding))
+  assert table["embed"] == "fsdp" and table["mlp"] is None and table["heads"] is None
+  c.sharding.rules = (("mlp", "fsdp"), ("embed", None))
+  table = dict(sharding.rules(c.sharding))
+  assert table["mlp"] == "fsdp" and table["embed"] is None and table["batch"] == ("data", "fsdp")
+  c.sharding.preset = "fsdp_tensr"
+  with pytest.raises(config_lib.ConfigError, match="fsdp_tensor"):
+    config_lib.validate(c, 8)
+  c.sharding.preset = "fsdp"
+  c.sharding.rules = (("emebd", "fsdp"),)
+  with pytest.raises(config_lib.ConfigError, match="emebd.*logical axes are"):
+    config_lib.validate(c, 8)
+
+
+def test_data_parallel_preset_keeps_parameters_whole():
+  c = tiny_dit_config((2, 2, 2)).unlock()
+  c.sharding.preset = "data_parallel"
+  setup = train.build(c.lock())
+  specs = {spec_of_sharding(s) for s in jax.tree.leaves(setup.state_shardings.params)}
+  assert specs == {P()}
+
+
+def spec_of_sharding(s):
+  return P(*[a for a in s.spec if a is not None]) if any(a is not None for a in s.spec) else P()
+
+
+@pytest.mark.parametrize("rules, match", [
+    ((("kv", "tensor"),), "no parameter of this model has a 'kv' axis"),
+    ((("mlp", "fsdp"),), "both 'embed' and 'mlp' to mesh axis 'fsdp'"),
+])
+def test_build_refuses_unused_and_conflicting_rules(rules, match):
+  c = tiny_dit_config((2, 2, 2)).unlock()
+  c.sharding.rules = rules
+  with pytest.raises(config_lib.ConfigError, match=match):
+    train.build(c.lock())
