@@ -34,6 +34,7 @@ def _median_seconds(fn, repeats: int) -> float:
 def benchmark(config, steps: int, sample_repeats: int) -> dict:
   import jax
   from flowjax import data, sharding, train
+  from flowjax import memory as memory_lib
 
   setup = train.build(config)
   compiled, compile_seconds, memory = train.compile_step(setup)
@@ -43,6 +44,7 @@ def benchmark(config, steps: int, sample_repeats: int) -> dict:
       "batch_size": config.train.batch_size, "compile_seconds": round(compile_seconds, 3),
       "compiled_memory_mib": {k: round(v / 2**20, 2) for k, v in memory.items()},
       "num_params": sum(x.size for x in jax.tree.leaves(setup.abstract_state.params)),
+      "analytic_memory": memory_lib.plan(setup),
   }
   if config.train.dry_run:
     return result

@@ -314,3 +314,27 @@ def test_build_refuses_unused_and_conflicting_rules(rules, match):
   c.sharding.rules = rules
   with pytest.raises(config_lib.ConfigError, match=match):
     train.build(c.lock())
+
+
+# Memory planning: the analytic count against XLA's plan.
+
+def test_analytic_state_bytes_equal_the_compiled_arguments():
+  from flowjax import memory
+  c = tiny_dit_config((1, 8, 1)).unlock()
+  c.train.batch_size = 64
+  setup = train.build(c.lock())
+  with train.context(setup):
+    compiled = setup.train_step.lower(setup.abstract_state, setup.batch_spec).compile()
+  analysis = compiled.memory_analysis()
+  state = setup.abstract_state
+  per_device = lambda tree, shardings: memory._tree_bytes_per_device(tree, shardings)
+  state_bytes = sum(per_device(getattr(state, k), getattr(setup.state_shardings, k))
+                    for k in ("params", "opt_state", "ema", "extra", "step", "skipped"))
+  batch_bytes = sum(math.prod(v.sharding.shard_shape(v.shape)) * v.dtype.itemsize
+                    for v in setup.batch_spec.values())
+  assert state_bytes + batch_bytes == analysis.argument_size_in_bytes
+  plan = memory.plan(setup)
+  assert plan["examples_per_device"] == 8
+  # 8x8 images in 2x2 patches: 16 tokens of width 32, 2 heads, 1 block, float32.
+  blocks, s, h, a = 1, 16, 32, 2
+  assert plan["activations_mib"] == round(8 * 4 * (18 * s * h + a * s * s) * blocks / 2**20, 1)
