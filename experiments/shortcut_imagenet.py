@@ -1,0 +1,45 @@
+"""Shortcut model on ImageNet-256 SD-VAE latents (32x32x4), class-conditional, 1 to 128 steps.
+
+python -m flowjax.main --config=experiments/shortcut_imagenet.py:B --workdir=DIR
+  --config.data.name selects the latent dataset; the default `synthetic` source has the latents'
+  shape (32x32x4, 1000 classes) for dry runs and benchmarks.
+Settings of the reference (ALGORITHMS.md section 3.2, kvfrans/shortcut-models): M = 128 finest
+steps, 1/8 of each batch self-consistency with targets from the EMA (0.999) network clipped to
+[-4, 4], CFG 1.5 baked into the targets, label dropout 0.1, AdamW lr 1e-4 with weight decay 0.1
+and a constant schedule, batch 256. Sampling uses the trained-in guidance (sample.guidance=1.0);
+--config.sample.num_steps picks 1, 2, 4, ..., 128 steps.
+Presets: :B (default, DiT-B/2), :XL (DiT-XL/2), :tiny (a few CPU steps in tests).
+"""
+
+from flowjax import config as config_lib
+from flowjax import models, objectives
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  c.objective = objectives.default_config("shortcut")
+  c.objective.update(dict(finest_steps=128, bootstrap_fraction=0.125, target_ema="",
+                          target_clip=4.0, guidance=1.5, label_dropout=0.1, sigma_min=1e-5))
+  c.model = models.default_config("dit")
+  c.model.update(dict(patch_size=2, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                      dtype="bfloat16", remat="none", attention_impl="xla", time_scale=1000.0))
+  c.data.update(dict(name="synthetic", image_size=32, channels=4, num_classes=1000,
+                     conditional=True))
+  c.optim.update(dict(name="adamw", lr=1e-4, weight_decay=0.1, schedule="constant",
+                      grad_clip=1.0, ema_decays=(0.999,)))
+  c.train.update(dict(steps=400_000, batch_size=256, log_every=100))
+  c.ckpt.update(dict(every_steps=5000, max_to_keep=3))
+  c.sample.update(dict(every_steps=20_000, num=64, num_steps=1, method="euler", guidance=1.0))
+  config_lib.apply_preset(c, arg, PRESETS)
+  return c.lock()
+
+
+PRESETS = {
+    "B": {},
+    "XL": {"model.hidden_size": 1152, "model.depth": 28, "model.num_heads": 16},
+    "tiny": {"model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+             "model.dtype": "float32", "data.image_size": 8, "data.num_classes": 10,
+             "train.steps": 4, "train.batch_size": 16, "train.log_every": 2,
+             "ckpt.every_steps": 2, "sample.every_steps": 0, "sample.num": 8,
+             "sample.num_steps": 2},
+}
