@@ -130,29 +130,38 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
   mngr.reload()
 
 
-def restore_params(workdir: str, abstract_params, key: str = "params"):
-  """The `params` subtree of the newest readable checkpoint in another run's `workdir`.
+def restore_params(workdir: str, abstract_params, key: str | tuple[str, ...] = "params",
+                   source: str = "ckpt.init_from"):
+  """A parameter subtree of the newest readable checkpoint in another run's `workdir`.
 
   abstract_params: tree of jax.ShapeDtypeStruct with shardings (the current run's parameters).
+  key: the subtree of the saved TrainState to read: "params", or a path such as
+  ("ema", "0.999") for one EMA tree. source: the config key that named `workdir`, for errors.
+  Returns (subtree, step).
   """
+  path_keys = (key,) if isinstance(key, str) else tuple(key)
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
-    raise CheckpointError(f"ckpt.init_from={workdir!r} has no checkpoints directory "
+    raise CheckpointError(f"{source}={workdir!r} has no checkpoints directory "
                           f"({directory}); name a workdir written by flowjax.main.")
   mngr = ocp.CheckpointManager(directory, item_names=ITEMS,
                                options=ocp.CheckpointManagerOptions(read_only=True))
   errors = []
   for step in sorted(mngr.all_steps(), reverse=True):
     path = os.path.join(directory, str(step), "state")
-    item = {key: abstract_params}
+    item = abstract_params
+    for name in reversed(path_keys):
+      item = {name: item}
     try:
       restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
           partial_restore=True))
-      return restored[key], step
+      for name in path_keys:
+        restored = restored[name]
+      return restored, step
     except Exception as error:  # see restore_latest
       errors.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
-  raise CheckpointError(f"ckpt.init_from={workdir!r}: no checkpoint with parameters matching this "
+  raise CheckpointError(f"{source}={workdir!r}: no checkpoint with parameters matching this "
                         "model could be read:\n  " + "\n  ".join(errors or ["no checkpoints"]))
 
 

@@ -87,7 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt = ml_collections.ConfigDict(dict(
       every_steps=500, max_to_keep=3, init_from="", async_save=True))
 
-  c.eval = ml_collections.ConfigDict(dict(every_steps=0, num_batches=4, split="test"))
+  c.eval = ml_collections.ConfigDict(dict(every_steps=0, num_batches=4, split="test",
+                                          inception_weights="", fid_reference="",
+                                          fid_num_samples=50_000))
 
   c.sample = ml_collections.ConfigDict(dict(
       every_steps=0, num=64, num_steps=50, method="euler", guidance=1.0, use_ema=True))

@@ -182,7 +182,9 @@ def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
 
 
 def evaluate(setup: Setup, state: TrainState, step: int, workdir: str, writer) -> dict:
-  """The objective's loss on `eval.num_batches` batches of `eval.split`; writes eval/step_N.json."""
+  """The objective's loss on `eval.num_batches` batches of `eval.split`, bits/dim of
+  exact-likelihood models, FID and Inception Score when their assets are configured; writes
+  eval/step_N.json."""
   config = setup.config
   batches = data.build(config.data, split=config.eval.split,
                        global_batch_size=config.train.batch_size, seed=config.seed,
@@ -194,6 +196,9 @@ def evaluate(setup: Setup, state: TrainState, step: int, workdir: str, writer) -
       totals = jax.tree.map(jnp.add, totals, values) if totals else values
   batches.close()
   result = {f"eval_{k}": float(v) / config.eval.num_batches for k, v in totals.items()}
+  # Sample-quality and likelihood evaluators; each skips itself when its assets are missing.
+  from flowjax import evals
+  result.update(evals.quality_metrics(setup, state))
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
@@ -265,6 +270,11 @@ def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool 
     return state, data_state, step
   with context(setup):
     state = setup.init_fn()
+  # Objective state that comes from disk (e.g. a teacher's weights): only on a fresh start, as a
+  # resumed checkpoint already holds it.
+  load_extra = getattr(setup.objective, "load_extra", None)
+  if load_extra is not None:
+    state = state.replace(extra=load_extra(setup.abstract_state.extra))
   if config.ckpt.init_from:
     params, from_step = checkpoint.restore_params(config.ckpt.init_from,
                                                   setup.abstract_state.params)

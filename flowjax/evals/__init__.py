@@ -23,12 +23,31 @@ def load(config, workdir: str):
 
 
 def run_eval(config, workdir: str) -> dict:
-  """Evaluates the latest checkpoint; writes eval/step_N.json."""
+  """Evaluates the latest checkpoint; writes eval/step_N.json.
+
+  Beside the objective's loss: bits/dim when the objective has an exact likelihood, and FID and
+  Inception Score when eval.inception_weights and eval.fid_reference are set (skipped with a
+  warning otherwise).
+  """
   setup, state = load(config, workdir)
   writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
   result = train.evaluate(setup, state, int(state.step), workdir, writer)
   writer.close()
   logging.info("Evaluation at step %d: %s", int(state.step), result)
+  return result
+
+
+def quality_metrics(setup, state) -> dict:
+  """eval_bits_per_dim (exact-likelihood objectives) and eval_fid, eval_inception_score(_std)
+  (when the Inception assets are configured) of the parameters that `sample.use_ema` selects."""
+  from flowjax.evals import fid, nll  # here, so that `python -m flowjax.evals.fid` runs cleanly
+  config = setup.config
+  result = {}
+  if nll.has_likelihood(setup.objective):
+    params = train.sampling_params(state, config.sample.use_ema)
+    result["eval_bits_per_dim"] = nll.bits_per_dim(setup.objective, params, config,
+                                                   mesh=setup.mesh)
+  result.update(fid.evaluate_run(setup, state))
   return result
 
 
