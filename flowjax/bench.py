@@ -19,6 +19,11 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed train steps (after 2 warm-up s
 _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed sampling calls (0 = skip).")
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
 _NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", None, "Fake CPU devices.")
+_AR_METHODS = flags.DEFINE_list(
+    "ar_methods", None, "Instead of the train-step benchmark, time these decoders of an "
+    "autoregressive flow (objective 'starflow'), e.g. kv_cache,jacobi,naive.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "With --ar_methods: sample from the latest "
+                               "checkpoint of this workdir (default: freshly initialised).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -99,12 +104,57 @@ def benchmark(config, steps: int, sample_repeats: int) -> dict:
   return result
 
 
+def autoregressive_sampling(config, methods, workdir: str | None = None,
+                            repeats: int = 3) -> dict:
+  """Samples/s of each decoder ("kv_cache", "jacobi", "naive") of an autoregressive flow, with
+  its sequential network evaluations (Jacobi iterations for "jacobi") per sample call, for
+  config.sample.num samples (labels 0, 1, ... when conditional) at config.sample.guidance.
+
+  python -m flowjax.bench --config=experiments/starflow_digits.py --workdir=/tmp/sf_digits \
+    --ar_methods=naive,kv_cache,jacobi
+  """
+  import jax
+  from flowjax import checkpoint, train
+
+  setup = train.build(config)
+  if workdir:
+    mngr = checkpoint.manager(workdir, config.ckpt)
+    state, _, step = train.restore_or_init(setup, mngr, workdir)
+    mngr.close()
+  else:
+    with train.context(setup):
+      state, step = setup.init_fn(), 0
+  params = train.sampling_params(state, config.sample.use_ema)
+  labels = train.sample_labels(setup.info, config.sample.num)
+  result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "step": int(step), "sample_num": config.sample.num,
+            "guidance": config.sample.guidance, "methods": {}}
+  for method in methods:
+    sample = jax.jit(lambda p, rng, c, method=method: setup.objective.sample_with_steps(
+        p, rng, config.sample.num, c, method=method, guidance=config.sample.guidance))
+    with train.context(setup):
+      start = time.perf_counter()
+      _, steps = jax.block_until_ready(sample(params, jax.random.key(0), labels))
+      compile_seconds = time.perf_counter() - start
+      seconds = _median_seconds(
+          lambda: jax.block_until_ready(sample(params, jax.random.key(1), labels)), repeats)
+    result["methods"][method] = {
+        "compile_seconds": round(compile_seconds, 3), "seconds": round(seconds, 4),
+        "samples_per_sec": round(config.sample.num / seconds, 1),
+        "sequential_steps": int(steps)}
+  return result
+
+
 def main(argv):
   del argv
   from flowjax import metrics, sharding
   metrics.quiet_libraries()
   sharding.start_runtime(_NUM_CPU_DEVICES.value)
-  result = benchmark(_CONFIG.value, _STEPS.value, _SAMPLE_REPEATS.value)
+  if _AR_METHODS.value:
+    result = autoregressive_sampling(_CONFIG.value, _AR_METHODS.value, _WORKDIR.value,
+                                     max(_SAMPLE_REPEATS.value, 1))
+  else:
+    result = benchmark(_CONFIG.value, _STEPS.value, _SAMPLE_REPEATS.value)
   text = json.dumps(result, indent=2)
   print(text)
   if _OUT.value:

@@ -150,7 +150,8 @@ def run_tiny(name, workdir):
   return config, state
 
 
-@pytest.mark.parametrize("name", ["fm_toy2d", "quickstart", "fm_imagenet"])
+@pytest.mark.parametrize("name", ["fm_toy2d", "quickstart", "fm_imagenet",
+                                  "starflow_digits"])
 def test_tiny_run_writes_the_workdir_contract(name, tmp_path):
   config, state = run_tiny(name, tmp_path)
   steps = config.train.steps
@@ -226,4 +227,51 @@ def test_paper_scale_preset_shapes_and_reduced_depth_compile(name):
   with config.unlocked():
     config.model.depth = 1
   compiled, _, memory = train.compile_step(train.build(config))
+  assert compiled is not None
+
+
+# STARFlow-XL (deep-shallow flow on 32x32x4 latents): full shapes and shardings by eval_shape.
+
+def starflow_xl_config():
+  config = load("starflow_imagenet").get_config("XL")
+  with config.unlocked():
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 4, 1
+  return config
+
+
+def starflow_parameter_count(model, tokens, channels, num_classes):
+  """Analytic: per layer 12 D^2 + 13 D (q, k, v, out, MLP 4D, two LayerNorms); per block the
+  input and output projections, positions, start token and final LayerNorm; one label table."""
+  width = model.hidden_size
+  layer = 12 * width ** 2 + 13 * width
+  block = (channels * width + width + tokens * width + channels + 2 * width
+           + 2 * channels * width + 2 * channels)
+  depth = (model.num_blocks - 1) * model.layers_per_block + model.deep_layers
+  return model.num_blocks * block + depth * layer + (num_classes + 1) * width
+
+
+def test_starflow_xl_shapes_parameter_count_and_fsdp_sharding():
+  config = starflow_xl_config()
+  setup = train.build(config)
+  params = setup.abstract_state.params
+  total = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+  expected = starflow_parameter_count(config.model, 32 * 32, 4, 1000)
+  print(f"STARFlow-XL parameters: {total:,}")
+  assert total == expected
+  assert len([k for k in params["blocks_5"] if k.startswith("layers_")]) == 24
+  assert "label_embed" in params["blocks_5"] and "label_embed" not in params["blocks_0"]
+  kernels = [leaf for leaf in jax.tree.leaves(params) if leaf.size >= 2**20]
+  assert len(kernels) >= 34 * 6
+  for kernel in kernels:
+    assert "fsdp" in jax.tree.leaves(tuple(kernel.sharding.spec))
+    assert math.prod(kernel.sharding.shard_shape(kernel.shape)) * 4 == kernel.size
+
+
+@pytest.mark.slow
+def test_starflow_xl_reduced_depth_compiles():
+  """python -m pytest -m slow tests/test_experiments.py: full width, batch and mesh, 2 blocks."""
+  config = starflow_xl_config()
+  with config.unlocked():
+    config.model.update(dict(num_blocks=2, layers_per_block=1, deep_layers=1))
+  compiled, _, _ = train.compile_step(train.build(config))
   assert compiled is not None

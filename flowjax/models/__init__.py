@@ -5,9 +5,10 @@ import ml_collections
 
 from flowjax.models import dit
 from flowjax.models import mlp
+from flowjax.models import tarflow
 from flowjax.registry import MODELS
 
-__all__ = ["build", "dit", "mlp"]
+__all__ = ["build", "dit", "mlp", "tarflow"]
 
 
 def build(model_config: ml_collections.ConfigDict, info) -> nn.Module:
@@ -27,6 +28,10 @@ DEFAULTS = {
     "dit": dict(patch_size=2, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0,
                 time_scale=1000.0, dropout=0.0, attention_impl="xla", remat="none",
                 dtype="float32", param_dtype="float32"),
+    "tarflow": dict(patch_size=1, hidden_size=256, num_blocks=4, layers_per_block=2,
+                    deep_layers=0, num_heads=4, mlp_ratio=4.0, start_token=True,
+                    scale="softplus", soft_clip=4.0, condition="deep", positions="learned",
+                    dtype="float32", param_dtype="float32"),
 }
 
 

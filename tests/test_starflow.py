@@ -1,0 +1,298 @@
+"""TarFlow / STARFlow properties (ALGORITHMS.md section 4, "Invariants"): exact inversion by every
+decoder, the log-determinant against autodiff, autoregressive structure, identity at
+initialisation, the guidance rules, Tweedie denoising, bits/dim, and skipped non-finite updates."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flowjax import step as step_lib
+from flowjax.models import tarflow
+from flowjax.objectives import starflow
+from flowjax.samplers import autoregressive
+from flowjax.state import TrainState
+
+SHAPE = (4, 4, 2)  # patch 1: 16 tokens of 2 channels
+NUM_CLASSES = 3
+
+
+def make_model(start_token=True, **overrides):
+  settings = dict(image_shape=SHAPE, patch_size=1, hidden_size=16, num_blocks=2,
+                  layers_per_block=1, deep_layers=0, num_heads=2, num_classes=NUM_CLASSES,
+                  start_token=start_token, scale="softplus" if start_token else "exp",
+                  soft_clip=4.0 if start_token else 0.0,
+                  condition="deep" if start_token else "all")
+  settings.update(overrides)
+  return tarflow.TarFlow(**settings)
+
+
+def init_params(model, x, cond):
+  init = jax.jit(lambda x, cond: nn.meta.unbox(model.init(jax.random.key(0), x, cond)["params"]))
+  return init(x, cond)
+
+
+def init_objective(objective, batch):
+  init = jax.jit(lambda batch: nn.meta.unbox(objective.init(jax.random.key(0), batch)[0]))
+  return init(batch)
+
+
+def perturb(params, seed=1, scale=0.1):
+  """Every parameter (the zero-initialised output projections included) plus N(0, scale^2)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([leaf + scale * jax.random.normal(key, leaf.shape, leaf.dtype)
+                            for leaf, key in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["start_token", "shift"])
+def flow(request):
+  """(model, random non-trivial params, x [3, 4, 4, 2], labels [3] with one null, jitted
+  forward) for STARFlow (start token) and TarFlow (one-token shift)."""
+  model = make_model(start_token=request.param)
+  x = jax.random.normal(jax.random.key(2), (3,) + SHAPE)
+  cond = jnp.array([0, 2, NUM_CLASSES], jnp.int32)
+  params = perturb(init_params(model, x, cond))
+  forward = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c))
+  return model, params, x, cond, forward
+
+
+def test_identity_at_initialisation(flow):
+  model, _, x, cond, forward = flow
+  params = init_params(model, x, cond)
+  z, logdet, intermediates = forward(params, x, cond)
+  np.testing.assert_allclose(z, x, atol=1e-6)
+  np.testing.assert_allclose(logdet, 0.0, atol=1e-6)
+  assert len(intermediates) == model.num_blocks - 1
+
+
+def test_every_decoder_inverts_the_forward_map(flow):
+  """reverse(forward(x)) = x to 1e-5 by token-by-token KV-cached decoding, by full recomputation
+  (naive) and by Jacobi iteration; the cached and naive decoders agree token for token."""
+  model, params, x, cond, forward = flow
+  z, _, _ = forward(params, x, cond)
+  assert float(jnp.max(jnp.abs(z - x))) > 0.1  # the random weights make a non-trivial flow
+  run = jax.jit(lambda p, z, c, method, tolerance: autoregressive.invert(
+      model, p, z, c, method=method, chunk_size=4, tolerance=tolerance, max_iterations=32),
+      static_argnums=(3,))
+  cached, steps = run(params, z, cond, "kv_cache", 0.0)
+  naive, _ = run(params, z, cond, "naive", 0.0)
+  np.testing.assert_allclose(cached, x, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(naive, cached, rtol=1e-5, atol=1e-5)
+  assert int(steps) == model.num_blocks * 16
+  # Jacobi to the exact fixed point (a zero change stops it) equals sequential decoding; the
+  # default tolerance needs fewer iterations than tokens.
+  jacobi, iterations = run(params, z, cond, "jacobi", 1e-30)
+  np.testing.assert_allclose(jacobi, cached, rtol=1e-5, atol=1e-5)
+  assert int(iterations) <= model.num_blocks * (16 + 4)
+  approximate, fewer = run(params, z, cond, "jacobi", 1e-3)
+  np.testing.assert_allclose(approximate, x, atol=5e-2)
+  assert int(fewer) < int(iterations)
+
+
+@pytest.fixture(scope="module")
+def jacobians(flow):
+  """Per-block Jacobians [L, C, L, C] (data order) at x[0] and at block 0's output, from one
+  compiled jax.jacfwd."""
+  model, params, x, cond, _ = flow
+
+  def block(index, t):
+    return model.apply({"params": params}, index, t[None], cond[:1], method="block_forward")[0][0]
+
+  @jax.jit
+  def both(tokens):
+    middle = block(0, tokens)
+    return jax.jacfwd(lambda t: block(0, t))(tokens), jax.jacfwd(lambda t: block(1, t))(middle)
+
+  return both(model.to_tokens(x[:1])[0])
+
+
+def test_logdet_is_log_abs_det_of_the_jacobian_per_dimension(flow, jacobians):
+  """log|det dz/dx| / D of the whole flow (the product of the block Jacobians) is its logdet."""
+  model, params, x, cond, forward = flow
+  size = x[0].size
+  first, second = (np.asarray(j, np.float64).reshape(size, size) for j in jacobians)
+  _, log_abs_det = np.linalg.slogdet(second @ first)
+  logdet = forward(params, x[:1], cond[:1])[1][0]
+  np.testing.assert_allclose(log_abs_det / size, logdet, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_index", [0, 1])
+def test_each_block_is_autoregressive_in_its_token_order(flow, jacobians, block_index):
+  """dz_i/dx_j = 0 for every token j after token i in the block's order, dz_i/dx_i is diagonal
+  over channels, and dz_i/dx_j != 0 for some earlier j."""
+  model = flow[0]
+  jacobian = np.asarray(jacobians[block_index])
+  length, channels = jacobian.shape[:2]
+  order = np.asarray(model.permute(block_index, jnp.arange(length)[None, :, None])[0, :, 0])
+  jacobian = jacobian[order][:, :, order]  # block order
+  for i in range(length):
+    later = jacobian[i, :, i + 1:]
+    assert np.all(later == 0.0), (i, np.abs(later).max())
+    own = jacobian[i, :, i]
+    assert np.all(own[~np.eye(channels, dtype=bool)] == 0.0)
+  assert np.abs(jacobian[length - 1, :, :length - 1]).max() > 1e-3
+  first = jacobian[0, :, 0]
+  if model.start_token:  # token 0 is transformed too
+    assert np.abs(first - np.eye(channels)).max() > 1e-3
+  else:  # token 0 passes unchanged
+    np.testing.assert_array_equal(first, np.eye(channels))
+
+
+def test_guidance_rules_and_zero_weight():
+  rng = np.random.default_rng(0)
+  mu_c, mu_u = rng.normal(size=(2, 5))
+  sigma_c = rng.uniform(0.2, 1.0, 5)
+  sigma_u = sigma_c * rng.uniform(1.1, 3.0, 5)  # q < 1
+  for rule in autoregressive.RULES.values():
+    mu, sigma = rule(mu_c, sigma_c, mu_u, sigma_u, 0.0)
+    np.testing.assert_allclose(mu, mu_c, rtol=1e-6)
+    np.testing.assert_allclose(sigma, sigma_c, rtol=1e-6)
+  # STARFlow: p_c^(1+w) / p_u^w, normalised on a grid, is the stated Gaussian.
+  w = 1.5
+  mu, sigma = autoregressive.starflow_guidance(mu_c, sigma_c, mu_u, sigma_u, w)
+  for i in range(5):
+    grid = np.linspace(mu_c[i] - 12 * sigma_c[i], mu_c[i] + 12 * sigma_c[i], 200001)
+    log_c = -0.5 * ((grid - mu_c[i]) / sigma_c[i]) ** 2 - np.log(sigma_c[i])
+    log_u = -0.5 * ((grid - mu_u[i]) / sigma_u[i]) ** 2 - np.log(sigma_u[i])
+    log_p = (1 + w) * log_c - w * log_u
+    p = np.exp(log_p - log_p.max())
+    p /= p.sum()
+    mean = np.sum(p * grid)
+    np.testing.assert_allclose(mu[i], mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sigma[i], np.sqrt(np.sum(p * (grid - mean) ** 2)), rtol=1e-4)
+  # TarFlow: linear in mu and log sigma.
+  mu, sigma = autoregressive.tarflow_guidance(mu_c, sigma_c, mu_u, sigma_u, w)
+  np.testing.assert_allclose(mu, mu_c + w * (mu_c - mu_u), rtol=1e-6)
+  np.testing.assert_allclose(np.log(sigma), np.log(sigma_c) + w * np.log(sigma_c / sigma_u),
+                             rtol=1e-5, atol=1e-6)
+  # Annealing rises linearly to w at the last token.
+  weights = autoregressive.guidance_weights(jnp.arange(4), 4, True, 2.0, True)
+  np.testing.assert_allclose(weights, [0.5, 1.0, 1.5, 2.0])
+
+
+def test_guided_sampling_with_zero_weight_is_the_conditional_model(flow):
+  """The two-half (conditional + null cache) decoder with w = 0 equals plain conditional
+  decoding; w > 0 changes the label-reading blocks only."""
+  model, params, x, cond, forward = flow
+  z, _, _ = forward(params, x, cond)
+  run = jax.jit(lambda p, z, c, w: autoregressive.invert(
+      model, p, z, c, guidance=w, null_label=NUM_CLASSES, anneal=True))
+  plain, _ = jax.jit(lambda p, z, c: autoregressive.invert(model, p, z, c))(params, z, cond)
+  zero, _ = run(params, z, cond, 0.0)
+  np.testing.assert_allclose(zero, plain, atol=1e-5)
+  strong, _ = run(params, z, cond, 2.0)
+  assert float(jnp.max(jnp.abs(strong[:2] - plain[:2]))) > 1e-3
+
+
+def test_tweedie_step_on_gaussian_data_is_the_posterior_mean():
+  """Data N(0, s^2), noise sigma_n: the exact flow of the noisy data is z = y / sqrt(s^2 +
+  sigma_n^2) (one block, constant scale through the output bias) and Tweedie's step gives
+  y s^2 / (s^2 + sigma_n^2)."""
+  s, noise_std, dims = 0.8, 0.3, 3
+  model = tarflow.TarFlow(image_shape=(dims,), hidden_size=16, num_blocks=1, layers_per_block=1,
+                          num_heads=2, start_token=True, scale="softplus", soft_clip=4.0)
+  objective = starflow.StarFlow(model=model, image_shape=(dims,), num_classes=0,
+                                noise="gaussian", noise_std=noise_std)
+  y = jax.random.normal(jax.random.key(3), (5, dims)) * math.sqrt(s ** 2 + noise_std ** 2)
+  params = init_objective(objective, {"image": y})
+  sigma = math.sqrt(s ** 2 + noise_std ** 2)
+  a = math.log(math.expm1(sigma)) - tarflow.INV_SOFTPLUS_ONE  # softplus(a + 0.5413) = sigma
+  bias = jnp.array([4.0 * math.atanh(a / 4.0), 0.0])  # inverts the soft clip 4 tanh(. / 4)
+  params["blocks_0"]["proj_out"]["bias"] = bias
+  log_p = jax.jit(objective.log_density)(params, y, None)
+  exact = -0.5 * jnp.sum(y ** 2, 1) / sigma ** 2 - dims * (math.log(sigma) + 0.5 * math.log(
+      2 * math.pi))
+  np.testing.assert_allclose(log_p, exact, rtol=1e-5)
+  denoised = jax.jit(lambda p, v: autoregressive.tweedie_denoise(
+      lambda u: objective.log_density(p, u, None), v, noise_std))(params, y)
+  np.testing.assert_allclose(denoised, y * s ** 2 / (s ** 2 + noise_std ** 2), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_bits_per_dim_of_the_identity_flow_by_hand():
+  """At initialisation z = y, so -log p(y) / D = 0.5 mean(y^2) + 0.5 log(2 pi) and bits/dim =
+  (that + log(K / 2)) / ln 2 for y = (k + u) / K * 2 - 1 on digits' K = 17 levels."""
+  levels, shape = 17, (4, 4, 1)
+  model = tarflow.TarFlow(image_shape=shape, hidden_size=16, num_blocks=2, layers_per_block=1,
+                          num_heads=2)
+  objective = starflow.StarFlow(model=model, image_shape=shape, num_classes=0,
+                                noise="dequantize", data_levels=levels)
+  k = np.random.default_rng(0).integers(0, levels, (6,) + shape)
+  x = jnp.asarray(k / (levels - 1) * 2.0 - 1.0, jnp.float32)  # like flowjax.data.digits
+  params = init_objective(objective, {"image": x})
+  rng = jax.random.key(7)
+  u = np.asarray(jax.random.uniform(rng, x.shape))
+  y = (k + u) / levels * 2.0 - 1.0
+  assert np.all((y >= k / levels * 2 - 1) & (y < (k + 1) / levels * 2 - 1))  # y in bin k
+  nll = 0.5 * np.mean(y ** 2) + 0.5 * math.log(2 * math.pi)
+  expected = (nll + math.log(levels / 2)) / math.log(2)
+  bits, loss, metrics = jax.jit(lambda p, batch, rng: (objective.nll(p, batch, rng),) +
+                                objective.loss(p, batch, rng, 0, {}))(params, {"image": x}, rng)
+  np.testing.assert_allclose(bits, expected, rtol=1e-5)
+  # The loss draws its own dequantisation from the same law; at the identity it is 0.5 mean z^2.
+  np.testing.assert_allclose(metrics["bits_per_dim"],
+                             (metrics["nll"] + math.log(levels / 2)) / math.log(2), rtol=1e-6)
+  np.testing.assert_allclose(metrics["intermediate"], 2.0 * metrics["prior"], rtol=1e-5)
+  np.testing.assert_allclose(loss, metrics["nll"] - 0.5 * math.log(2 * math.pi)
+                             + 1e-4 * metrics["intermediate"], rtol=1e-5)
+  assert abs(float(metrics["nll"]) - nll) < 0.05
+
+
+def test_a_nan_loss_update_is_skipped_and_counted():
+  shape = (4,)
+  model = tarflow.TarFlow(image_shape=shape, hidden_size=16, num_blocks=1, layers_per_block=1,
+                          num_heads=2)
+  objective = starflow.StarFlow(model=model, image_shape=shape, num_classes=0,
+                                noise="gaussian", noise_std=0.05)
+  good = {"image": jax.random.uniform(jax.random.key(1), (4,) + shape, minval=-1, maxval=1)}
+  params = init_objective(objective, good)
+  tx = optax.adam(1e-2)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     ema={}, extra={}, skipped=jnp.zeros((), jnp.int32))
+
+  class Settings:
+    grad_accum_steps = 1
+    ema_decays = ()
+    ema_start_step = 0
+
+  train_step = jax.jit(step_lib.make_train_step(objective, tx, optax.constant_schedule(1e-2),
+                                                Settings, Settings, jax.random.key(0)))
+  bad = {"image": good["image"].at[0, 0].set(jnp.nan)}
+  after_bad, metrics = train_step(state, bad)
+  assert not np.isfinite(float(metrics["loss"]))
+  assert int(metrics["nonfinite"]) == 1 and int(after_bad.skipped) == 1
+  assert int(after_bad.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, after_bad.params, state.params)
+  after_good, metrics = train_step(after_bad, good)
+  assert int(metrics["nonfinite"]) == 0 and int(after_good.skipped) == 1
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), after_good.params,
+                                         state.params))
+  assert any(changed)
+
+
+def test_errors_name_the_key_and_the_fix():
+  with pytest.raises(ValueError, match="data_levels"):
+    starflow.StarFlow(model=make_model(), image_shape=SHAPE, num_classes=0, data_levels=1)
+  with pytest.raises(ValueError, match="noise"):
+    starflow.StarFlow(model=make_model(), image_shape=SHAPE, num_classes=0, noise="uniform")
+  objective = starflow.StarFlow(model=make_model(), image_shape=SHAPE, num_classes=NUM_CLASSES)
+  with pytest.raises(ValueError, match="guidance"):
+    objective.sample({}, jax.random.key(0), 2, jnp.zeros((2,), jnp.int32), guidance=0.5)
+  with pytest.raises(ValueError, match="kv_cache"):
+    autoregressive.invert(make_model(), {}, jnp.zeros((1,) + SHAPE), method="euler")
+  with pytest.raises(ValueError, match="patch_size"):
+    tarflow.token_shape((6, 6, 1), 4)
+
+
+def test_flat_vectors_are_one_token_per_coordinate():
+  """(The train step of the non-finite test runs a flow on flat data.)"""
+  model = tarflow.TarFlow(image_shape=(3,))
+  x = jnp.arange(6.0).reshape(2, 3)
+  assert model.token_shape == (3, 1)
+  assert model.to_tokens(x).shape == (2, 3, 1)
+  np.testing.assert_array_equal(model.from_tokens(model.to_tokens(x)), x)
