@@ -379,3 +379,17 @@ def test_eval_reports_bits_per_dim_of_the_sampled_parameters_for_likelihood_mode
   result = evals.quality_metrics(setup, state)
   expected = nll.bits_per_dim(GaussianDensity(), {"mean": jnp.float32(-0.5)}, config, "test", 2)
   assert result == {"eval_bits_per_dim": pytest.approx(expected, rel=1e-6)}
+
+
+def test_per_pixel_categorical_baseline_matches_a_hand_count():
+  levels = 3
+  grid = lambda k: np.asarray(k, np.float32) / (levels - 1) * 2 - 1
+  # Two pixels; train: pixel 0 always level 0, pixel 1 levels 0, 1, 2, 2.
+  train_images = grid([[0, 0], [0, 1], [0, 2], [0, 2]])
+  test_images = grid([[0, 2], [1, 1]])
+  # Add-one counts: pixel 0 (5, 1, 1) / 7, pixel 1 (2, 2, 3) / 7.
+  expected = -np.mean(np.log2([5 / 7, 3 / 7, 1 / 7, 2 / 7]))
+  assert abs(nll.per_pixel_categorical_bits(train_images, test_images, levels) - expected) < 1e-12
+  uniform = grid(np.random.default_rng(0).integers(0, levels, (20000, 4)))
+  assert abs(nll.per_pixel_categorical_bits(uniform[:10000], uniform[10000:], levels)
+             - np.log2(levels)) < 1e-3
