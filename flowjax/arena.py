@@ -14,11 +14,18 @@ import os
 import jax
 import numpy as np
 
+# Each method: (experiment, sampling step counts, sampler, [config overrides]). An override value
+# may name another method's workdir as "{workdir}/<method>" (CTM distils the flow-matching run,
+# which therefore trains first).
 SUITES = {
     "toy2d": dict(
         methods={"flow_matching": ("fm_toy2d.py", [1, 2, 4, 8, 100], "euler"),
                  "imm": ("imm_toy2d.py", [1, 2, 4, 8], "uniform"),
-                 "meanflow": ("meanflow_toy2d.py", [1, 2, 4, 8], "euler")},
+                 "meanflow": ("meanflow_toy2d.py", [1, 2, 4, 8], "euler"),
+                 "shortcut": ("shortcut_toy2d.py", [1, 2, 4, 8, 128], "euler"),
+                 "consistency": ("consistency_toy2d.py", [1, 2, 4, 8], "multistep"),
+                 "ctm": ("ctm_toy2d.py", [1, 2, 4, 8], "karras",
+                         {"objective.teacher_workdir": "{workdir}/flow_matching"})},
         overrides={"model.hidden_size": 256, "model.depth": 4, "train.batch_size": 512,
                    "data.toy_distribution": "checkerboard", "sample.every_steps": 0,
                    "train.log_every": 500},
@@ -26,7 +33,11 @@ SUITES = {
     "digits": dict(
         methods={"flow_matching": ("quickstart.py", [1, 2, 4, 8, 100], "euler"),
                  "imm": ("imm_digits.py", [1, 2, 4, 8], "uniform"),
-                 "meanflow": ("meanflow_digits.py", [1, 2, 4, 8], "euler")},
+                 "meanflow": ("meanflow_digits.py", [1, 2, 4, 8], "euler"),
+                 "shortcut": ("shortcut_digits.py", [1, 2, 4, 8, 128], "euler"),
+                 "consistency": ("consistency_digits.py", [1, 2, 4, 8], "multistep"),
+                 "ctm": ("ctm_digits.py", [1, 2, 4, 8], "karras",
+                         {"objective.teacher_workdir": "{workdir}/flow_matching"})},
         overrides={"model.hidden_size": 96, "model.depth": 4, "model.num_heads": 4,
                    "model.patch_size": 2, "train.batch_size": 128, "sample.every_steps": 0,
                    "train.log_every": 250},
@@ -40,6 +51,18 @@ class Result:
   num_steps: int
   nfe: int
   metrics: dict
+  train_steps: int = 0
+
+
+def earlier_results(workdir: str, steps: int, rerun) -> list[Result]:
+  """Results in DIR/arena.json from an earlier arena run at the same training budget, for the
+  methods not in `rerun`: running a subset of methods (--methods) adds to the table."""
+  path = os.path.join(workdir, "arena.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    records = [Result(**r) for r in json.load(f)]
+  return [r for r in records if r.train_steps == steps and r.method not in rerun]
 
 
 def evaluate_method(config, workdir: str, method: str, step_counts, sample_method: str,
@@ -66,7 +89,8 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
     from flowjax import metrics
     metrics.save_png(os.path.join(workdir, "samples", f"arena_{num_steps}_steps.png"),
                      metrics.samples_picture(samples[:100] if suite == "digits" else samples))
-    results.append(Result(method, num_steps, num_steps * (2 if guided else 1), values))
+    results.append(Result(method, num_steps, num_steps * (2 if guided else 1), values,
+                          int(config.train.steps)))
     logging.info("%s %d steps: %s", method, num_steps, values)
   return results
 
@@ -75,16 +99,19 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None) -> li
   from flowjax import config as config_lib, train
   spec = SUITES[suite]
   steps = budget or spec["steps"]
+  chosen = [m for m in spec["methods"] if not methods or m in methods]
   results = []
-  for method, (experiment, step_counts, sample_method) in spec["methods"].items():
-    if methods and method not in methods:
-      continue
-    overrides = dict(spec["overrides"], **{"train.steps": steps, "ckpt.every_steps": steps})
+  for method in chosen:
+    experiment, step_counts, sample_method, *extra = spec["methods"][method]
+    own = {key: value.format(workdir=workdir) if isinstance(value, str) else value
+           for key, value in (extra[0] if extra else {}).items()}
+    overrides = dict(spec["overrides"], **own, **{"train.steps": steps, "ckpt.every_steps": steps})
     config = config_lib.load_experiment(experiment, None, **overrides)
     method_dir = os.path.join(workdir, method)
     train.run(config, method_dir)
     results += evaluate_method(config, method_dir, method, step_counts, sample_method,
                                spec["num_samples"], suite)
+  results = earlier_results(workdir, steps, chosen) + results
   write_report(suite, workdir, steps, spec, results)
   return results
 

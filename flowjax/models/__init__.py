@@ -6,9 +6,10 @@ import ml_collections
 from flowjax.models import dit
 from flowjax.models import mlp
 from flowjax.models import tarflow
+from flowjax.models import unet
 from flowjax.registry import MODELS
 
-__all__ = ["build", "dit", "mlp", "tarflow"]
+__all__ = ["build", "dit", "mlp", "unet", "tarflow"]
 
 
 def build(model_config: ml_collections.ConfigDict, info) -> nn.Module:
@@ -28,6 +29,12 @@ DEFAULTS = {
     "dit": dict(patch_size=2, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0,
                 time_scale=1000.0, dropout=0.0, attention_impl="xla", remat="none",
                 dtype="float32", param_dtype="float32"),
+    "unet": dict(model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4,
+                 channel_mult_noise=1, num_blocks=4, attn_resolutions=(16,), dropout=0.1,
+                 embedding_type="positional", fourier_scale=16.0, encoder_type="standard",
+                 decoder_type="standard", resample_filter=(1, 1), time_mapping="separate",
+                 augment_dim=0, zero_init_scale=1e-5, time_scale=1000.0, attention_impl="xla",
+                 dtype="float32", param_dtype="float32"),
     "tarflow": dict(patch_size=1, hidden_size=256, num_blocks=4, layers_per_block=2,
                     deep_layers=0, num_heads=4, mlp_ratio=4.0, start_token=True,
                     scale="softplus", soft_clip=4.0, condition="deep", positions="learned",
