@@ -25,7 +25,8 @@ SUITES = {
                  "shortcut": ("shortcut_toy2d.py", [1, 2, 4, 8, 128], "euler"),
                  "consistency": ("consistency_toy2d.py", [1, 2, 4, 8], "multistep"),
                  "ctm": ("ctm_toy2d.py", [1, 2, 4, 8], "karras",
-                         {"objective.teacher_workdir": "{workdir}/flow_matching"})},
+                         {"objective.teacher_workdir": "{workdir}/flow_matching"}),
+                 "starflow": ("starflow_toy2d.py", [1], "kv_cache", {"model.hidden_size": 64})},
         overrides={"model.hidden_size": 256, "model.depth": 4, "train.batch_size": 512,
                    "data.toy_distribution": "checkerboard", "sample.every_steps": 0,
                    "train.log_every": 500},
@@ -75,12 +76,20 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
   guided = labels is not None and config.sample.guidance != 1.0
   classifier = digits_metric.load_classifier() if suite == "digits" else None
   results = []
+  objective = setup.objective
   for num_steps in step_counts:
-    sample = jax.jit(lambda p, rng, cond, n=num_steps: setup.objective.sample(
-        p, rng, num_samples, cond, num_steps=n, method=sample_method,
-        guidance=config.sample.guidance))
+    if hasattr(objective, "sample_with_steps"):
+      # Autoregressive flows: one exact decoding pass; its cost is the number of sequential
+      # network calls it reports (tokens x blocks for token-by-token decoding).
+      sample = jax.jit(lambda p, rng, cond: objective.sample_with_steps(
+          p, rng, num_samples, cond, method=sample_method, guidance=config.sample.guidance))
+    else:
+      sample = jax.jit(lambda p, rng, cond, n=num_steps: (objective.sample(
+          p, rng, num_samples, cond, num_steps=n, method=sample_method,
+          guidance=config.sample.guidance), n))
     with train.context(setup):
-      samples = np.asarray(jax.device_get(sample(params, jax.random.key(1234), labels)))
+      samples, calls = sample(params, jax.random.key(1234), labels)
+    samples, calls = np.asarray(jax.device_get(samples)), int(calls)
     if suite == "toy2d":
       values = toy_metric.evaluate(samples, config.data.toy_distribution)
     else:
@@ -89,7 +98,7 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
     from flowjax import metrics
     metrics.save_png(os.path.join(workdir, "samples", f"arena_{num_steps}_steps.png"),
                      metrics.samples_picture(samples[:100] if suite == "digits" else samples))
-    results.append(Result(method, num_steps, num_steps * (2 if guided else 1), values,
+    results.append(Result(method, calls, calls * (2 if guided else 1), values,
                           int(config.train.steps)))
     logging.info("%s %d steps: %s", method, num_steps, values)
   return results
@@ -106,6 +115,10 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None) -> li
     own = {key: value.format(workdir=workdir) if isinstance(value, str) else value
            for key, value in (extra[0] if extra else {}).items()}
     overrides = dict(spec["overrides"], **own, **{"train.steps": steps, "ckpt.every_steps": steps})
+    # A shared override that the method's backbone does not have (an MLP's depth for a flow) is
+    # left out; the method's own experiment sizes that part.
+    keys = config_lib.flatten(config_lib.load_experiment(experiment))
+    overrides = {k: v for k, v in overrides.items() if k in keys or k in own}
     config = config_lib.load_experiment(experiment, None, **overrides)
     method_dir = os.path.join(workdir, method)
     train.run(config, method_dir)
@@ -133,6 +146,11 @@ def write_report(suite: str, workdir: str, steps: int, spec: dict, results) -> N
   for method, entries in by_method.items():
     cells = [f"{entries[n].metrics[metric]:.4g}" if n in entries else "" for n in all_steps]
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  if "starflow" in by_method:
+    calls = sorted(by_method["starflow"])
+    lines += ["", f"STARFlow samples by one exact decoding pass, token by token with a KV cache: "
+              f"its entry stands in the column of its {', '.join(map(str, calls))} sequential "
+              "network calls (tokens x flow blocks)."]
   floors = [r.metrics[floor_key] for r in results if floor_key in r.metrics]
   if floors:
     lines += ["", f"Noise floor (the metric between two independent sets of real data of the "

@@ -214,11 +214,23 @@ def write_samples(setup: Setup, state: TrainState, step: int, workdir: str, writ
     samples = sampler(setup)(sampling_params(state, config.sample.use_ema), rng,
                              sample_labels(setup.info, config.sample.num))
   samples = np.asarray(jax.device_get(samples))
-  picture = metrics.samples_picture(samples)
+  picture = metrics.samples_picture(_as_images(config, samples))
   if jax.process_index() == 0:
     metrics.save_png(os.path.join(workdir, "samples", name or f"step_{step}.png"), picture)
     writer.image(step, "samples", picture)
   return samples
+
+
+def _as_images(config, samples: np.ndarray) -> np.ndarray:
+  """Samples as pictures: latents go through the data source's decoder (shown raw, with a
+  warning, when the decoder cannot be loaded)."""
+  try:
+    decode = data.image_decoder(config.data)
+  except (OSError, ValueError, KeyError) as error:
+    logging.warning("Sample grid shows raw latents: their decoder could not be loaded (%s).",
+                    error)
+    return samples
+  return samples if decode is None else np.asarray(decode(samples))
 
 
 class _StopSignal:

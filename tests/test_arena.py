@@ -7,18 +7,20 @@ from flowjax import arena
 
 def test_toy2d_arena_writes_table_and_plot(tmp_path, monkeypatch):
   suite = dict(arena.SUITES["toy2d"])
-  # Flow matching and the method that distils it (its teacher is the arena's own FM run); every
-  # other method's tiny training run is a test of its own.
+  # Flow matching, the method that distils it (its teacher is the arena's own FM run) and the
+  # flow that samples in one pass of sequential calls; every other method's tiny training run is
+  # a test of its own.
   suite["methods"] = {name: (experiment, [1, 2], method, *extra)
                       for name, (experiment, _, method, *extra) in suite["methods"].items()
-                      if name in ("flow_matching", "ctm")}
+                      if name in ("flow_matching", "ctm", "starflow")}
   suite["overrides"] = dict(suite["overrides"], **{"model.hidden_size": 32, "model.depth": 1,
                                                   "train.batch_size": 64})
   suite["num_samples"] = 256
   monkeypatch.setitem(arena.SUITES, "toy2d", suite)
   results = arena.run("toy2d", str(tmp_path), budget=4)
+  # STARFlow's one pass on 2 tokens through 8 blocks is 16 sequential network calls.
   assert {(r.method, r.num_steps) for r in results} == {
-      (m, n) for m in suite["methods"] for n in (1, 2)}
+      (m, n) for m in ("flow_matching", "ctm") for n in (1, 2)} | {("starflow", 16)}
   table = (tmp_path / "arena.md").read_text()
   for method in suite["methods"]:
     assert f"| {method} |" in table

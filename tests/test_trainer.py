@@ -155,7 +155,8 @@ def test_workdir_of_another_config_is_refused_unless_allowed(tmp_path):
   assert int(state.step) == 8
   # Without config.json the checkpoint's own fingerprint still refuses another config.
   (tmp_path / "config.json").unlink()
-  with pytest.raises(train.WorkdirError, match=r"(?s)checkpoint at step 8 .*model.hidden_size: 32 -> 64"):
+  with pytest.raises(train.WorkdirError,
+                     match=r"(?s)checkpoint at step 8 .*model.hidden_size: 32 -> 64"):
     train.run(toy_config(**{"train.steps": 10, "model.hidden_size": 64}), str(tmp_path))
 
 

@@ -16,6 +16,7 @@ __all__ = ["Batches", "DataInfo", "build", "data_info"]
 
 _MODULES = {"toy2d": "toy2d", "digits": "digits", "synthetic": "synthetic"}
 _TFDS_PREFIX = "tfds:"
+_LATENTS_PREFIX = "latents:"
 
 
 def _source_module(name):
@@ -24,7 +25,9 @@ def _source_module(name):
     return importlib.import_module(f"flowjax.data.{_MODULES[name]}")
   if isinstance(name, str) and name.startswith(_TFDS_PREFIX) and len(name) > len(_TFDS_PREFIX):
     return importlib.import_module("flowjax.data.tfds")
-  known = sorted(_MODULES) + [_TFDS_PREFIX + "<name>"]
+  if isinstance(name, str) and name.startswith(_LATENTS_PREFIX) and name != _LATENTS_PREFIX:
+    return importlib.import_module("flowjax.data.latents")
+  known = sorted(_MODULES) + [_TFDS_PREFIX + "<name>", _LATENTS_PREFIX + "<DIR>"]
   raise ValueError(registry.unknown_name_message("data.name", str(name), known))
 
 
@@ -34,6 +37,12 @@ def data_info(data_config, split: str = "train") -> DataInfo:
   Raises the 'not prepared' FileNotFoundError for a TFDS dataset that is not built.
   """
   return _source_module(data_config.name).info(data_config, split)
+
+
+def image_decoder(data_config):
+  """For sources whose examples are not images (cached autoencoder latents): a function from
+  samples [B, ...] to images [B, H, W, C] in [-1, 1], for sample grids; None for image sources."""
+  return getattr(_source_module(data_config.name), "image_decoder", lambda _: None)(data_config)
 
 
 def build(data_config, *, split: str, global_batch_size: int, seed: int,

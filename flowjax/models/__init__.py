@@ -3,13 +3,14 @@
 import flax.linen as nn
 import ml_collections
 
+from flowjax.models import autoencoder
 from flowjax.models import dit
 from flowjax.models import mlp
 from flowjax.models import tarflow
 from flowjax.models import unet
 from flowjax.registry import MODELS
 
-__all__ = ["build", "dit", "mlp", "unet", "tarflow"]
+__all__ = ["autoencoder", "build", "dit", "mlp", "tarflow", "unet"]
 
 
 def build(model_config: ml_collections.ConfigDict, info) -> nn.Module:
@@ -39,6 +40,9 @@ DEFAULTS = {
                     deep_layers=0, num_heads=4, mlp_ratio=4.0, start_token=True,
                     scale="softplus", soft_clip=4.0, condition="deep", positions="learned",
                     dtype="float32", param_dtype="float32"),
+    "autoencoder": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        latent_channels=4, norm_groups=32, mid_attention=True,
+                        scaling_factor=0.18215, dtype="float32", param_dtype="float32"),
 }
 
 

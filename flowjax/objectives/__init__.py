@@ -7,6 +7,7 @@ An objective is a frozen dataclass with `init(rng, batch) -> (params, extra)`,
 
 import ml_collections
 
+from flowjax.objectives import autoencoder  # noqa: F401  (registers)
 from flowjax.objectives import ctm  # noqa: F401  (registers)
 from flowjax.objectives import flow_matching  # noqa: F401  (registers)
 from flowjax.objectives import imm  # noqa: F401  (registers)

@@ -1,0 +1,245 @@
+"""Latent datasets written by `python -m flowjax.data.cache_latents`, served as data.name
+'latents:<DIR>', and decoding latents back to images.
+
+Layout of DIR, per split:
+  <split>/cache.json          what was encoded and how: dataset, autoencoder (model config,
+                              weights path, scaling_factor), latent_shape, num_examples,
+                              shard_size, posterior ('mean' or 'sample' with its seed);
+  <split>/latents-SSSSS-of-NNNNN.array_record
+                              shard S holds examples [S shard_size, (S + 1) shard_size) of the
+                              split in source order; one record per example: the unscaled
+                              latent [h, w, c] as float32 bytes, then the label as int32 (-1 if
+                              the dataset has none);
+  <split>/stats.json          per-channel mean and std of the unscaled latents; written last, so
+                              its presence marks a complete split.
+
+The source serves {'image': scaled latent [h, w, c] float32, 'label': int32} through the shared
+pipeline (same global order and per-process slices as every other source). The scaling is
+config.data.latent_scaling: 'channel' standardises each channel with the statistics of the
+'train' split (of the split itself if no train split is cached), 'factor' multiplies by the
+autoencoder's scaling_factor (0.18215 for the SD-VAE), 'none' serves the raw latents.
+
+`decode(latents, data_config)` inverts the scaling and runs the autoencoder's decoder;
+`python -m flowjax.data.latents --workdir=W` decodes W/samples/final.npz (written by
+`flowjax.main --mode=sample`) into W/samples/final_decoded.png and .npz.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from flowjax.data import pipeline
+
+PREFIX = "latents:"
+FORMAT = "flowjax-latents-1"
+SPEC_FILE = "cache.json"
+STATS_FILE = "stats.json"
+SCALINGS = ("channel", "factor", "none")
+NO_LABEL = -1
+
+
+def directory(name: str) -> str:
+  """'latents:<DIR>' -> DIR."""
+  if not name.startswith(PREFIX) or len(name) == len(PREFIX):
+    raise ValueError(f"data.name={name!r} is not a latent dataset; use 'latents:<DIR>' with DIR "
+                     "written by python -m flowjax.data.cache_latents.")
+  return name[len(PREFIX):]
+
+
+def shard_path(root: str, split: str, index: int, num_shards: int) -> str:
+  return os.path.join(root, split, f"latents-{index:05d}-of-{num_shards:05d}.array_record")
+
+
+def encode_record(latent: np.ndarray, label: int) -> bytes:
+  """One example as bytes: latent [h, w, c] float32 (C order), then label int32."""
+  return (np.ascontiguousarray(latent, "<f4").tobytes() +
+          np.asarray(label, "<i4").tobytes())
+
+
+def decode_record(record: bytes, latent_shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+  """Inverse of encode_record: (latent [h, w, c] float32, label int)."""
+  values = np.frombuffer(record, "<f4", count=int(np.prod(latent_shape)))
+  label = int(np.frombuffer(record, "<i4", offset=4 * values.size, count=1)[0])
+  return values.reshape(latent_shape), label
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_split(root: str, split: str) -> tuple[dict, dict]:
+  """(cache.json, stats.json) of a complete cached split; a clear error otherwise."""
+  spec_path = os.path.join(root, split, SPEC_FILE)
+  command = (f"python -m flowjax.data.cache_latents --config=<autoencoder experiment> "
+             f"--weights=<weights> --split={split} --out={root}")
+  if not os.path.isfile(spec_path):
+    raise FileNotFoundError(f"No cached latents for split {split!r} in {root} ({spec_path} is "
+                            f"missing); write them with: {command}")
+  stats_path = os.path.join(root, split, STATS_FILE)
+  if not os.path.isfile(stats_path):
+    raise FileNotFoundError(f"The latents of split {split!r} in {root} are incomplete (no "
+                            f"{STATS_FILE}); rerun the same command to finish them: {command}")
+  spec = _read_json(spec_path)
+  if spec.get("format") != FORMAT:
+    raise ValueError(f"{spec_path} has format {spec.get('format')!r}, not {FORMAT!r}; rewrite "
+                     f"the cache with: {command}")
+  return spec, _read_json(stats_path)
+
+
+def scaling_of(root: str, split: str, scaling: str) -> tuple[np.ndarray, np.ndarray]:
+  """(offset, multiplier), each [c] float32: scaled latent = (latent - offset) * multiplier."""
+  if scaling not in SCALINGS:
+    raise ValueError(f"data.latent_scaling={scaling!r}; use one of {SCALINGS}.")
+  spec, stats = read_split(root, split)
+  channels = spec["latent_shape"][-1]
+  if scaling == "none":
+    return np.zeros(channels, np.float32), np.ones(channels, np.float32)
+  if scaling == "factor":
+    factor = float(spec["autoencoder"]["scaling_factor"])
+    return np.zeros(channels, np.float32), np.full(channels, factor, np.float32)
+  if split != "train" and os.path.isfile(os.path.join(root, "train", STATS_FILE)):
+    _, stats = read_split(root, "train")
+  std = np.asarray(stats["channel_std"], np.float32)
+  if np.any(std <= 0):
+    raise ValueError(f"The cached latents in {root} have a channel with zero std {std.tolist()}; "
+                     "use data.latent_scaling='factor' or 'none'.")
+  return np.asarray(stats["channel_mean"], np.float32), 1.0 / std
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Source:
+  """Random access to a cached split: i -> {'image': [h, w, c] float32 scaled, 'label': int}."""
+  paths: tuple[str, ...]
+  latent_shape: tuple[int, ...]
+  offset: np.ndarray
+  multiplier: np.ndarray
+
+  @functools.cached_property
+  def _records(self):
+    import grain
+    return grain.sources.ArrayRecordDataSource(list(self.paths))
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    latent, label = decode_record(self._records[index], self.latent_shape)
+    return {"image": (latent - self.offset) * self.multiplier, "label": label}
+
+
+def info(data_config, split: str) -> pipeline.DataInfo:
+  """A cached split: image_shape = latent shape (h, w, c); labels when data.conditional."""
+  spec, _ = read_split(directory(data_config.name), split)
+  num_classes = int(spec["num_classes"])
+  if data_config.conditional and num_classes == 0:
+    raise ValueError(f"data.conditional=True but the latents in {directory(data_config.name)} "
+                     "were cached without labels; set data.conditional=False.")
+  return pipeline.DataInfo(image_shape=tuple(spec["latent_shape"]),
+                           num_classes=num_classes if data_config.conditional else 0,
+                           num_examples=int(spec["num_examples"]))
+
+
+def local_batches(data_config, *, split: str, seed: int, global_batch_size: int,
+                  rows: tuple[int, int],
+                  shuffle: bool) -> tuple[pipeline.DataInfo, pipeline.LocalBatchFn]:
+  """The split's DataInfo and k -> this process's rows of global batch k.
+
+  Rows: {'image': [n, h, w, c] float32 scaled latents, 'label': [n] int32 if conditional}.
+  """
+  if data_config.random_flip:
+    raise ValueError("data.random_flip=True is not supported for cached latents (a flipped "
+                     "latent is not the latent of the flipped image); set it to False.")
+  data_info = info(data_config, split)
+  root = directory(data_config.name)
+  spec, _ = read_split(root, split)
+  offset, multiplier = scaling_of(root, split, data_config.get("latent_scaling", "channel"))
+  num_shards = int(spec["num_shards"])
+  source = _Source(tuple(shard_path(root, split, s, num_shards) for s in range(num_shards)),
+                   data_info.image_shape, offset, multiplier)
+  if len(source) != data_info.num_examples:
+    raise ValueError(f"The shards of split {split!r} in {root} hold {len(source)} examples but "
+                     f"{SPEC_FILE} says {data_info.num_examples}; rerun cache_latents into a new "
+                     "directory.")
+  transform = pipeline.ExampleTransform(seed=seed, random_flip=False,
+                                        with_labels=data_info.num_classes > 0)
+  examples = pipeline.example_stream(source, transform, seed=seed, shuffle=shuffle)
+  return data_info, pipeline.ExampleBatch(examples, global_batch_size, rows)
+
+
+def decoder(data_config, split: str = "train") -> Callable:
+  """A jitted map from scaled latents [B, h, w, c] to images [B, H, W, C] float32 in [-1, 1].
+
+  The autoencoder (model config and weights path) is the one recorded in the cache of
+  data_config.name; the scaling is data_config.latent_scaling.
+  """
+  import jax
+  import ml_collections
+
+  from flowjax import models
+  from flowjax.models import autoencoder
+
+  root = directory(data_config.name)
+  spec, _ = read_split(root, split)
+  offset, multiplier = scaling_of(root, split, data_config.get("latent_scaling", "channel"))
+  image_shape = tuple(spec["image_shape"])
+  model_info = pipeline.DataInfo(image_shape=image_shape, num_classes=0, num_examples=None)
+  model = models.build(ml_collections.ConfigDict(spec["autoencoder"]["model"]), model_info)
+  params = autoencoder.load_params(spec["autoencoder"]["weights"], model, image_shape)
+
+  @jax.jit
+  def decode_fn(latents):
+    z = latents / multiplier + offset
+    return model.apply({"params": params}, z, method=model.decode)
+
+  return decode_fn
+
+
+def image_decoder(data_config) -> Callable:
+  """The data-source hook for sample grids (flowjax.data.image_decoder): `decoder`."""
+  return decoder(data_config)
+
+
+def decode(latents, data_config, split: str = "train") -> np.ndarray:
+  """Scaled latents [B, h, w, c] -> images [B, H, W, C] float32 (see `decoder`)."""
+  return np.asarray(decoder(data_config, split)(np.asarray(latents, np.float32)))
+
+
+def decode_workdir_samples(workdir: str, name: str = "final") -> str:
+  """Decodes workdir/samples/<name>.npz of a latent-space run; returns the PNG path written."""
+  import ml_collections
+
+  from flowjax import metrics
+  config = _read_json(os.path.join(workdir, "config.json"))
+  data_config = ml_collections.ConfigDict(config["data"])
+  if not str(data_config.name).startswith(PREFIX):
+    raise ValueError(f"{workdir} trained on data.name={data_config.name!r}, not on cached "
+                     "latents; its samples are images already.")
+  samples_path = os.path.join(workdir, "samples", f"{name}.npz")
+  if not os.path.isfile(samples_path):
+    raise FileNotFoundError(f"No {samples_path}; write it with python -m flowjax.main "
+                            f"--config=... --workdir={workdir} --mode=sample")
+  images = decode(np.load(samples_path)["samples"], data_config)
+  np.savez(os.path.join(workdir, "samples", f"{name}_decoded.npz"), samples=images)
+  png = os.path.join(workdir, "samples", f"{name}_decoded.png")
+  metrics.save_png(png, metrics.samples_picture(images))
+  return png
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging
+  png = decode_workdir_samples(flags.FLAGS.workdir, flags.FLAGS.samples)
+  logging.info("Wrote %s", png)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("workdir", None, "Workdir of a run on data.name='latents:<DIR>'.")
+  flags.DEFINE_string("samples", "final", "Name of the samples .npz in workdir/samples.")
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
