@@ -12,8 +12,9 @@ python -m flowjax.main --mode=sample --config=experiments/fm_latent_digits.py \
     --workdir=workdirs/fm_latent_digits
 python -m flowjax.data.latents --workdir=workdirs/fm_latent_digits
 
-The last command decodes samples/final.npz into samples/final_decoded.png (the trainer's own
-grids show the first latent channel). Another cache: --config.data.name=latents:<DIR>.
+The trainer's sample grids are decoded through the cached autoencoder; the last command also
+decodes samples/final.npz into samples/final_decoded.png and .npz. Another cache:
+--config.data.name=latents:<DIR>.
 Presets: :tiny (a few CPU steps in tests).
 """
 
