@@ -16,7 +16,7 @@ python -m flowjax.main --config=<that flow-matching experiment> --workdir=TEACHE
 then
 python -m flowjax.main --config=experiments/ctm_cifar10.py --workdir=DIR \
     --config.objective.teacher_workdir=TEACHER_DIR
-Samples take 1 step (gamma = 0). Presets: :tiny (a 2-level U-Net of width 16 on synthetic 8x8x3
+Samples take 1 step (gamma = 0). Presets: :tiny (a one-level U-Net of width 16 on synthetic 8x8x3
 data, a few CPU steps; its teacher is a flow-matching run on the same synthetic data).
 """
 
@@ -51,8 +51,8 @@ def get_config(arg=None):
 
 
 PRESETS = {
-    "tiny": {"model.model_channels": 16, "model.channel_mult": (1, 2), "model.num_blocks": 1,
-             "model.attn_resolutions": (4,), "model.dtype": "float32",
+    "tiny": {"model.model_channels": 16, "model.channel_mult": (1,), "model.num_blocks": 1,
+             "model.attn_resolutions": (8,), "model.dtype": "float32",
              "objective.adaptive_layer": "dec_8x8_aux_conv", "objective.num_scales": 6,
              "objective.max_heun_steps": 2, "data.name": "synthetic", "data.image_size": 8,
              "data.random_flip": False, "train.steps": 4, "train.batch_size": 16,

@@ -7,7 +7,7 @@ the official repository ships no training configuration to read it from.
 Prepare the data once (tfds build cifar10 --file_format=array_record), then
 python -m flowjax.main --config=experiments/imm_cifar10.py --workdir=DIR
 Samples take 2 pushforward steps.
-Presets: :tiny (a 2-level U-Net of width 16 on synthetic 8x8x3 data, a few CPU steps);
+Presets: :tiny (a one-level U-Net of width 16 on synthetic 8x8x3 data, a few CPU steps);
 :bench_full (the full U-Net on synthetic 32x32x3 data at batch 16, float32, for
 python -m flowjax.bench); :bench_tiny (width 32, 2 blocks per level, 32x32x3, batch 16);
 :batch64 (global batch 64; combine as :bench_tiny,batch64).
@@ -43,8 +43,8 @@ _BENCH = {**_SYNTHETIC_CIFAR, "model.dtype": "float32", "train.batch_size": 16,
           "train.log_every": 1, "sample.num": 16}
 
 PRESETS = {
-    "tiny": {"model.model_channels": 16, "model.channel_mult": (1, 2), "model.num_blocks": 1,
-             "model.attn_resolutions": (4,), "model.dtype": "float32",
+    "tiny": {"model.model_channels": 16, "model.channel_mult": (1,), "model.num_blocks": 1,
+             "model.attn_resolutions": (8,), "model.dtype": "float32",
              "data.name": "synthetic", "data.image_size": 8, "data.random_flip": False,
              "train.steps": 4, "train.batch_size": 32, "train.log_every": 2,
              "ckpt.every_steps": 2, "sample.every_steps": 0, "sample.num": 8,

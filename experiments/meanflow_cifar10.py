@@ -16,7 +16,7 @@ of 1,024 images) then constant, 16,000 epochs (768,000 steps), EMA decays 0.9999
 0.99995 and 0.9996. py-meanflow also trains with EDM's augmentation pipeline and feeds its
 labels to the network; flowjax has no such pipeline, so this preset uses horizontal flips only
 and no augmentation input.
-Presets: :tiny (a 2-level U-Net of width 16 on synthetic 8x8x3 data, a few CPU steps);
+Presets: :tiny (a one-level U-Net of width 16 on synthetic 8x8x3 data, a few CPU steps);
 :bench_full, :bench_tiny, :batch64 (synthetic 32x32x3 data for python -m flowjax.bench).
 """
 
@@ -53,8 +53,8 @@ _BENCH = {**_SYNTHETIC_CIFAR, "model.dtype": "float32", "train.batch_size": 16,
           "train.log_every": 1, "optim.warmup_steps": 0, "sample.num": 16}
 
 PRESETS = {
-    "tiny": {"model.model_channels": 16, "model.channel_mult": (1, 2), "model.num_blocks": 1,
-             "model.attn_resolutions": (4,), "model.dtype": "float32",
+    "tiny": {"model.model_channels": 16, "model.channel_mult": (1,), "model.num_blocks": 1,
+             "model.attn_resolutions": (8,), "model.dtype": "float32",
              "data.name": "synthetic", "data.image_size": 8, "data.random_flip": False,
              "optim.warmup_steps": 0, "train.steps": 4, "train.batch_size": 16,
              "train.log_every": 2, "ckpt.every_steps": 2, "sample.every_steps": 0,

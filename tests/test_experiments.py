@@ -150,8 +150,8 @@ def run_tiny(name, workdir):
   return config, state
 
 
-@pytest.mark.parametrize("name", ["fm_toy2d", "quickstart", "fm_imagenet",
-                                  "starflow_digits"])
+# (STARFlow trains end to end through train.run in tests/test_arena.py, on toy2d.)
+@pytest.mark.parametrize("name", ["fm_toy2d", "quickstart", "fm_imagenet"])
 def test_tiny_run_writes_the_workdir_contract(name, tmp_path):
   config, state = run_tiny(name, tmp_path)
   steps = config.train.steps
@@ -225,8 +225,8 @@ def test_paper_scale_preset_shapes_and_reduced_depth_compile(name):
   kernels = [leaf for leaf in jax.tree.leaves(setup.abstract_state.params) if leaf.size >= 2**20]
   assert kernels and all("fsdp" in jax.tree.leaves(tuple(k.sharding.spec)) for k in kernels)
   with config.unlocked():
-    if config.model.name == "unet":  # one block per level and two levels, full width
-      config.model.update(dict(num_blocks=1, channel_mult=(2, 2)))
+    if config.model.name == "unet":  # one level of one block, at full width
+      config.model.update(dict(num_blocks=1, channel_mult=(2,)))
     else:
       config.model.depth = 1
   compiled, _, memory = train.compile_step(train.build(config))

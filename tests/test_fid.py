@@ -348,22 +348,20 @@ def test_bits_per_dim_needs_an_exact_likelihood():
 
 
 def test_eval_json_gains_the_extra_metrics(tmp_path, monkeypatch):
-  """run_eval merges bits/dim and FID into eval/step_N.json beside the loss."""
-  from flowjax import evals
-  config = tiny_config()
-  workdir = str(tmp_path / "run")
-  monkeypatch.setattr(train, "evaluate", lambda setup, state, step, workdir, writer: (
-      os.makedirs(os.path.join(workdir, "eval"), exist_ok=True) or {"eval_loss": 1.0}))
+  """Every evaluation (periodic in training and --mode=eval) merges the quality metrics into
+  eval/step_N.json beside the loss."""
+  from flowjax import evals, metrics
+  setup = train.build(tiny_config())
+  with train.context(setup):
+    state = setup.init_fn()
   monkeypatch.setattr(evals, "quality_metrics", lambda setup, state: {"eval_fid": 2.5})
-
-  class State:
-    step = 7
-
-  monkeypatch.setattr(evals, "load", lambda config, workdir: (None, State()))
-  result = evals.run_eval(config, workdir)
-  assert result == {"eval_loss": 1.0, "eval_fid": 2.5}
+  workdir = str(tmp_path)
+  writer = metrics.Writer(workdir, enabled=True)
+  result = train.evaluate(setup, state, 7, workdir, writer)
+  writer.close()
+  assert result["eval_fid"] == 2.5 and np.isfinite(result["eval_loss"])
   with open(os.path.join(workdir, "eval", "step_7.json")) as f:
-    assert json.load(f) == {"step": 7, "eval_loss": 1.0, "eval_fid": 2.5}
+    assert json.load(f) == {"step": 7, **result}
 
 
 def test_eval_reports_bits_per_dim_of_the_sampled_parameters_for_likelihood_models():
