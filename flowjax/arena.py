@@ -121,7 +121,12 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None) -> li
     overrides = {k: v for k, v in overrides.items() if k in keys or k in own}
     config = config_lib.load_experiment(experiment, None, **overrides)
     method_dir = os.path.join(workdir, method)
-    train.run(config, method_dir)
+    state = train.run(config, method_dir)
+    if int(state.step) < steps:
+      # Stopped by a signal (checkpoint saved): report nothing half-trained.
+      logging.warning("The arena stopped while training %s at step %d of %d; rerun the same "
+                      "command to resume.", method, int(state.step), steps)
+      raise SystemExit(1)
     results += evaluate_method(config, method_dir, method, step_counts, sample_method,
                                spec["num_samples"], suite)
   results = earlier_results(workdir, steps, chosen) + results
