@@ -8,7 +8,7 @@ devices is an estimate of the plan, not a measurement of TPU or GPU memory:
 Analytic parts, per device:
   state: parameters, optimizer state and EMA trees, from their shardings (exact);
   gradients: one parameter-sized tree, sharded like the parameters (exact);
-  activations: what the backward pass keeps, for transformer backbones only. Per block and
+  activations: what the backward pass keeps, for transformer backbones (DiT, TarFlow) only. Per block and
     example, with s tokens, width h, a heads and c-byte compute dtype, without rematerialisation:
     c (18 s h + a s^2): the normalised inputs of the attention and MLP, q, k, v, the attention
     probabilities, the attention output, the MLP's hidden layer before and after its activation
@@ -34,14 +34,19 @@ def _tree_bytes_per_device(abstract, shardings) -> int:
 
 
 def _transformer_shape(config, info):
-  """(blocks, tokens, width, heads, compute bytes) of a DiT-like backbone, or None."""
+  """(transformer layers, tokens, width, heads, compute bytes) of a DiT or an autoregressive
+  flow on images, or None."""
   model = config.model
-  if model.name != "dit":
+  if model.name not in ("dit", "tarflow") or len(info.image_shape) != 3:
     return None
   height, width = info.image_shape[:2]
   tokens = (height // model.patch_size) * (width // model.patch_size)
-  return (model.depth, tokens, model.hidden_size, model.num_heads,
-          jnp.dtype(model.dtype).itemsize)
+  if model.name == "dit":
+    layers = model.depth
+  else:  # autoregressive flow: shallow blocks and the deep one
+    deep = model.deep_layers or model.layers_per_block
+    layers = (model.num_blocks - 1) * model.layers_per_block + deep
+  return (layers, tokens, model.hidden_size, model.num_heads, jnp.dtype(model.dtype).itemsize)
 
 
 def activation_bytes(config, info, examples_per_device: int) -> int | None:
