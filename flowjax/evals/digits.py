@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
-from scipy import linalg
 
 from flowjax.data import digits
+from flowjax.evals.fid import feature_statistics, frechet_distance
 
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                             "digits_classifier.npz")
@@ -136,46 +136,6 @@ class Classifier:
   def logits(self, images) -> np.ndarray:
     """images: [N, 8, 8, 1] in [-1, 1]. Returns [N, 10] float32."""
     return self.features_and_logits(images)[1]
-
-
-def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """features: [N, F] with N >= 2. Returns (mean [F], covariance [F, F]), float64, unbiased."""
-  features = np.asarray(features, np.float64)
-  if features.ndim != 2 or len(features) < 2:
-    raise ValueError(f"Feature statistics need [N, F] features with N >= 2; got "
-                     f"{features.shape}.")
-  return features.mean(0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-  """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)): the Frechet (2-Wasserstein squared)
-  distance between N(mu1, C1) and N(mu2, C2); mu: [F], cov: [F, F] symmetric PSD.
-
-  tr (C1 C2)^(1/2) = tr (C1^(1/2) C2 C1^(1/2))^(1/2). As in the standard FID code, a
-  near-singular product is retried with eps * I added to both covariances, and the imaginary
-  part that rounding leaves in the square root is dropped only when it is negligible.
-  """
-  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-  cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
-  dim = len(mu1)
-  if (mu1.shape != (dim,) or mu2.shape != (dim,) or cov1.shape != (dim, dim) or
-      cov2.shape != (dim, dim)):
-    raise ValueError(f"frechet_distance needs mu1, mu2: [F] and cov1, cov2: [F, F]; got "
-                     f"{mu1.shape}, {cov1.shape}, {mu2.shape}, {cov2.shape}.")
-  covmean = linalg.sqrtm(cov1 @ cov2)
-  if not np.isfinite(covmean).all():
-    offset = eps * np.eye(dim)
-    covmean = linalg.sqrtm((cov1 + offset) @ (cov2 + offset))
-  if np.iscomplexobj(covmean):
-    imaginary = np.max(np.abs(np.diagonal(covmean).imag))
-    if imaginary > 1e-3 * max(1.0, np.max(np.abs(np.diagonal(covmean).real))):
-      raise ValueError(f"The square root of cov1 @ cov2 has an imaginary part of {imaginary:.3g} "
-                       f"on its diagonal; the covariances are not symmetric positive "
-                       f"semi-definite.")
-    covmean = covmean.real
-  diff = mu1 - mu2
-  return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(covmean))
 
 
 def _split(name: str) -> tuple[np.ndarray, np.ndarray]:
