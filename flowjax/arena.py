@@ -96,7 +96,7 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
       values = digits_metric.evaluate(samples, None if labels is None else np.asarray(labels),
                                       classifier=classifier)
     from flowjax import metrics
-    metrics.save_png(os.path.join(workdir, "samples", f"arena_{num_steps}_steps.png"),
+    metrics.save_png(os.path.join(workdir, "samples", f"arena_{calls}_steps.png"),
                      metrics.samples_picture(samples[:100] if suite == "digits" else samples))
     results.append(Result(method, calls, calls * (2 if guided else 1), values,
                           int(config.train.steps)))
@@ -174,6 +174,31 @@ def write_report(suite: str, workdir: str, steps: int, spec: dict, results) -> N
     json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
   plot(os.path.join(workdir, "arena.png"), by_method, metric, np.mean(floors) if floors else None,
        suite)
+  samples_figure(os.path.join(workdir, "arena_samples.png"), workdir, by_method, metric)
+
+
+def samples_figure(path: str, workdir: str, by_method: dict, metric: str) -> None:
+  """One row of sample pictures per method, one column per step count (DIR/<method>/samples/
+  arena_<N>_steps.png, written by the evaluation), each titled with its metric."""
+  from PIL import Image
+
+  from flowjax import plot as plot_lib
+  columns = sorted({n for entries in by_method.values() for n in entries})
+  plt = plot_lib.pyplot()
+  fig, axes = plt.subplots(len(by_method), len(columns), squeeze=False,
+                           figsize=(1.9 * len(columns), 2.0 * len(by_method)), dpi=100)
+  for row, (method, entries) in enumerate(by_method.items()):
+    for col, n in enumerate(columns):
+      ax = axes[row][col]
+      ax.axis("off")
+      picture = os.path.join(workdir, method, "samples", f"arena_{n}_steps.png")
+      if n not in entries or not os.path.exists(picture):
+        continue
+      ax.imshow(Image.open(picture))
+      ax.set_title(f"{method}, {n} steps\n{metric} {entries[n].metrics[metric]:.3g}", fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
 
 
 def plot(path: str, by_method: dict, metric: str, floor, title: str) -> None:

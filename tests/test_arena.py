@@ -27,6 +27,7 @@ def test_toy2d_arena_writes_table_and_plot(tmp_path, monkeypatch):
   for method in suite["methods"]:
     assert f"| {method} |" in table
   assert (tmp_path / "arena.png").stat().st_size > 1000
+  assert (tmp_path / "arena_samples.png").stat().st_size > 1000
   records = json.loads((tmp_path / "arena.json").read_text())
   assert all(r["metrics"]["energy_distance"] >= 0 for r in records)
   for method in suite["methods"]:
