@@ -8,13 +8,14 @@ devices is an estimate of the plan, not a measurement of TPU or GPU memory:
 Analytic parts, per device:
   state: parameters, optimizer state and EMA trees, from their shardings (exact);
   gradients: one parameter-sized tree, sharded like the parameters (exact);
-  activations: what the backward pass keeps, for transformer backbones (DiT, TarFlow) only. Per block and
-    example, with s tokens, width h, a heads and c-byte compute dtype, without rematerialisation:
-    c (18 s h + a s^2): the normalised inputs of the attention and MLP, q, k, v, the attention
-    probabilities, the attention output, the MLP's hidden layer before and after its activation
-    (4 h each) and the gated branches (the transformer count of Korthikanti et al., 2022, without
-    dropout masks); with `remat='full'` only each block's float32 input (4 s h) plus one block
-    being recomputed. Forward-mode objectives (MeanFlow's JVP) keep primal and tangent: twice.
+  activations: what the backward pass keeps, for transformer backbones (DiT, TarFlow) only.
+    Per block and example, with s tokens, width h, a heads and a c-byte compute dtype, without
+    rematerialisation: c (18 s h + a s^2): the normalised inputs of the attention and MLP, q, k,
+    v, the attention probabilities, the attention output, the MLP's hidden layer before and after
+    its activation (4 h each) and the gated branches (the transformer count of Korthikanti et
+    al., 2022, without dropout masks); with `remat='full'` only each block's float32 input
+    (4 s h) plus one block being recomputed. Forward-mode objectives (MeanFlow's JVP) keep primal
+    and tangent: twice.
 """
 
 import math
