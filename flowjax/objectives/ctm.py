@@ -310,7 +310,8 @@ class CTM:
 
   def parameterize(self, x_t, g, t, s):
     """G = (s / t) x_t + (1 - s / t) g; x_t, g: [B, ...]; t, s: [B]. G(x, t, t) = x exactly."""
-    ratio = paths.expand(s / t, x_t)
+    # s == t gives exactly x_t, also where a backend divides approximately.
+    ratio = paths.expand(jnp.where(s == t, 1.0, s / t), x_t)
     return ratio * x_t.astype(jnp.float32) + (1.0 - ratio) * g
 
   def g_fn(self, params, x_t, t, s, cond, rng=None, train=False):
