@@ -30,7 +30,8 @@ def get_config(arg=None):
   c.data.update(dict(name="digits", conditional=True, image_size=8))
   c.optim.update(dict(lr=2e-3, b2=0.95, weight_decay=1e-4, schedule="cosine",
                       warmup_steps=100, final_lr=1e-5, ema_decays=(0.995,)))
-  c.train.update(dict(steps=1500, batch_size=64, log_every=100, nonfinite="skip"))
+  c.train.update(dict(steps=1500, batch_size=64, log_every=100, nonfinite="skip",
+                      matmul_precision="float32"))
   c.ckpt.every_steps = 500
   c.eval.update(dict(every_steps=250, num_batches=4, split="test"))
   c.sample.update(dict(num=100, num_steps=1, method="kv_cache", guidance=1.0))

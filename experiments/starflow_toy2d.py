@@ -22,7 +22,8 @@ def get_config(arg=None):
   c.data.update(dict(name="toy2d", toy_distribution="checkerboard", conditional=False))
   c.optim.update(dict(lr=1e-3, b2=0.95, weight_decay=1e-4, schedule="cosine",
                       warmup_steps=100, final_lr=1e-5, ema_decays=(0.999,)))
-  c.train.update(dict(steps=10000, batch_size=256, log_every=100, nonfinite="skip"))
+  c.train.update(dict(steps=10000, batch_size=256, log_every=100, nonfinite="skip",
+                      matmul_precision="float32"))
   c.ckpt.every_steps = 1000
   c.sample.update(dict(num=4096, num_steps=1, method="kv_cache", guidance=1.0))
   config_lib.apply_preset(c, arg, PRESETS)

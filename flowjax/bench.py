@@ -154,7 +154,14 @@ def main(argv):
     result = autoregressive_sampling(_CONFIG.value, _AR_METHODS.value, _WORKDIR.value,
                                      max(_SAMPLE_REPEATS.value, 1))
   else:
-    result = benchmark(_CONFIG.value, _STEPS.value, _SAMPLE_REPEATS.value)
+    try:
+      result = benchmark(_CONFIG.value, _STEPS.value, _SAMPLE_REPEATS.value)
+    except Exception as error:
+      from flowjax import train
+      explained = train.out_of_memory(error, _CONFIG.value, 1, None)
+      if explained is None:
+        raise
+      raise explained from error
   text = json.dumps(result, indent=2)
   print(text)
   if _OUT.value:

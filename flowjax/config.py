@@ -17,10 +17,17 @@ SECTIONS = ("objective", "model", "data", "mesh", "sharding", "optim", "train", 
 
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_KEYS = (
-    "train.steps", "train.log_every", "train.dry_run", "train.progress", "mesh",
+    "train.steps", "train.log_every", "train.dry_run", "train.progress",
+    "train.matmul_precision", "mesh",
     "ckpt.every_steps", "ckpt.max_to_keep", "ckpt.async_save", "eval", "sample", "data.num_workers",
     "data.prefetch", "data.tfds_data_dir",
 )
+
+# train.matmul_precision: how float32 matrix products run. "default" is the backend's choice
+# (TensorFloat-32 on NVIDIA GPUs since Ampere, one bfloat16 pass on TPU; exact on CPU); "float32"
+# asks for full float32 products (slower on accelerators), "tensorfloat32" and "bfloat16" for
+# those explicitly. bfloat16 models are unaffected.
+MATMUL_PRECISIONS = ("default", "float32", "tensorfloat32", "bfloat16")
 
 # The logical axes models name (t5x-style); rules map them to mesh axes.
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "conv_in", "conv_out")
@@ -82,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=64, grad_accum_steps=1, log_every=50, dry_run=False,
-      nonfinite="stop", progress="auto"))
+      nonfinite="stop", progress="auto", matmul_precision="default"))
 
   c.ckpt = ml_collections.ConfigDict(dict(
       every_steps=500, max_to_keep=3, init_from="", async_save=True))
@@ -224,6 +231,7 @@ def validate(config, num_devices: int) -> None:
                                "sample.every_steps", "data.num_workers", "data.prefetch"))
   _one_of(config, "train.nonfinite", ("stop", "skip"))
   _one_of(config, "train.progress", ("auto", "bar", "lines"))
+  _one_of(config, "train.matmul_precision", MATMUL_PRECISIONS)
   _one_of(config, "optim.name", ("adamw", "adam", "sgd"))
   _one_of(config, "optim.schedule", ("constant", "cosine", "linear"))
   if "latent_scaling" in config.data:

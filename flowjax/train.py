@@ -34,6 +34,25 @@ class WorkdirError(RuntimeError):
   """The workdir belongs to another config, or cannot be written."""
 
 
+class OutOfMemoryError(MemoryError):
+  """The accelerator ran out of memory for the train step."""
+
+
+def out_of_memory(error: BaseException, config, step: int, latest_step) -> OutOfMemoryError | None:
+  """The OutOfMemoryError that explains `error` when it is XLA's RESOURCE_EXHAUSTED, else None."""
+  if not (isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)):
+    return None
+  kept = ("no checkpoint was written yet" if latest_step is None
+          else f"the checkpoint of step {latest_step} is intact")
+  return OutOfMemoryError(
+      f"The devices ran out of memory at step {step} (train.batch_size={config.train.batch_size} "
+      f"over {jax.device_count()} devices): {str(error).splitlines()[0][:200]}. Lower "
+      "train.batch_size or raise train.grad_accum_steps, set model.remat=full (DiT), or shard "
+      "the state over more devices (mesh.fsdp); `python -m flowjax.bench --config=... "
+      f"--config.train.dry_run=True` prints the memory plan per device. {kept[0].upper()}"
+      f"{kept[1:]}.")
+
+
 class Setup(NamedTuple):
   """Everything built from a config before any parameter exists."""
   config: Any
@@ -53,13 +72,20 @@ class Setup(NamedTuple):
   eval_rng: Any
 
 
-def context(setup_or_mesh, rules=None):
-  """The mesh and logical-axis rules under which models trace."""
-  mesh, rules = ((setup_or_mesh.mesh, setup_or_mesh.rules) if rules is None
-                 else (setup_or_mesh, rules))
+def context(setup_or_mesh, rules=None, precision: str = "default"):
+  """The mesh, logical-axis rules and float32 matmul precision (train.matmul_precision) under
+  which models trace; given a Setup, all three come from it."""
+  if rules is None:
+    setup = setup_or_mesh
+    mesh, rules = setup.mesh, setup.rules
+    precision = setup.config.train.get("matmul_precision", "default")
+  else:
+    mesh = setup_or_mesh
   stack = contextlib.ExitStack()
   stack.enter_context(jax.set_mesh(mesh))
   stack.enter_context(nn.logical_axis_rules(rules))
+  if precision != "default":
+    stack.enter_context(jax.default_matmul_precision(precision))
   return stack
 
 
@@ -95,7 +121,7 @@ def build(config, devices=None) -> Setup:
                       skipped=jnp.zeros((), jnp.int32))
 
   # Shapes and shardings: nothing is allocated.
-  with context(mesh, rules):
+  with context(mesh, rules, config.train.get("matmul_precision", "default")):
     abstract_boxed = jax.eval_shape(init_boxed, init_rng)
   sharding.check_rules(config.sharding, abstract_boxed, mesh)
   state_shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)
@@ -384,10 +410,13 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
           write_samples(setup, state, step, workdir, writer)
       if pending is not None:
         handle(*pending)
-  except BaseException:
+  except BaseException as error:
     # Whatever stops the loop, checkpoints already being written are completed.
     with contextlib.suppress(Exception):
       mngr.wait_until_finished()
+    explained = out_of_memory(error, config, step + 1, mngr.latest_step())
+    if explained is not None:
+      raise explained from error
     raise
 
   save(force=True)

@@ -8,6 +8,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Full float32 matrix products: the exact invariants (inverses, JVPs against finite differences)
+# hold to float32 tolerances on GPUs too, whose default for float32 is TensorFloat-32.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "float32")
 # One compilation cache for the whole session, shared with the subprocesses that tests start
 # (resumed and multi-process runs compile the same programs again): a cache hit returns the
 # executable XLA built before for the identical program and options.

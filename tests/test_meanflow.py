@@ -133,6 +133,25 @@ def test_jvp_is_the_total_time_derivative():
   np.testing.assert_allclose(u_tgt, v - (t - r)[:, None] * du_dt, rtol=1e-5, atol=1e-6)
 
 
+def test_jvp_pass_asks_for_float32_products():
+  """The JVP pass runs its matrix products in full float32 (HIGHEST) even under a lower ambient
+  precision (GPUs default to TensorFloat-32); jvp_precision='default' follows the ambient one."""
+  w = jax.random.normal(jax.random.key(0), (3, 3))
+  fn = lambda z, t, r: jnp.tanh(z @ w) * (t - r)[:, None]
+  z, t, r = jnp.ones((2, 3)), jnp.full((2,), 0.5), jnp.zeros((2,))
+
+  def precisions(precision):
+    with jax.default_matmul_precision("bfloat16"):
+      jaxpr = jax.make_jaxpr(lambda *a: meanflow.meanflow_target(fn, *a, precision))(z, t, r, z)
+    return {str(e.params["precision"]) for e in jaxpr.jaxpr.eqns
+            if e.primitive.name == "dot_general"}
+
+  assert precisions("float32") == {"(Precision.HIGHEST, Precision.HIGHEST)"}
+  assert "HIGHEST" not in str(precisions("default"))
+  with pytest.raises(ValueError, match="jvp_precision"):
+    make_objective(0, jvp_precision="fp32")
+
+
 def test_gaussian_closed_form_satisfies_the_identity_and_is_a_fixed_point():
   """For data N(mu, var I): u = v - (t - r) du/dt with du/dt = v d_z u + d_t u, and the
   implementation's target with u := the closed form and v_g := the marginal v returns u."""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowjax import checkpoint, config as config_lib, data, metrics, train
+from flowjax import checkpoint, config as config_lib, data, metrics, sharding, train
 
 
 def toy_config(**overrides):
@@ -39,12 +39,38 @@ def params_of(state):
     ({"optim.lr": -1.0}, "config.optim.lr=-1.0 must be >= 0"),
     ({"train.grad_accum_steps": 3}, "not divisible by config.train.grad_accum_steps=3"),
     ({"optim.ema_decays": (1.5,)}, "outside [0, 1)"),
+    ({"train.matmul_precision": "fp32"}, "Unknown value 'fp32'. Known: default, float32"),
 ])
 def test_bad_config_values_give_one_clear_error(overrides, message):
   config = toy_config(**overrides)
   with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(
       "[", r"\[").replace(")", r"\)")):
     config_lib.validate(config, 8)
+
+
+def test_matmul_precision_is_the_tracing_context():
+  config = toy_config(**{"train.matmul_precision": "tensorfloat32"})
+  mesh = sharding.make_mesh(config.mesh, jax.devices())
+  before = jax.config.jax_default_matmul_precision
+  with train.context(mesh, (), config.train.matmul_precision):
+    assert jax.config.jax_default_matmul_precision == "tensorfloat32"
+  with train.context(mesh, (), "default"):
+    assert jax.config.jax_default_matmul_precision == before
+  assert jax.config.jax_default_matmul_precision == before
+
+
+def test_out_of_memory_is_explained_and_other_errors_are_not():
+  config = toy_config()
+  error = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                     "allocate 90.08GiB with allocator GPU_0_bfc")
+  explained = train.out_of_memory(error, config, 7, 5)
+  assert isinstance(explained, train.OutOfMemoryError)
+  for part in ("at step 7", "90.08GiB", "train.batch_size", "model.remat=full", "mesh.fsdp",
+               "dry_run=True", "The checkpoint of step 5 is intact"):
+    assert part in str(explained)
+  assert "No checkpoint was written yet" in str(train.out_of_memory(error, config, 1, None))
+  assert train.out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: other"), config, 1, 0) is None
+  assert train.out_of_memory(ValueError("RESOURCE_EXHAUSTED"), config, 1, 0) is None
 
 
 def test_unknown_key_and_wrong_type_are_refused_by_the_locked_config():

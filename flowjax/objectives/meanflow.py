@@ -9,6 +9,7 @@ Conventions (section 0): t = 0 is data, t = 1 is noise, z_t = (1 - t) x + t eps 
 eps ~ N(0, I), v = eps - x; times go to the backbone in [0, 1] (its time_scale applies 1000).
 """
 
+import contextlib
 import dataclasses
 from typing import ClassVar
 
@@ -23,6 +24,7 @@ from flowjax.samplers import mean_flow
 
 TIME_SAMPLERS = ("logit_normal", "uniform")
 ERROR_REDUCTIONS = ("mean", "sum")
+JVP_PRECISIONS = ("float32", "default")
 
 
 def _check_choice(key: str, value: str, allowed) -> None:
@@ -30,17 +32,23 @@ def _check_choice(key: str, value: str, allowed) -> None:
     raise ValueError(f"objective.{key}: " + unknown_name_message(key, value, list(allowed)))
 
 
-def meanflow_target(average_velocity, z_t, t, r, v_g):
+def meanflow_target(average_velocity, z_t, t, r, v_g, precision: str = "float32"):
   """(u, u_tgt) of the MeanFlow identity for an average-velocity function, all float32.
 
   average_velocity: (z: [B, ...], t: [B], r: [B]) -> [B, ...]; z_t, v_g: [B, ...]; t, r: [B]
   with r <= t. (u, du/dt) = jvp(average_velocity, (z_t, t, r), (v_g, 1, 0)) and
   u_tgt = stop_gradient(v_g - clip(t - r, 0, 1) du/dt). u carries gradients; u_tgt does not.
+  precision: the matmul precision of the JVP pass ("float32": full float32 products for float32
+  networks also where the backend would use TensorFloat-32 or bfloat16 passes; "default": the
+  surrounding setting, train.matmul_precision).
   """
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   z_t, t, r, v_g = f32(z_t), f32(t), f32(r), f32(v_g)
   u_fn = lambda z, t_, r_: f32(average_velocity(z, t_, r_))
-  u, du_dt = jax.jvp(u_fn, (z_t, t, r), (v_g, jnp.ones_like(t), jnp.zeros_like(r)))
+  with contextlib.ExitStack() as stack:
+    if precision != "default":
+      stack.enter_context(jax.default_matmul_precision(precision))
+    u, du_dt = jax.jvp(u_fn, (z_t, t, r), (v_g, jnp.ones_like(t), jnp.zeros_like(r)))
   u_tgt = v_g - paths.expand(jnp.clip(t - r, 0.0, 1.0), z_t) * du_dt
   return u, jax.lax.stop_gradient(u_tgt)
 
@@ -63,7 +71,10 @@ class MeanFlow:
   guidance_w, guidance_kappa, guidance_t_min, guidance_t_max: training-time guidance,
     v_g = w v + (1 - w - kappa) u(z_t, t, 0, null) + kappa u(z_t, t, 0, y) for t in
     [t_min, t_max] and kept labels (effective scale w / (1 - kappa)); w = 1, kappa = 0 is off;
-  label_dropout: probability of the null label (index num_classes) during training.
+  label_dropout: probability of the null label (index num_classes) during training;
+  jvp_precision: matmul precision of the JVP pass (see `meanflow_target`; "float32" by default, so
+    the target's derivative is float32 on GPUs and TPUs too; "default" follows
+    train.matmul_precision).
   """
   model: nn.Module
   image_shape: tuple
@@ -80,15 +91,18 @@ class MeanFlow:
   guidance_t_min: float = 0.0
   guidance_t_max: float = 1.0
   label_dropout: float = 0.1
+  jvp_precision: str = "float32"
 
   DEFAULTS: ClassVar[dict] = dict(
       time_sampler="logit_normal", time_mean=-0.4, time_std=1.0, fraction_r_equals_t=0.75,
       error_reduction="mean", adaptive_p=1.0, adaptive_eps=0.01, guidance_w=1.0,
-      guidance_kappa=0.0, guidance_t_min=0.0, guidance_t_max=1.0, label_dropout=0.1)
+      guidance_kappa=0.0, guidance_t_min=0.0, guidance_t_max=1.0, label_dropout=0.1,
+      jvp_precision="float32")
 
   def __post_init__(self):
     _check_choice("time_sampler", self.time_sampler, TIME_SAMPLERS)
     _check_choice("error_reduction", self.error_reduction, ERROR_REDUCTIONS)
+    _check_choice("jvp_precision", self.jvp_precision, JVP_PRECISIONS)
     attention = getattr(self.model, "attention_impl", "xla")
     if attention == "cudnn":
       raise ValueError("objective 'meanflow' differentiates the backbone with jax.jvp, and "
@@ -193,7 +207,7 @@ class MeanFlow:
     v = path.velocity(x, eps, t)
     v_g = self.guided_velocity(params, z_t, t, v, cond)
     u_fn = lambda z, t_, r_: self.network(params, z, t_, t_ - r_, cond, rng, train=True)
-    u, u_tgt = meanflow_target(u_fn, z_t, t, r, v_g)
+    u, u_tgt = meanflow_target(u_fn, z_t, t, r, v_g, self.jvp_precision)
     squared = jnp.reshape(jnp.square(u - u_tgt), (x.shape[0], -1))
     error = jnp.mean(squared, axis=1) if self.error_reduction == "mean" else jnp.sum(squared, 1)
     weight = jax.lax.stop_gradient(1.0 / (error + self.adaptive_eps) ** self.adaptive_p)
