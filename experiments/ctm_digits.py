@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.model.update(dict(patch_size=2, hidden_size=96, depth=4, num_heads=4, time_scale=1000.0))
   c.data.update(dict(name="digits", conditional=True, image_size=8))
   c.optim.update(dict(lr=4e-4, schedule="cosine", warmup_steps=100, final_lr=1e-5,
-                      ema_decays=(0.999,), weight_decay=0.0))
+                      ema_decays=(0.995,), weight_decay=0.0))
   c.train.update(dict(steps=3000, batch_size=128, log_every=100))
   c.ckpt.every_steps = 500
   c.sample.update(dict(num=100, num_steps=2, method="karras", guidance=1.0))
