@@ -29,8 +29,8 @@ SUITES = {
                  "starflow": ("starflow_toy2d.py", [1], "kv_cache", {"model.hidden_size": 64})},
         overrides={"model.hidden_size": 256, "model.depth": 4, "train.batch_size": 512,
                    "data.toy_distribution": "checkerboard", "sample.every_steps": 0,
-                   "train.log_every": 500},
-        steps=4000, num_samples=4096, metric="energy_distance"),
+                   "train.log_every": 500, "optim.ema_decays": (0.995,)},
+        steps=2000, num_samples=4096, metric="energy_distance"),
     "digits": dict(
         methods={"flow_matching": ("quickstart.py", [1, 2, 4, 8, 100], "euler"),
                  "imm": ("imm_digits.py", [1, 2, 4, 8], "uniform"),
