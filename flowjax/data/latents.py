@@ -172,31 +172,42 @@ def local_batches(data_config, *, split: str, seed: int, global_batch_size: int,
 
 
 def decoder(data_config, split: str = "train") -> Callable:
-  """A jitted map from scaled latents [B, h, w, c] to images [B, H, W, C] float32 in [-1, 1].
+  """A map from scaled latents [B, h, w, c] to images [B, H, W, C] float32 in [-1, 1].
 
   The autoencoder (model config and weights path) is the one recorded in the cache of
-  data_config.name; the scaling is data_config.latent_scaling.
+  data_config.name; the scaling is data_config.latent_scaling. The weights are read and the
+  decoder compiled once per cache, split and scaling in a process; the weights are an argument of
+  the compiled function, not constants baked into it.
   """
+  spec_file = os.path.join(directory(data_config.name), split, SPEC_FILE)
+  written = os.path.getmtime(spec_file) if os.path.exists(spec_file) else None
+  return _decoder(data_config.name, split, data_config.get("latent_scaling", "channel"), written)
+
+
+@functools.lru_cache(maxsize=4)
+def _decoder(name: str, split: str, scaling: str, written) -> Callable:
+  """`decoder` for a cache whose spec file was written at time `written` (a new cache, new key)."""
+  del written
   import jax
   import ml_collections
 
   from flowjax import models
   from flowjax.models import autoencoder
 
-  root = directory(data_config.name)
+  root = directory(name)
   spec, _ = read_split(root, split)
-  offset, multiplier = scaling_of(root, split, data_config.get("latent_scaling", "channel"))
+  offset, multiplier = scaling_of(root, split, scaling)
   image_shape = tuple(spec["image_shape"])
   model_info = pipeline.DataInfo(image_shape=image_shape, num_classes=0, num_examples=None)
   model = models.build(ml_collections.ConfigDict(spec["autoencoder"]["model"]), model_info)
   params = autoencoder.load_params(spec["autoencoder"]["weights"], model, image_shape)
 
   @jax.jit
-  def decode_fn(latents):
+  def decode_fn(params, offset, multiplier, latents):
     z = latents / multiplier + offset
     return model.apply({"params": params}, z, method=model.decode)
 
-  return decode_fn
+  return lambda latents: decode_fn(params, offset, multiplier, latents)
 
 
 def image_decoder(data_config) -> Callable:
