@@ -179,7 +179,8 @@ class ExampleBatch:
 
   def __call__(self, k: int) -> dict[str, np.ndarray]:
     first = k * self.global_batch_size
-    elements = [self.examples[first + row] for row in range(*self.rows)]
+    # One batched read: sources with a batched reader (array_record) fetch the rows at once.
+    elements = self.examples._getitems([first + row for row in range(*self.rows)])
     return {key: np.stack([element[key] for element in elements]) for key in elements[0]}
 
 
