@@ -13,6 +13,7 @@ from safetensors import numpy as safetensors_numpy
 from flowjax.data.pipeline import DataInfo
 from flowjax.models import autoencoder
 from flowjax.objectives import autoencoder as autoencoder_objective
+from helpers import random_autoencoder_params
 
 SD_VAE_PARAMS = 83_653_863  # diffusers AutoencoderKL of stabilityai/sd-vae-ft-ema / ft-mse
 SD_VAE_TENSORS = 248
@@ -42,28 +43,13 @@ def sd_shapes():
   return autoencoder.abstract_params(autoencoder.AutoencoderKL(), (64, 64, 3))
 
 
-def random_params(model, image_shape, seed=0):
-  """Parameters drawn with NumPy in the model's shapes (no compiled init): kernels with variance
-  1 / fan_in, norm scales near 1 and biases near 0, all distinct from their init values."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(path[-1].key)
-    if name == "kernel":
-      return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    return (name == "scale") + 0.1 * rng.normal(size=leaf.shape)
-
-  shapes = autoencoder.abstract_params(model, image_shape)
-  return jax.tree_util.tree_map_with_path(lambda p, s: draw(p, s).astype(np.float32), shapes)
-
-
 @pytest.fixture(scope="module")
 def tiny():
   """A 2-level autoencoder with random parameters (norms and biases too, so that every tensor
   of a loaded file affects the outputs) and a jitted encode + decode."""
   model = autoencoder.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1,
                                     latent_channels=4, image_channels=3, norm_groups=4)
-  params = random_params(model, TINY_IMAGE_SHAPE)
+  params = random_autoencoder_params(model, TINY_IMAGE_SHAPE)
 
   @jax.jit
   def encode_decode(params, x):
@@ -224,7 +210,7 @@ def test_autoencoder_objective_trains_and_samples_images():
   images = jnp.tanh(jax.random.normal(jax.random.key(0), (16, 8, 8, 1)))
   batch = {"image": images}
   boxed, extra = jax.eval_shape(objective.init, jax.random.key(1), batch)
-  params = random_params(model, info.image_shape)
+  params = random_autoencoder_params(model, info.image_shape)
   assert jax.tree.structure(nn.meta.unbox(boxed)) == jax.tree.structure(params)
   assert extra == {}
   tx = optax.adam(1e-2)

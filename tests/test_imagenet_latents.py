@@ -18,6 +18,7 @@ from flowjax import metrics, train
 from flowjax.data import cache_latents, latents
 from flowjax.data.pipeline import DataInfo
 from flowjax.models import autoencoder
+from helpers import random_autoencoder_params
 
 NUM_IMAGES = 16  # mock imagenet2012 train examples: random sizes, labels in [0, 1000)
 IMAGE_SIZE = 64  # the tiny SD-VAE preset's resolution: latents 64 / 8 = 8 x 8 x 4
@@ -26,21 +27,6 @@ IMAGENET_CLASSES = 1000
 STEPS = 2
 EXPERIMENTS = ("fm_imagenet", "imm_imagenet", "meanflow_imagenet", "shortcut_imagenet",
                "starflow_imagenet")
-
-
-def random_params(model, image_shape, seed=0):
-  """NumPy draws in the model's parameter shapes: kernels N(0, 1 / fan_in), norm scales near 1,
-  biases near 0."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(path[-1].key)
-    if name == "kernel":
-      return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    return (name == "scale") + 0.1 * rng.normal(size=leaf.shape)
-
-  shapes = autoencoder.abstract_params(model, image_shape)
-  return jax.tree_util.tree_map_with_path(lambda p, s: draw(p, s).astype(np.float32), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,7 @@ def imagenet_latents(tmp_path_factory):
                                       **{"data.name": "tfds:imagenet2012"})
   image_shape = (config.data.image_size, config.data.image_size, 3)
   model = autoencoder.build(config.model, DataInfo(image_shape, 0, None))
-  params = random_params(model, image_shape)
+  params = random_autoencoder_params(model, image_shape)
   weights = str(root / "diffusion_pytorch_model.safetensors")
   safetensors_numpy.save_file(autoencoder.to_diffusers(params), weights)
   out = str(root / "latents")

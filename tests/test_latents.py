@@ -15,23 +15,10 @@ from flowjax import data, sharding, train
 from flowjax.data import cache_latents, digits, latents
 from flowjax.data.pipeline import DataInfo
 from flowjax.models import autoencoder
+from helpers import random_autoencoder_params
 
 BATCH = 64
 SHARD = 512  # 1500 digits -> shards of 512, 512, 476
-
-
-def random_params(model, image_shape, seed=0):
-  """Parameters drawn with NumPy in the model's shapes (kernels with variance 1 / fan_in)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(path[-1].key)
-    if name == "kernel":
-      return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    return (name == "scale") + 0.1 * rng.normal(size=leaf.shape)
-
-  shapes = autoencoder.abstract_params(model, image_shape)
-  return jax.tree_util.tree_map_with_path(lambda p, s: draw(p, s).astype(np.float32), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +29,7 @@ def cached(tmp_path_factory):
   config = config_lib.load_experiment("experiments/autoencoder_digits.py", "tiny",
                                       **{"model.scaling_factor": 0.5})
   model = autoencoder.build(config.model, DataInfo((8, 8, 1), 0, None))
-  params = random_params(model, (8, 8, 1))
+  params = random_autoencoder_params(model, (8, 8, 1))
   weights = str(root / "vae.safetensors")
   safetensors_numpy.save_file(autoencoder.to_diffusers(params), weights)
   out = str(root / "cache")
