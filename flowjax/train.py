@@ -45,7 +45,7 @@ def out_of_memory(error: BaseException, config, step: int, latest_step) -> OutOf
   kept = ("no checkpoint was written yet" if latest_step is None
           else f"the checkpoint of step {latest_step} is intact")
   return OutOfMemoryError(
-      f"The devices ran out of memory at step {step} (train.batch_size={config.train.batch_size} "
+      f"The devices ran out of memory by step {step} (train.batch_size={config.train.batch_size} "
       f"over {jax.device_count()} devices): {str(error).splitlines()[0][:200]}. Lower "
       "train.batch_size or raise train.grad_accum_steps, set model.remat=full (DiT), or shard "
       "the state over more devices (mesh.fsdp); `python -m flowjax.bench --config=... "
@@ -72,13 +72,18 @@ class Setup(NamedTuple):
   eval_rng: Any
 
 
+def matmul_precision(config) -> str:
+  """train.matmul_precision ("default" for configs written before the key existed)."""
+  return config.train.get("matmul_precision", "default")
+
+
 def context(setup_or_mesh, rules=None, precision: str = "default"):
   """The mesh, logical-axis rules and float32 matmul precision (train.matmul_precision) under
   which models trace; given a Setup, all three come from it."""
   if rules is None:
     setup = setup_or_mesh
     mesh, rules = setup.mesh, setup.rules
-    precision = setup.config.train.get("matmul_precision", "default")
+    precision = matmul_precision(setup.config)
   else:
     mesh = setup_or_mesh
   stack = contextlib.ExitStack()
@@ -121,7 +126,7 @@ def build(config, devices=None) -> Setup:
                       skipped=jnp.zeros((), jnp.int32))
 
   # Shapes and shardings: nothing is allocated.
-  with context(mesh, rules, config.train.get("matmul_precision", "default")):
+  with context(mesh, rules, matmul_precision(config)):
     abstract_boxed = jax.eval_shape(init_boxed, init_rng)
   sharding.check_rules(config.sharding, abstract_boxed, mesh)
   state_shardings = sharding.tree_shardings(abstract_boxed, mesh, rules)

@@ -65,7 +65,7 @@ def test_out_of_memory_is_explained_and_other_errors_are_not():
                                      "allocate 90.08GiB with allocator GPU_0_bfc")
   explained = train.out_of_memory(error, config, 7, 5)
   assert isinstance(explained, train.OutOfMemoryError)
-  for part in ("at step 7", "90.08GiB", "train.batch_size", "model.remat=full", "mesh.fsdp",
+  for part in ("by step 7", "90.08GiB", "train.batch_size", "model.remat=full", "mesh.fsdp",
                "dry_run=True", "The checkpoint of step 5 is intact"):
     assert part in str(explained)
   assert "No checkpoint was written yet" in str(train.out_of_memory(error, config, 1, None))

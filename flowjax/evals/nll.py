@@ -60,7 +60,7 @@ def bits_per_dim(objective, params, config, split: str | None = None,
                        seed=config.seed, sharding=sharding.batch_sharding(mesh), shuffle=False)
   total = 0.0
   try:
-    with train.context(mesh, rules, config.train.get("matmul_precision", "default")):
+    with train.context(mesh, rules, train.matmul_precision(config)):
       for index in range(num_batches):
         total += float(nll(params, next(batches), jax.random.fold_in(rng, index)))
   finally:
