@@ -19,7 +19,6 @@ import numpy as np
 from flowjax import config as config_lib
 from flowjax import metrics
 from flowjax import plot
-from flowjax import sharding
 from flowjax import train as train_lib
 
 
@@ -84,10 +83,7 @@ class Trained:
                 guidance=sample_config.guidance if guidance is None else float(guidance))
     key = (int(num),) + tuple(sorted(args.items()))
     if key not in self._samplers:
-      objective = self.setup.objective
-      self._samplers[key] = jax.jit(
-          lambda params, rng, cond: objective.sample(params, rng, int(num), cond, **args),
-          out_shardings=sharding.replicated(self.setup.mesh))
+      self._samplers[key] = train_lib.sample_fn(self.setup, int(num), **args)
     return self._samplers[key]
 
   def sample(self, num: int = 16, *, num_steps: int | None = None, method: str | None = None,
@@ -107,7 +103,7 @@ class Trained:
       raise ValueError("labels were given, but this model is unconditional (data.conditional="
                        "False); call sample() without labels.")
     use_ema = self.config.sample.use_ema if use_ema is None else use_ema
-    params = train_lib.sampling_params(self.state, use_ema)
+    params = train_lib.sampling_params(self.state, self.config, use_ema)
     with train_lib.context(self.setup):
       out = self.sampler(num, num_steps, method, guidance)(params, jax.random.key(seed), labels)
     return np.asarray(jax.device_get(out))

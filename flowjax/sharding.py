@@ -163,6 +163,32 @@ def tree_shardings(abstract_boxed, mesh, axis_rules):
       specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def for_compute(shardings):
+  """The shardings arrays take inside a step: `shardings` with the batch axes (data, fsdp)
+  removed from every dimension, so parameters are gathered over data x fsdp where they are used
+  and stay split only over the model-parallel axis (tensor).
+
+  Storage (state, checkpoints, optimizer) keeps the declared shardings; the step constrains its
+  parameters to these compute shardings and its gradients back to the storage shardings, which
+  is fully sharded data parallelism (ZeRO-3) written out rather than left to the partitioner. It
+  is also what keeps the gradients right: when an operand's batch dimension is split over
+  (data, fsdp) and a parameter's dimension over fsdp, with data and tensor above 1 as well,
+  XLA's SPMD partitioner (jax 0.10.2, Shardy and GSPMD alike) transposes the batch blocks of the
+  cotangent of a dot product and does not transpose them back, so the gradients of the layers
+  below come out wrong (BUILD.md has a 20-line reproducer).
+  """
+  def strip(sharding):
+    if not isinstance(sharding, NamedSharding):
+      return sharding
+    spec = []
+    for entry in sharding.spec:
+      axes = entry if isinstance(entry, tuple) else ((entry,) if entry is not None else ())
+      kept = tuple(a for a in axes if a not in BATCH_AXES)
+      spec.append(kept if len(kept) > 1 else (kept[0] if kept else None))
+    return NamedSharding(sharding.mesh, P(*spec))
+  return jax.tree.map(strip, shardings)
+
+
 def describe(shardings, abstract, max_rows: int = 60) -> str:
   """A table of each array's shape, sharding and bytes per device."""
   rows = []

@@ -4,13 +4,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flowjax import optim
+from flowjax import optim, sharding
 from flowjax.state import TrainState
 
 
 def view_of(state: TrainState) -> dict:
   """Read-only state an objective may use besides its parameters."""
   return {"ema": state.ema, "extra": state.extra, "step": state.step}
+
+
+def gather_for_compute(tree, shardings):
+  """`tree` constrained to the compute shardings of `shardings` (sharding.for_compute); the
+  identity when shardings is None (no mesh)."""
+  if shardings is None:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, sharding.for_compute(shardings))
 
 
 def _split_microbatches(batch: dict, num: int) -> dict:
@@ -20,25 +28,28 @@ def _split_microbatches(batch: dict, num: int) -> dict:
       lambda x: jnp.swapaxes(x.reshape((x.shape[0] // num, num) + x.shape[1:]), 0, 1), batch)
 
 
-def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, optim_config,
-                    train_config, step_rng: jax.Array):
-  """Returns train_step(state, batch) -> (state, metrics).
+def make_gradient(objective, train_config, step_rng: jax.Array, state_shardings=None):
+  """Returns gradient(state, batch) -> (loss, metrics, grads): the train step's gradient, mean
+  over `train.grad_accum_steps` microbatches.
 
-  The per-step key is fold_in(step_rng, step); microbatch j of a gradient-accumulated step
-  uses fold_in(step key, j). A non-finite loss or gradient norm leaves the state unchanged except
-  for `skipped`, and is reported as metrics["nonfinite"] = 1 for the host to act on
-  (`train.nonfinite`).
+  With `state_shardings` (the state's storage shardings on a mesh), params, EMA and extra enter
+  the objective gathered to their compute shardings (`sharding.for_compute`) and the gradients
+  leave on the parameters' storage shardings.
   """
   accum = train_config.grad_accum_steps
-  decays = tuple(optim_config.ema_decays)
 
   def grads_of(params, batch, key, step, view):
     (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(
         params, batch, key, step, view)
     return loss, metrics, grads
 
-  def train_step(state: TrainState, batch: dict):
+  def gradient(state: TrainState, batch: dict):
     step_key = jax.random.fold_in(step_rng, state.step)
+    if state_shardings is not None:
+      state = state.replace(
+          params=gather_for_compute(state.params, state_shardings.params),
+          ema=gather_for_compute(state.ema, state_shardings.ema),
+          extra=gather_for_compute(state.extra, state_shardings.extra))
     view = view_of(state)
     if accum == 1:
       loss, metrics, grads = grads_of(state.params, batch, step_key, state.step, view)
@@ -57,7 +68,27 @@ def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, op
       zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
       (loss, metrics, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
       loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+    if state_shardings is not None:
+      grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
+    return loss, metrics, grads
 
+  return gradient
+
+
+def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, optim_config,
+                    train_config, step_rng: jax.Array, state_shardings=None):
+  """Returns train_step(state, batch) -> (state, metrics).
+
+  The per-step key is fold_in(step_rng, step); microbatch j of a gradient-accumulated step
+  uses fold_in(step key, j). A non-finite loss or gradient norm leaves the state unchanged except
+  for `skipped`, and is reported as metrics["nonfinite"] = 1 for the host to act on
+  (`train.nonfinite`). `state_shardings`: see make_gradient.
+  """
+  decays = tuple(optim_config.ema_decays)
+  gradient = make_gradient(objective, train_config, step_rng, state_shardings)
+
+  def train_step(state: TrainState, batch: dict):
+    loss, metrics, grads = gradient(state, batch)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -66,17 +97,25 @@ def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, op
     updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
     new_state = jax.tree.map(lambda u, k: jnp.where(finite, u, k), updated, kept)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr_schedule(state.step),
+    # The optimizer's own count advances only on applied updates, so the rate it applies now is
+    # the schedule at step - skipped.
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                   lr=lr_schedule(state.step - state.skipped),
                    nonfinite=(~finite).astype(jnp.int32), skipped=new_state.skipped)
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(objective, eval_rng: jax.Array):
+def make_eval_step(objective, eval_rng: jax.Array, state_shardings=None):
   """Returns eval_step(params, view, batch, index) -> metrics, the objective's loss on a batch with
-  a fixed key per batch index (so evaluations are comparable across steps)."""
+  a fixed key per batch index (so evaluations are comparable across steps). `state_shardings`:
+  see make_gradient."""
   def eval_step(params, view, batch, index):
+    if state_shardings is not None:
+      params = gather_for_compute(params, state_shardings.params)
+      view = dict(view, ema=gather_for_compute(view["ema"], state_shardings.ema),
+                  extra=gather_for_compute(view["extra"], state_shardings.extra))
     loss, metrics = objective.loss(params, batch, jax.random.fold_in(eval_rng, index),
                                    view["step"], view)
     return dict(metrics, loss=loss)

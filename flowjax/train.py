@@ -137,10 +137,12 @@ def build(config, devices=None) -> Setup:
   batch_shardings = {k: v.sharding for k, v in batch_spec.items()}
   replicated = sharding.replicated(mesh)
   train_step = jax.jit(
-      step_lib.make_train_step(objective, tx, lr_schedule, config.optim, config.train, step_rng),
+      step_lib.make_train_step(objective, tx, lr_schedule, config.optim, config.train, step_rng,
+                               state_shardings),
       in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
       donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(objective, eval_rng), out_shardings=replicated)
+  eval_step = jax.jit(step_lib.make_eval_step(objective, eval_rng, state_shardings),
+                      out_shardings=replicated)
   return Setup(config, mesh, rules, info, objective, tx, lr_schedule, abstract_state,
                state_shardings, batch_spec, init_fn, train_step, eval_step, step_rng, eval_rng)
 
@@ -174,17 +176,43 @@ def sampler(setup: Setup, num: int | None = None):
   num = num or sample_config.num
   args = dict(num_steps=sample_config.num_steps, method=sample_config.method,
               guidance=sample_config.guidance)
-  return jax.jit(lambda params, rng, cond: setup.objective.sample(params, rng, num, cond, **args),
-                 out_shardings=sharding.replicated(setup.mesh))
+  return sample_fn(setup, num, **args)
+
+
+def sample_fn(setup: Setup, num: int, **sampler_args):
+  """jitted (params, rng, cond) -> [num, ...] samples of the objective, the parameters gathered
+  to their compute shardings as in the train step."""
+  shardings = setup.state_shardings.params
+
+  def sample(params, rng, cond):
+    params = step_lib.gather_for_compute(params, shardings)
+    return setup.objective.sample(params, rng, num, cond, **sampler_args)
+
+  return jax.jit(sample, out_shardings=sharding.replicated(setup.mesh))
 
 
 def sample_labels(info, num: int):
   return jnp.arange(num, dtype=jnp.int32) % info.num_classes if info.num_classes > 0 else None
 
 
-def sampling_params(state: TrainState, use_ema: bool):
-  if use_ema and state.ema:
-    return next(iter(state.ema.values()))
+def sampled_ema_key(config) -> str | None:
+  """The key in TrainState.ema of the EMA that samples and evaluations use: config.sample.ema_decay,
+  or the first decay listed in optim.ema_decays when it is -1 (None: no EMA is kept). The EMA
+  dict's own order cannot say which is first: pytrees sort dict keys."""
+  decays = tuple(config.optim.ema_decays)
+  if not decays:
+    return None
+  decay = config.sample.get("ema_decay", -1.0)
+  return optim.ema_key(decays[0] if decay == -1.0 else decay)
+
+
+def sampling_params(state: TrainState, config, use_ema: bool | None = None):
+  """The parameters that samples and evaluations use: the configured EMA (sampled_ema_key) when
+  `use_ema` (default config.sample.use_ema) and an EMA is kept, else the trained parameters."""
+  use_ema = config.sample.use_ema if use_ema is None else use_ema
+  key = sampled_ema_key(config)
+  if use_ema and key is not None and state.ema:
+    return state.ema[key]
   return state.params
 
 
@@ -192,7 +220,8 @@ def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
   """Refuses a workdir whose config.json differs from `config` beyond the resumable keys."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # One probe per process: the processes of a multi-host run check the same workdir at once.
+    probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -242,7 +271,7 @@ def write_samples(setup: Setup, state: TrainState, step: int, workdir: str, writ
   config = setup.config
   rng = jax.random.fold_in(setup.eval_rng, step)
   with context(setup):
-    samples = sampler(setup)(sampling_params(state, config.sample.use_ema), rng,
+    samples = sampler(setup)(sampling_params(state, config), rng,
                              sample_labels(setup.info, config.sample.num))
   samples = np.asarray(jax.device_get(samples))
   picture = metrics.samples_picture(_as_images(config, samples))
@@ -335,6 +364,11 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
   is_host0 = jax.process_index() == 0
   setup = build(config, devices)
   if is_host0:
+    logging.info("%s", data.describe(config.data, setup.info))
+    if config.data.name == "synthetic":
+      logging.warning(
+          "data.name='synthetic': TRAINING ON RANDOM GAUSSIAN NOISE, not on a dataset. This is "
+          "for dry runs and benchmarks; pass --config.data.name=... to train on data.")
     logging.info("Parameters and optimizer state:\n%s",
                  sharding.describe(setup.state_shardings, setup.abstract_state))
   if not config.train.dry_run:
@@ -345,16 +379,42 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
     return None
 
   mngr = checkpoint.manager(workdir, config.ckpt)
-  state, data_state, start = restore_or_init(setup, mngr, workdir, allow_config_change)
-  if is_host0:
-    metrics.truncate_metrics(workdir, start)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
-  batches = data.build(config.data, split="train", global_batch_size=config.train.batch_size,
-                       seed=config.seed, sharding=sharding.batch_sharding(setup.mesh))
-  if data_state is not None:
-    batches.set_state(data_state)
-  writer = metrics.Writer(workdir, enabled=is_host0)
+  batches = writer = None
+  try:
+    state, data_state, start = restore_or_init(setup, mngr, workdir, allow_config_change)
+    if is_host0:
+      logged = metrics.last_logged_step(workdir) if start == 0 else None
+      if logged:
+        logging.warning(
+            "Starting from step 0 in %s, which has no checkpoint but logged steps up to %d "
+            "(its checkpoints were deleted or never written): those records of metrics.jsonl "
+            "are dropped.", workdir, logged)
+      metrics.truncate_metrics(workdir, start)
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(config))
+    batches = data.build(config.data, split="train", global_batch_size=config.train.batch_size,
+                         seed=config.seed, sharding=sharding.batch_sharding(setup.mesh))
+    if data_state is not None:
+      batches.set_state(data_state)
+    writer = metrics.Writer(workdir, enabled=is_host0)
+    return _train_loop(setup, compiled, state, start, mngr, batches, writer, workdir)
+  except BaseException:
+    # Whatever stops the run, checkpoints already being written are completed, and every
+    # background thread (orbax's writers, the data loader's prefetch) is stopped, so that the
+    # process exits with the error instead of waiting on them at shutdown.
+    with contextlib.suppress(Exception):
+      mngr.wait_until_finished()
+    for resource in (mngr, batches, writer):
+      if resource is not None:
+        with contextlib.suppress(Exception):
+          resource.close()
+    raise
+
+
+def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer, workdir: str):
+  """The loop of `run` from step `start` with the compiled step; returns the final state."""
+  config = setup.config
+  is_host0 = jax.process_index() == 0
   progress = metrics.Progress(config.train.steps, config.train.batch_size, start,
                               config.train.progress, enabled=is_host0)
   meta = {"fingerprint": config_lib.fingerprint(config), "identity": config_lib.identity(config)}
@@ -373,6 +433,14 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
     if values["nonfinite"]:
       logging.warning("Step %d: non-finite loss or gradient; update skipped (%d so far).", step,
                       values["skipped"])
+      limit = config.train.get("max_skipped", 20)
+      if values["skipped"] > limit:
+        checkpoint.finish(mngr)
+        raise NonFiniteError(
+            f"{values['skipped']} updates skipped for non-finite values by step {step}, more "
+            f"than train.max_skipped={limit}: the run is not training. The last checkpoint "
+            f"(step {mngr.latest_step()}) holds no skipped update's values. Lower optim.lr or "
+            "enable optim.grad_clip, or raise train.max_skipped.")
     if step % config.train.log_every == 0 or step == total:
       rate = progress.rate(step)
       writer.scalars(step, dict(values, steps_per_sec=rate,
@@ -416,7 +484,6 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
       if pending is not None:
         handle(*pending)
   except BaseException as error:
-    # Whatever stops the loop, checkpoints already being written are completed.
     with contextlib.suppress(Exception):
       mngr.wait_until_finished()
     explained = out_of_memory(error, config, step + 1, mngr.latest_step())
@@ -434,6 +501,10 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
     if not (config.sample.every_steps and step % config.sample.every_steps == 0):
       write_samples(setup, state, step, workdir, writer)
     logging.info("Finished %d steps in %s.", total, workdir)
+  skipped = int(jax.device_get(state.skipped))
+  if skipped:
+    logging.warning("%d of %d updates were skipped for non-finite values "
+                    "(train.nonfinite=skip).", skipped, step)
   progress.done()
   writer.close()
   mngr.close()

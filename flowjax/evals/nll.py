@@ -40,7 +40,7 @@ def bits_per_dim(objective, params, config, split: str | None = None,
   Returns:
     bits per dimension (float), averaged over every example read.
   """
-  from flowjax import data, sharding, train
+  from flowjax import data, sharding, step as step_lib, train
   if not has_likelihood(objective):
     raise NoLikelihoodError(
         f"{type(objective).__name__} has no exact likelihood (no nll(params, batch, rng) "
@@ -54,7 +54,15 @@ def bits_per_dim(objective, params, config, split: str | None = None,
   rules = sharding.rules(config.sharding)
   if rng is None:
     rng = jax.random.fold_in(jax.random.key(config.seed), _NLL_STREAM)
-  nll = jax.jit(lambda p, batch, key: jnp.mean(objective.nll(p, batch, key)),
+  # Parameters sharded on this mesh are gathered to their compute shardings, as in the train
+  # step (sharding.for_compute); others (host or single-device arrays) are left to jit.
+  param_shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), params)
+  on_mesh = [isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh
+             for s in jax.tree.leaves(param_shardings, is_leaf=lambda s: s is None)]
+  if not on_mesh or not all(on_mesh):
+    param_shardings = None
+  nll = jax.jit(lambda p, batch, key: jnp.mean(objective.nll(
+      step_lib.gather_for_compute(p, param_shardings), batch, key)),
                 out_shardings=sharding.replicated(mesh))
   batches = data.build(config.data, split=split, global_batch_size=config.train.batch_size,
                        seed=config.seed, sharding=sharding.batch_sharding(mesh), shuffle=False)
