@@ -8,8 +8,9 @@ concatenated into one mapping network, FIR resampling (1, 3, 3, 1), dropout 0.2;
 embedded (time_scale 1). Objective (ALGORITHMS.md section 3.1): adaptive weight p = 0.75,
 eps = 1e-3 on the per-example sum of squares, 75% of examples with r != t
 (fraction_r_equals_t = 0.25), no guidance. py-meanflow draws both times from
-logit-normal(-2, 2) in its own convention (t = 1 is data); flowjax's time is one minus it, so
-the same law here is logit-normal(+2, 2), with t the larger and r the smaller draw.
+logit-normal(-2, 2) (its CIFAR-10 script's P_mean -2.0, P_std 2.0) and interpolates
+z_t = (1 - t) x + t e, the flowjax convention (t = 0 is data), so the law is the same here: most
+times lie near the data, with t the larger and r the smaller draw.
 Optimizer and schedule as in py-meanflow's CIFAR-10 run (8 GPUs x 128): Adam (0.9, 0.999), no
 weight decay, no gradient clipping, lr 6e-4 with a linear warm-up over 200 epochs (9,600 steps
 of 1,024 images) then constant, 16,000 epochs (768,000 steps), EMA decays 0.9999 (sampled),
@@ -28,7 +29,7 @@ from flowjax.models import unet
 def get_config(arg=None):
   c = config_lib.base_config()
   c.objective = objectives.default_config("meanflow")
-  c.objective.update(dict(time_sampler="logit_normal", time_mean=2.0, time_std=2.0,
+  c.objective.update(dict(time_sampler="logit_normal", time_mean=-2.0, time_std=2.0,
                           fraction_r_equals_t=0.25, error_reduction="sum", adaptive_p=0.75,
                           adaptive_eps=1e-3, guidance_w=1.0, guidance_kappa=0.0,
                           guidance_t_min=0.0, guidance_t_max=1.0, label_dropout=0.0))

@@ -71,7 +71,7 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
   from flowjax import evals, train
   from flowjax.evals import digits as digits_metric, toy2d as toy_metric
   setup, state = evals.load(config, workdir)
-  params = train.sampling_params(state, config.sample.use_ema)
+  params = train.sampling_params(state, config)
   labels = train.sample_labels(setup.info, num_samples)
   guided = labels is not None and config.sample.guidance != 1.0
   classifier = digits_metric.load_classifier() if suite == "digits" else None
@@ -108,6 +108,11 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None) -> li
   from flowjax import config as config_lib, train
   spec = SUITES[suite]
   steps = budget or spec["steps"]
+  unknown = [m for m in (methods or []) if m not in spec["methods"]]
+  if unknown:
+    from flowjax import registry
+    raise ValueError(registry.unknown_name_message(f"--methods entry of suite {suite!r}",
+                                                   unknown[0], list(spec["methods"])))
   chosen = [m for m in spec["methods"] if not methods or m in methods]
   results = []
   for method in chosen:
@@ -228,7 +233,12 @@ def main(argv=None):
   metrics.quiet_libraries()
   from flowjax import sharding
   sharding.start_runtime()
-  methods = [m for m in args.methods.split(",") if m]
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  unknown = [m for m in methods if m not in SUITES[args.suite]["methods"]]
+  if unknown:
+    from flowjax import registry
+    parser.error(registry.unknown_name_message(f"--methods entry of suite {args.suite!r}",
+                                               unknown[0], list(SUITES[args.suite]["methods"])))
   run(args.suite, args.workdir, args.budget, methods)
   print(open(os.path.join(args.workdir, "arena.md")).read())
 

@@ -83,7 +83,7 @@ def benchmark(config, steps: int, sample_repeats: int) -> dict:
 
   if sample_repeats:
     sample = train.sampler(setup)
-    params = train.sampling_params(state, config.sample.use_ema)
+    params = train.sampling_params(state, config)
     labels = train.sample_labels(setup.info, config.sample.num)
     with train.context(setup):
       start = time.perf_counter()
@@ -124,7 +124,7 @@ def autoregressive_sampling(config, methods, workdir: str | None = None,
   else:
     with train.context(setup):
       state, step = setup.init_fn(), 0
-  params = train.sampling_params(state, config.sample.use_ema)
+  params = train.sampling_params(state, config)
   labels = train.sample_labels(setup.info, config.sample.num)
   result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "step": int(step), "sample_num": config.sample.num,

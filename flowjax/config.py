@@ -17,7 +17,7 @@ SECTIONS = ("objective", "model", "data", "mesh", "sharding", "optim", "train", 
 
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_KEYS = (
-    "train.steps", "train.log_every", "train.dry_run", "train.progress",
+    "train.steps", "train.log_every", "train.dry_run", "train.progress", "train.max_skipped",
     "train.matmul_precision", "mesh",
     "ckpt.every_steps", "ckpt.max_to_keep", "ckpt.async_save", "eval", "sample", "data.num_workers",
     "data.prefetch", "data.tfds_data_dir",
@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=64, grad_accum_steps=1, log_every=50, dry_run=False,
-      nonfinite="stop", progress="auto", matmul_precision="default"))
+      nonfinite="stop", max_skipped=20, progress="auto", matmul_precision="default"))
 
   c.ckpt = ml_collections.ConfigDict(dict(
       every_steps=500, max_to_keep=3, init_from="", async_save=True))
@@ -99,7 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
                                           fid_num_samples=50_000))
 
   c.sample = ml_collections.ConfigDict(dict(
-      every_steps=0, num=64, num_steps=50, method="euler", guidance=1.0, use_ema=True))
+      every_steps=0, num=64, num_steps=50, method="euler", guidance=1.0, use_ema=True,
+      ema_decay=-1.0))
   return c
 
 
@@ -230,6 +231,9 @@ def validate(config, num_devices: int) -> None:
                                "optim.grad_clip", "ckpt.every_steps", "eval.every_steps",
                                "sample.every_steps", "data.num_workers", "data.prefetch"))
   _one_of(config, "train.nonfinite", ("stop", "skip"))
+  _check(config.train.get("max_skipped", 0) >= 0,
+         f"config.train.max_skipped={config.train.get('max_skipped')}: use 0 or more (the "
+         "number of skipped non-finite updates after which train.nonfinite=skip stops).")
   _one_of(config, "train.progress", ("auto", "bar", "lines"))
   _one_of(config, "train.matmul_precision", MATMUL_PRECISIONS)
   _one_of(config, "optim.name", ("adamw", "adam", "sgd"))
@@ -238,6 +242,10 @@ def validate(config, num_devices: int) -> None:
     _one_of(config, "data.latent_scaling", ("channel", "factor", "none"))
   for decay in config.optim.ema_decays:
     _check(0.0 <= decay < 1.0, f"config.optim.ema_decays: {decay} is outside [0, 1).")
+  sample_decay = config.sample.get("ema_decay", -1.0)
+  _check(sample_decay == -1.0 or sample_decay in tuple(config.optim.ema_decays),
+         f"config.sample.ema_decay={sample_decay} is not one of optim.ema_decays "
+         f"{tuple(config.optim.ema_decays)}; use one of them, or -1 for the first listed.")
   for key in ("dtype", "param_dtype"):
     if key in config.model:
       _one_of(config, f"model.{key}", ("float32", "bfloat16"))

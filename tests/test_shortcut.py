@@ -181,10 +181,18 @@ def reproduce_loss(objective, params, target_params, batch, rng):
 
 
 def test_targets_use_the_ema_parameters_and_are_clipped():
-  objective = make_objective(NUM_CLASSES, bootstrap_fraction=0.5, target_clip=0.5, guidance=1.5)
+  objective = make_objective(NUM_CLASSES, bootstrap_fraction=0.5, target_clip=0.5, guidance=1.5,
+                             target_ema="0.999")
   params, ema = random_params(objective, 4), random_params(objective, 5, scale=3.0)
   batch, rng = labelled_batch(6), jax.random.key(8)
   view = {"ema": {"0.999": ema, "0.9999": params}}
+  # Of several EMAs none is "the first" (pytrees sort dict keys): the choice must be named.
+  with pytest.raises(ValueError, match="set objective.target_ema"):
+    shortcut.Shortcut(**{**objective.__dict__, "target_ema": ""}).loss(
+        params, batch, rng, 0, view)
+  only = shortcut.Shortcut(**{**objective.__dict__, "target_ema": ""})
+  np.testing.assert_allclose(only.loss(params, batch, rng, 0, {"ema": {"0.999": ema}})[0],
+                             objective.loss(params, batch, rng, 0, view)[0], rtol=1e-6)
   loss, metrics = objective.loss(params, batch, rng, 0, view)
   with_ema, target = reproduce_loss(objective, params, ema, batch, rng)
   with_current, _ = reproduce_loss(objective, params, params, batch, rng)

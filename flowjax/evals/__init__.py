@@ -44,7 +44,7 @@ def quality_metrics(setup, state) -> dict:
   config = setup.config
   result = {}
   if nll.has_likelihood(setup.objective):
-    params = train.sampling_params(state, config.sample.use_ema)
+    params = train.sampling_params(state, config)
     result["eval_bits_per_dim"] = nll.bits_per_dim(setup.objective, params, config,
                                                    mesh=setup.mesh)
   result.update(fid.evaluate_run(setup, state))

@@ -744,7 +744,7 @@ def evaluate_run(setup, state, *, image_size: int = INPUT_SIZE) -> dict[str, flo
     return {}
   chunk = config.train.batch_size
   sample = train.sampler(setup, chunk)
-  params = train.sampling_params(state, config.sample.use_ema)
+  params = train.sampling_params(state, config)
   labels = train.sample_labels(setup.info, chunk)
   rng = jax.random.fold_in(setup.eval_rng, _FID_SAMPLE_STREAM)
   features, logits = [], []

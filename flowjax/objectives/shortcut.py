@@ -78,7 +78,8 @@ class Shortcut:
   bootstrap_fraction: the fraction of each batch trained by self-consistency (1/8); the rest is
     flow matching at level L. The count is floor(B * bootstrap_fraction);
   target_ema: which EMA tree of the trainer (view["ema"], keyed by decay string such as "0.999")
-    builds the targets; "" takes the first, "current" the current parameters (stop-gradient);
+    builds the targets; "" takes the only one (an error when several are kept), "current" the
+    current parameters (stop-gradient);
   target_clip: self-consistency targets and their intermediate point are clipped to
     [-target_clip, target_clip] (4 in the reference, for data in [-1, 1]);
   guidance: classifier-free guidance scale baked into the level-(L - 1) targets (1 = off; the
@@ -162,10 +163,15 @@ class Shortcut:
       raise ValueError("objective 'shortcut' builds its targets from EMA parameters, but the "
                        "trainer keeps none; set optim.ema_decays (e.g. (0.999,)) or "
                        f"objective.target_ema='{CURRENT_PARAMS}'.")
+    if not self.target_ema and len(ema) > 1:
+      # A pytree's dict keys come back sorted, so "the first" of several would not be the first
+      # listed in optim.ema_decays: the choice must be explicit.
+      raise ValueError(f"optim.ema_decays has several decays {sorted(ema)}; set "
+                       "objective.target_ema to the one Shortcut's targets use.")
     key = self.target_ema or next(iter(ema))
     if key not in ema:
       raise ValueError(f"objective.target_ema={self.target_ema!r} is not one of the EMA decays "
-                       f"the trainer keeps, {sorted(ema)}; use one of them, '' (the first) or "
+                       f"the trainer keeps, {sorted(ema)}; use one of them, '' (the only one) or "
                        f"'{CURRENT_PARAMS}'.")
     return jax.lax.stop_gradient(ema[key])
 
