@@ -1,9 +1,11 @@
 """Flow matching with DiT-XL/2 on ImageNet-256 SD-VAE latents (32x32x4), class-conditional.
 
 python -m flowjax.main --config=experiments/fm_imagenet.py --workdir=DIR
-  --config.data.name selects the latent dataset; the default `synthetic` source has the latents'
-  shape (32x32x4, 1000 classes) for dry runs and benchmarks:
-python -m flowjax.bench --config=experiments/fm_imagenet.py --config.train.dry_run=True
+  --config.data.name=latents:DIR names the cached SD-VAE latents (README: Latent space); it has
+  no default, so a run never trains on stand-in data by accident. Dry runs and benchmarks take
+  random latents of the same shape (32x32x4, 1000 classes) with --config.data.name=synthetic:
+python -m flowjax.bench --config=experiments/fm_imagenet.py --config.data.name=synthetic \
+  --config.train.dry_run=True
 Presets: :XL (default, DiT-XL/2), :B (DiT-B/2), :tiny (a few CPU steps in tests).
 """
 
@@ -19,7 +21,7 @@ def get_config(arg=None):
   c.model = models.default_config("dit")
   c.model.update(dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
                       dtype="bfloat16", remat="none", attention_impl="xla"))
-  c.data.update(dict(name="synthetic", image_size=32, channels=4, num_classes=1000,
+  c.data.update(dict(name="latents:", image_size=32, channels=4, num_classes=1000,
                      conditional=True))
   c.optim.update(dict(lr=1e-4, b2=0.95, weight_decay=0.0, schedule="constant", grad_clip=1.0,
                       ema_decays=(0.9999,)))
@@ -33,7 +35,8 @@ def get_config(arg=None):
 PRESETS = {
     "XL": {},
     "B": {"model.hidden_size": 768, "model.depth": 12, "model.num_heads": 12},
-    "tiny": {"model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+    "tiny": {"data.name": "synthetic",
+             "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
              "model.dtype": "float32", "data.image_size": 8, "data.num_classes": 10,
              "train.steps": 4, "train.batch_size": 16, "train.log_every": 2,
              "ckpt.every_steps": 2, "sample.every_steps": 0, "sample.num": 8,

@@ -1,8 +1,9 @@
 """MeanFlow on ImageNet-256 SD-VAE latents (32x32x4), class-conditional, 1-NFE sampling.
 
 python -m flowjax.main --config=experiments/meanflow_imagenet.py:B4 --workdir=DIR
-  --config.data.name selects the latent dataset; the default `synthetic` source has the latents'
-  shape (32x32x4, 1000 classes) for dry runs and benchmarks.
+  --config.data.name=latents:DIR names the cached SD-VAE latents (README: Latent space); it has
+  no default, so a run never trains on stand-in data by accident. Dry runs and benchmarks take
+  random latents of the same shape (32x32x4, 1000 classes) with --config.data.name=synthetic.
 Settings of the paper's ImageNet runs (ALGORITHMS.md section 3.1): (t, r) from two
 logit-normal(-0.4, 1.0) draws, 75% of examples with r = t, adaptive weight p = 1, eps = 0.01 on
 the per-example sum of squares (error_reduction='sum'), batch 256, lr 1e-4 constant, EMA 0.9999,
@@ -29,7 +30,7 @@ def get_config(arg=None):
   c.model.update(dict(patch_size=4, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
                       dtype="bfloat16", remat="none", attention_impl="xla",
                       time_scale=1000.0))
-  c.data.update(dict(name="synthetic", image_size=32, channels=4, num_classes=1000,
+  c.data.update(dict(name="latents:", image_size=32, channels=4, num_classes=1000,
                      conditional=True))
   c.optim.update(dict(lr=1e-4, b2=0.95, weight_decay=0.0, schedule="constant", grad_clip=1.0,
                       ema_decays=(0.9999,)))
@@ -44,7 +45,8 @@ PRESETS = {
     "B4": {},
     "XL": {"model.patch_size": 2, "model.hidden_size": 1152, "model.depth": 28,
            "model.num_heads": 16},
-    "tiny": {"model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+    "tiny": {"data.name": "synthetic",
+             "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
              "model.patch_size": 2, "model.dtype": "float32", "data.image_size": 8,
              "data.num_classes": 10, "train.steps": 4, "train.batch_size": 16,
              "train.log_every": 2, "ckpt.every_steps": 2, "sample.every_steps": 0,

@@ -1,8 +1,9 @@
 """Shortcut model on ImageNet-256 SD-VAE latents (32x32x4), class-conditional, 1 to 128 steps.
 
 python -m flowjax.main --config=experiments/shortcut_imagenet.py:B --workdir=DIR
-  --config.data.name selects the latent dataset; the default `synthetic` source has the latents'
-  shape (32x32x4, 1000 classes) for dry runs and benchmarks.
+  --config.data.name=latents:DIR names the cached SD-VAE latents (README: Latent space); it has
+  no default, so a run never trains on stand-in data by accident. Dry runs and benchmarks take
+  random latents of the same shape (32x32x4, 1000 classes) with --config.data.name=synthetic.
 Settings of the reference (ALGORITHMS.md section 3.2, kvfrans/shortcut-models): M = 128 finest
 steps, 1/8 of each batch self-consistency with targets from the EMA (0.999) network clipped to
 [-4, 4], CFG 1.5 baked into the targets, label dropout 0.1, AdamW lr 1e-4 with weight decay 0.1
@@ -23,7 +24,7 @@ def get_config(arg=None):
   c.model = models.default_config("dit")
   c.model.update(dict(patch_size=2, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
                       dtype="bfloat16", remat="none", attention_impl="xla", time_scale=1000.0))
-  c.data.update(dict(name="synthetic", image_size=32, channels=4, num_classes=1000,
+  c.data.update(dict(name="latents:", image_size=32, channels=4, num_classes=1000,
                      conditional=True))
   c.optim.update(dict(name="adamw", lr=1e-4, weight_decay=0.1, schedule="constant",
                       grad_clip=1.0, ema_decays=(0.999,)))
@@ -37,7 +38,8 @@ def get_config(arg=None):
 PRESETS = {
     "B": {},
     "XL": {"model.hidden_size": 1152, "model.depth": 28, "model.num_heads": 16},
-    "tiny": {"model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
+    "tiny": {"data.name": "synthetic",
+             "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
              "model.dtype": "float32", "data.image_size": 8, "data.num_classes": 10,
              "train.steps": 4, "train.batch_size": 16, "train.log_every": 2,
              "ckpt.every_steps": 2, "sample.every_steps": 0, "sample.num": 8,

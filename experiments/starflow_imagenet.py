@@ -1,8 +1,9 @@
 """STARFlow on ImageNet-256 SD-VAE latents (32x32x4), class-conditional, deep-shallow.
 
 python -m flowjax.main --config=experiments/starflow_imagenet.py --workdir=DIR
-  --config.data.name selects the latent dataset; the default `synthetic` source has the latents'
-  shape (32x32x4, 1000 classes) for dry runs and benchmarks.
+  --config.data.name=latents:DIR names the cached SD-VAE latents (README: Latent space); it has
+  no default, so a run never trains on stand-in data by accident. Dry runs and benchmarks take
+  random latents of the same shape (32x32x4, 1000 classes) with --config.data.name=synthetic.
 STARFlow-XL-like (:XL, default): patch 1 (1024 tokens of 4 channels), width 1152, 6 blocks: 5
 shallow ones of 2 layers and the last (first inverted) deep one of 24 layers, the only block that
 reads the label; learned start token, softplus scale, soft clip 4, intermediate regulariser
@@ -27,7 +28,7 @@ def get_config(arg=None):
   c.model.update(dict(patch_size=1, hidden_size=1152, num_blocks=6, layers_per_block=2,
                       deep_layers=24, num_heads=16, start_token=True, scale="softplus",
                       soft_clip=4.0, condition="deep", positions="learned", dtype="bfloat16"))
-  c.data.update(dict(name="synthetic", image_size=32, channels=4, num_classes=1000,
+  c.data.update(dict(name="latents:", image_size=32, channels=4, num_classes=1000,
                      conditional=True))
   c.optim.update(dict(lr=1e-4, b1=0.9, b2=0.95, weight_decay=1e-4, schedule="cosine",
                       warmup_steps=5000, final_lr=1e-6, grad_clip=1.0, ema_decays=(0.9999,)))
@@ -41,7 +42,8 @@ def get_config(arg=None):
 
 PRESETS = {
     "XL": {},
-    "tiny": {"model.hidden_size": 16, "model.num_blocks": 2, "model.layers_per_block": 1,
+    "tiny": {"data.name": "synthetic",
+             "model.hidden_size": 16, "model.num_blocks": 2, "model.layers_per_block": 1,
              "model.deep_layers": 1, "model.num_heads": 2, "model.dtype": "float32",
              "data.image_size": 8, "data.num_classes": 10, "optim.warmup_steps": 0,
              "train.steps": 4, "train.batch_size": 16, "train.log_every": 2,

@@ -54,7 +54,23 @@ def main(argv):
       evals.run_sample(_CONFIG.value, _WORKDIR.value)
   except user_errors as error:
     logging.error("%s: %s", type(error).__name__, error)
-    sys.exit(1)
+    exit_now(1)
+  except KeyboardInterrupt:
+    logging.error("Interrupted.")
+    exit_now(130)
+  except Exception:  # a bug or an environment failure: its traceback, then the same prompt exit
+    logging.exception("flowjax stopped with an unexpected error:")
+    exit_now(1)
+
+
+def exit_now(code: int) -> None:
+  """Exits with `code` without waiting for background threads: after a failed asynchronous
+  save, orbax's signal-waiting threads never finish, and a pod job must end (and be restarted)
+  rather than hang at interpreter shutdown. Everything written so far is flushed first."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def parse_flags(argv):

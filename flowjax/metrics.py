@@ -4,6 +4,7 @@ Only process 0 writes; the writer is a no-op elsewhere.
 """
 
 import json
+import math
 import logging
 import os
 import sys
@@ -33,6 +34,21 @@ def truncate_metrics(workdir: str, step: int) -> None:
   with open(tmp, "w") as f:
     f.writelines(kept)
   os.replace(tmp, path)
+
+
+def last_logged_step(workdir: str) -> int | None:
+  """The largest step of the complete records in metrics.jsonl (None: no file or no record)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return None
+  steps = []
+  with open(path) as f:
+    for line in f:
+      try:
+        steps.append(int(json.loads(line)["step"]))
+      except (ValueError, KeyError, TypeError):
+        continue
+  return max(steps) if steps else None
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -74,9 +90,11 @@ class Writer:
       return
     record = {"step": int(step), **{k: _to_python(v) for k, v in values.items()}}
     with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
-      f.write(json.dumps(record) + "\n")
+      # Strict JSON: a non-finite value (a skipped step's loss) is written as null.
+      f.write(json.dumps({k: v if v is None or math.isfinite(v) else None
+                          for k, v in record.items()}, allow_nan=False) + "\n")
     for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)):
+      if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(key, value, step)
 
   def image(self, step: int, name: str, image: np.ndarray) -> None:

@@ -26,6 +26,27 @@ usage() {
 case "${1:-}" in
   -h | --help) usage ;;
 esac
+# The flowjax.main arguments must name the experiment and the workdir: refuse them here, before
+# any node, TPU or process is started.
+require_config_and_workdir() {
+  local has_config=0 has_workdir=0 arg
+  for arg in "$@"; do
+    case "$arg" in
+      --config=?* | --config) has_config=1 ;;
+      --workdir=?* | --workdir) has_workdir=1 ;;
+    esac
+  done
+  if [ "$has_config" = 0 ] || [ "$has_workdir" = 0 ]; then
+    local missing=()
+    [ "$has_config" = 1 ] || missing+=("--config=experiments/<name>.py")
+    [ "$has_workdir" = 1 ] || missing+=("--workdir=DIR")
+    echo "$0: the flowjax.main arguments lack ${missing[*]}" >&2
+    usage
+  fi
+}
+if [ "${FLOWJAX_SRUN_TASK:-0}" != 1 ]; then
+  require_config_and_workdir "$@"
+fi
 python=${PYTHON:-python3}
 script=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 
@@ -74,9 +95,26 @@ elif [ -n "${SLURM_JOB_ID:-}" ]; then
     "${srun_args[@]}" env FLOWJAX_SRUN_TASK=1 "PORT=$port" "PYTHON=$python" bash "$script"
   show_or_run "${srun:1}$args"
 else
-  if [ -z "${COORDINATOR_ADDRESS:-}" ] || ! is_int "${NUM_PROCESSES:-}" \
-      || ! is_int "${PROCESS_ID:-}"; then
-    echo "$0: without SLURM, set COORDINATOR_ADDRESS, NUM_PROCESSES and PROCESS_ID" >&2
+  problems=()
+  if [ -z "${COORDINATOR_ADDRESS:-}" ]; then
+    problems+=("COORDINATOR_ADDRESS is not set (host:port of the process with PROCESS_ID=0)")
+  elif ! [[ "$COORDINATOR_ADDRESS" =~ ^[^:[:space:]]+:[0-9]+$ ]]; then
+    problems+=("COORDINATOR_ADDRESS='$COORDINATOR_ADDRESS' is not host:port")
+  fi
+  if [ -z "${NUM_PROCESSES:-}" ]; then
+    problems+=("NUM_PROCESSES is not set (the number of nodes)")
+  elif ! is_int "$NUM_PROCESSES" || [ "$NUM_PROCESSES" -lt 1 ]; then
+    problems+=("NUM_PROCESSES='$NUM_PROCESSES' is not a positive integer")
+  fi
+  if [ -z "${PROCESS_ID:-}" ]; then
+    problems+=("PROCESS_ID is not set (0 to NUM_PROCESSES-1, different on every node)")
+  elif ! is_int "$PROCESS_ID"; then
+    problems+=("PROCESS_ID='$PROCESS_ID' is not a non-negative integer")
+  fi
+  if [ ${#problems[@]} -gt 0 ]; then
+    for problem in "${problems[@]}"; do
+      echo "$0: without SLURM, $problem" >&2
+    done
     usage
   fi
   if [ "$PROCESS_ID" -ge "$NUM_PROCESSES" ]; then

@@ -32,3 +32,16 @@ def test_toy2d_arena_writes_table_and_plot(tmp_path, monkeypatch):
   assert all(r["metrics"]["energy_distance"] >= 0 for r in records)
   for method in suite["methods"]:
     assert (tmp_path / method / "checkpoints" / "2").is_dir()
+
+
+def test_an_unknown_method_name_stops_before_anything_runs(tmp_path):
+  import subprocess
+  import sys
+  done = subprocess.run([sys.executable, "-m", "flowjax.arena", "--suite=toy2d",
+                         f"--workdir={tmp_path}", "--methods=meanflow,meenflow"],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert "Unknown --methods entry of suite 'toy2d' 'meenflow'. Did you mean 'meanflow'?" in (
+      done.stderr)
+  assert "Traceback" not in done.stderr
+  assert not any(tmp_path.iterdir())

@@ -10,6 +10,8 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -18,8 +20,8 @@ import pytest
 from flowjax import config as config_lib
 from flowjax import models, objectives, train
 
-EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "experiments")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS_DIR = os.path.join(ROOT, "experiments")
 EXPERIMENTS = sorted(os.path.basename(p)[:-3]
                      for p in glob.glob(os.path.join(EXPERIMENTS_DIR, "*.py")))
 COMMON_SECTIONS = ("data", "mesh", "sharding", "optim", "train", "ckpt", "eval", "sample")
@@ -76,10 +78,20 @@ def test_unknown_preset_is_an_error_naming_the_choices():
 
 # DiT-XL/2 at full size: shapes and shardings only (jax.eval_shape, nothing allocated).
 
+def stand_in_data(config):
+  """The config on `synthetic` data of the same shape: its dataset (tfds:, latents:) is not
+  prepared in tests."""
+  if config.data.name.startswith("tfds:"):  # images: 3 channels
+    config.data.update(dict(name="synthetic", channels=3))
+  elif config.data.name.startswith("latents:"):  # the experiment states the latents' shape
+    config.data.name = "synthetic"
+
+
 def xl_config(**overrides):
   config = load("fm_imagenet").get_config("XL")
   with config.unlocked():
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 4, 1
+    stand_in_data(config)
     for key, value in overrides.items():
       config_lib.set_dotted(config, key, value)
   return config
@@ -218,9 +230,7 @@ def test_paper_scale_preset_shapes_and_reduced_depth_compile(name):
   config = load(name).get_config(None)
   with config.unlocked():
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 4, 1
-    if config.data.name.startswith("tfds:"):  # the same shapes, without a prepared dataset
-      image_size = config.data.image_size
-      config.data.update(dict(name="synthetic", image_size=image_size, channels=3))
+    stand_in_data(config)  # the same shapes, without a prepared dataset
   setup = train.build(config)
   kernels = [leaf for leaf in jax.tree.leaves(setup.abstract_state.params) if leaf.size >= 2**20]
   assert kernels and all("fsdp" in jax.tree.leaves(tuple(k.sharding.spec)) for k in kernels)
@@ -239,6 +249,7 @@ def starflow_xl_config():
   config = load("starflow_imagenet").get_config("XL")
   with config.unlocked():
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 4, 1
+    stand_in_data(config)
   return config
 
 
@@ -278,3 +289,33 @@ def test_starflow_xl_reduced_depth_compiles():
     config.model.update(dict(num_blocks=2, layers_per_block=1, deep_layers=1))
   compiled, _, _ = train.compile_step(train.build(config))
   assert compiled is not None
+
+
+# Data sources: a paper experiment names its dataset, and the log names what a run trains on.
+
+@pytest.mark.parametrize("name", ["fm_imagenet", "imm_imagenet", "meanflow_imagenet",
+                                  "shortcut_imagenet", "starflow_imagenet"])
+def test_latent_experiments_do_not_fall_back_to_stand_in_data(name):
+  config = load(name).get_config(None)
+  assert config.data.name == "latents:"
+  with pytest.raises(config_lib.ConfigError, match="latents:DIR.*cache_latents|cache_latents"):
+    train.build(config)
+
+
+def test_the_first_log_lines_name_the_data_and_synthetic_is_loud(tmp_path):
+  def run(config, *overrides):
+    done = subprocess.run(
+        [sys.executable, "-m", "flowjax.main", f"--config={config}", "--num_cpu_devices=1",
+         f"--workdir={tmp_path / config.replace('/', '_')}", "--config.train.steps=1",
+         "--config.sample.every_steps=0", "--config.ckpt.every_steps=0", *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+  log = run("experiments/quickstart.py:tiny")
+  assert "Data: digits, split 'train': 1,500 examples of shape (8, 8, 1), 10 classes." in log
+  assert "RANDOM GAUSSIAN NOISE" not in log
+  log = run("experiments/fm_imagenet.py:tiny")
+  assert "Data: synthetic" in log
+  assert "data.name='synthetic': TRAINING ON RANDOM GAUSSIAN NOISE" in log
+  assert log.index("Data: synthetic") < log.index("Compiled the train step")

@@ -91,8 +91,9 @@ def test_tpu_pod_reuses_and_copies_local_checkout():
   assert "--worker=all" in unpack and "tar" in remote_command(unpack)
   assert "--worker=all" in run and flowjax_args(remote_command(run)) == ARGS
   # SYNC=0: only the run command.
-  (run_only,) = lines(launch(TPU_POD, ["my-tpu", "europe-west4-a"], PRINT_ONLY="1", SYNC="0"))
-  assert flowjax_args(remote_command(run_only)) == []
+  (run_only,) = lines(launch(TPU_POD, ["my-tpu", "europe-west4-a", *ARGS], PRINT_ONLY="1",
+                             SYNC="0"))
+  assert flowjax_args(remote_command(run_only)) == ARGS
 
 
 def test_tpu_pod_runs_the_printed_commands(tmp_path):
@@ -222,3 +223,39 @@ def test_start_runtime_explicit_coordinator_wins(initialize_calls, monkeypatch):
   sharding.start_runtime(None, "node0:1234", 2, 1)
   assert initialize_calls == [((), dict(coordinator_address="node0:1234", num_processes=2,
                                         process_id=1))]
+
+
+# --- every launcher: the missing piece is named --------------------------------------------------
+
+LOCAL = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+
+
+@pytest.mark.parametrize("script, lead", [(TPU_POD, ["t", "z"]), (GPU_MULTINODE, []),
+                                          (LOCAL, ["2"])])
+@pytest.mark.parametrize("drop, named", [("--config=", "--config=experiments/<name>.py"),
+                                         ("--workdir=", "--workdir=DIR")])
+def test_launchers_refuse_a_command_without_config_or_workdir(script, lead, drop, named):
+  args = lead + [a for a in ARGS if not a.startswith(drop)]
+  result = launch(script, args, PRINT_ONLY="1", COORDINATOR_ADDRESS="n:1", NUM_PROCESSES="2",
+                  PROCESS_ID="0")
+  assert result.returncode == 2 and result.stdout == ""
+  assert f"the flowjax.main arguments lack {named}" in result.stderr
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"NUM_PROCESSES": "2", "PROCESS_ID": "0"}, "COORDINATOR_ADDRESS is not set"),
+    ({"COORDINATOR_ADDRESS": "node0", "NUM_PROCESSES": "2", "PROCESS_ID": "0"},
+     "COORDINATOR_ADDRESS='node0' is not host:port"),
+    ({"COORDINATOR_ADDRESS": "n:1", "PROCESS_ID": "0"}, "NUM_PROCESSES is not set"),
+    ({"COORDINATOR_ADDRESS": "n:1", "NUM_PROCESSES": "two", "PROCESS_ID": "0"},
+     "NUM_PROCESSES='two' is not a positive integer"),
+    ({"COORDINATOR_ADDRESS": "n:1", "NUM_PROCESSES": "2"}, "PROCESS_ID is not set"),
+    ({"COORDINATOR_ADDRESS": "n:1", "NUM_PROCESSES": "2", "PROCESS_ID": "-1"},
+     "PROCESS_ID='-1' is not a non-negative integer"),
+])
+def test_gpu_multinode_names_the_variable_that_is_wrong(env, named):
+  result = launch(GPU_MULTINODE, ARGS, PRINT_ONLY="1", **env)
+  assert result.returncode == 2 and result.stdout == ""
+  assert named in result.stderr
+  others = {"COORDINATOR_ADDRESS", "NUM_PROCESSES", "PROCESS_ID"} - {named.split("=")[0].split()[0]}
+  assert not any(f"{other} is not set" in result.stderr for other in others if other in env)

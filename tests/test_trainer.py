@@ -317,3 +317,64 @@ def test_saves_that_keep_failing_stop_the_run_with_one_clear_error(tmp_path, mon
   state, _, _, step = checkpoint.restore_latest(mngr, setup.abstract_state)
   mngr.close()
   assert step == 2 and int(state.step) == 2
+
+
+class AlwaysPoisoned(PoisonedBatches):
+  """NaN images from global batch index `poisoned_index` on."""
+
+  def __next__(self):
+    batch = next(self.inner)
+    self.count += 1
+    if self.count - 1 >= self.poisoned_index:
+      batch = dict(batch, image=batch["image"] * jnp.nan)
+    return batch
+
+
+def test_skipping_stops_past_max_skipped_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                            monkeypatch):
+  build = data.build
+  monkeypatch.setattr(data, "build", lambda *a, **k: AlwaysPoisoned(build(*a, **k), 2)
+                      if k.get("split") == "train" else build(*a, **k))
+  config = toy_config(**{"train.nonfinite": "skip", "train.max_skipped": 3,
+                         "train.steps": 20})
+  with pytest.raises(train.NonFiniteError,
+                     match=r"4 updates skipped for non-finite values by step 6, more than "
+                           r"train.max_skipped=3.*last checkpoint \(step 6\)"):
+    train.run(config, str(tmp_path))
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [2, 4, 6]
+  # The checkpoints after the poison hold the parameters of step 2: no update was applied.
+  setup = train.build(config)
+  mngr = checkpoint.manager(str(tmp_path), config.ckpt)
+  last = jax.device_get(mngr.restore(6, args=checkpoint.ocp.args.Composite(
+      state=checkpoint.ocp.args.StandardRestore(setup.abstract_state))).state)
+  good = jax.device_get(mngr.restore(2, args=checkpoint.ocp.args.Composite(
+      state=checkpoint.ocp.args.StandardRestore(setup.abstract_state))).state)
+  mngr.close()
+  assert int(last.skipped) == 4 and params_of(last) and all(
+      np.array_equal(a, b) for a, b in zip(params_of(last), params_of(good)))
+
+
+def test_metrics_stay_strict_json_and_the_run_reports_its_skips(tmp_path, poison, caplog):
+  poison(2)
+  caplog.set_level("WARNING")
+  train.run(toy_config(**{"train.nonfinite": "skip"}), str(tmp_path))
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+
+  def refuse(constant):
+    raise ValueError(f"non-JSON constant {constant}")
+
+  records = [json.loads(line, parse_constant=refuse) for line in lines]
+  assert records[2]["step"] == 3 and records[2]["loss"] is None
+  assert records[2]["nonfinite"] == 1 and all(r["loss"] is not None for r in records[3:])
+  assert "1 of 6 updates were skipped for non-finite values" in caplog.text
+
+
+def test_a_fresh_start_over_logged_steps_says_so(tmp_path, caplog):
+  train.run(toy_config(**{"train.steps": 4}), str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints")
+  caplog.set_level("WARNING")
+  train.run(toy_config(**{"train.steps": 4}), str(tmp_path))
+  assert ("has no checkpoint but logged steps up to 4 (its checkpoints were deleted or never "
+          "written)") in caplog.text
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2, 3, 4]

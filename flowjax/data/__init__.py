@@ -27,8 +27,24 @@ def _source_module(name):
     return importlib.import_module("flowjax.data.tfds")
   if isinstance(name, str) and name.startswith(_LATENTS_PREFIX) and name != _LATENTS_PREFIX:
     return importlib.import_module("flowjax.data.latents")
+  if name == _LATENTS_PREFIX:
+    from flowjax.config import ConfigError
+    raise ConfigError(
+        "data.name='latents:' names no directory: this experiment trains on cached autoencoder "
+        "latents. Cache them once with `python -m flowjax.data.cache_latents "
+        "--config=experiments/sdvae_imagenet.py --weights=PATH --out=DIR` and pass "
+        "--config.data.name=latents:DIR (or --config.data.name=synthetic for a dry run or a "
+        "benchmark on random latents of the same shape).")
   known = sorted(_MODULES) + [_TFDS_PREFIX + "<name>", _LATENTS_PREFIX + "<DIR>"]
   raise ValueError(registry.unknown_name_message("data.name", str(name), known))
+
+
+def describe(data_config, info: DataInfo, split: str = "train") -> str:
+  """One line naming the data source, the split and its size, for the start of a run's log."""
+  size = "an endless stream" if info.num_examples is None else f"{info.num_examples:,} examples"
+  classes = f", {info.num_classes} classes" if info.num_classes else ", unconditional"
+  return (f"Data: {data_config.name}, split {split!r}: {size} of shape "
+          f"{tuple(info.image_shape)}{classes}.")
 
 
 def data_info(data_config, split: str = "train") -> DataInfo:
