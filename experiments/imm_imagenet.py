@@ -1,7 +1,7 @@
 """Inductive Moment Matching with DiT-XL/2 on ImageNet-256 SD-VAE latents (32x32x4).
 
-The paper's ImageNet setting (ALGORITHMS.md section 2): euler_fm output, the second time embedded
-as the stride t - s, loss weight exponent a = 2, groups of M = 4 particles, classifier-free
+The paper's ImageNet setting (Zhou et al., arXiv:2503.07565): euler_fm output, the second time
+embedded as the stride t - s, loss weight exponent a = 2, groups of M = 4 particles, classifier-free
 guidance 1.5 on the raw output; batch 4096, AdamW lr 1e-4, EMA 0.9999 (values recalled from the
 paper, not re-read in it). The batch must stay divisible by objective.group_size, and
 batch / group_size by the batch shards, so every M x M kernel matrix stays on one device. A

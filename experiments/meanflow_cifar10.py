@@ -5,7 +5,7 @@ python -m flowjax.main --config=experiments/meanflow_cifar10.py --workdir=DIR
 Network: the U-Net of Gsunshine/py-meanflow (flowjax.models.unet.UNET_PRESETS['meanflow_cifar10'],
 55,929,347 parameters): DDPM++ with 256-wide positional embeddings of t and h = t - r,
 concatenated into one mapping network, FIR resampling (1, 3, 3, 1), dropout 0.2; raw times are
-embedded (time_scale 1). Objective (ALGORITHMS.md section 3.1): adaptive weight p = 0.75,
+embedded (time_scale 1). Objective (Geng et al., arXiv:2505.13447): adaptive weight p = 0.75,
 eps = 1e-3 on the per-example sum of squares, 75% of examples with r != t
 (fraction_r_equals_t = 0.25), no guidance. py-meanflow draws both times from
 logit-normal(-2, 2) (its CIFAR-10 script's P_mean -2.0, P_std 2.0) and interpolates

@@ -4,12 +4,12 @@ python -m flowjax.main --config=experiments/meanflow_imagenet.py:B4 --workdir=DI
   --config.data.name=latents:DIR names the cached SD-VAE latents (README: Latent space); it has
   no default, so a run never trains on stand-in data by accident. Dry runs and benchmarks take
   random latents of the same shape (32x32x4, 1000 classes) with --config.data.name=synthetic.
-Settings of the paper's ImageNet runs (ALGORITHMS.md section 3.1): (t, r) from two
+Settings of the paper's ImageNet runs (Geng et al., arXiv:2505.13447): (t, r) from two
 logit-normal(-0.4, 1.0) draws, 75% of examples with r = t, adaptive weight p = 1, eps = 0.01 on
 the per-example sum of squares (error_reduction='sum'), batch 256, lr 1e-4 constant, EMA 0.9999,
-no CFG at inference. Training-time guidance is left off here (guidance_w=1, guidance_kappa=0):
-ALGORITHMS.md recalls the paper's defaults as w = 1, kappa = 0.5 without a per-model table, and
-those values are not re-read from the paper; set --config.objective.guidance_w /
+no CFG at inference. Training-time guidance is left off here (guidance_w=1, guidance_kappa=0),
+although the official configuration trains with omega = 1.0, kappa = 0.5: the per-model values
+are not yet checked against the paper's tables; set --config.objective.guidance_w /
 guidance_kappa / guidance_t_min / guidance_t_max to reproduce a guided run.
 The JVP needs attention with a JVP rule: model.attention_impl must be 'xla'.
 Presets: :B4 (default, DiT-B/4, the paper's MF-B/4), :XL (DiT-XL/2), :tiny (a few CPU steps).

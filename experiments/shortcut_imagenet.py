@@ -4,7 +4,7 @@ python -m flowjax.main --config=experiments/shortcut_imagenet.py:B --workdir=DIR
   --config.data.name=latents:DIR names the cached SD-VAE latents (README: Latent space); it has
   no default, so a run never trains on stand-in data by accident. Dry runs and benchmarks take
   random latents of the same shape (32x32x4, 1000 classes) with --config.data.name=synthetic.
-Settings of the reference (ALGORITHMS.md section 3.2, kvfrans/shortcut-models): M = 128 finest
+Settings of the reference (Frans et al., arXiv:2410.12557, kvfrans/shortcut-models): M = 128 finest
 steps, 1/8 of each batch self-consistency with targets from the EMA (0.999) network clipped to
 [-4, 4], CFG 1.5 baked into the targets, label dropout 0.1, AdamW lr 1e-4 with weight decay 0.1
 and a constant schedule, batch 256. Sampling uses the trained-in guidance (sample.guidance=1.0);

@@ -8,10 +8,10 @@ STARFlow-XL-like (:XL, default): patch 1 (1024 tokens of 4 channels), width 1152
 shallow ones of 2 layers and the last (first inverted) deep one of 24 layers, the only block that
 reads the label; learned start token, softplus scale, soft clip 4, intermediate regulariser
 1e-4, noise augmentation sigma_n = 0.3 with the Tweedie denoising step, AdamW (0.9, 0.95), wd
-1e-4, lr 1e-4 cosine to 1e-6, label dropout 0.1 (ALGORITHMS.md section 4). STARFlow samples with
-cfg 2.5 (w), i.e. sample.guidance = 3.5 here. Neither the width nor the block count was re-read
-in the paper (the released text-to-image config uses 6 blocks of 2,2,2,2,2,24 layers).
-Presets: :XL, :tiny (a few CPU steps).
+1e-4, lr 1e-4 cosine to 1e-6, label dropout 0.1 (Zhai et al., arXiv:2412.06329; Gu et al.,
+arXiv:2506.06276). STARFlow samples with cfg 2.5 (w), i.e. sample.guidance = 3.5 here. Neither the
+width nor the block count was re-read in the paper (the released text-to-image config uses 6 blocks
+of 2,2,2,2,2,24 layers). Presets: :XL, :tiny (a few CPU steps).
 """
 
 from flowjax import config as config_lib

@@ -1,6 +1,6 @@
-"""Consistency training (iCT) properties (ALGORITHMS.md section 3.4): the boundary condition,
-the backbone's time, the discretisation curriculum, the pseudo-Huber limits, zero loss and
-gradient at an exact consistency function, the lognormal interval probabilities, the samplers,
+"""Consistency training (iCT) properties (Song and Dhariwal, arXiv:2310.14189): the boundary
+condition, the backbone's time, the discretisation curriculum, the pseudo-Huber limits, zero loss
+and gradient at an exact consistency function, the lognormal interval probabilities, the samplers,
 and a tiny end-to-end run."""
 
 import importlib.util

@@ -1,4 +1,4 @@
-"""CTM properties (ALGORITHMS.md section 3.3, "Invariants"): G(x, t, t) = x, the semigroup of the
+"""CTM properties (Kim et al., arXiv:2310.02279): G(x, t, t) = x, the semigroup of the
 exact Gaussian map, the flow-matching -> EDM conversion of the teacher ODE, a loss and gradient
 that vanish at the exact map, targets from the EMA and the teacher, gamma-sampling, the missing
 teacher error, and a tiny distillation run from a flow-matching teacher with its resume."""

@@ -1,5 +1,5 @@
 """Flow matching: path identities, the closed-form Gaussian optimum, ODE time direction, CFG and
-label dropout (ALGORITHMS.md sections 0 and 1)."""
+label dropout (Lipman et al., arXiv:2210.02747)."""
 
 import types
 

@@ -1,4 +1,4 @@
-"""IMM properties (ALGORITHMS.md section 2, "Invariants"): boundary conditions, DDIM identities,
+"""IMM properties (Zhou et al., arXiv:2503.07565): boundary conditions, DDIM identities,
 the r(s, t) mapping, MMD^2, the M = 1 closed form, guidance, sharding and the pushforward
 sampler."""
 

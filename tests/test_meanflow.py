@@ -1,4 +1,4 @@
-"""MeanFlow properties (ALGORITHMS.md section 3.1, "Invariants"): the r = t limit is flow
+"""MeanFlow properties (Geng et al., arXiv:2505.13447): the r = t limit is flow
 matching, the JVP is the total time derivative, the Gaussian closed form satisfies the MeanFlow
 identity and is a fixed point of the target, the (t, r) sampler, the few-step sampler, errors,
 and a tiny end-to-end run."""

@@ -1,4 +1,4 @@
-"""Shortcut model properties (ALGORITHMS.md section 3.2): the time conversion reproduces the
+"""Shortcut model properties (Frans et al., arXiv:2410.12557): the time conversion reproduces the
 reference interpolation, exact shortcuts of a Gaussian flow compose, the self-consistency target
 of an exact model is the exact 2d-shortcut, the finest level is flow matching, targets come from
 the EMA parameters and are clipped, the N-step sampler, and a tiny end-to-end run."""

@@ -1,6 +1,7 @@
-"""TarFlow / STARFlow properties (ALGORITHMS.md section 4, "Invariants"): exact inversion by every
-decoder, the log-determinant against autodiff, autoregressive structure, identity at
-initialisation, the guidance rules, Tweedie denoising, bits/dim, and skipped non-finite updates."""
+"""TarFlow / STARFlow properties (Zhai et al., arXiv:2412.06329; Gu et al., arXiv:2506.06276): exact
+inversion by every decoder, the log-determinant against autodiff, autoregressive structure, identity
+at initialisation, the guidance rules, Tweedie denoising, bits/dim, and skipped non-finite
+updates."""
 
 import math
 

@@ -2,9 +2,10 @@
 
 Data x ([B, H, W, C] images, patchified into L = (H/p)(W/p) tokens of p*p*C channels, or flat
 [B, D] vectors, one token of one channel per coordinate) go through `num_blocks` affine
-autoregressive blocks, data -> noise (ALGORITHMS.md section 4). Block k reads its tokens in its own
-order (identity for even k, flipped for odd k) and maps token i by z_i = (x_i - mu_i) / sigma_i,
-where (a_i, mu_i) come from a causal transformer that has seen only the tokens before i:
+autoregressive blocks, data -> noise (Zhai et al., arXiv:2412.06329; Gu et al., arXiv:2506.06276).
+Block k reads its tokens in its own order (identity for even k, flipped for odd k) and maps token i
+by z_i = (x_i - mu_i) / sigma_i, where (a_i, mu_i) come from a causal transformer that has seen only
+the tokens before i:
 - TarFlow (`start_token=False`): the transformer reads x_0 .. x_{L-2}, its outputs are shifted by
   one token, and token 0 passes through unchanged (mu = 0, sigma = 1);
 - STARFlow (`start_token=True`): a learned start token is read before x_0, so token 0 is

@@ -2,7 +2,7 @@
 
 The consistency function f_theta(x, sigma) maps a point x = x_0 + sigma n of the EDM path
 (sigma from sigma_min = 0.002 to sigma_max = 80) to the data end of its probability-flow ODE
-trajectory. EDM parameterisation (ALGORITHMS.md section 3.4, openai/consistency_models):
+trajectory. EDM parameterisation (Song and Dhariwal, arXiv:2310.14189, openai/consistency_models):
   f(x, sigma) = c_skip(sigma) x + c_out(sigma) F_theta(c_in(sigma) x, u(sigma)),
   c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2),
   c_out = sigma_data (sigma - sigma_min) / sqrt(sigma^2 + sigma_data^2),

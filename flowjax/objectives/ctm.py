@@ -1,5 +1,5 @@
 """Consistency Trajectory Models (Kim et al., 2024): a trajectory map G_theta(x_t, t, s) distilled
-from a flow-matching teacher (ALGORITHMS.md section 3.3).
+from a flow-matching teacher (Kim et al., arXiv:2310.02279).
 
 CTM works in EDM sigma space, x_sigma = x + sigma eps, with noise levels sigma in
 [sigma_min, sigma_max]:

@@ -1,6 +1,6 @@
 """Flow matching (rectified flow): regress v_theta(x_t, t, c) on the path velocity.
 
-OT path: x_t = (1 - t) x + t eps, target v = eps - x (ALGORITHMS.md section 1).
+OT path: x_t = (1 - t) x + t eps, target v = eps - x (Lipman et al., arXiv:2210.02747).
 """
 
 import dataclasses

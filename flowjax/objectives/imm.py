@@ -2,8 +2,9 @@
 
 Per group of M particles sharing times s <= r < t, IMM matches the distribution of
 f_theta(x_t, t, s) with that of the bootstrapped target stop_gradient f_theta(x_r, r, s), where
-x_r is the DDIM step of x_t to r with the same noise, by a kernel MMD^2 (ALGORITHMS.md section 2).
-Conventions (section 0): t = 0 is data, t = 1 is noise, x_t = alpha_t x + sigma_t eps with
+x_r is the DDIM step of x_t to r with the same noise, by a kernel MMD^2 (Zhou et al.,
+arXiv:2503.07565).
+flowjax conventions: t = 0 is data, t = 1 is noise, x_t = alpha_t x + sigma_t eps with
 eps ~ N(0, sigma_d^2 I); times are fed to the backbone in [0, 1], whose time_scale (1000) applies
 IMM's 1000 t scaling.
 """
@@ -55,7 +56,7 @@ def kernel_matrix(a, b, bandwidth, kernel: str = "laplace"):
 
 
 def mmd2(y_a, y_b, bandwidth, kernel: str = "laplace"):
-  """V-statistic MMD^2 per group, diagonals included (ALGORITHMS.md section 2, step 6).
+  """V-statistic MMD^2 per group, diagonals included (Zhou et al., arXiv:2503.07565).
 
   mean_ij [k(a_i, a_j) + k(b_i, b_j) - 2 k(a_i, b_j)]; y_a, y_b: [G, M, D]; bandwidth: [G].
   Returns [G] >= 0 for a positive-definite kernel.
@@ -269,7 +270,7 @@ class IMM:
     return self.loss_at(params, x, cond, t, r, s, eps, model_key)
 
   def loss_at(self, params, x, cond, t, r, s, eps, rng):
-    """The IMM loss at given times and noise (ALGORITHMS.md section 2, steps 3-6).
+    """The IMM loss at given times and noise (Zhou et al., arXiv:2503.07565).
 
     x: [B, ...] data; cond: [B] labels or None; t, r, s: [G] group times with s <= r <= t;
     eps: [B, ...] noise with std sigma_d; rng: dropout key, shared by both network calls.

@@ -2,10 +2,10 @@
 
 The network u_theta(z_t, (t, h = t - r), y) estimates the average velocity
 u(z_t, r, t) = 1 / (t - r) int_r^t v(z_tau, tau) dtau, which obeys the MeanFlow identity
-u = v - (t - r) du/dt with du/dt = v . d_z u + d_t u (ALGORITHMS.md section 3.1). Training
+u = v - (t - r) du/dt with du/dt = v . d_z u + d_t u (Geng et al., arXiv:2505.13447). Training
 regresses u_theta on stop_gradient(v_g - clip(t - r, 0, 1) du_theta/dt), with du_theta/dt from
 one forward-mode JVP (float32) along the tangent (v_g, 1, 0) of (z_t, t, r).
-Conventions (section 0): t = 0 is data, t = 1 is noise, z_t = (1 - t) x + t eps with
+flowjax conventions: t = 0 is data, t = 1 is noise, z_t = (1 - t) x + t eps with
 eps ~ N(0, I), v = eps - x; times go to the backbone in [0, 1] (its time_scale applies 1000).
 """
 

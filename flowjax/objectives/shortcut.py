@@ -8,7 +8,7 @@ with M steps. A fraction of each batch (bootstrap_fraction, 1/8) trains the coar
 l = 0 .. L - 1 by self-consistency: with d = 2^-l and t on the grid {d, 2d, ..., 1},
   s_1 = s(x_t, t, l + 1),  x' = clip(x_t - (d/2) s_1),  s_2 = s(x', t - d/2, l + 1),
   target = clip((s_1 + s_2) / 2)  to [-target_clip, target_clip],
-from a stop-gradient copy of the EMA parameters (ALGORITHMS.md section 3.2).
+from a stop-gradient copy of the EMA parameters (Frans et al., arXiv:2410.12557).
 
 Time convention. The reference runs time the other way, t_ref = 0 noise and t_ref = 1 data, with
 x = (1 - (1 - sigma_min) t_ref) eps + t_ref x and velocity x - (1 - sigma_min) eps. flowjax uses

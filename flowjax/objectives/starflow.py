@@ -4,7 +4,8 @@ The flow (`flowjax.models.tarflow`) maps data to noise, z = f(y), with an exact 
 log-determinant. Training minimises the per-dimension negative log-likelihood
   loss = 0.5 mean(z^2) - sum_blocks logdet  (+ intermediate_weight sum_k mean(z_k^2))
 where z_k are the outputs of the inner blocks (STARFlow's 1e-4 regulariser), dropping the
-constant 0.5 log(2 pi) (ALGORITHMS.md section 4). The data y are either
+constant 0.5 log(2 pi) (Zhai et al., arXiv:2412.06329; Gu et al., arXiv:2506.06276). The data
+y are either
 - "dequantize": x in [-1, 1] with `data_levels` K values, x = k / (K - 1) * 2 - 1 (K = 256 for
   8-bit images, 17 for flowjax's digits), dequantised as y = (k + u) / K * 2 - 1 with
   u ~ U[0, 1); then -log P(k) <= -log p(y) + D log(K / 2), and

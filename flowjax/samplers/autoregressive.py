@@ -2,7 +2,8 @@
 
 The flow's blocks are inverted in reverse order (the last data -> noise block first). Inside a
 block, token i is x_i = mu_i + sigma_i z_i where (mu_i, sigma_i) depend on x_{<i} only
-(ALGORITHMS.md section 4, "Sampling"). Three decoders, all exact up to float rounding:
+(Zhai et al., arXiv:2412.06329; Gu et al., arXiv:2506.06276). Three decoders, all exact up to
+float rounding:
 - "kv_cache": one token per step of a `lax.scan`, with the preallocated KV cache of the model
   (L sequential network calls of one token each);
 - "jacobi": chunks of `chunk_size` tokens iterated to a fixed point in a `lax.while_loop`

@@ -3,7 +3,7 @@
 Along a decreasing noise grid sigma_0 = sigma_max > ... > sigma_N = sigma_min, each step jumps
 with G to s_n = sqrt(1 - gamma^2) sigma_{n+1} and adds fresh noise back up to sigma_{n+1}:
 x_{n+1} = G(x_n, sigma_n, s_n) + sqrt(sigma_{n+1}^2 - s_n^2) z (Kim et al. 2024, section 4;
-ALGORITHMS.md section 3.3). gamma = 0 is deterministic (the PF-ODE jump to sigma_{n+1});
+Kim et al., arXiv:2310.02279). gamma = 0 is deterministic (the PF-ODE jump to sigma_{n+1});
 gamma = 1 is consistency-model multistep sampling (jump to sigma_min, re-noise). s_n is floored at
 sigma_min, the smallest noise level the map was trained on, and the last step lands on sigma_min
 without added noise, so N steps take N map evaluations.

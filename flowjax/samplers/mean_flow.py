@@ -1,7 +1,7 @@
 """Few-step samplers for an average-velocity field u(z, t, h = t - r) (MeanFlow), in `lax.scan`.
 
 u is the average velocity over [r, t] (t = 0 is data, t = 1 is noise), so one step is exact
-for the true u: z_r = z_t - (t - r) u(z_t, t, t - r) (ALGORITHMS.md section 3.1, "Sampling").
+for the true u: z_r = z_t - (t - r) u(z_t, t, t - r) (Geng et al., arXiv:2505.13447).
 """
 
 import jax

@@ -2,7 +2,7 @@
 
 A flow map jumps from time t straight to an earlier time s <= t (t = 0 is data, t = 1 is noise),
 so N steps along a decreasing grid T = t_0 > t_1 > ... > t_N = t_min give a sample with N map
-evaluations (ALGORITHMS.md section 2, "Sampling (pushforward)"). The grid ends at t_min, the
+evaluations (Zhou et al., arXiv:2503.07565). The grid ends at t_min, the
 smallest time the map was trained on, not at 0: the sample then carries noise of std
 sigma_d t_min (5e-4 for the defaults), far below the data's quantisation.
 """

@@ -3,7 +3,7 @@
 A shortcut s(x_t, t, level) is the average velocity over one step of size d = 2^-level that ends
 at t - d (t = 0 is data, t = 1 is noise), so N = 2^level uniform steps
 x_{t - d} = x_t - d s(x_t, t, level) carry noise at t = 1 to data at t = 0
-(ALGORITHMS.md section 3.2, "Sampling"). N may be any power of two up to the finest number of
+(Frans et al., arXiv:2410.12557). N may be any power of two up to the finest number of
 steps M the model was trained with; at N = M the level is the flow-matching level and the sampler
 is plain Euler integration of the learned velocity.
 """
