@@ -224,6 +224,7 @@ def validate(config, num_devices: int) -> None:
     if name not in reg:
       raise ConfigError(f"config.{kind}.name: " + registry.unknown_name_message(kind, name,
                                                                               reg.names()))
+  _check_section_keys(config)
   _check_positive(config, ("train.steps", "train.batch_size", "train.grad_accum_steps",
                            "train.log_every", "ckpt.max_to_keep", "sample.num_steps",
                            "sample.num"))
@@ -299,9 +300,34 @@ def _check_positive(config, keys) -> None:
     _check(_get(config, key) > 0, f"config.{key}={_get(config, key)} must be positive.")
 
 
+def _check_section_keys(config) -> None:
+  """The objective and model sections hold every key their named objective and model read (an
+  experiment switched to another objective with --config.objective.name keeps the old keys)."""
+  from flowjax import models, objectives
+  for kind, default in (("objective", objectives.default_config(config.objective.name)),
+                        ("model", models.default_config(config.model.name))):
+    missing = sorted(set(default.keys()) - set(config[kind].keys()))
+    if missing:
+      raise ConfigError(
+          f"config.{kind}.name={config[kind].name!r} reads keys that config.{kind} does not have: "
+          f"{', '.join(missing)}. Start from an experiment of that {kind} (python -m "
+          f"flowjax.catalog lists them), or build the section with flowjax.{kind}s."
+          f"default_config({config[kind].name!r}) in the experiment file.")
+
+
 def _check_non_negative(config, keys) -> None:
   for key in keys:
     _check(_get(config, key) >= 0, f"config.{key}={_get(config, key)} must be >= 0.")
+
+
+def experiment_module(path: str):
+  """The imported experiment file at `path` (its get_config, PRESETS and docstring)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "flowjax_experiment_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def load_experiment(path: str, arg: str | None = None, **overrides) -> ml_collections.ConfigDict:
@@ -309,7 +335,6 @@ def load_experiment(path: str, arg: str | None = None, **overrides) -> ml_collec
 
   load_experiment("experiments/quickstart.py", "tiny", **{"train.steps": 10})
   """
-  import importlib.util
   if not os.path.exists(path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for candidate in (os.path.join(root, path), os.path.join(root, "experiments", path),
@@ -319,11 +344,7 @@ def load_experiment(path: str, arg: str | None = None, **overrides) -> ml_collec
         break
     else:
       raise FileNotFoundError(f"No experiment file {path!r}; see the experiments/ directory.")
-  spec = importlib.util.spec_from_file_location(
-      "flowjax_experiment_" + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = experiment_module(path).get_config(arg)
   for key, value in overrides.items():
     set_dotted(config, key, value)
   return config

@@ -4,6 +4,7 @@ Parses flags, starts the multi-host runtime when asked, and hands over to train/
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -11,8 +12,12 @@ from ml_collections import config_flags
 
 from flowjax import metrics
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, with an optional preset: "
+    "--config=experiments/NAME.py[:PRESET]. Any key is overridden with --config.SECTION.KEY=VALUE "
+    "(e.g. --config.optim.lr=3e-4 --config.mesh.fsdp=8). `python -m flowjax.catalog` lists the "
+    "experiments with their presets, and the objectives, models and data sources.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
@@ -32,9 +37,31 @@ _NUM_CPU_DEVICES = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def load_config():
+  """The --config value, or one line naming the problem (a missing file, an unknown preset, an
+  error inside the experiment file) and exit code 2."""
+  try:
+    config = _CONFIG.value
+    config["objective"]  # a file that failed to load raises here, on first use
+    return config
+  except Exception as error:  # ml_collections wraps the file's own error in OSError/ValueError
+    message = " ".join(str(error).split())
+    marker = "earlier failure to load: "
+    if marker in message:
+      message = message.split(marker, 1)[1]
+    missing = re.search(r"No such file or directory: '([^']+)'", message)
+    if missing:
+      message = f"no experiment file {missing.group(1)!r}"
+    sys.stderr.write(f"FATAL --config: {message}\n`python -m flowjax.catalog` lists the "
+                     "experiments and their presets.\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
 def main(argv):
   del argv
   metrics.quiet_libraries()
+  config = load_config()
   import jax
   from flowjax import sharding
   sharding.start_runtime(_NUM_CPU_DEVICES.value, _COORDINATOR.value, _NUM_PROCESSES.value,
@@ -47,11 +74,11 @@ def main(argv):
                  checkpoint.CheckpointError, FileNotFoundError)
   try:
     if _MODE.value == "train":
-      train.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+      train.run(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     elif _MODE.value == "eval":
-      evals.run_eval(_CONFIG.value, _WORKDIR.value)
+      evals.run_eval(config, _WORKDIR.value)
     else:
-      evals.run_sample(_CONFIG.value, _WORKDIR.value)
+      evals.run_sample(config, _WORKDIR.value)
   except user_errors as error:
     logging.error("%s: %s", type(error).__name__, error)
     exit_now(1)

@@ -103,7 +103,10 @@ def build(config, devices=None) -> Setup:
   rules = sharding.rules(config.sharding)
 
   # Data: only shapes here; the iterator is built by `run`.
-  info = data.data_info(config.data, split="train")
+  try:
+    info = data.data_info(config.data, split="train")
+  except (ValueError, KeyError) as error:
+    raise config_lib.ConfigError(str(error).strip("'\"")) from error
   batch_sharding = sharding.batch_sharding(mesh)
   batch_spec = {"image": jax.ShapeDtypeStruct((config.train.batch_size,) + tuple(info.image_shape),
                                               jnp.float32, sharding=batch_sharding)}
@@ -111,9 +114,13 @@ def build(config, devices=None) -> Setup:
     batch_spec["label"] = jax.ShapeDtypeStruct((config.train.batch_size,), jnp.int32,
                                                sharding=batch_sharding)
 
-  # Model, objective, optimizer.
-  model = models.build(config.model, info)
-  objective = objectives.build(config.objective, model, info)
+  # Model, objective, optimizer. A setting they refuse (a backbone that does not fit the data, an
+  # objective option out of range) is a config error: one message, no traceback.
+  try:
+    model = models.build(config.model, info)
+    objective = objectives.build(config.objective, model, info)
+  except (ValueError, KeyError) as error:
+    raise config_lib.ConfigError(str(error).strip("'\"")) from error
   tx, lr_schedule = optim.build(config.optim, config.train.steps)
   root = jax.random.key(config.seed)
   init_rng, step_rng, eval_rng = jax.random.split(root, 3)
@@ -189,6 +196,22 @@ def sample_fn(setup: Setup, num: int, **sampler_args):
     return setup.objective.sample(params, rng, num, cond, **sampler_args)
 
   return jax.jit(sample, out_shardings=sharding.replicated(setup.mesh))
+
+
+def check_sampler(setup: Setup) -> None:
+  """Traces the configured sampler on abstract parameters (nothing runs), so that a sampler
+  setting it refuses (an unknown sample.method, a step count it cannot take) stops the run before
+  training rather than at the first sample grid."""
+  num = 1
+  try:
+    with context(setup):
+      jax.eval_shape(sampler(setup, num), setup.abstract_state.params,
+                     jax.random.key(0), sample_labels(setup.info, num))
+  except (ValueError, KeyError, NotImplementedError) as error:
+    raise config_lib.ConfigError(
+        f"config.sample (method={setup.config.sample.method!r}, num_steps="
+        f"{setup.config.sample.num_steps}, guidance={setup.config.sample.guidance}): "
+        f"{str(error).splitlines()[0]}") from error
 
 
 def sample_labels(info, num: int):
@@ -371,6 +394,7 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
           "for dry runs and benchmarks; pass --config.data.name=... to train on data.")
     logging.info("Parameters and optimizer state:\n%s",
                  sharding.describe(setup.state_shardings, setup.abstract_state))
+  check_sampler(setup)
   if not config.train.dry_run:
     check_workdir(config, workdir, allow_config_change)
   compiled, _, _ = compile_step(setup)

@@ -17,6 +17,7 @@ __all__ = ["Batches", "DataInfo", "build", "data_info"]
 _MODULES = {"toy2d": "toy2d", "digits": "digits", "synthetic": "synthetic"}
 _TFDS_PREFIX = "tfds:"
 _LATENTS_PREFIX = "latents:"
+SOURCE_NAMES = sorted(_MODULES) + [_TFDS_PREFIX + "<name>", _LATENTS_PREFIX + "<DIR>"]
 
 
 def _source_module(name):
@@ -35,8 +36,7 @@ def _source_module(name):
         "--config=experiments/sdvae_imagenet.py --weights=PATH --out=DIR` and pass "
         "--config.data.name=latents:DIR (or --config.data.name=synthetic for a dry run or a "
         "benchmark on random latents of the same shape).")
-  known = sorted(_MODULES) + [_TFDS_PREFIX + "<name>", _LATENTS_PREFIX + "<DIR>"]
-  raise ValueError(registry.unknown_name_message("data.name", str(name), known))
+  raise ValueError(registry.unknown_name_message("data.name", str(name), SOURCE_NAMES))
 
 
 def describe(data_config, info: DataInfo, split: str = "train") -> str:

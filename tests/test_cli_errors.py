@@ -1,0 +1,62 @@
+"""Bad input to `python -m flowjax.main` is one message naming the problem and the fix, before
+anything compiles or trains; `--help` shows the override syntax; `python -m flowjax.catalog`
+lists what a config may name."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, timeout=120):
+  return subprocess.run([sys.executable, "-m"] + args, cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize("config, overrides, code, message", [
+    ("experiments/nope.py", [], 2, "FATAL --config: no experiment file 'experiments/nope.py'"),
+    ("experiments/fm_toy2d.py:tiny", ["--config.objective.name=meanflow"], 1,
+     "ConfigError: config.objective.name='meanflow' reads keys that config.objective does not "
+     "have: adaptive_eps"),
+    ("experiments/fm_toy2d.py:tiny", ["--config.model.name=dit"], 1,
+     "ConfigError: config.model.name='dit' reads keys that config.model does not have"),
+    ("experiments/fm_toy2d.py:tiny", ["--config.sample.method=eulr"], 1,
+     "ConfigError: config.sample (method='eulr', num_steps=4, guidance=1.0): Unknown ODE method "
+     "'eulr'. Did you mean 'euler'?"),
+    ("experiments/quickstart.py:tiny", ["--config.data.name=tfds:doesnotexist"], 1,
+     "ConfigError: Unknown TFDS dataset in data.name='tfds:doesnotexist'"),
+])
+def test_bad_input_is_one_message_before_compiling(tmp_path, config, overrides, code, message):
+  done = run(["flowjax.main", f"--config={config}", f"--workdir={tmp_path / 'w'}",
+              "--num_cpu_devices=1"] + overrides)
+  assert done.returncode == code, done.stderr[-3000:]
+  assert message in done.stderr, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr
+  assert "Compiled the train step" not in done.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_help_shows_the_override_syntax_and_the_catalog():
+  done = run(["flowjax.main", "--help"])
+  assert "--config.SECTION.KEY=VALUE" in done.stdout + done.stderr
+  assert "flowjax.catalog" in done.stdout + done.stderr
+
+
+def test_catalog_lists_experiments_presets_objectives_models_and_data():
+  done = run(["flowjax.catalog"])
+  assert done.returncode == 0, done.stderr
+  lines = done.stdout.splitlines()
+  quickstart = [line for line in lines if line.split()[:1] == ["quickstart"]]
+  assert quickstart and "flow_matching" in quickstart[0] and "dit" in quickstart[0]
+  assert "presets: tiny" in quickstart[0]
+  fm_imagenet = [line for line in lines if line.split()[:1] == ["fm_imagenet"]][0]
+  assert "presets: B, XL, tiny" in fm_imagenet
+  objectives = [line for line in lines if line.startswith("Objectives: ")][0]
+  assert all(name in objectives for name in ("flow_matching", "imm", "meanflow", "shortcut",
+                                             "ctm", "consistency", "starflow"))
+  assert "Models: " in done.stdout and "tarflow" in done.stdout
+  assert "Data sources (data.name): digits, synthetic, toy2d, tfds:<name>, latents:<DIR>" in (
+      done.stdout)
