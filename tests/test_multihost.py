@@ -16,6 +16,7 @@
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -219,6 +220,11 @@ def test_fsdp_checkpoint_from_8_devices_restores_and_continues_on_4_and_on_1(tmp
   assert int(saved.step) == 4
   assert fsdp_sharded(saved), "the 8-device run must shard parameters over fsdp"
   saved = jax.device_get(saved)
+  # The same steps continued on all 8 devices, from a copy of the step-4 workdir.
+  reference = str(tmp_path.parent / (tmp_path.name + "_on_8"))
+  shutil.copytree(workdir, reference)
+  on_8 = {steps: jax.device_get(train.run(fm_imagenet(data=2, fsdp=4, steps=steps), reference))
+          for steps in (6, 8)}
 
   for subset in (devices[:4], devices[:1]):
     state, data_state, step = restore_on(fm_imagenet(data=1, fsdp=len(subset)), subset, workdir)
@@ -239,6 +245,13 @@ def test_fsdp_checkpoint_from_8_devices_restores_and_continues_on_4_and_on_1(tmp
     assert sorted(logged) == list(range(2, steps + 1, 2))
     assert np.isfinite(logged[steps]["loss"]) and logged[steps]["skipped"] == 0
     assert max(committed_steps(workdir)) == steps
+    # Continuing on fewer devices trains what the 8 devices train (to reduction order; a wrong
+    # restore or data position moves parameters by about the learning rate per step).
+    reference_logged = {r["step"]: r for r in metrics.read_metrics(reference)}
+    np.testing.assert_allclose(logged[steps]["loss"], reference_logged[steps]["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(continued)), jax.tree.leaves(on_8[steps]),
+                    strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------------------------

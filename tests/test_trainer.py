@@ -148,22 +148,37 @@ def test_nonfinite_stop_names_the_step_and_saves_nothing_nonfinite(tmp_path, poi
     restored = mngr.restore(step, args=checkpoint.ocp.args.Composite(
         state=checkpoint.ocp.args.StandardRestore(setup.abstract_state)))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state))
+  # The stop at step 3 happens before the step-4 save: only step 2 exists, at data position 2.
+  assert mngr.all_steps() == [2]
+  saved = mngr.restore(2, args=checkpoint.ocp.args.Composite(
+      data=checkpoint.ocp.args.JsonRestore()))
+  assert saved.data["next_batch"] == 2
   mngr.close()
 
 
 def test_step_keeps_the_state_on_nan(tmp_path):
+  """After a real update (so the optimizer moments and the EMA are not at their initial values),
+  a non-finite step leaves params, optimizer state, EMA and extra bitwise unchanged."""
   setup = train.build(toy_config())
   with train.context(setup):
     state = setup.init_fn()
-    before = params_of(state)
     batches = data.build(setup.config.data, split="train", global_batch_size=16, seed=0,
                          sharding=setup.batch_spec["image"].sharding)
+    state, _ = setup.train_step(state, next(batches))
+    before = jax.device_get(state)
     batch = next(batches)
     new_state, step_metrics = setup.train_step(state, dict(batch, image=batch["image"] * jnp.inf))
-  assert int(step_metrics["nonfinite"]) == 1 and int(new_state.skipped) == 1
-  assert int(new_state.step) == 1
-  for a, b in zip(before, params_of(new_state)):
-    np.testing.assert_array_equal(a, b)
+  after = jax.device_get(new_state)
+  assert int(step_metrics["nonfinite"]) == 1 and int(after.skipped) == 1
+  assert int(after.step) == 2
+  for part in ("params", "opt_state", "ema", "extra"):
+    want, got = jax.tree.leaves(getattr(before, part)), jax.tree.leaves(getattr(after, part))
+    assert len(want) == len(got)
+    for a, b in zip(want, got):
+      np.testing.assert_array_equal(a, b, err_msg=part)
+  # The optimizer state is not trivially constant: one real update moved it.
+  assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(before.opt_state)
+             if np.asarray(x).dtype.kind == "f")
 
 
 # Workdir ownership, damaged checkpoints, init_from -----------------------------------------------
