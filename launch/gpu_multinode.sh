@@ -26,24 +26,8 @@ usage() {
 case "${1:-}" in
   -h | --help) usage ;;
 esac
-# The flowjax.main arguments must name the experiment and the workdir: refuse them here, before
-# any node, TPU or process is started.
-require_config_and_workdir() {
-  local has_config=0 has_workdir=0 arg
-  for arg in "$@"; do
-    case "$arg" in
-      --config=?* | --config) has_config=1 ;;
-      --workdir=?* | --workdir) has_workdir=1 ;;
-    esac
-  done
-  if [ "$has_config" = 0 ] || [ "$has_workdir" = 0 ]; then
-    local missing=()
-    [ "$has_config" = 1 ] || missing+=("--config=experiments/<name>.py")
-    [ "$has_workdir" = 1 ] || missing+=("--workdir=DIR")
-    echo "$0: the flowjax.main arguments lack ${missing[*]}" >&2
-    usage
-  fi
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ "${FLOWJAX_SRUN_TASK:-0}" != 1 ]; then
   require_config_and_workdir "$@"
 fi

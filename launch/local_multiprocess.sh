@@ -21,23 +21,9 @@ if ! [[ "$num_processes" =~ ^[1-9][0-9]*$ ]]; then
   echo "$0: NUM_PROCESSES='$num_processes' is not a positive integer" >&2
   usage
 fi
-# The flowjax.main arguments must name the experiment and the workdir: refuse them here, before
-# any process is started.
-has_config=0
-has_workdir=0
-for arg in "$@"; do
-  case "$arg" in
-    --config=?* | --config) has_config=1 ;;
-    --workdir=?* | --workdir) has_workdir=1 ;;
-  esac
-done
-if [ "$has_config" = 0 ] || [ "$has_workdir" = 0 ]; then
-  missing=()
-  [ "$has_config" = 1 ] || missing+=("--config=experiments/<name>.py")
-  [ "$has_workdir" = 1 ] || missing+=("--workdir=DIR")
-  echo "$0: the flowjax.main arguments lack ${missing[*]}" >&2
-  usage
-fi
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+require_config_and_workdir "$@"
 devices=${DEVICES_PER_PROCESS:-2}
 port=${PORT:-12355}
 python=${PYTHON:-python3}
