@@ -5,6 +5,10 @@ Fixtures in tests/reference/ were produced by running the official code at tiny 
 - sdvae_tiny: diffusers 0.42.1 `AutoencoderKL(block_out_channels=[8, 16], layers_per_block=1,
   latent_channels=4, norm_num_groups=4)` in eval mode; `.safetensors` is the file its
   `save_pretrained` wrote, `.config.json` its config, `.npz` its inputs and outputs (NCHW).
+- meanflow_jax_dit: Gsunshine/meanflow (JAX) `models_dit.DiT` (8x8x4 input, patch 2, width 64,
+  depth 2, 2 heads, 10 classes) inside `MeanFlow`, every parameter moved off its initial value;
+  `.params.npz` its flat parameters, `.npz` its inputs and outputs (NHWC): u(x, t, h, y), u with
+  h = 0, and the one-step sample z0 = z1 - u(z1, 1, 1, y).
 """
 
 import json
@@ -15,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowjax.models import autoencoder
+from flowjax.models import autoencoder, dit
+from flowjax.samplers import mean_flow
 
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
 RTOL = 1e-5
@@ -71,3 +76,36 @@ def test_sdvae_decoder_and_reconstruction_match_diffusers(sdvae):
   assert_matches(decoded, ref["decoded"], "decoded")
   reconstruction, _, _ = model.apply({"params": params}, nhwc(ref["x"]))
   assert_matches(reconstruction, ref["recon_from_mean"], "recon_from_mean")
+
+
+@pytest.fixture(scope="module")
+def meanflow_dit():
+  model = dit.DiT(patch_size=2, hidden_size=64, depth=2, num_heads=2, mlp_ratio=4.0,
+                  num_classes=10, time_scale=1.0)
+  flat = dict(np.load(os.path.join(REFERENCE, "meanflow_jax_dit.params.npz")))
+  params = dit.from_meanflow_jax(flat, depth=2)
+  return model, params, np.load(os.path.join(REFERENCE, "meanflow_jax_dit.npz"))
+
+
+def assert_close_nhwc(got, want, name):
+  want = np.asarray(want)
+  error = np.abs(np.asarray(got) - want).max()
+  assert error <= RTOL * np.abs(want).max(), f"{name}: max error {error:.3g}"
+
+
+def test_meanflow_jax_dit_average_velocity_and_one_step_sample(meanflow_dit):
+  model, params, ref = meanflow_dit
+  y = jnp.asarray(ref["y"])
+  u = lambda z, t, h: model.apply({"params": params}, z, (t, h), y, train=False)
+  t, h = jnp.asarray(ref["t"]), jnp.asarray(ref["h"])
+  assert_close_nhwc(u(jnp.asarray(ref["x"]), t, h), ref["u"], "u")
+  assert_close_nhwc(u(jnp.asarray(ref["x"]), t, jnp.zeros_like(h)), ref["v_h0"], "v_h0")
+  z0 = mean_flow.solve(u, jnp.asarray(ref["sample_z1"]), num_steps=1)
+  assert_close_nhwc(z0, ref["sample_z0"], "sample_z0")
+
+
+def test_meanflow_jax_checkpoint_with_a_missing_key_is_named():
+  flat = dict(np.load(os.path.join(REFERENCE, "meanflow_jax_dit.params.npz")))
+  del flat["params/net/h_embedder/mlp/layers_2/_flax_linear/bias"]
+  with pytest.raises(KeyError, match="h_embedder/mlp/layers_2/_flax_linear/bias"):
+    dit.from_meanflow_jax(flat, depth=2)

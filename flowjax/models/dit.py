@@ -218,3 +218,50 @@ def build(model_config: ml_collections.ConfigDict, info) -> DiT:
       dtype=layers.dtype_from_name(model_config.get("dtype", "float32"), "dtype"),
       param_dtype=layers.dtype_from_name(model_config.get("param_dtype", "float32"),
                                          "param_dtype"))
+
+
+def from_meanflow_jax(flat: dict, depth: int) -> dict:
+  """flowjax DiT parameters from a MeanFlow JAX checkpoint (Gsunshine/meanflow `models_dit.DiT`,
+  two time embedders t and h = t - r), given as a flat {"params/net/...": array} dict.
+
+  The architectures agree (adaLN-Zero blocks, LayerNorm eps 1e-6 without affine, tanh GELU,
+  [cos, sin] frequency embeddings of the raw times, MAE 2-D sin-cos positions, a label table of
+  num_classes + 1 rows, c = t + h + y); only names and the fused qkv projection differ: its
+  (in, 3 * D) kernel is [q | k | v], each head-major. Use with time_scale = 1.
+  """
+  def get(key):
+    full = "params/net/" + key
+    if full not in flat:
+      raise KeyError(f"MeanFlow JAX checkpoint has no {full!r}.")
+    return jnp.asarray(flat[full])
+
+  def dense(prefix):
+    return {"kernel": get(prefix + "/_flax_linear/kernel"),
+            "bias": get(prefix + "/_flax_linear/bias")}
+
+  def time_embedder(name):
+    return {"fc1": dense(f"{name}/mlp/layers_0"), "fc2": dense(f"{name}/mlp/layers_2")}
+
+  params = {}
+  for i in range(depth):
+    prefix = f"blocks/layers_{i}"
+    qkv = dense(prefix + "/attn/qkv")
+    width = qkv["kernel"].shape[0]
+    split = lambda j: {"kernel": qkv["kernel"][:, j * width:(j + 1) * width],
+                       "bias": qkv["bias"][j * width:(j + 1) * width]}
+    params[f"block_{i}"] = {
+        "adaLN_modulation": dense(prefix + "/adaLN_modulation/layers_1"),
+        "attn": {"query": split(0), "key": split(1), "value": split(2),
+                 "out": dense(prefix + "/attn/proj")},
+        "mlp": {"fc1": dense(prefix + "/mlp/fc1"), "fc2": dense(prefix + "/mlp/fc2")}}
+  patch = get("x_embedder/proj/kernel")  # [p, p, C, D]: (p_row, p_col, c) as flowjax patchifies
+  params.update({
+      "final": {"adaLN_modulation": dense("final_layer/adaLN_modulation/layers_1"),
+                "linear": dense("final_layer/linear")},
+      "label_embed": {"table": {"embedding": get(
+          "y_embedder/embedding_table/_flax_embedding/embedding")}},
+      "time_embed_0": time_embedder("t_embedder"),
+      "time_embed_1": time_embedder("h_embedder"),
+      "x_embed": {"kernel": patch.reshape(-1, patch.shape[-1]),
+                  "bias": get("x_embedder/proj/bias")}})
+  return params
