@@ -60,3 +60,20 @@ def test_catalog_lists_experiments_presets_objectives_models_and_data():
   assert "Models: " in done.stdout and "tarflow" in done.stdout
   assert "Data sources (data.name): digits, synthetic, toy2d, tfds:<name>, latents:<DIR>" in (
       done.stdout)
+
+
+def test_sample_mode_on_a_workdir_of_another_config_names_the_differences(tmp_path):
+  workdir = str(tmp_path / "w")
+  trained = run(["flowjax.main", "--config=experiments/fm_toy2d.py:tiny", f"--workdir={workdir}",
+                 "--num_cpu_devices=1"])
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  other = run(["flowjax.main", "--config=experiments/quickstart.py:tiny", f"--workdir={workdir}",
+               "--num_cpu_devices=1", "--mode=sample"])
+  assert other.returncode == 1
+  assert f"WorkdirError: --workdir={workdir} was trained with a different config" in other.stderr
+  assert "model.name: 'mlp' -> 'dit'" in other.stderr
+  assert "Traceback" not in other.stderr and "cannot be restored" not in other.stderr
+  same = run(["flowjax.main", "--config=experiments/fm_toy2d.py:tiny", f"--workdir={workdir}",
+              "--num_cpu_devices=1", "--mode=sample"])
+  assert same.returncode == 0, same.stderr[-3000:]
+  assert os.path.exists(os.path.join(workdir, "samples", "final.png"))

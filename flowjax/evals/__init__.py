@@ -6,11 +6,16 @@ import os
 import jax
 import numpy as np
 
-from flowjax import checkpoint, metrics, train
+from flowjax import checkpoint, config as config_lib, metrics, train
 
 
 def load(config, workdir: str):
-  """(setup, state) with the newest good checkpoint of `workdir` restored onto the mesh."""
+  """(setup, state) with the newest good checkpoint of `workdir` restored onto the mesh.
+
+  A workdir trained with another config (beyond the keys that may change on resume) is refused
+  with the differing keys, before any checkpoint is read.
+  """
+  check_same_config(config, workdir)
   setup = train.build(config)
   mngr = checkpoint.manager(workdir, config.ckpt)
   restored = checkpoint.restore_latest(mngr, setup.abstract_state)
@@ -20,6 +25,20 @@ def load(config, workdir: str):
         f"--workdir={workdir} has no checkpoints; train first with "
         f"python -m flowjax.main --config=... --workdir={workdir}")
   return setup, restored[0]
+
+
+def check_same_config(config, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    trained = config_lib.from_json(f.read())
+  diff = config_lib.differences(config_lib.identity(trained), config_lib.identity(config))
+  if diff:
+    raise train.WorkdirError(
+        f"--workdir={workdir} was trained with a different config:\n  " + "\n  ".join(diff) +
+        "\nPass the --config (and overrides) it was trained with; its config.json records them, "
+        f"and flowjax.api.load({workdir!r}) evaluates or samples it with that config.")
 
 
 def run_eval(config, workdir: str) -> dict:
