@@ -162,6 +162,15 @@ def restore_params(workdir: str, abstract_params, key: str | tuple[str, ...] = "
     item = abstract_params
     for name in reversed(path_keys):
       item = {name: item}
+    mismatch = _shape_mismatches(path, path_keys, abstract_params)
+    if mismatch:
+      # Checked from the metadata, before orbax reads anything: a restore into other shapes
+      # fails deep in its asynchronous reads and floods the log with event-loop tracebacks.
+      raise CheckpointError(
+          f"{source}={workdir!r}: the parameters of its step {step} do not fit this model "
+          f"({len(mismatch)} differences):\n  " + "\n  ".join(mismatch[:12]) +
+          ("\n  ..." if len(mismatch) > 12 else "") + "\nUse a workdir of the same model "
+          "(the same model.* keys), or leave ckpt.init_from empty.")
     try:
       restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
@@ -173,6 +182,33 @@ def restore_params(workdir: str, abstract_params, key: str | tuple[str, ...] = "
       errors.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
   raise CheckpointError(f"{source}={workdir!r}: no checkpoint with parameters matching this "
                         "model could be read:\n  " + "\n  ".join(errors or ["no checkpoints"]))
+
+
+def _shape_mismatches(path: str, keys: tuple[str, ...], abstract) -> list[str]:
+  """'name: checkpoint SHAPE, model SHAPE' (or a missing / extra name) for each leaf of the saved
+  subtree `keys` of the state item at `path` that does not match `abstract`; [] when they match
+  or when the metadata cannot be read (the restore then reports the problem)."""
+  try:
+    metadata = ocp.PyTreeCheckpointer().metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    for name in keys:
+      tree = tree[name]
+    saved = {jax.tree_util.keystr(p): tuple(leaf.shape)
+             for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  except Exception:  # an older or damaged metadata layout: let the restore speak
+    return []
+  wanted = {jax.tree_util.keystr(p): tuple(leaf.shape)
+            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  out = []
+  for name in sorted(set(saved) | set(wanted)):
+    if name not in saved:
+      out.append(f"{name}: not in the checkpoint (model {wanted[name]})")
+    elif name not in wanted:
+      out.append(f"{name}: not in this model (checkpoint {saved[name]})")
+    elif saved[name] != wanted[name]:
+      out.append(f"{name}: checkpoint {saved[name]}, model {wanted[name]}")
+  return out
 
 
 def abstract_of(tree, shardings):

@@ -77,3 +77,18 @@ def test_sample_mode_on_a_workdir_of_another_config_names_the_differences(tmp_pa
               "--num_cpu_devices=1", "--mode=sample"])
   assert same.returncode == 0, same.stderr[-3000:]
   assert os.path.exists(os.path.join(workdir, "samples", "final.png"))
+
+
+def test_init_from_a_run_of_other_shapes_lists_the_differences(tmp_path):
+  source = str(tmp_path / "source")
+  trained = run(["flowjax.main", "--config=experiments/fm_toy2d.py:tiny", f"--workdir={source}",
+                 "--num_cpu_devices=1"])
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  done = run(["flowjax.main", "--config=experiments/fm_toy2d.py:tiny",
+              f"--workdir={tmp_path / 'new'}", "--num_cpu_devices=1",
+              f"--config.ckpt.init_from={source}", "--config.model.hidden_size=64"])
+  assert done.returncode == 1
+  assert f"CheckpointError: ckpt.init_from='{source}': the parameters of its step 4 do not fit " \
+         "this model" in done.stderr, done.stderr[-3000:]
+  assert "['in']['kernel']: checkpoint (2, 32), model (2, 64)" in done.stderr
+  assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
