@@ -95,6 +95,16 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState, chec
       check_meta(meta, steps[0])
   failures, damaged = [], []
   for step in steps:
+    mismatch = _shape_mismatches(os.path.join(str(mngr.directory), str(step), "state"),
+                                 ("params",), abstract_state.params)
+    if mismatch:
+      # A checkpoint of another model (e.g. resumed with --allow_config_change and another
+      # width) is not damaged: nothing is moved aside, and orbax is not asked to read it.
+      raise CheckpointError(
+          f"The checkpoint at step {step} in {mngr.directory} holds parameters of other shapes "
+          f"than this config's model ({len(mismatch)} differences):\n  "
+          + "\n  ".join(mismatch[:12]) + ("\n  ..." if len(mismatch) > 12 else "")
+          + "\nA run resumes only with the same model; use a new --workdir.")
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),

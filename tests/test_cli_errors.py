@@ -92,3 +92,17 @@ def test_init_from_a_run_of_other_shapes_lists_the_differences(tmp_path):
          "this model" in done.stderr, done.stderr[-3000:]
   assert "['in']['kernel']: checkpoint (2, 32), model (2, 64)" in done.stderr
   assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
+
+
+def test_resuming_a_run_of_other_shapes_lists_them_and_moves_nothing(tmp_path):
+  workdir = tmp_path / "w"
+  base = ["flowjax.main", "--config=experiments/fm_toy2d.py:tiny", f"--workdir={workdir}",
+          "--num_cpu_devices=1"]
+  assert run(base).returncode == 0
+  done = run(base + ["--allow_config_change", "--config.model.hidden_size=64"])
+  assert done.returncode == 1
+  assert "holds parameters of other shapes than this config's model" in done.stderr, (
+      done.stderr[-3000:])
+  assert "['in']['kernel']: checkpoint (2, 32), model (2, 64)" in done.stderr
+  assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
