@@ -102,8 +102,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState, chec
       # width) is not damaged: nothing is moved aside, and orbax is not asked to read it.
       raise CheckpointError(
           f"The checkpoint at step {step} in {mngr.directory} holds parameters of other shapes "
-          f"than this config's model ({len(mismatch)} differences):\n  "
-          + "\n  ".join(mismatch[:12]) + ("\n  ..." if len(mismatch) > 12 else "")
+          "than this config's model " + _listed(mismatch)
           + "\nA run resumes only with the same model; use a new --workdir.")
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
@@ -178,9 +177,8 @@ def restore_params(workdir: str, abstract_params, key: str | tuple[str, ...] = "
       # fails deep in its asynchronous reads and floods the log with event-loop tracebacks.
       raise CheckpointError(
           f"{source}={workdir!r}: the parameters of its step {step} do not fit this model "
-          f"({len(mismatch)} differences):\n  " + "\n  ".join(mismatch[:12]) +
-          ("\n  ..." if len(mismatch) > 12 else "") + "\nUse a workdir of the same model "
-          "(the same model.* keys), or leave ckpt.init_from empty.")
+          + _listed(mismatch) + "\nUse a workdir of the same model (the same model.* keys), or "
+          "leave ckpt.init_from empty.")
     try:
       restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
           item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
@@ -192,6 +190,12 @@ def restore_params(workdir: str, abstract_params, key: str | tuple[str, ...] = "
       errors.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
   raise CheckpointError(f"{source}={workdir!r}: no checkpoint with parameters matching this "
                         "model could be read:\n  " + "\n  ".join(errors or ["no checkpoints"]))
+
+
+def _listed(mismatches: list[str], most: int = 12) -> str:
+  """'(N differences):' and the first `most` of them, one per line."""
+  more = "\n  ..." if len(mismatches) > most else ""
+  return (f"({len(mismatches)} differences):\n  " + "\n  ".join(mismatches[:most]) + more)
 
 
 def _shape_mismatches(path: str, keys: tuple[str, ...], abstract) -> list[str]:

@@ -21,6 +21,16 @@ def gather_for_compute(tree, shardings):
   return jax.lax.with_sharding_constraint(tree, sharding.for_compute(shardings))
 
 
+def gather_params_and_view(params, view: dict, state_shardings):
+  """(params, view) with params, view["ema"] and view["extra"] gathered to the compute shardings
+  of `state_shardings` (a TrainState of storage shardings); unchanged when it is None."""
+  if state_shardings is None:
+    return params, view
+  return (gather_for_compute(params, state_shardings.params),
+          dict(view, ema=gather_for_compute(view["ema"], state_shardings.ema),
+               extra=gather_for_compute(view["extra"], state_shardings.extra)))
+
+
 def _split_microbatches(batch: dict, num: int) -> dict:
   """[B, ...] -> [num, B / num, ...] where microbatch j holds rows j, j + num, ... so that each
   device keeps its own rows (no data movement under batch sharding)."""
@@ -45,25 +55,20 @@ def make_gradient(objective, train_config, step_rng: jax.Array, state_shardings=
 
   def gradient(state: TrainState, batch: dict):
     step_key = jax.random.fold_in(step_rng, state.step)
-    if state_shardings is not None:
-      state = state.replace(
-          params=gather_for_compute(state.params, state_shardings.params),
-          ema=gather_for_compute(state.ema, state_shardings.ema),
-          extra=gather_for_compute(state.extra, state_shardings.extra))
-    view = view_of(state)
+    params, view = gather_params_and_view(state.params, view_of(state), state_shardings)
     if accum == 1:
-      loss, metrics, grads = grads_of(state.params, batch, step_key, state.step, view)
+      loss, metrics, grads = grads_of(params, batch, step_key, state.step, view)
     else:
       micro = _split_microbatches(batch, accum)
 
       def body(carry, inputs):
         index, mb = inputs
-        loss, metrics, grads = grads_of(state.params, mb, jax.random.fold_in(step_key, index),
+        loss, metrics, grads = grads_of(params, mb, jax.random.fold_in(step_key, index),
                                         state.step, view)
         carry = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
         return carry, None
 
-      zero = jax.eval_shape(grads_of, state.params, jax.tree.map(lambda x: x[0], micro),
+      zero = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro),
                             step_key, state.step, view)
       zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
       (loss, metrics, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
@@ -112,10 +117,7 @@ def make_eval_step(objective, eval_rng: jax.Array, state_shardings=None):
   a fixed key per batch index (so evaluations are comparable across steps). `state_shardings`:
   see make_gradient."""
   def eval_step(params, view, batch, index):
-    if state_shardings is not None:
-      params = gather_for_compute(params, state_shardings.params)
-      view = dict(view, ema=gather_for_compute(view["ema"], state_shardings.ema),
-                  extra=gather_for_compute(view["extra"], state_shardings.extra))
+    params, view = gather_params_and_view(params, view, state_shardings)
     loss, metrics = objective.loss(params, batch, jax.random.fold_in(eval_rng, index),
                                    view["step"], view)
     return dict(metrics, loss=loss)

@@ -102,9 +102,13 @@ def build(config, devices=None) -> Setup:
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules(config.sharding)
 
-  # Data: only shapes here; the iterator is built by `run`.
+  # Data (only shapes here; the iterator is built by `run`), model, objective. What they refuse
+  # (an unknown dataset, a backbone that does not fit the data, an objective option out of
+  # range) is a config error: one message, no traceback.
   try:
     info = data.data_info(config.data, split="train")
+    model = models.build(config.model, info)
+    objective = objectives.build(config.objective, model, info)
   except (ValueError, KeyError) as error:
     raise config_lib.ConfigError(str(error).strip("'\"")) from error
   batch_sharding = sharding.batch_sharding(mesh)
@@ -114,13 +118,7 @@ def build(config, devices=None) -> Setup:
     batch_spec["label"] = jax.ShapeDtypeStruct((config.train.batch_size,), jnp.int32,
                                                sharding=batch_sharding)
 
-  # Model, objective, optimizer. A setting they refuse (a backbone that does not fit the data, an
-  # objective option out of range) is a config error: one message, no traceback.
-  try:
-    model = models.build(config.model, info)
-    objective = objectives.build(config.objective, model, info)
-  except (ValueError, KeyError) as error:
-    raise config_lib.ConfigError(str(error).strip("'\"")) from error
+  # Optimizer.
   tx, lr_schedule = optim.build(config.optim, config.train.steps)
   root = jax.random.key(config.seed)
   init_rng, step_rng, eval_rng = jax.random.split(root, 3)
