@@ -416,7 +416,7 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
         f.write(config_lib.to_json(config))
     batches = data.build(config.data, split="train", global_batch_size=config.train.batch_size,
                          seed=config.seed, sharding=sharding.batch_sharding(setup.mesh))
-    if data_state is not None:
+    if data_state is not None and start > 0:  # at step 0 (a converted checkpoint) nothing is read
       batches.set_state(data_state)
     writer = metrics.Writer(workdir, enabled=is_host0)
     return _train_loop(setup, compiled, state, start, mngr, batches, writer, workdir)

@@ -1,6 +1,6 @@
 """Sharded training computes what one device computes, on every mesh layout.
 
-For every backbone (mlp, dit, unet, tarflow, autoencoder) and the meshes (data, fsdp, tensor) in
+For every backbone (mlp, dit, unet, tarflow in two architectures, autoencoder) and the meshes (data, fsdp, tensor) in
 MESHES, under every sharding preset that gives a distinct layout on that mesh: the gradients of
 one train step (`step.make_gradient`, the function the train step calls) equal the 1-device
 gradients leaf by leaf, and 10 train steps give the 1-device losses. Parameters, EMA and extra
@@ -35,6 +35,8 @@ CASES = {
     "unet": ("imm_cifar10", "tiny", {"model.dropout": 0.1, "train.batch_size": 16,
                                      "model.dtype": "float32"}),
     "tarflow": ("starflow_digits", "tiny", {}),
+    # The official STARFlow architecture: RoPE, a label prefix token, RMSNorm, L2R.
+    "tarflow_starflow_official": ("starflow_imagenet", "tiny", {}),
     "autoencoder": ("autoencoder_digits", "tiny", {}),
     "dit_grad_accum": ("quickstart", "tiny", {"model.dropout": 0.1,
                                               "train.grad_accum_steps": 2}),

@@ -9,20 +9,34 @@ Fixtures in tests/reference/ were produced by running the official code at tiny 
   depth 2, 2 heads, 10 classes) inside `MeanFlow`, every parameter moved off its initial value;
   `.params.npz` its flat parameters, `.npz` its inputs and outputs (NHWC): u(x, t, h, y), u with
   h = 0, and the one-step sample z0 = z1 - u(z1, 1, 1, y).
+- starflow_tiny_{l2r,r2l,l2r_uncond}: apple/ml-starflow `transformer_flow.Model(in_channels=3,
+  img_size=8, patch_size=2, channels=64, num_blocks=3, layers_per_block=[1, 1, 2], head_dim=32,
+  rope=1, sos=1, use_softplus=1, use_final_norm=1, soft_clip=4, seq_order=L2R|R2L, txt_size=1,
+  txt_dim=11, cond_top_only=1)` (the class label a one-token one-hot "caption", 10 = null; the
+  `_uncond` model has no text), every parameter moved off its initial value; `.safetensors` its
+  state dict (l2r and r2l share the weights), `.npz` its inputs and outputs (NCHW): z, each
+  block's output and elementwise log-determinant, the loss, the RoPE angles, reverse sampling
+  without and with guidance (w = 2), with the null label, Jacobi decoding (the official
+  defaults, a truncated run and a run to exactness) and one self-denoising step.
 """
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowjax.models import autoencoder, dit
-from flowjax.samplers import mean_flow
+from flowjax import convert, evals, train
+from flowjax.models import autoencoder, dit, tarflow
+from flowjax.samplers import autoregressive, mean_flow
 
-REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = os.path.join(ROOT, "tests", "reference")
 RTOL = 1e-5
 
 
@@ -109,3 +123,184 @@ def test_meanflow_jax_checkpoint_with_a_missing_key_is_named():
   del flat["params/net/h_embedder/mlp/layers_2/_flax_linear/bias"]
   with pytest.raises(KeyError, match="h_embedder/mlp/layers_2/_flax_linear/bias"):
     dit.from_meanflow_jax(flat, depth=2)
+
+
+# STARFlow: the official transformer_flow.Model, converted by flowjax.convert into the
+# starflow_imagenet experiment's architecture at the fixture's size (its :tiny preset).
+
+STARFLOW = {  # fixture: (seq_order, state dict file)
+    "starflow_tiny_l2r": ("l2r", "starflow_tiny_l2r.safetensors"),
+    "starflow_tiny_r2l": ("r2l", "starflow_tiny_l2r.safetensors"),
+    "starflow_tiny_l2r_uncond": ("l2r", "starflow_tiny_l2r_uncond.safetensors"),
+}
+
+
+def starflow_config(order: str, conditional: bool):
+  spec = importlib.util.spec_from_file_location(
+      "starflow_imagenet", os.path.join(ROOT, "experiments", "starflow_imagenet.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  with config.unlocked():
+    config.model.order = order
+    config.data.conditional = conditional
+    config.data.num_classes = 10 if conditional else 0
+    config.optim.ema_decays = (0.999,)
+  return config
+
+
+@pytest.fixture(scope="module", params=list(STARFLOW))
+def starflow(request, tmp_path_factory):
+  """(objective, params, reference npz, json, workdir) with params converted into a workdir."""
+  order, weights = STARFLOW[request.param]
+  ref = np.load(os.path.join(REFERENCE, request.param + ".npz"))
+  with open(os.path.join(REFERENCE, request.param + ".json")) as f:
+    info = json.load(f)
+  assert info["kwargs"]["seq_order"] == order.upper()
+  config = starflow_config(order, conditional="labels" in ref)
+  workdir = str(tmp_path_factory.mktemp(request.param))
+  params = convert.convert(config, os.path.join(REFERENCE, weights), "starflow", workdir)
+  return train.build(config).objective, params, ref, info, workdir, config
+
+
+def labels_of(ref):
+  return jnp.asarray(ref["labels"], jnp.int32) if "labels" in ref else None
+
+
+def assert_close(got, want, name):
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape, (name, got.shape, want.shape)
+  error = np.abs(got - want).max()
+  assert error <= RTOL * max(np.abs(want).max(), 1e-6), f"{name}: max error {error:.3g}"
+
+
+def test_starflow_forward_blocks_logdets_and_loss_match_the_official_model(starflow):
+  objective, params, ref, _, _, _ = starflow
+  model, cond = objective.model, labels_of(ref)
+  apply = lambda *args, method=None: model.apply({"params": params}, *args, method=method)
+  x = nhwc(ref["x_noisy"])
+  z, logdet, intermediates = apply(x, cond)
+  assert_matches(z, ref["z"], "z")
+  tokens = model.to_tokens(x)
+  assert_close(tokens, ref["outputs_0"].reshape(tokens.shape), "outputs_0 (patchify)")
+  for block in range(model.num_blocks):
+    tokens, log_scales = apply(block, tokens, cond, method="block_log_scales")
+    assert_close(tokens, ref[f"outputs_{block + 1}"].reshape(tokens.shape), f"outputs_{block + 1}")
+    assert_close(log_scales, ref[f"logdets_{block}"], f"logdets_{block}")
+  loss, prior, intermediate = objective.training_loss(z, logdet, intermediates)
+  assert_close(prior, ref["loss_z"], "loss_z")
+  assert_close(-jnp.mean(logdet), ref["loss_logdet"], "loss_logdet")
+  assert objective.intermediate_weight == pytest.approx(float(ref["latent_norm_regularization"]))
+  data_term = objective.intermediate_weight * np.mean(np.square(ref["outputs_0"]))
+  assert_close(loss + data_term, ref["loss_train"], "loss_train")
+  assert_close(prior - jnp.mean(logdet), ref["loss"], "loss")
+
+
+def test_starflow_rope_angles_are_the_official_ones(starflow):
+  objective, _, ref, _, _, _ = starflow
+  model = objective.model
+  head_dim = model.hidden_size // model.num_heads
+  label_axis = model.num_classes > 0
+  for name, block in (("rope_angles_top", model.num_blocks - 1), ("rope_angles_bottom", 0)):
+    angles = tarflow.rope_angles((4, 4), head_dim, model.block_prefix(block), label_axis)
+    assert_close(angles, ref[name], name)
+
+
+def sample_arguments(call, num_classes):
+  """autoregressive.invert arguments of one official `model(z, y, reverse=True, **call)`; the
+  guided calls pass y_cfg = [y; y_null], which invert builds from the labels itself."""
+  guidance = float(call.get("guidance", 0))
+  arguments = dict(guidance=guidance if guidance > 0 else None, null_label=num_classes)
+  # The official annealing factor is computed but not applied (transformer_flow.py
+  # MetaBlock.reverse), so annealed_guidance=True samples with the constant weight.
+  arguments["anneal"] = False
+  if call.get("jacobi"):
+    arguments.update(method="jacobi", chunk_size=call["jacobi_block_size"],
+                     tolerance=call["jacobi_th"], max_iterations=call["jacobi_max_iter"])
+  return arguments
+
+
+def test_starflow_sampling_guidance_and_jacobi_match_the_official_model(starflow):
+  objective, params, ref, info, _, _ = starflow
+  model, cond = objective.model, labels_of(ref)
+  noise = nhwc(ref["sample_noise"])
+  sample = jax.jit(lambda p, z, c, guidance, arguments: autoregressive.invert(
+      model, p, z, c, guidance=guidance, **dict(arguments))[0], static_argnums=(4,))
+  checked = []
+  for key, call in info["sample_calls"].items():
+    arguments = sample_arguments(call, model.num_classes)
+    labels = cond
+    if key == "sample_uncond_null_label":  # y = y_null, the dropped-label one-hot
+      labels = jnp.full_like(cond, model.num_classes)
+    guidance = arguments.pop("guidance")
+    got = sample(params, noise, labels, guidance, tuple(sorted(arguments.items())))
+    assert_matches(got, ref[key], key)
+    checked.append(key)
+  assert {"sample_noguide", "sample_jacobi_default", "sample_jacobi_b4_it2"} <= set(checked)
+  if cond is not None:
+    assert {"sample_cfg2", "sample_cfg2_annealed", "sample_jacobi_b4_it2_cfg2"} <= set(checked)
+
+
+def test_starflow_self_denoising_matches_the_official_step(starflow):
+  objective, params, ref, _, _, _ = starflow
+  cond = labels_of(ref)
+  x = nhwc(ref["sample_noguide"])
+  denoised = autoregressive.tweedie_denoise(
+      lambda y: objective.log_density(params, y, cond), x, float(ref["noise_std"]))
+  assert objective.noise_std == pytest.approx(float(ref["noise_std"]))
+  assert_matches(denoised, ref["sample_noguide_selfdenoised"], "sample_noguide_selfdenoised")
+
+
+def test_converted_workdir_restores_the_converted_parameters(starflow):
+  _, params, _, _, workdir, config = starflow
+  _, state = evals.load(config, workdir)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert int(state.step) == 0
+
+
+def test_conversion_lists_missing_extra_and_misshaped_keys(tmp_path):
+  from safetensors import numpy as safetensors_numpy
+  state = safetensors_numpy.load_file(os.path.join(REFERENCE, "starflow_tiny_l2r.safetensors"))
+  del state["blocks.1.attn_blocks.0.mlp.main.0.bias"]
+  state["blocks.2.attn_blocks.2.mlp.norm.weight"] = np.ones(64, np.float32)
+  state["blocks.0.proj_in.weight"] = np.zeros((64, 48), np.float32)
+  path = str(tmp_path / "damaged.safetensors")
+  safetensors_numpy.save_file(state, path)
+  config = starflow_config("l2r", conditional=True)
+  with pytest.raises(convert.ConversionError) as error:
+    convert.convert(config, path, "starflow", str(tmp_path / "workdir"))
+  message = str(error.value)
+  assert "1 missing:\n    blocks.1.attn_blocks.0.mlp.main.0.bias" in message
+  assert "1 extra:\n    blocks.2.attn_blocks.2.mlp.norm.weight" in message
+  assert "1 mis-shaped:\n    blocks.0.proj_in.weight (64, 48) -> blocks_0/proj_in/kernel " \
+         "needs (12, 64)" in message
+  assert not os.path.exists(tmp_path / "workdir" / "checkpoints")
+  # Another architecture (a learned position table instead of RoPE) is refused the same way.
+  with config.unlocked():
+    config.model.positions = "learned"
+  with pytest.raises(convert.ConversionError, match=r"3 missing:\n    blocks.0.pos_embed"):
+    convert.convert(config, os.path.join(REFERENCE, "starflow_tiny_l2r.safetensors"),
+                    "starflow", str(tmp_path / "other"))
+
+
+def test_convert_command_then_sample_command(tmp_path):
+  """python -m flowjax.convert writes a workdir that python -m flowjax.main --mode=sample reads;
+  the .safetensors path needs no torch."""
+  workdir = str(tmp_path / "converted")
+  common = ["--config=experiments/starflow_imagenet.py:tiny", f"--workdir={workdir}"]
+  done = subprocess.run(
+      [sys.executable, "-m", "flowjax.convert", *common, "--format=starflow",
+       "--checkpoint=tests/reference/starflow_tiny_l2r.safetensors"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  done = subprocess.run([sys.executable, "-m", "flowjax.main", *common, "--mode=sample",
+                         "--config.sample.num=4", "--config.sample.method=kv_cache"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  again = subprocess.run(
+      [sys.executable, "-m", "flowjax.convert", *common, "--format=starflow",
+       "--checkpoint=tests/reference/starflow_tiny_l2r.safetensors"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 1 and "already holds checkpoints" in again.stderr

@@ -50,11 +50,20 @@ def perturb(params, seed=1, scale=0.1):
                             for leaf, key in zip(leaves, keys)])
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["start_token", "shift"])
+VARIANTS = {
+    "start_token": dict(start_token=True),
+    "shift": dict(start_token=False),
+    # apple/ml-starflow's architecture: RoPE, the label as a prefix token, L2R, final RMSNorm.
+    "starflow_official": dict(tarflow.STARFLOW_OPTIONS, order="l2r", hidden_size=48),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def flow(request):
   """(model, random non-trivial params, x [3, 4, 4, 2], labels [3] with one null, jitted
-  forward) for STARFlow (start token) and TarFlow (one-token shift)."""
-  model = make_model(start_token=request.param)
+  forward) for STARFlow (start token), TarFlow (one-token shift) and the official STARFlow
+  architecture."""
+  model = make_model(**VARIANTS[request.param])
   x = jax.random.normal(jax.random.key(2), (3,) + SHAPE)
   cond = jnp.array([0, 2, NUM_CLASSES], jnp.int32)
   params = perturb(init_params(model, x, cond))
@@ -77,9 +86,9 @@ def test_every_decoder_inverts_the_forward_map(flow):
   model, params, x, cond, forward = flow
   z, _, _ = forward(params, x, cond)
   assert float(jnp.max(jnp.abs(z - x))) > 0.1  # the random weights make a non-trivial flow
-  run = jax.jit(lambda p, z, c, method, tolerance: autoregressive.invert(
-      model, p, z, c, method=method, chunk_size=4, tolerance=tolerance, max_iterations=32),
-      static_argnums=(3,))
+  run = jax.jit(lambda p, z, c, method, tolerance, chunk=4: autoregressive.invert(
+      model, p, z, c, method=method, chunk_size=chunk, tolerance=tolerance, max_iterations=32),
+      static_argnums=(3, 5))
   cached, steps = run(params, z, cond, "kv_cache", 0.0)
   naive, _ = run(params, z, cond, "naive", 0.0)
   np.testing.assert_allclose(cached, x, rtol=1e-5, atol=1e-5)
@@ -90,6 +99,9 @@ def test_every_decoder_inverts_the_forward_map(flow):
   jacobi, iterations = run(params, z, cond, "jacobi", 1e-30)
   np.testing.assert_allclose(jacobi, cached, rtol=1e-5, atol=1e-5)
   assert int(iterations) <= model.num_blocks * (16 + 4)
+  # Chunks of 5 over 16 tokens: three full ones and a last one of 1.
+  ragged, _ = run(params, z, cond, "jacobi", 1e-30, 5)
+  np.testing.assert_allclose(ragged, cached, rtol=1e-5, atol=1e-5)
   approximate, fewer = run(params, z, cond, "jacobi", 1e-3)
   np.testing.assert_allclose(approximate, x, atol=5e-2)
   assert int(fewer) < int(iterations)

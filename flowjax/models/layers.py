@@ -238,9 +238,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """Dense -> GELU(tanh) -> dropout -> Dense: [B, L, D] -> [B, L, D]."""
+  """Dense -> GELU -> dropout -> Dense: [B, L, D] -> [B, L, D]; the GELU is the tanh
+  approximation unless `exact_gelu` (the erf form)."""
   hidden_features: int
   dropout: float = 0.0
+  exact_gelu: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -250,7 +252,7 @@ class FeedForward(nn.Module):
     h = dense(self.hidden_features, ("embed", "mlp"), dtype=self.dtype,
               param_dtype=self.param_dtype, name="fc1")(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    h = nn.gelu(h, approximate=True)
+    h = nn.gelu(h, approximate=not self.exact_gelu)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return dense(width, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                  name="fc2")(h)

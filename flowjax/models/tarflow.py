@@ -28,7 +28,9 @@ Flow-model contract (one sampler, `flowjax.samplers.autoregressive`, serves any 
 - `to_tokens(x)` / `from_tokens(tokens)` and `permute(block_index, tokens)` (its own inverse)
   move between data layout, data token order and a block's token order;
 - `init_cache(batch, block_index)`: an explicit KV cache for one block, a tuple with one
-  (keys, values) pair of zeros [batch, L, num_heads, head_dim] per layer (no mutable collections);
+  (keys, values) pair of zeros [batch, S, num_heads, head_dim] per layer (no mutable
+  collections), S = L plus the label tokens the block reads first (`label_input='token'`);
+  `prefill_cache(block_index, cache, cond, batch)` writes those label tokens into it;
 - `block_chunk(block_index, inputs, start, cache, cond) -> (mu, sigma, cache)`: the affine
   parameters [B, T, C] of tokens start .. start+T-1 (block order) from the transformer inputs
   [B, T, C], i.e. the tokens start-1 .. start+T-2 (the entry for token -1 is ignored), reading
@@ -37,8 +39,8 @@ Flow-model contract (one sampler, `flowjax.samplers.autoregressive`, serves any 
   tokens [B, L, C] without a cache (naive decoding), and `block_forward` the block's own
   data -> noise map.
 Inside the cache every token has a slot: token t's transformer input (token t-1, or the start
-token) is written at slot t. Without a start token the input of slot 0 is a placeholder that no
-other token attends to.
+token) is written at slot t (t + 1 after a label token). Without a start token the input of
+token 0 is a placeholder that no other token attends to.
 """
 
 import math
@@ -55,8 +57,21 @@ from flowjax.registry import MODELS
 INV_SOFTPLUS_ONE = math.log(math.expm1(1.0))  # softplus(0.5413...) = 1
 SCALES = ("exp", "softplus")
 CONDITIONS = ("deep", "all")
-POSITIONS = ("learned", "sincos")
+POSITIONS = ("learned", "sincos", "rope")
+ORDERS = ("r2l", "l2r")
+LABEL_INPUTS = ("add", "token")
+FINAL_NORMS = ("layernorm", "rmsnorm")
+GELUS = ("tanh", "exact")
 TOKENS = ("batch", "length", "embed")
+# The architecture of apple/ml-starflow's `transformer_flow.Model` (rope=1, sos=1,
+# use_softplus=1, use_final_norm=1, soft_clip=4, class labels as a one-token one-hot "caption"
+# read by the deep block only, torch LayerNorm eps 1e-5, exact GELU); `order` follows its
+# seq_order. A model built with these options loads its checkpoints (`flowjax.convert`).
+STARFLOW_OPTIONS = dict(start_token=True, scale="softplus", soft_clip=4.0, condition="deep",
+                        positions="rope", label_input="token", final_norm="rmsnorm",
+                        norm_eps=1e-5, gelu="exact")
+ROPE_THETA = 10000.0
+ROPE_LABEL_FREQUENCIES = 8
 
 
 def token_shape(image_shape, patch_size: int) -> tuple[int, int]:
@@ -82,9 +97,71 @@ def sincos_positions(length: int, width: int) -> np.ndarray:
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
+def rope_angles(grid: tuple[int, int], head_dim: int, label_tokens: int,
+                label_axis: bool) -> np.ndarray:
+  """[label_tokens + H*W, head_dim] float32 rotary angles of STARFlow's 2-D RoPE (Gu et al.,
+  arXiv:2506.06276), one row per sequence position: the label tokens first, then the (H, W) grid
+  in raster order, each angle repeated for the two channels of its rotated pair.
+
+  With n = head_dim / 2 frequencies: without `label_axis`, n/2 frequencies theta^(-2i/n) of the
+  row index and the same of the column index; with it (models that read labels as tokens), the
+  last 8 are theta^(-i/8) of a third coordinate, k / label_tokens * H for label token k and 0 for
+  image tokens, and the first n - 8 are split between row and column as theta^(-2i/(n-8)).
+  """
+  height, width = grid
+  half = head_dim // 2
+  spatial = half - ROPE_LABEL_FREQUENCIES if label_axis else half
+  if head_dim % 2 or spatial < 2 or spatial % 2:
+    raise ValueError(
+        f"model.positions='rope' with head_dim={head_dim} (hidden_size / num_heads): the "
+        f"{'row, column and label' if label_axis else 'row and column'} frequencies need an "
+        f"even head_dim with head_dim / 2 {'- 8 ' if label_axis else ''}even and >= 2.")
+  frequencies = 1.0 / ROPE_THETA ** (np.arange(0, spatial, 2, dtype=np.float64) / spatial)
+  rows, cols = np.meshgrid(np.arange(height, dtype=np.float64),
+                           np.arange(width, dtype=np.float64), indexing="ij")
+  rows, cols = rows.reshape(-1), cols.reshape(-1)
+  parts = [rows[:, None] * frequencies, cols[:, None] * frequencies]
+  if label_axis:
+    label_frequencies = 1.0 / ROPE_THETA ** (
+        np.arange(ROPE_LABEL_FREQUENCIES, dtype=np.float64) / ROPE_LABEL_FREQUENCIES)
+    third = np.zeros_like(rows)
+    parts.append(third[:, None] * label_frequencies)
+  angles = np.concatenate(parts, axis=1)
+  if label_tokens:
+    label_rows = np.zeros((label_tokens, angles.shape[1]))
+    if label_axis:
+      position = np.arange(label_tokens, dtype=np.float64) / label_tokens * height
+      label_rows[:, -ROPE_LABEL_FREQUENCIES:] = position[:, None] * label_frequencies
+    angles = np.concatenate([label_rows, angles], axis=0)
+  return np.repeat(angles, 2, axis=1).astype(np.float32)
+
+
+def apply_rope(x, angles):
+  """Rotates each consecutive channel pair of x [B, T, heads, head_dim] by angles [T, head_dim]
+  (pairs (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin))."""
+  pairs = x.reshape(x.shape[:-1] + (-1, 2))
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  cos = jnp.cos(angles)[None, :, None, :].astype(x.dtype)
+  sin = jnp.sin(angles)[None, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * (1 + w) in float32, w initialised at zero (STARFlow's final norm)."""
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                        (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return x * (1.0 + weight)
+
+
+def _layer_norm(name: str, epsilon: float = 1e-6) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=1e-6, dtype=jnp.float32, name=name,
+      epsilon=epsilon, dtype=jnp.float32, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
@@ -92,19 +169,20 @@ def _layer_norm(name: str) -> nn.LayerNorm:
 class CausalAttention(nn.Module):
   """Causal multi-head self-attention over token slots, with an optional explicit KV cache.
 
-  Slot s may attend to slots <= s; with `hide_first_slot` slot 0 is attended by itself only.
+  Slot s may attend to slots <= s; slot `hidden_slot` (>= 0) is attended by itself only.
   """
   num_heads: int
-  hide_first_slot: bool = False
+  hidden_slot: int = -1
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, slots, cache):
+  def __call__(self, x, slots, cache, rope=None):
     """x: [B, T, D] tokens at the consecutive slots `slots` ([T] int32); cache: None (the T
-    tokens attend among themselves) or (keys, values) [B, L, heads, head_dim], into which this
-    call's keys and values are written at slots[0] .. slots[0]+T-1 before attending over all L
-    slots. Returns ([B, T, D], the updated cache or None)."""
+    tokens attend among themselves) or (keys, values) [B, S, heads, head_dim], into which this
+    call's keys and values are written at slots[0] .. slots[0]+T-1 before attending over all S
+    slots; rope: None or [T, head_dim] rotary angles of the slots (queries and keys rotated
+    before the cache). Returns ([B, T, D], the updated cache or None)."""
     batch, length, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"hidden_size={width} is not divisible by num_heads={self.num_heads}.")
@@ -117,6 +195,8 @@ class CausalAttention(nn.Module):
       y = y.reshape(batch, length, self.num_heads, head_dim)
       projections.append(nn.with_logical_constraint(y, ("batch", "length", "heads", "kv")))
     q, k, v = projections
+    if rope is not None:
+      q, k = apply_rope(q, rope), apply_rope(k, rope)
     if cache is None:
       keys, values, key_slots = k, v, slots
     else:
@@ -127,8 +207,9 @@ class CausalAttention(nn.Module):
       cache = (keys, values)
       key_slots = jnp.arange(keys.shape[1])
     mask = key_slots[None, :] <= slots[:, None]
-    if self.hide_first_slot:
-      mask = mask & ((key_slots[None, :] > 0) | (slots[:, None] == 0))
+    if self.hidden_slot >= 0:
+      hidden = self.hidden_slot
+      mask = mask & ((key_slots[None, :] != hidden) | (slots[:, None] == hidden))
     y = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
                                      mask=mask[None, None])
     y = y.reshape(batch, length, width)
@@ -141,25 +222,33 @@ class TransformerLayer(nn.Module):
   """Pre-LayerNorm causal transformer layer: h + Attn(LN(h)), then h + MLP(LN(h))."""
   num_heads: int
   mlp_ratio: float = 4.0
-  hide_first_slot: bool = False
+  hidden_slot: int = -1
+  norm_eps: float = 1e-6
+  exact_gelu: bool = False
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, h, slots, cache):
-    """h: [B, T, D] float32 residual stream; slots, cache: as in CausalAttention."""
-    a, cache = CausalAttention(self.num_heads, self.hide_first_slot, self.dtype,
+  def __call__(self, h, slots, cache, rope=None):
+    """h: [B, T, D] float32 residual stream; slots, cache, rope: as in CausalAttention."""
+    a, cache = CausalAttention(self.num_heads, self.hidden_slot, self.dtype,
                                self.param_dtype, name="attn")(
-                                   _layer_norm("norm1")(h).astype(self.dtype), slots, cache)
+                                   _layer_norm("norm1", self.norm_eps)(h).astype(self.dtype),
+                                   slots, cache, rope)
     h = nn.with_logical_constraint(h + a.astype(jnp.float32), TOKENS)
-    m = layers.FeedForward(int(h.shape[-1] * self.mlp_ratio), dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="mlp")(
-                               _layer_norm("norm2")(h).astype(self.dtype), False)
+    m = layers.FeedForward(int(h.shape[-1] * self.mlp_ratio), exact_gelu=self.exact_gelu,
+                           dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
+                               _layer_norm("norm2", self.norm_eps)(h).astype(self.dtype), False)
     return nn.with_logical_constraint(h + m.astype(jnp.float32), TOKENS), cache
 
 
 class FlowBlock(nn.Module):
-  """One affine autoregressive block over L tokens of C channels (see the module docstring)."""
+  """One affine autoregressive block over L tokens of C channels (see the module docstring).
+
+  With `label_input='token'` a conditioned block reads the label as one token before the
+  sequence (a Dense of its one-hot, STARFlow's class "caption"), so its cache has L + 1 slots
+  and image slot s sits at cache slot s + 1.
+  """
   length: int
   channels: int
   hidden_size: int
@@ -173,8 +262,19 @@ class FlowBlock(nn.Module):
   conditioned: bool = False
   num_classes: int = 0
   positions: str = "learned"
+  grid: tuple = ()
+  rope_label_axis: bool = False
+  label_input: str = "add"
+  final_norm: str = "layernorm"
+  norm_eps: float = 1e-6
+  exact_gelu: bool = False
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+
+  @property
+  def prefix(self) -> int:
+    """Label tokens before the sequence (1 for a conditioned block with label_input='token')."""
+    return int(self.label_input == "token" and self.conditioned and self.num_classes > 0)
 
   def setup(self):
     self.proj_in = layers.dense(self.hidden_size, ("conv_in", "embed"), dtype=self.dtype,
@@ -192,40 +292,84 @@ class FlowBlock(nn.Module):
           "start_token", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("conv_in",)),
           (self.channels,), self.param_dtype)
     if self.conditioned and self.num_classes > 0:
-      self.label_embed = layers.LabelEmbedder(self.num_classes, self.hidden_size,
-                                              param_dtype=self.param_dtype)
-    self.layers = [TransformerLayer(self.num_heads, self.mlp_ratio,
-                                    hide_first_slot=not self.start_token, dtype=self.dtype,
-                                    param_dtype=self.param_dtype) for _ in range(self.depth)]
-    self.final_norm = _layer_norm("final_norm")
+      if self.prefix:
+        self.label_token = layers.dense(self.hidden_size, ("vocab", "embed"), dtype=self.dtype,
+                                        param_dtype=self.param_dtype)
+      else:
+        self.label_embed = layers.LabelEmbedder(self.num_classes, self.hidden_size,
+                                                param_dtype=self.param_dtype)
+    hidden_slot = -1 if self.start_token else self.prefix
+    self.layers = [TransformerLayer(self.num_heads, self.mlp_ratio, hidden_slot=hidden_slot,
+                                    norm_eps=self.norm_eps, exact_gelu=self.exact_gelu,
+                                    dtype=self.dtype, param_dtype=self.param_dtype)
+                   for _ in range(self.depth)]
+    if self.final_norm == "rmsnorm":
+      self.out_norm = RMSNorm(name="final_norm")
+    else:
+      self.out_norm = _layer_norm("final_norm", self.norm_eps)
 
   def position_table(self):
     if self.positions == "learned":
       return jnp.asarray(self.pos_embed, jnp.float32)
     return jnp.asarray(sincos_positions(self.length, self.hidden_size))
 
+  def rope_table(self):
+    """[prefix + L, head_dim] rotary angles by cache slot, or None without RoPE."""
+    if self.positions != "rope":
+      return None
+    return jnp.asarray(rope_angles(self.grid, self.hidden_size // self.num_heads, self.prefix,
+                                   self.rope_label_axis))
+
+  def _layers(self, h, slots, cache):
+    """The transformer over h [B, T, D] at cache slots `slots` (prefix included)."""
+    table = self.rope_table()
+    rope = None if table is None else jnp.take(table, slots, axis=0)
+    new_cache = []
+    for index, layer in enumerate(self.layers):
+      h, layer_cache = layer(h, slots, None if cache is None else cache[index], rope)
+      new_cache.append(layer_cache)
+    return h, (None if cache is None else tuple(new_cache))
+
+  def _label_tokens(self, cond, batch):
+    """[B, prefix, D] float32 label tokens (labels in [0, num_classes], the last = null)."""
+    if cond is None:
+      cond = jnp.full((batch,), self.num_classes, jnp.int32)
+    one_hot = jax.nn.one_hot(cond, self.num_classes + 1, dtype=self.dtype)
+    return self.label_token(one_hot)[:, None].astype(jnp.float32)
+
+  def prefill(self, cond, cache, batch: int):
+    """Writes the keys and values of the label token(s) into the cache (identity without)."""
+    if not self.prefix:
+      return cache
+    _, cache = self._layers(self._label_tokens(cond, batch), jnp.arange(self.prefix), cache)
+    return cache
+
   def affine(self, inputs, slots, cond, cache):
     """(mu, sigma) [B, T, C] float32 of the tokens at `slots` ([T], consecutive, block order)
-    from their transformer inputs [B, T, C] (the preceding tokens), and the updated cache."""
+    from their transformer inputs [B, T, C] (the preceding tokens), and the updated cache (which
+    must hold the label token from `prefill` when the block reads one)."""
     batch = inputs.shape[0]
     if self.start_token:
       start = jnp.broadcast_to(jnp.asarray(self.start, inputs.dtype), inputs.shape)
       inputs = jnp.where((slots == 0)[None, :, None], start, inputs)
     h = self.proj_in(inputs.astype(self.dtype)).astype(jnp.float32)
-    # The position embedding of the data token each input stands for (the input itself in
-    # TarFlow, the predicted token with a start token), in data order.
-    source = slots if self.start_token else jnp.maximum(slots - 1, 0)
-    if self.flip:
-      source = self.length - 1 - source
-    h = h + jnp.take(self.position_table(), source, axis=0)[None]
-    if self.conditioned and self.num_classes > 0:
+    if self.positions != "rope":
+      # The position embedding of the data token each input stands for (the input itself in
+      # TarFlow, the predicted token with a start token), in data order.
+      source = slots if self.start_token else jnp.maximum(slots - 1, 0)
+      if self.flip:
+        source = self.length - 1 - source
+      h = h + jnp.take(self.position_table(), source, axis=0)[None]
+    if self.conditioned and self.num_classes > 0 and not self.prefix:
       h = h + self.label_embed(cond, batch)[:, None, :]
     h = nn.with_logical_constraint(h, TOKENS)
-    new_cache = []
-    for index, layer in enumerate(self.layers):
-      h, layer_cache = layer(h, slots, None if cache is None else cache[index])
-      new_cache.append(layer_cache)
-    out = self.proj_out(self.final_norm(h).astype(self.dtype)).astype(jnp.float32)
+    cache_slots = slots + self.prefix
+    if self.prefix and cache is None:
+      h = jnp.concatenate([self._label_tokens(cond, batch), h], axis=1)
+      cache_slots = jnp.concatenate([jnp.arange(self.prefix), cache_slots])
+    h, cache = self._layers(h, cache_slots, cache)
+    h = h[:, h.shape[1] - inputs.shape[1]:]
+    out = self.proj_out(self.out_norm(h).astype(self.dtype)).astype(jnp.float32)
     if self.soft_clip > 0:
       out = self.soft_clip * jnp.tanh(out / self.soft_clip)
     a, mu = jnp.split(out, 2, axis=-1)
@@ -233,7 +377,7 @@ class FlowBlock(nn.Module):
     if not self.start_token:
       first = (slots == 0)[None, :, None]
       mu, sigma = jnp.where(first, 0.0, mu), jnp.where(first, 1.0, sigma)
-    return mu, sigma, (None if cache is None else tuple(new_cache))
+    return mu, sigma, cache
 
   def sequence(self, tokens, cond):
     """(mu, sigma) [B, L, C] of every token of `tokens` [B, L, C] (block order), no cache."""
@@ -243,13 +387,12 @@ class FlowBlock(nn.Module):
 
   def __call__(self, tokens, cond):
     """Data -> noise: tokens [B, L, C] in data order -> (z [B, L, C] float32 in data order,
-    logdet [B] = -mean(log sigma))."""
+    -log sigma [B, L, C] float32 in this block's token order)."""
     x = jnp.flip(tokens, axis=1) if self.flip else tokens
     x = x.astype(jnp.float32)
     mu, sigma = self.sequence(x, cond)
     z = (x - mu) / sigma
-    logdet = -jnp.mean(jnp.log(sigma), axis=(1, 2))
-    return (jnp.flip(z, axis=1) if self.flip else z), logdet
+    return (jnp.flip(z, axis=1) if self.flip else z), -jnp.log(sigma)
 
 
 class TarFlow(nn.Module):
@@ -267,7 +410,16 @@ class TarFlow(nn.Module):
     scale: 'exp' (sigma = exp(a)) or 'softplus' (sigma = softplus(a + 0.5413)).
     soft_clip: c > 0 maps the projection output o to c tanh(o / c); 0 = off.
     condition: 'deep' (only the last block sees labels) or 'all'.
-    positions: 'learned' or 'sincos' position embeddings.
+    positions: 'learned' or 'sincos' position embeddings added to the tokens, or 'rope'
+      (STARFlow's 2-D rotary embedding of the queries and keys, by position in the block's
+      sequence; images only).
+    order: 'r2l' (block k flipped for odd k) or 'l2r' (flipped for even k), STARFlow's
+      seq_order.
+    label_input: 'add' (a label embedding added to every token) or 'token' (the one-hot label
+      projected to one token read before the sequence, STARFlow's class conditioning).
+    final_norm: 'layernorm' or 'rmsnorm' (x / rms(x) * (1 + w), STARFlow) before proj_out.
+    norm_eps: epsilon of the LayerNorms (1e-5 is torch's default).
+    gelu: 'tanh' (approximation) or 'exact' (erf) in the MLPs.
     dtype, param_dtype: compute and parameter dtypes.
   """
   image_shape: tuple
@@ -284,17 +436,29 @@ class TarFlow(nn.Module):
   soft_clip: float = 4.0
   condition: str = "deep"
   positions: str = "learned"
+  order: str = "r2l"
+  label_input: str = "add"
+  final_norm: str = "layernorm"
+  norm_eps: float = 1e-6
+  gelu: str = "tanh"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
   def setup(self):
     length, channels = self.token_shape
+    grid = ()
+    if len(self.image_shape) == 3:
+      grid = (self.image_shape[0] // self.patch_size, self.image_shape[1] // self.patch_size)
+    label_tokens = self.label_input == "token" and self.num_classes > 0
     self.blocks = [
         FlowBlock(length, channels, self.hidden_size, self.block_depth(i), self.num_heads,
-                  self.mlp_ratio, flip=i % 2 == 1, start_token=self.start_token,
+                  self.mlp_ratio, flip=self.block_flipped(i), start_token=self.start_token,
                   scale=self.scale, soft_clip=self.soft_clip,
                   conditioned=self.block_conditioned(i), num_classes=self.num_classes,
-                  positions=self.positions, dtype=self.dtype, param_dtype=self.param_dtype)
+                  positions=self.positions, grid=grid, rope_label_axis=label_tokens,
+                  label_input=self.label_input, final_norm=self.final_norm,
+                  norm_eps=self.norm_eps, exact_gelu=self.gelu == "exact", dtype=self.dtype,
+                  param_dtype=self.param_dtype)
         for i in range(self.num_blocks)]
 
   # Static facts, usable on an unbound module.
@@ -306,6 +470,14 @@ class TarFlow(nn.Module):
   def block_depth(self, block_index: int) -> int:
     deep = block_index == self.num_blocks - 1 and self.deep_layers > 0
     return self.deep_layers if deep else self.layers_per_block
+
+  def block_flipped(self, block_index: int) -> bool:
+    """Whether block `block_index` reads its tokens in flipped order."""
+    return block_index % 2 == (1 if self.order == "r2l" else 0)
+
+  def block_prefix(self, block_index: int) -> int:
+    """Label tokens block `block_index` reads before its sequence (its cache has L + these)."""
+    return int(self.label_input == "token" and self.block_conditioned(block_index))
 
   def block_conditioned(self, block_index: int) -> bool:
     """Whether block `block_index` reads the class label."""
@@ -327,12 +499,14 @@ class TarFlow(nn.Module):
     return tokens[..., 0]
 
   def permute(self, block_index: int, tokens):
-    """Data order <-> the order of block `block_index` (flip for odd blocks; its own inverse)."""
-    return jnp.flip(tokens, axis=1) if block_index % 2 else tokens
+    """Data order <-> the order of block `block_index` (its own inverse)."""
+    return jnp.flip(tokens, axis=1) if self.block_flipped(block_index) else tokens
 
   def init_cache(self, batch: int, block_index: int):
-    """Zero KV cache of one block: per layer (keys, values) [batch, L, num_heads, head_dim]."""
+    """Zero KV cache of one block: per layer (keys, values) [batch, S, num_heads, head_dim],
+    S = L plus the block's label tokens (see `prefill_cache`)."""
     length, _ = self.token_shape
+    length += self.block_prefix(block_index)
     shape = (batch, length, self.num_heads, self.hidden_size // self.num_heads)
     return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
                  for _ in range(self.block_depth(block_index)))
@@ -350,15 +524,26 @@ class TarFlow(nn.Module):
     logdet = jnp.zeros((x.shape[0],), jnp.float32)
     intermediates = []
     for index, block in enumerate(self.blocks):
-      tokens, block_logdet = block(tokens, cond)
-      logdet = logdet + block_logdet
+      tokens, log_scales = block(tokens, cond)
+      logdet = logdet + jnp.mean(log_scales, axis=(1, 2))
       if index < self.num_blocks - 1:
         intermediates.append(tokens)
     return self.from_tokens(tokens), logdet, tuple(intermediates)
 
   def block_forward(self, block_index: int, tokens, cond):
     """One block data -> noise: tokens [B, L, C] (data order) -> (z [B, L, C], logdet [B])."""
+    z, log_scales = self.blocks[block_index](tokens, cond)
+    return z, jnp.mean(log_scales, axis=(1, 2))
+
+  def block_log_scales(self, block_index: int, tokens, cond):
+    """One block data -> noise with its elementwise log-determinant: (z [B, L, C] data order,
+    -log sigma [B, L, C] in the block's token order)."""
     return self.blocks[block_index](tokens, cond)
+
+  def prefill_cache(self, block_index: int, cache, cond, batch: int):
+    """The cache of block `block_index` with its label tokens' keys and values written (no-op
+    for a block that reads no label token); call once after init_cache, before block_chunk."""
+    return self.blocks[block_index].prefill(cond, cache, batch)
 
   def block_sequence(self, block_index: int, tokens, cond):
     """(mu, sigma) [B, L, C] float32 of every token of `tokens` [B, L, C] (block order)."""
@@ -399,6 +584,15 @@ def build(model_config: ml_collections.ConfigDict, info) -> TarFlow:
   if int(c.deep_layers) < 0:
     raise ValueError(f"model.deep_layers={c.deep_layers} must be >= 0 (0 = no deep block).")
   token_shape(tuple(info.image_shape), int(c.patch_size))
+  positions = _choice("positions", c.positions, POSITIONS)
+  label_input = _choice("label_input", c.label_input, LABEL_INPUTS)
+  if positions == "rope":
+    if len(tuple(info.image_shape)) != 3:
+      raise ValueError("model.positions='rope' rotates by 2-D token positions and needs images "
+                       f"[H, W, C]; the data have per-example shape {tuple(info.image_shape)}. "
+                       "Use positions='learned' or 'sincos'.")
+    rope_angles((1, 1), hidden_size // num_heads, 0,
+                label_input == "token" and int(info.num_classes) > 0)
   return TarFlow(
       image_shape=tuple(info.image_shape), patch_size=int(c.patch_size), hidden_size=hidden_size,
       num_blocks=int(c.num_blocks), layers_per_block=int(c.layers_per_block),
@@ -406,6 +600,8 @@ def build(model_config: ml_collections.ConfigDict, info) -> TarFlow:
       num_classes=int(info.num_classes), start_token=bool(c.start_token),
       scale=_choice("scale", c.scale, SCALES), soft_clip=float(c.soft_clip),
       condition=_choice("condition", c.condition, CONDITIONS),
-      positions=_choice("positions", c.positions, POSITIONS),
+      positions=positions, order=_choice("order", c.order, ORDERS), label_input=label_input,
+      final_norm=_choice("final_norm", c.final_norm, FINAL_NORMS), norm_eps=float(c.norm_eps),
+      gelu=_choice("gelu", c.gelu, GELUS),
       dtype=layers.dtype_from_name(c.dtype, "dtype"),
       param_dtype=layers.dtype_from_name(c.param_dtype, "param_dtype"))

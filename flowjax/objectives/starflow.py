@@ -138,6 +138,15 @@ class StarFlow:
     """Discrete bits/dim of dequantised data from -log p(y) / D in nats: (nll + log(K/2)) / ln 2."""
     return (nll + math.log(self.data_levels / 2.0)) / math.log(2.0)
 
+  def training_loss(self, z, logdet, intermediates):
+    """(loss, prior, intermediate) of a forward pass: prior = 0.5 mean(z^2), intermediate =
+    sum_k mean(z_k^2) over the inner block outputs, loss = prior - mean(logdet) +
+    intermediate_weight * intermediate. (apple/ml-starflow's train.py also counts the data
+    itself in that sum, a constant without gradient.)"""
+    prior = 0.5 * jnp.mean(jnp.square(z))
+    intermediate = sum((jnp.mean(jnp.square(h)) for h in intermediates), jnp.float32(0.0))
+    return prior - jnp.mean(logdet) + self.intermediate_weight * intermediate, prior, intermediate
+
   def loss(self, params, batch, rng, step, view):
     """Per-dimension NLL of a batch {'image': [B, ...], 'label': [B]}."""
     del step, view
@@ -146,9 +155,7 @@ class StarFlow:
     cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
                               self.label_dropout, self.num_classes)
     z, logdet, intermediates = self.forward(params, y, cond)
-    prior = 0.5 * jnp.mean(jnp.square(z))
-    intermediate = sum((jnp.mean(jnp.square(h)) for h in intermediates), jnp.float32(0.0))
-    loss = prior - jnp.mean(logdet) + self.intermediate_weight * intermediate
+    loss, prior, intermediate = self.training_loss(z, logdet, intermediates)
     nll = jnp.mean(self.nll_per_dim(z, logdet))
     metrics = {"nll": nll, "prior": prior, "logdet": jnp.mean(logdet),
                "intermediate": intermediate}

@@ -6,8 +6,9 @@ block, token i is x_i = mu_i + sigma_i z_i where (mu_i, sigma_i) depend on x_{<i
 float rounding:
 - "kv_cache": one token per step of a `lax.scan`, with the preallocated KV cache of the model
   (L sequential network calls of one token each);
-- "jacobi": chunks of `chunk_size` tokens iterated to a fixed point in a `lax.while_loop`
-  (||x_new - x||^2 / ||x_new||^2 < tolerance, at most `max_iterations` iterations per chunk),
+- "jacobi": chunks of `chunk_size` tokens (the last one the remainder) iterated to a fixed point
+  in a `lax.while_loop`, every token's first guess being its noise (||x_new - x||^2 /
+  ||x_new||^2 < tolerance over the whole batch, at most `max_iterations` iterations per chunk),
   reusing the cache of the finished chunks; a chunk is exact after at most chunk_size iterations;
 - "naive": the full causal pass over all L tokens for every token (no cache), the reference.
 
@@ -17,7 +18,8 @@ maps are combined by a rule (weight w >= 0; w = 0 is the conditional model) and 
 continue from the guided token. Only blocks that read the label are guided.
 
 The model must follow the flow contract of `flowjax.models.tarflow` (to_tokens, from_tokens,
-permute, init_cache, block_chunk, block_step, block_sequence, block_conditioned, num_blocks,
+permute, init_cache, prefill_cache, block_chunk, block_step, block_sequence, block_conditioned,
+num_blocks,
 start_token, token_shape).
 """
 
@@ -66,14 +68,6 @@ def guidance_weights(positions, length: int, start_token: bool, weight: float, a
   return weight * jnp.clip((positions + 1 - first) / (length - first), 0.0, 1.0)
 
 
-def _chunk_size(length: int, requested: int) -> int:
-  """The largest divisor of `length` that is at most `requested`."""
-  size = max(1, min(requested, length))
-  while length % size:
-    size -= 1
-  return size
-
-
 def invert(model, params, z, cond=None, *, method: str = "kv_cache",
            guidance: float | None = None,
            rule: str = "starflow", anneal: bool = False, null_label: int | None = None,
@@ -90,8 +84,8 @@ def invert(model, params, z, cond=None, *, method: str = "kv_cache",
       (w = 0 reproduces the conditional model). Used only with labels; needs `null_label` (the
       label table's null index).
     anneal: raise w linearly over the tokens (see guidance_weights).
-    chunk_size, tolerance, max_iterations: Jacobi settings; chunk_size is lowered to the largest
-      divisor of L not above it.
+    chunk_size, tolerance, max_iterations: Jacobi settings; the tokens are decoded in chunks of
+      chunk_size from the first, the last chunk holding the remainder.
   Returns:
     (x: [B, *image_shape] float32, steps: int32 scalar, the number of sequential network
     evaluations: L per block for "kv_cache" and "naive", the Jacobi iterations for "jacobi").
@@ -134,8 +128,7 @@ def invert(model, params, z, cond=None, *, method: str = "kv_cache",
       decoded, block_steps = _decode_naive(apply, block_index, noise, cond, combine)
     else:
       decoded, block_steps = _decode_jacobi(apply, model, block_index, noise, cond, combine,
-                                            _chunk_size(length, chunk_size), tolerance,
-                                            max_iterations)
+                                            chunk_size, tolerance, max_iterations)
     tokens = model.permute(block_index, decoded)
     steps = steps + block_steps
   return model.from_tokens(tokens[:batch]), steps
@@ -144,7 +137,8 @@ def invert(model, params, z, cond=None, *, method: str = "kv_cache",
 def _decode_cached(apply, model, block_index, noise, cond, combine):
   """Token by token with the block's KV cache: [B, L, C] noise -> [B, L, C] tokens."""
   length = noise.shape[1]
-  cache = model.init_cache(noise.shape[0], block_index)
+  cache = apply("prefill_cache", block_index, model.init_cache(noise.shape[0], block_index),
+                cond, noise.shape[0])
 
   def step(carry, inputs):
     previous, cache = carry
@@ -177,20 +171,21 @@ def _decode_naive(apply, block_index, noise, cond, combine):
 
 def _decode_jacobi(apply, model, block_index, noise, cond, combine, chunk_size, tolerance,
                    max_iterations):
-  """Chunks of chunk_size tokens iterated to a fixed point, on top of the KV cache."""
+  """Chunks of chunk_size tokens (the last one holds the remainder) iterated to a fixed point, on
+  top of the KV cache."""
   batch, length, _ = noise.shape
-  offsets = jnp.arange(chunk_size)
+  chunk_size = max(1, min(chunk_size, length))
 
-  def chunk(carry, start):
+  def chunk(carry, start, size):
     x, cache, total = carry
-    z_chunk = jax.lax.dynamic_slice_in_dim(noise, start, chunk_size, axis=1)
+    z_chunk = jax.lax.dynamic_slice_in_dim(noise, start, size, axis=1)
     previous = jax.lax.dynamic_slice_in_dim(x, jnp.maximum(start - 1, 0), 1, axis=1)
 
     def iterate(state):
       iteration, guess, cache, _ = state
       inputs = jnp.concatenate([previous, guess[:, :-1]], axis=1)
       mu, sigma, cache = apply("block_chunk", block_index, inputs, start, cache, cond)
-      mu, sigma = combine(block_index, mu, sigma, start + offsets)
+      mu, sigma = combine(block_index, mu, sigma, start + jnp.arange(size))
       new = mu + sigma * z_chunk
       change = jnp.sum(jnp.square(new - guess)) / jnp.maximum(jnp.sum(jnp.square(new)), 1e-30)
       return iteration + 1, new, cache, change
@@ -204,8 +199,14 @@ def _decode_jacobi(apply, model, block_index, noise, cond, combine, chunk_size, 
     x = jax.lax.dynamic_update_slice_in_dim(x, decoded, start, axis=1)
     return (x, cache, total + iterations), None
 
-  carry = (noise, model.init_cache(batch, block_index), jnp.int32(0))
-  (decoded, _, total), _ = jax.lax.scan(chunk, carry, jnp.arange(0, length, chunk_size))
+  cache = apply("prefill_cache", block_index, model.init_cache(batch, block_index), cond, batch)
+  carry = (noise, cache, jnp.int32(0))
+  full = length // chunk_size
+  carry, _ = jax.lax.scan(lambda c, start: chunk(c, start, chunk_size), carry,
+                          jnp.arange(0, full * chunk_size, chunk_size))
+  if length % chunk_size:
+    carry, _ = chunk(carry, jnp.int32(full * chunk_size), length % chunk_size)
+  decoded, _, total = carry
   return decoded, total
 
 
