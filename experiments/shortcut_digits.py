@@ -4,9 +4,10 @@ python -m flowjax.main --config=experiments/shortcut_digits.py --workdir=workdir
 The DiT gets two times, t and the step-size level code level / 7; 1/8 of each batch trains the
 shortcuts by self-consistency against the current network (stop-gradient, target_ema='current':
 EMA targets stack one EMA lag per level, 7 between the finest and the 1-step level, too slow for
-a run of 1500-3000 steps), the rest is flow matching at the finest level with label dropout 0.1. Samples take 1 step (--config.sample.num_steps=N for N in
-{1, 2, 4, ..., 128}). Guidance is off (objective.guidance=1.0); set e.g.
---config.objective.guidance=1.5 to bake CFG into the targets as the reference does on ImageNet.
+a run of 1500-3000 steps), the rest is flow matching at the finest level with label dropout
+0.1. Samples take 1 step (--config.sample.num_steps=N for N in {1, 2, 4, ..., 128}). Guidance
+is off (objective.guidance=1.0); set e.g. --config.objective.guidance=1.5 to bake CFG into the
+targets as the reference does on ImageNet.
 Sized like meanflow_digits.py (same steps, batch, backbone and optimizer). Presets: :tiny.
 """
 

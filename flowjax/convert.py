@@ -9,7 +9,8 @@ must build the official architecture (the presets that name an official network 
 
 Readers: a torch state dict as .pt/.pth (needs torch) or .safetensors (no torch), a .npz of named
 arrays, and a checkpoint dict holding the state dict under one of the usual keys ("model",
-"state_dict", "ema", ...). Every source tensor must be used and every flowjax parameter filled
+"state_dict", "ema", ...); the "module." / "_orig_mod." prefixes of DistributedDataParallel and
+torch.compile are dropped. Every source tensor must be used and every flowjax parameter filled
 with its shape: a missing, extra or mis-shaped key stops the conversion with the list of them.
 """
 
@@ -22,7 +23,6 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-FORMATS = ("starflow", "tarflow")
 CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "net", "ema", "module")
 
 
@@ -63,7 +63,16 @@ def read_state_dict(path: str, key: str = "") -> dict[str, np.ndarray]:
     raise ConversionError(f"{path} could not be read ({type(error).__name__}: "
                           f"{str(error)[:300]}); is it a complete, uncorrupted file?") from error
   tensors = _find_state_dict(tensors, key, path)
-  return {name: _to_numpy(value) for name, value in tensors.items()}
+  return {_strip_wrappers(name): _to_numpy(value) for name, value in tensors.items()}
+
+
+def _strip_wrappers(name: str) -> str:
+  """Drops the prefixes DistributedDataParallel ("module.") and torch.compile ("_orig_mod.")
+  add to every key."""
+  for prefix in ("module.", "_orig_mod."):
+    while name.startswith(prefix):
+      name = name[len(prefix):]
+  return name
 
 
 def _find_state_dict(tensors, key: str, path: str) -> Mapping:
@@ -157,6 +166,8 @@ def _flow_targets(model) -> dict:
     targets[ours + ("start_token",)] = (theirs + ".sos_embed", lambda a: a.reshape(-1))
     targets[ours + ("pos_embed",)] = (theirs + ".pos_embed", lambda a: a)
     dense(ours + ("label_token",), theirs + ".proj_txt")
+    targets[ours + ("label_embed", "table")] = (theirs + ".class_embed",
+                                                lambda a: a.reshape(a.shape[0], -1))
     targets[ours + ("final_norm", "scale")] = (theirs + ".final_norm.weight", lambda a: a)
     targets[ours + ("final_norm", "bias")] = (theirs + ".final_norm.bias", lambda a: a)
     for j in range(model.block_depth(i)):
@@ -181,6 +192,15 @@ def _flow_buffer(name: str) -> bool:
   return (name.endswith(".attn_mask") or name.startswith("feat_rope") or name == "var")
 
 
+def _check_unit_prior(state_dict, what: str) -> None:
+  """The `var` buffer (a learned prior variance of the volume-preserving variant) must be 1."""
+  var = state_dict.get("var")
+  if var is not None and not np.all(np.asarray(var) == 1.0):
+    raise ConversionError(
+        f"The {what} has a prior variance `var` other than 1 (a volume-preserving model, "
+        "nvp=False); flowjax's flows have a unit Gaussian prior and cannot load it.")
+
+
 def from_starflow(state_dict: Mapping[str, np.ndarray], model, expected) -> dict:
   """flowjax `tarflow` parameters from an apple/ml-starflow `transformer_flow.Model` state dict
   (Gu et al., arXiv:2506.06276). `model` must be built with the official options: positions=
@@ -192,11 +212,24 @@ def from_starflow(state_dict: Mapping[str, np.ndarray], model, expected) -> dict
   head-major; sos_embed (1, 1, C) -> start_token (C,); proj_txt (the class "caption" one-hot
   projection) -> label_token. The attention masks, RoPE tables and `var` are buffers.
   """
-  targets = _flow_targets(model)
-  return assemble(state_dict, targets, expected, _flow_buffer, "STARFlow state dict")
+  _check_unit_prior(state_dict, "STARFlow state dict")
+  return assemble(state_dict, _flow_targets(model), expected, _flow_buffer,
+                  "STARFlow state dict")
 
 
-CONVERTERS = {"starflow": from_starflow}
+def from_tarflow(state_dict: Mapping[str, np.ndarray], model, expected) -> dict:
+  """flowjax `tarflow` parameters from an apple/ml-tarflow `transformer_flow.Model` state dict
+  (Zhai et al., arXiv:2412.06329, nvp=True). `model` must be built with `tarflow.TARFLOW_OPTIONS`
+  (the one-token shift, exp scale, learned positions, a class embedding added to every token
+  with the class mean for a dropped label, no final norm, channel-first patches).
+
+  Layouts as in from_starflow; class_embed (num_classes, 1, C) -> label_embed/table."""
+  _check_unit_prior(state_dict, "TarFlow state dict")
+  return assemble(state_dict, _flow_targets(model), expected, _flow_buffer,
+                  "TarFlow state dict")
+
+
+CONVERTERS = {"starflow": from_starflow, "tarflow": from_tarflow}
 
 
 def convert_params(fmt: str, state_dict, model, expected) -> dict:

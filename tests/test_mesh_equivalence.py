@@ -1,12 +1,12 @@
 """Sharded training computes what one device computes, on every mesh layout.
 
-For every backbone (mlp, dit, unet, tarflow in two architectures, autoencoder) and the meshes (data, fsdp, tensor) in
-MESHES, under every sharding preset that gives a distinct layout on that mesh: the gradients of
-one train step (`step.make_gradient`, the function the train step calls) equal the 1-device
-gradients leaf by leaf, and 10 train steps give the 1-device losses. Parameters, EMA and extra
-networks are random and non-zero (a zero-initialised output layer would hide every layer below
-it), dropout is on where the backbone has it, and the cases include gradient accumulation and an
-objective with extra networks (CTM: a teacher and an EMA target).
+For every backbone (mlp, dit, unet, tarflow in two architectures, autoencoder) and the meshes
+(data, fsdp, tensor) in MESHES, under every sharding preset that gives a distinct layout on that
+mesh: the gradients of one train step (`step.make_gradient`, the function the train step calls)
+equal the 1-device gradients leaf by leaf, and 10 train steps give the 1-device losses.
+Parameters, EMA and extra networks are random and non-zero (a zero-initialised output layer
+would hide every layer below it), dropout is on where the backbone has it, and the cases include
+gradient accumulation and an objective with extra networks (CTM: a teacher and an EMA target).
 
 8 fake CPU devices from conftest.
 """

@@ -18,6 +18,13 @@ Fixtures in tests/reference/ were produced by running the official code at tiny 
   block's output and elementwise log-determinant, the loss, the RoPE angles, reverse sampling
   without and with guidance (w = 2), with the null label, Jacobi decoding (the official
   defaults, a truncated run and a run to exactness) and one self-denoising step.
+- tarflow_tiny: apple/ml-tarflow `transformer_flow.Model(in_channels=3, img_size=8, patch_size=2,
+  channels=128, num_blocks=2, layers_per_block=1, nvp=True, num_classes=10)`, every parameter
+  moved off its initial value; `.npz` (token layout (c, p, p) per patch): z, per-block outputs
+  and log-determinants, the loss, a dropped label (-1) and no labels (the class mean), reverse
+  sampling without guidance, with guidance 2 (plain, annealed, annealed with attention
+  temperature 0.5 on the unconditional pass, shift only), without labels, and one
+  self-denoising step.
 """
 
 import importlib.util
@@ -304,3 +311,124 @@ def test_convert_command_then_sample_command(tmp_path):
        "--checkpoint=tests/reference/starflow_tiny_l2r.safetensors"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert again.returncode == 1 and "already holds checkpoints" in again.stderr
+
+
+# TarFlow: the official transformer_flow.Model, converted into tarflow_imagenet64's architecture
+# at the fixture's size (its :tiny preset).
+
+def experiment_config(name, preset):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments",
+                                                                   name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+@pytest.fixture(scope="module")
+def tarflow_reference(tmp_path_factory):
+  config = experiment_config("tarflow_imagenet64", "tiny")
+  workdir = str(tmp_path_factory.mktemp("tarflow_tiny"))
+  params = convert.convert(config, os.path.join(REFERENCE, "tarflow_tiny.safetensors"),
+                           "tarflow", workdir)
+  with open(os.path.join(REFERENCE, "tarflow_tiny.json")) as f:
+    info = json.load(f)
+  return (train.build(config).objective, params, np.load(os.path.join(REFERENCE,
+                                                                      "tarflow_tiny.npz")), info)
+
+
+def test_tarflow_forward_dropped_labels_and_loss_match_the_official_model(tarflow_reference):
+  objective, params, ref, _ = tarflow_reference
+  model = objective.model
+  apply = lambda *args, method=None: model.apply({"params": params}, *args, method=method)
+  x = nhwc(ref["x_noisy"])
+  assert_close(model.to_tokens(x), ref["x_patches"], "x_patches (channel-first patches)")
+  labels = jnp.asarray(ref["labels"], jnp.int32)
+  z, logdet, intermediates = apply(x, labels)
+  assert_close(model.to_tokens(z), ref["z"], "z")
+  assert_close(logdet, ref["logdets"], "logdets")
+  assert_close(intermediates[0], ref["outputs_0"], "outputs_0")
+  tokens = model.to_tokens(x)
+  for block in range(model.num_blocks):
+    tokens, block_logdet = apply(block, tokens, labels, method="block_forward")
+    assert_close(tokens, ref[f"outputs_{block}"], f"outputs_{block}")
+    assert_close(block_logdet, ref[f"logdet_block_{block}"], f"logdet_block_{block}")
+  loss, _, _ = objective.training_loss(z, logdet, intermediates)
+  assert objective.intermediate_weight == 0.0
+  assert_close(loss, ref["loss"], "loss")
+  # A dropped label (-1 there, the null label num_classes here) and no labels at all: the mean
+  # of the class embeddings.
+  dropped = jnp.asarray(np.where(ref["labels_drop"] < 0, model.num_classes, ref["labels_drop"]),
+                        jnp.int32)
+  z, logdet, _ = apply(x, dropped)
+  assert_close(model.to_tokens(z), ref["z_labels_drop"], "z_labels_drop")
+  assert_close(logdet, ref["logdets_labels_drop"], "logdets_labels_drop")
+  z, logdet, _ = apply(x, None)
+  assert_close(model.to_tokens(z), ref["z_y_none"], "z_y_none")
+  assert_close(logdet, ref["logdets_y_none"], "logdets_y_none")
+
+
+TARFLOW_SAMPLES = {  # fixture key: flowjax sampling arguments of the official call
+    "sample_noguide": {},
+    "sample_cfg2": dict(guidance=2.0, rule="tarflow"),
+    "sample_cfg2_annealed": dict(guidance=2.0, rule="tarflow", anneal=True),
+    "sample_cfg2_annealed_attntemp0.5": dict(guidance=2.0, rule="tarflow", anneal=True,
+                                             attention_temperature=0.5),
+    "sample_cfg2_guide_b_only": dict(guidance=2.0, rule="tarflow_shift"),
+    "sample_y_none": dict(labels=None),
+}
+
+
+def test_tarflow_sampling_guidance_and_temperature_match_the_official_model(tarflow_reference):
+  objective, params, ref, info = tarflow_reference
+  model = objective.model
+  assert set(TARFLOW_SAMPLES) == set(info["sample_calls"]) - {"sample_noguide_seq_<i>"}
+  noise = model.from_tokens(jnp.asarray(ref["sample_noise"]))
+  labels = jnp.asarray(ref["labels"], jnp.int32)
+  for key, arguments in TARFLOW_SAMPLES.items():
+    arguments = dict(arguments)
+    cond = arguments.pop("labels", labels)
+    got, _ = autoregressive.invert(model, params, noise, cond, null_label=model.num_classes,
+                                   **arguments)
+    assert_matches(got, ref[key], key)
+  # The sequence of the official reverse ends with the sample.
+  np.testing.assert_array_equal(ref["sample_noguide_seq_2"], ref["sample_noguide"])
+
+
+def test_tarflow_self_denoising_matches_the_official_step(tarflow_reference):
+  objective, params, ref, _ = tarflow_reference
+  labels = jnp.asarray(ref["labels"], jnp.int32)
+  noise_std = float(ref["noise_std"])
+  assert objective.noise_std == pytest.approx(noise_std)
+  # evaluate_fid.py: lr = 1 * (batch 4) * (8 * 8 * 3) * noise_std^2 on the batch-mean loss, the
+  # Tweedie step x + noise_std^2 grad log p(x) per example.
+  assert float(ref["selfdenoise_lr"]) == pytest.approx(4 * 8 * 8 * 3 * noise_std ** 2)
+  denoised = autoregressive.tweedie_denoise(
+      lambda y: objective.log_density(params, y, labels), nhwc(ref["sample_noguide"]), noise_std)
+  assert_matches(denoised, ref["sample_noguide_selfdenoised"], "sample_noguide_selfdenoised")
+
+
+def test_state_dict_readers_strip_wrapper_prefixes_and_name_bad_files(tmp_path):
+  from safetensors import numpy as safetensors_numpy
+  state = safetensors_numpy.load_file(os.path.join(REFERENCE, "tarflow_tiny.safetensors"))
+  path = str(tmp_path / "ddp.npz")
+  np.savez(path, **{"module._orig_mod." + name: value for name, value in state.items()})
+  read = convert.read_state_dict(path)
+  assert sorted(read) == sorted(state)
+  for name in state:
+    np.testing.assert_array_equal(read[name], state[name])
+  truncated = tmp_path / "truncated.safetensors"
+  with open(os.path.join(REFERENCE, "tarflow_tiny.safetensors"), "rb") as f:
+    truncated.write_bytes(f.read()[:5000])
+  with pytest.raises(convert.ConversionError, match="could not be read.*uncorrupted"):
+    convert.read_state_dict(str(truncated))
+  with pytest.raises(convert.ConversionError, match="unknown file type '.txt'"):
+    (tmp_path / "weights.txt").write_text("x")
+    convert.read_state_dict(str(tmp_path / "weights.txt"))
+  with pytest.raises(convert.ConversionError, match="is not a file"):
+    convert.read_state_dict(str(tmp_path / "missing.safetensors"))
+  # A prior variance other than 1 (nvp=False) cannot be loaded.
+  state["var"] = np.full_like(state["var"], 2.0)
+  np.savez(tmp_path / "vp.npz", **state)
+  with pytest.raises(convert.ConversionError, match="prior variance `var` other than 1"):
+    convert.convert(experiment_config("tarflow_imagenet64", "tiny"), str(tmp_path / "vp.npz"),
+                    "tarflow", str(tmp_path / "workdir"))

@@ -60,7 +60,9 @@ CONDITIONS = ("deep", "all")
 POSITIONS = ("learned", "sincos", "rope")
 ORDERS = ("r2l", "l2r")
 LABEL_INPUTS = ("add", "token")
-FINAL_NORMS = ("layernorm", "rmsnorm")
+FINAL_NORMS = ("layernorm", "rmsnorm", "none")
+PATCH_CHANNELS = ("last", "first")
+LABEL_NULLS = ("learned", "mean")
 GELUS = ("tanh", "exact")
 TOKENS = ("batch", "length", "embed")
 # The architecture of apple/ml-starflow's `transformer_flow.Model` (rope=1, sos=1,
@@ -70,6 +72,14 @@ TOKENS = ("batch", "length", "embed")
 STARFLOW_OPTIONS = dict(start_token=True, scale="softplus", soft_clip=4.0, condition="deep",
                         positions="rope", label_input="token", final_norm="rmsnorm",
                         norm_eps=1e-5, gelu="exact")
+# The architecture of apple/ml-tarflow's `transformer_flow.Model` (nvp=True): the one-token
+# shift instead of a start token, exp scale without clip, learned positions, a class embedding
+# added to every token of every block with the mean over classes for a dropped label, no final
+# norm, torch LayerNorm eps 1e-5, exact GELU, patches flattened channel-first (F.unfold).
+TARFLOW_OPTIONS = dict(start_token=False, scale="exp", soft_clip=0.0, condition="all",
+                       positions="learned", label_input="add", label_null="mean",
+                       final_norm="none", norm_eps=1e-5, gelu="exact", patch_channels="first",
+                       order="r2l")
 ROPE_THETA = 10000.0
 ROPE_LABEL_FREQUENCIES = 8
 
@@ -177,12 +187,13 @@ class CausalAttention(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, slots, cache, rope=None):
+  def __call__(self, x, slots, cache, rope=None, temperature=None):
     """x: [B, T, D] tokens at the consecutive slots `slots` ([T] int32); cache: None (the T
     tokens attend among themselves) or (keys, values) [B, S, heads, head_dim], into which this
     call's keys and values are written at slots[0] .. slots[0]+T-1 before attending over all S
     slots; rope: None or [T, head_dim] rotary angles of the slots (queries and keys rotated
-    before the cache). Returns ([B, T, D], the updated cache or None)."""
+    before the cache); temperature: None or [B] attention temperatures (logits / temperature).
+    Returns ([B, T, D], the updated cache or None)."""
     batch, length, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"hidden_size={width} is not divisible by num_heads={self.num_heads}.")
@@ -197,6 +208,8 @@ class CausalAttention(nn.Module):
     q, k, v = projections
     if rope is not None:
       q, k = apply_rope(q, rope), apply_rope(k, rope)
+    if temperature is not None:
+      q = q / jnp.asarray(temperature, q.dtype)[:, None, None, None]
     if cache is None:
       keys, values, key_slots = k, v, slots
     else:
@@ -229,17 +242,38 @@ class TransformerLayer(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, h, slots, cache, rope=None):
-    """h: [B, T, D] float32 residual stream; slots, cache, rope: as in CausalAttention."""
+  def __call__(self, h, slots, cache, rope=None, temperature=None):
+    """h: [B, T, D] float32 residual stream; slots, cache, rope, temperature: as in
+    CausalAttention."""
     a, cache = CausalAttention(self.num_heads, self.hidden_slot, self.dtype,
                                self.param_dtype, name="attn")(
                                    _layer_norm("norm1", self.norm_eps)(h).astype(self.dtype),
-                                   slots, cache, rope)
+                                   slots, cache, rope, temperature)
     h = nn.with_logical_constraint(h + a.astype(jnp.float32), TOKENS)
     m = layers.FeedForward(int(h.shape[-1] * self.mlp_ratio), exact_gelu=self.exact_gelu,
                            dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(
                                _layer_norm("norm2", self.norm_eps)(h).astype(self.dtype), False)
     return nn.with_logical_constraint(h + m.astype(jnp.float32), TOKENS), cache
+
+
+class MeanNullLabelEmbedder(nn.Module):
+  """Class labels -> [B, hidden_size] from a table of num_classes rows; the null label
+  (num_classes) and labels=None take the mean of the rows (TarFlow's dropped label)."""
+  num_classes: int
+  hidden_size: int
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, labels, batch_size: int):
+    table = self.param("table", nn.with_logical_partitioning(nn.initializers.normal(0.01),
+                                                             ("vocab", "embed")),
+                       (self.num_classes, self.hidden_size), self.param_dtype)
+    table = jnp.asarray(table, jnp.float32)
+    mean = jnp.mean(table, axis=0)
+    if labels is None:
+      return jnp.broadcast_to(mean, (batch_size, self.hidden_size))
+    rows = jnp.take(table, jnp.clip(labels, 0, self.num_classes - 1), axis=0)
+    return jnp.where((labels >= self.num_classes)[:, None], mean[None], rows)
 
 
 class FlowBlock(nn.Module):
@@ -265,6 +299,7 @@ class FlowBlock(nn.Module):
   grid: tuple = ()
   rope_label_axis: bool = False
   label_input: str = "add"
+  label_null: str = "learned"
   final_norm: str = "layernorm"
   norm_eps: float = 1e-6
   exact_gelu: bool = False
@@ -295,6 +330,9 @@ class FlowBlock(nn.Module):
       if self.prefix:
         self.label_token = layers.dense(self.hidden_size, ("vocab", "embed"), dtype=self.dtype,
                                         param_dtype=self.param_dtype)
+      elif self.label_null == "mean":
+        self.label_embed = MeanNullLabelEmbedder(self.num_classes, self.hidden_size,
+                                                 param_dtype=self.param_dtype)
       else:
         self.label_embed = layers.LabelEmbedder(self.num_classes, self.hidden_size,
                                                 param_dtype=self.param_dtype)
@@ -305,8 +343,10 @@ class FlowBlock(nn.Module):
                    for _ in range(self.depth)]
     if self.final_norm == "rmsnorm":
       self.out_norm = RMSNorm(name="final_norm")
-    else:
+    elif self.final_norm == "layernorm":
       self.out_norm = _layer_norm("final_norm", self.norm_eps)
+    else:
+      self.out_norm = lambda h: h
 
   def position_table(self):
     if self.positions == "learned":
@@ -320,13 +360,14 @@ class FlowBlock(nn.Module):
     return jnp.asarray(rope_angles(self.grid, self.hidden_size // self.num_heads, self.prefix,
                                    self.rope_label_axis))
 
-  def _layers(self, h, slots, cache):
+  def _layers(self, h, slots, cache, temperature=None):
     """The transformer over h [B, T, D] at cache slots `slots` (prefix included)."""
     table = self.rope_table()
     rope = None if table is None else jnp.take(table, slots, axis=0)
     new_cache = []
     for index, layer in enumerate(self.layers):
-      h, layer_cache = layer(h, slots, None if cache is None else cache[index], rope)
+      h, layer_cache = layer(h, slots, None if cache is None else cache[index], rope,
+                             temperature)
       new_cache.append(layer_cache)
     return h, (None if cache is None else tuple(new_cache))
 
@@ -337,17 +378,19 @@ class FlowBlock(nn.Module):
     one_hot = jax.nn.one_hot(cond, self.num_classes + 1, dtype=self.dtype)
     return self.label_token(one_hot)[:, None].astype(jnp.float32)
 
-  def prefill(self, cond, cache, batch: int):
+  def prefill(self, cond, cache, batch: int, temperature=None):
     """Writes the keys and values of the label token(s) into the cache (identity without)."""
     if not self.prefix:
       return cache
-    _, cache = self._layers(self._label_tokens(cond, batch), jnp.arange(self.prefix), cache)
+    _, cache = self._layers(self._label_tokens(cond, batch), jnp.arange(self.prefix), cache,
+                            temperature)
     return cache
 
-  def affine(self, inputs, slots, cond, cache):
+  def affine(self, inputs, slots, cond, cache, temperature=None):
     """(mu, sigma) [B, T, C] float32 of the tokens at `slots` ([T], consecutive, block order)
     from their transformer inputs [B, T, C] (the preceding tokens), and the updated cache (which
-    must hold the label token from `prefill` when the block reads one)."""
+    must hold the label token from `prefill` when the block reads one); temperature: None or
+    [B] attention temperatures (sampling only)."""
     batch = inputs.shape[0]
     if self.start_token:
       start = jnp.broadcast_to(jnp.asarray(self.start, inputs.dtype), inputs.shape)
@@ -367,7 +410,7 @@ class FlowBlock(nn.Module):
     if self.prefix and cache is None:
       h = jnp.concatenate([self._label_tokens(cond, batch), h], axis=1)
       cache_slots = jnp.concatenate([jnp.arange(self.prefix), cache_slots])
-    h, cache = self._layers(h, cache_slots, cache)
+    h, cache = self._layers(h, cache_slots, cache, temperature)
     h = h[:, h.shape[1] - inputs.shape[1]:]
     out = self.proj_out(self.out_norm(h).astype(self.dtype)).astype(jnp.float32)
     if self.soft_clip > 0:
@@ -379,10 +422,10 @@ class FlowBlock(nn.Module):
       mu, sigma = jnp.where(first, 0.0, mu), jnp.where(first, 1.0, sigma)
     return mu, sigma, cache
 
-  def sequence(self, tokens, cond):
+  def sequence(self, tokens, cond, temperature=None):
     """(mu, sigma) [B, L, C] of every token of `tokens` [B, L, C] (block order), no cache."""
     inputs = jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
-    mu, sigma, _ = self.affine(inputs, jnp.arange(self.length), cond, None)
+    mu, sigma, _ = self.affine(inputs, jnp.arange(self.length), cond, None, temperature)
     return mu, sigma
 
   def __call__(self, tokens, cond):
@@ -417,9 +460,14 @@ class TarFlow(nn.Module):
       seq_order.
     label_input: 'add' (a label embedding added to every token) or 'token' (the one-hot label
       projected to one token read before the sequence, STARFlow's class conditioning).
-    final_norm: 'layernorm' or 'rmsnorm' (x / rms(x) * (1 + w), STARFlow) before proj_out.
+    label_null: 'learned' (a table row for the null label) or 'mean' (the null label takes the
+      mean of the class rows, TarFlow's dropped label); with label_input='add'.
+    final_norm: 'layernorm', 'rmsnorm' (x / rms(x) * (1 + w), STARFlow) or 'none' (TarFlow)
+      before proj_out.
     norm_eps: epsilon of the LayerNorms (1e-5 is torch's default).
     gelu: 'tanh' (approximation) or 'exact' (erf) in the MLPs.
+    patch_channels: 'last' (a patch flattened (p, p, c), STARFlow) or 'first' ((c, p, p),
+      TarFlow's F.unfold).
     dtype, param_dtype: compute and parameter dtypes.
   """
   image_shape: tuple
@@ -438,9 +486,11 @@ class TarFlow(nn.Module):
   positions: str = "learned"
   order: str = "r2l"
   label_input: str = "add"
+  label_null: str = "learned"
   final_norm: str = "layernorm"
   norm_eps: float = 1e-6
   gelu: str = "tanh"
+  patch_channels: str = "last"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -456,7 +506,8 @@ class TarFlow(nn.Module):
                   scale=self.scale, soft_clip=self.soft_clip,
                   conditioned=self.block_conditioned(i), num_classes=self.num_classes,
                   positions=self.positions, grid=grid, rope_label_axis=label_tokens,
-                  label_input=self.label_input, final_norm=self.final_norm,
+                  label_input=self.label_input, label_null=self.label_null,
+                  final_norm=self.final_norm,
                   norm_eps=self.norm_eps, exact_gelu=self.gelu == "exact", dtype=self.dtype,
                   param_dtype=self.param_dtype)
         for i in range(self.num_blocks)]
@@ -486,15 +537,25 @@ class TarFlow(nn.Module):
     return self.condition == "all" or block_index == self.num_blocks - 1
 
   def to_tokens(self, x):
-    """[B, *image_shape] -> [B, L, C] tokens in data order."""
+    """[B, *image_shape] -> [B, L, C] tokens in data order (patches in raster order, each
+    flattened (p, p, c), or (c, p, p) with patch_channels='first')."""
     if len(self.image_shape) == 3:
-      return dit.patchify(x, self.patch_size)
+      tokens = dit.patchify(x, self.patch_size)
+      if self.patch_channels == "first":
+        p, channels = self.patch_size, self.image_shape[2]
+        tokens = tokens.reshape(tokens.shape[:2] + (p * p, channels)).swapaxes(-1, -2)
+        tokens = tokens.reshape(tokens.shape[:2] + (-1,))
+      return tokens
     return x[..., None]
 
   def from_tokens(self, tokens):
     """[B, L, C] -> [B, *image_shape]; the inverse of to_tokens."""
     if len(self.image_shape) == 3:
-      height, width, _ = self.image_shape
+      height, width, channels = self.image_shape
+      if self.patch_channels == "first":
+        p = self.patch_size
+        tokens = tokens.reshape(tokens.shape[:2] + (channels, p * p)).swapaxes(-1, -2)
+        tokens = tokens.reshape(tokens.shape[:2] + (-1,))
       return dit.unpatchify(tokens, self.patch_size, height, width)
     return tokens[..., 0]
 
@@ -540,26 +601,28 @@ class TarFlow(nn.Module):
     -log sigma [B, L, C] in the block's token order)."""
     return self.blocks[block_index](tokens, cond)
 
-  def prefill_cache(self, block_index: int, cache, cond, batch: int):
+  def prefill_cache(self, block_index: int, cache, cond, batch: int, temperature=None):
     """The cache of block `block_index` with its label tokens' keys and values written (no-op
     for a block that reads no label token); call once after init_cache, before block_chunk."""
-    return self.blocks[block_index].prefill(cond, cache, batch)
+    return self.blocks[block_index].prefill(cond, cache, batch, temperature)
 
-  def block_sequence(self, block_index: int, tokens, cond):
+  def block_sequence(self, block_index: int, tokens, cond, temperature=None):
     """(mu, sigma) [B, L, C] float32 of every token of `tokens` [B, L, C] (block order)."""
-    return self.blocks[block_index].sequence(tokens, cond)
+    return self.blocks[block_index].sequence(tokens, cond, temperature)
 
-  def block_chunk(self, block_index: int, inputs, start, cache, cond):
+  def block_chunk(self, block_index: int, inputs, start, cache, cond, temperature=None):
     """(mu, sigma) [B, T, C] float32 of tokens start .. start+T-1 (block order) and the updated
     cache. inputs: [B, T, C], the tokens start-1 .. start+T-2 (row 0 is ignored when start = 0);
-    start: int32 scalar (may be traced); cache: from init_cache."""
+    start: int32 scalar (may be traced); cache: from init_cache; temperature: None or [B]
+    attention temperatures."""
     slots = start + jnp.arange(inputs.shape[1])
-    return self.blocks[block_index].affine(inputs, slots, cond, cache)
+    return self.blocks[block_index].affine(inputs, slots, cond, cache, temperature)
 
-  def block_step(self, block_index: int, previous, position, cache, cond):
+  def block_step(self, block_index: int, previous, position, cache, cond, temperature=None):
     """(mu, sigma) [B, C] of token `position` (block order) given the token before it
     ([B, C]; ignored at position 0), and the updated cache."""
-    mu, sigma, cache = self.block_chunk(block_index, previous[:, None], position, cache, cond)
+    mu, sigma, cache = self.block_chunk(block_index, previous[:, None], position, cache, cond,
+                                        temperature)
     return mu[:, 0], sigma[:, 0], cache
 
 
@@ -603,5 +666,7 @@ def build(model_config: ml_collections.ConfigDict, info) -> TarFlow:
       positions=positions, order=_choice("order", c.order, ORDERS), label_input=label_input,
       final_norm=_choice("final_norm", c.final_norm, FINAL_NORMS), norm_eps=float(c.norm_eps),
       gelu=_choice("gelu", c.gelu, GELUS),
+      label_null=_choice("label_null", c.label_null, LABEL_NULLS),
+      patch_channels=_choice("patch_channels", c.patch_channels, PATCH_CHANNELS),
       dtype=layers.dtype_from_name(c.dtype, "dtype"),
       param_dtype=layers.dtype_from_name(c.param_dtype, "param_dtype"))

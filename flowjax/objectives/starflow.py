@@ -48,9 +48,12 @@ class StarFlow:
   intermediate_weight: weight of sum_k mean(z_k^2) over the inner block outputs (STARFlow 1e-4);
   label_dropout: probability of the null label during training;
   denoise: apply the Tweedie step to samples of a "gaussian" model;
-  guidance_rule: "starflow" (product of Gaussians) or "tarflow" (linear in mu and log sigma);
+  guidance_rule: "starflow" (product of Gaussians), "tarflow" (linear in mu and log sigma) or
+    "tarflow_shift" (linear in mu only);
   guidance_anneal: raise the guidance weight linearly over the tokens;
-  jacobi_chunk, jacobi_tolerance, jacobi_max_iterations: Jacobi decoding settings.
+  jacobi_chunk, jacobi_tolerance, jacobi_max_iterations: Jacobi decoding settings;
+  attention_temperature: sampling attention temperature (every pass with the "starflow" rule,
+    the unconditional pass with the TarFlow rules), 1 = off.
   """
   model: nn.Module
   image_shape: tuple
@@ -66,11 +69,13 @@ class StarFlow:
   jacobi_chunk: int = 16
   jacobi_tolerance: float = 1e-3
   jacobi_max_iterations: int = 32
+  attention_temperature: float = 1.0
 
   DEFAULTS: ClassVar[dict] = dict(
       noise="dequantize", data_levels=256, noise_std=0.05, intermediate_weight=1e-4,
       label_dropout=0.1, denoise=True, guidance_rule="starflow", guidance_anneal=False,
-      jacobi_chunk=16, jacobi_tolerance=1e-3, jacobi_max_iterations=32)
+      jacobi_chunk=16, jacobi_tolerance=1e-3, jacobi_max_iterations=32,
+      attention_temperature=1.0)
 
   def __post_init__(self):
     if self.noise not in NOISES:
@@ -87,6 +92,9 @@ class StarFlow:
       raise ValueError(f"objective.intermediate_weight={self.intermediate_weight} must be >= 0.")
     if not 0.0 <= self.label_dropout < 1.0:
       raise ValueError(f"objective.label_dropout={self.label_dropout} must be in [0, 1).")
+    if self.attention_temperature <= 0:
+      raise ValueError(f"objective.attention_temperature={self.attention_temperature} must be "
+                       "> 0 (1 = off).")
     if self.jacobi_chunk < 1 or self.jacobi_max_iterations < 1 or self.jacobi_tolerance < 0:
       raise ValueError(f"objective.jacobi_chunk={self.jacobi_chunk} and "
                        f"objective.jacobi_max_iterations={self.jacobi_max_iterations} must be "
@@ -190,7 +198,8 @@ class StarFlow:
         guidance=None if guidance == 1.0 else guidance - 1.0,
         rule=self.guidance_rule, anneal=self.guidance_anneal, null_label=self.num_classes,
         chunk_size=self.jacobi_chunk, tolerance=self.jacobi_tolerance,
-        max_iterations=self.jacobi_max_iterations)
+        max_iterations=self.jacobi_max_iterations,
+        attention_temperature=self.attention_temperature)
     if self.noise == "gaussian" and self.denoise and self.noise_std > 0:
       x = autoregressive.tweedie_denoise(lambda y: self.log_density(params, y, cond), x,
                                          self.noise_std)

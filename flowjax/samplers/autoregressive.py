@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 METHODS = ("kv_cache", "jacobi", "naive")
-GUIDANCE_RULES = ("starflow", "tarflow")
+GUIDANCE_RULES = ("starflow", "tarflow", "tarflow_shift")
 
 
 def _unknown(kind, value, allowed):
@@ -54,7 +54,18 @@ def tarflow_guidance(mu_c, sigma_c, mu_u, sigma_u, w):
   return mu_c + w * (mu_c - mu_u), jnp.exp(log_sigma)
 
 
-RULES = {"starflow": starflow_guidance, "tarflow": tarflow_guidance}
+def tarflow_shift_guidance(mu_c, sigma_c, mu_u, sigma_u, w):
+  """TarFlow's rule on the shift only (its guide_what='b'): mu = mu_c + w (mu_c - mu_u),
+  sigma = sigma_c."""
+  del sigma_u
+  return mu_c + w * (mu_c - mu_u), sigma_c
+
+
+RULES = {"starflow": starflow_guidance, "tarflow": tarflow_guidance,
+         "tarflow_shift": tarflow_shift_guidance}
+# Rules whose attention temperature applies to the unconditional pass only (TarFlow); with
+# "starflow" it applies to every pass.
+UNCONDITIONAL_TEMPERATURE = ("tarflow", "tarflow_shift")
 
 
 def guidance_weights(positions, length: int, start_token: bool, weight: float, anneal: bool):
@@ -71,7 +82,8 @@ def guidance_weights(positions, length: int, start_token: bool, weight: float, a
 def invert(model, params, z, cond=None, *, method: str = "kv_cache",
            guidance: float | None = None,
            rule: str = "starflow", anneal: bool = False, null_label: int | None = None,
-           chunk_size: int = 16, tolerance: float = 1e-3, max_iterations: int = 32):
+           chunk_size: int = 16, tolerance: float = 1e-3, max_iterations: int = 32,
+           attention_temperature: float = 1.0):
   """Noise -> data through every block of an autoregressive flow.
 
   Args:
@@ -84,6 +96,9 @@ def invert(model, params, z, cond=None, *, method: str = "kv_cache",
       (w = 0 reproduces the conditional model). Used only with labels; needs `null_label` (the
       label table's null index).
     anneal: raise w linearly over the tokens (see guidance_weights).
+    attention_temperature: attention logits are divided by it: in every pass with the
+      "starflow" rule, in the unconditional pass of guided sampling with the TarFlow rules (as
+      the official samplers do); 1 = off.
     chunk_size, tolerance, max_iterations: Jacobi settings; the tokens are decoded in chunks of
       chunk_size from the first, the last chunk holding the remainder.
   Returns:
@@ -108,6 +123,13 @@ def invert(model, params, z, cond=None, *, method: str = "kv_cache",
   if guided:
     tokens = jnp.concatenate([tokens, tokens])
     cond = jnp.concatenate([cond, jnp.full_like(cond, null_label)])
+  temperature = None
+  if attention_temperature != 1.0:
+    rows = tokens.shape[0]
+    temperature = jnp.full((rows,), attention_temperature, jnp.float32)
+    if rule in UNCONDITIONAL_TEMPERATURE:
+      temperature = (jnp.concatenate([jnp.ones((batch,)), temperature[batch:]]) if guided
+                     else None)
 
   def combine(block_index, mu, sigma, positions):
     """Guided (mu, sigma) for both halves; mu, sigma: [2B, T, C]; positions: [T]."""
@@ -123,27 +145,30 @@ def invert(model, params, z, cond=None, *, method: str = "kv_cache",
   for block_index in reversed(range(model.num_blocks)):
     noise = model.permute(block_index, tokens)
     if method == "kv_cache":
-      decoded, block_steps = _decode_cached(apply, model, block_index, noise, cond, combine)
+      decoded, block_steps = _decode_cached(apply, model, block_index, noise, cond, combine,
+                                            temperature)
     elif method == "naive":
-      decoded, block_steps = _decode_naive(apply, block_index, noise, cond, combine)
+      decoded, block_steps = _decode_naive(apply, block_index, noise, cond, combine,
+                                           temperature)
     else:
       decoded, block_steps = _decode_jacobi(apply, model, block_index, noise, cond, combine,
-                                            chunk_size, tolerance, max_iterations)
+                                            chunk_size, tolerance, max_iterations, temperature)
     tokens = model.permute(block_index, decoded)
     steps = steps + block_steps
   return model.from_tokens(tokens[:batch]), steps
 
 
-def _decode_cached(apply, model, block_index, noise, cond, combine):
+def _decode_cached(apply, model, block_index, noise, cond, combine, temperature):
   """Token by token with the block's KV cache: [B, L, C] noise -> [B, L, C] tokens."""
   length = noise.shape[1]
   cache = apply("prefill_cache", block_index, model.init_cache(noise.shape[0], block_index),
-                cond, noise.shape[0])
+                cond, noise.shape[0], temperature)
 
   def step(carry, inputs):
     previous, cache = carry
     position, z_token = inputs
-    mu, sigma, cache = apply("block_step", block_index, previous, position, cache, cond)
+    mu, sigma, cache = apply("block_step", block_index, previous, position, cache, cond,
+                             temperature)
     mu, sigma = combine(block_index, mu[:, None], sigma[:, None], position[None])
     x_token = mu[:, 0] + sigma[:, 0] * z_token
     return (x_token, cache), x_token
@@ -153,12 +178,12 @@ def _decode_cached(apply, model, block_index, noise, cond, combine):
   return jnp.swapaxes(decoded, 0, 1), jnp.int32(length)
 
 
-def _decode_naive(apply, block_index, noise, cond, combine):
+def _decode_naive(apply, block_index, noise, cond, combine, temperature):
   """Token by token, recomputing the full causal pass each time (no cache)."""
   length = noise.shape[1]
 
   def step(x, position):
-    mu, sigma = apply("block_sequence", block_index, x, cond)
+    mu, sigma = apply("block_sequence", block_index, x, cond, temperature)
     mu = jax.lax.dynamic_slice_in_dim(mu, position, 1, axis=1)
     sigma = jax.lax.dynamic_slice_in_dim(sigma, position, 1, axis=1)
     mu, sigma = combine(block_index, mu, sigma, position[None])
@@ -170,7 +195,7 @@ def _decode_naive(apply, block_index, noise, cond, combine):
 
 
 def _decode_jacobi(apply, model, block_index, noise, cond, combine, chunk_size, tolerance,
-                   max_iterations):
+                   max_iterations, temperature):
   """Chunks of chunk_size tokens (the last one holds the remainder) iterated to a fixed point, on
   top of the KV cache."""
   batch, length, _ = noise.shape
@@ -184,7 +209,8 @@ def _decode_jacobi(apply, model, block_index, noise, cond, combine, chunk_size, 
     def iterate(state):
       iteration, guess, cache, _ = state
       inputs = jnp.concatenate([previous, guess[:, :-1]], axis=1)
-      mu, sigma, cache = apply("block_chunk", block_index, inputs, start, cache, cond)
+      mu, sigma, cache = apply("block_chunk", block_index, inputs, start, cache, cond,
+                               temperature)
       mu, sigma = combine(block_index, mu, sigma, start + jnp.arange(size))
       new = mu + sigma * z_chunk
       change = jnp.sum(jnp.square(new - guess)) / jnp.maximum(jnp.sum(jnp.square(new)), 1e-30)
@@ -199,7 +225,8 @@ def _decode_jacobi(apply, model, block_index, noise, cond, combine, chunk_size, 
     x = jax.lax.dynamic_update_slice_in_dim(x, decoded, start, axis=1)
     return (x, cache, total + iterations), None
 
-  cache = apply("prefill_cache", block_index, model.init_cache(batch, block_index), cond, batch)
+  cache = apply("prefill_cache", block_index, model.init_cache(batch, block_index), cond, batch,
+                temperature)
   carry = (noise, cache, jnp.int32(0))
   full = length // chunk_size
   carry, _ = jax.lax.scan(lambda c, start: chunk(c, start, chunk_size), carry,
