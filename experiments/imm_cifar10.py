@@ -1,9 +1,13 @@
 """Unconditional Inductive Moment Matching on CIFAR-10 (32x32x3), the paper's CIFAR setting.
 
 simple_edm output, the second time embedded as s itself ('identity'), sigma_d = 0.5, groups of
-M = 4, on the paper's network: EDM's DDPM++ U-Net with a second mapping network for s
-(flowjax.models.unet.UNET_PRESETS['imm_cifar10'], 56,061,443 parameters). Dropout is left at 0:
-the official repository ships no training configuration to read it from.
+M = 4, on the official network: EDM's DDPM++ U-Net with a second mapping network for s, the two
+summed before the last SiLU (flowjax.models.unet.UNET_PRESETS['imm_cifar10'], 56,061,443
+parameters), so that lumalabs/imm state dicts convert into it (`python -m flowjax.convert
+--format=imm_songunet`). From the network block of the official configs/
+cifar10_generate_images.yaml: dropout 0.2, times between eps = 0.006 and T = 0.994 (the
+sampler's end points). The repository ships no training configuration: the optimizer, batch and
+steps here are flowjax's.
 Prepare the data once (tfds build cifar10 --file_format=array_record), then
 python -m flowjax.main --config=experiments/imm_cifar10.py --workdir=DIR
 Samples take 2 pushforward steps.
@@ -22,10 +26,11 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.objective = objectives.default_config("imm")
   c.objective.update(dict(path="ot", f_type="simple_edm", time_embedding="identity",
-                          sigma_d=0.5, group_size=4, label_dropout=0.0))
+                          sigma_d=0.5, t_min=0.006, t_max=0.994, group_size=4,
+                          label_dropout=0.0))
   c.model = models.default_config("unet")
   c.model.update(unet.UNET_PRESETS["imm_cifar10"])
-  c.model.update(dict(dropout=0.0, time_scale=1000.0, dtype="bfloat16", attention_impl="xla"))
+  c.model.update(dict(dropout=0.2, time_scale=1000.0, dtype="bfloat16", attention_impl="xla"))
   c.data.update(dict(name="tfds:cifar10", image_size=32, channels=3, conditional=False,
                      random_flip=True))
   c.optim.update(dict(lr=1e-4, weight_decay=0.0, schedule="constant", grad_clip=1.0,

@@ -3,10 +3,14 @@
 The paper's ImageNet setting (Zhou et al., arXiv:2503.07565): euler_fm output, the second time
 embedded as the stride t - s, loss weight exponent a = 2, groups of M = 4 particles, classifier-free
 guidance 1.5 on the raw output; batch 4096, AdamW lr 1e-4, EMA 0.9999 (values recalled from the
-paper, not re-read in it). The batch must stay divisible by objective.group_size, and
-batch / group_size by the batch shards, so every M x M kernel matrix stays on one device. A
-DiT-XL/2 step at batch 4096 needs many accelerators; on fewer, raise train.grad_accum_steps
-(each micro-batch, batch / grad_accum_steps, must then be divisible by group_size x batch shards).
+paper, not re-read in it). The network and its times are those of the official
+im256_generate_images.yaml (lumalabs/imm): IMMPrecond with DiT-XL/2, s_embed, euler_fm, stride,
+time_scale 1000, sigma_data 0.5, eps = 0 and T = 0.994 (t_min, t_max), so its checkpoints'
+state dicts convert into this preset (`python -m flowjax.convert --format=imm_dit`).
+The batch must stay divisible by objective.group_size, and batch / group_size by the batch
+shards, so every M x M kernel matrix stays on one device. A DiT-XL/2 step at batch 4096 needs
+many accelerators; on fewer, raise train.grad_accum_steps (each micro-batch,
+batch / grad_accum_steps, must then be divisible by group_size x batch shards).
 
 python -m flowjax.main --config=experiments/imm_imagenet.py --workdir=DIR
   --config.data.name=latents:DIR names the cached SD-VAE latents (README: Latent space); it has
@@ -25,8 +29,8 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.objective = objectives.default_config("imm")
   c.objective.update(dict(path="ot", f_type="euler_fm", time_embedding="stride", sigma_d=0.5,
-                          group_size=4, weight_a=2.0, weight_b=4.0, mapping_k=12,
-                          label_dropout=0.1))
+                          t_min=0.0, t_max=0.994, group_size=4, weight_a=2.0, weight_b=4.0,
+                          mapping_k=12, label_dropout=0.1))
   c.model = models.default_config("dit")
   c.model.update(dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
                       dtype="bfloat16", remat="none", attention_impl="xla"))

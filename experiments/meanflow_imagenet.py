@@ -11,6 +11,9 @@ no CFG at inference. Training-time guidance is left off here (guidance_w=1, guid
 although the official configuration trains with omega = 1.0, kappa = 0.5: the per-model values
 are not yet checked against the paper's tables; set --config.objective.guidance_w /
 guidance_kappa / guidance_t_min / guidance_t_max to reproduce a guided run.
+The network is the official JAX DiT (Gsunshine/meanflow `models_dit.DiT`: separate t and h
+embedders of the raw times, time_scale 1), so its checkpoints convert into this preset
+(`python -m flowjax.convert --format=meanflow_jax_dit`).
 The JVP needs attention with a JVP rule: model.attention_impl must be 'xla'.
 Presets: :B4 (default, DiT-B/4, the paper's MF-B/4), :XL (DiT-XL/2), :tiny (a few CPU steps).
 """
@@ -29,7 +32,7 @@ def get_config(arg=None):
   c.model = models.default_config("dit")
   c.model.update(dict(patch_size=4, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
                       dtype="bfloat16", remat="none", attention_impl="xla",
-                      time_scale=1000.0))
+                      time_scale=1.0))
   c.data.update(dict(name="latents:", image_size=32, channels=4, num_classes=1000,
                      conditional=True))
   c.optim.update(dict(lr=1e-4, b2=0.95, weight_decay=0.0, schedule="constant", grad_clip=1.0,

@@ -14,6 +14,7 @@ torch.compile are dropped. Every source tensor must be used and every flowjax pa
 with its shape: a missing, extra or mis-shaped key stops the conversion with the list of them.
 """
 
+import math
 import os
 from collections.abc import Callable, Mapping
 
@@ -143,9 +144,9 @@ def assemble(sources: Mapping[str, np.ndarray],
   return traverse_util.unflatten_dict({path: jnp.asarray(v) for path, v in out.items()})
 
 
-def parameter_shapes(model: nn.Module, *example) -> dict[tuple, tuple]:
+def parameter_shapes(model: nn.Module, *example, **keywords) -> dict[tuple, tuple]:
   """{path: shape} of every parameter of `model` initialised on `example` (no allocation)."""
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example, **keywords))
   params = nn.meta.unbox(variables["params"])
   return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(params).items()}
 
@@ -229,7 +230,219 @@ def from_tarflow(state_dict: Mapping[str, np.ndarray], model, expected) -> dict:
                   "TarFlow state dict")
 
 
-CONVERTERS = {"starflow": from_starflow, "tarflow": from_tarflow}
+def conv_kernel(weight):
+  """torch Conv2d weight (out, in, kh, kw) -> flax Conv kernel (kh, kw, in, out)."""
+  return np.asarray(weight).transpose(2, 3, 1, 0)
+
+
+def _songunet_targets(expected, prefix: str, qkv: str, second_map: str) -> dict:
+  """flowjax `unet` paths -> (official key, transform) for EDM-style SongUNet state dicts.
+
+  qkv: 'interleaved' (IMM: the 3C-channel 1x1 conv output viewed (C, 3), q | k | v with stride
+  3) or 'blocks' (py-meanflow: three contiguous blocks). second_map: the suffix of the second
+  time's mapping layers ('_s' in IMM)."""
+  targets = {}
+  for path in expected:
+    module, *inner = path
+    if module.startswith(("enc_", "dec_")):
+      side, rest = module.split("_", 1)
+      name = f"{prefix}{side}.{rest}"
+    elif module.startswith("map_") and module[4:].isdigit():
+      index = int(module[4:])
+      name = f"{prefix}map_{inner[0]}" + ("" if index == 0 else second_map)
+      inner = inner[1:]
+    else:
+      name = prefix + module
+    leaf = inner[-1]
+    layer = ".".join([name] + list(inner[:-1]))
+    if inner[:-1] and inner[-2] in ("query", "key", "value"):
+      part = ("query", "key", "value").index(inner[-2])
+      base = ".".join([name] + list(inner[:-2])) + ".qkv"
+
+      def pick(array, part=part):
+        array = np.asarray(array)
+        width = array.shape[0] // 3
+        rows = (np.arange(width) * 3 + part if qkv == "interleaved"
+                else np.arange(width) + part * width)
+        return array[rows]
+
+      if leaf == "kernel":
+        targets[path] = (base + ".weight", lambda a, pick=pick: pick(a)[:, :, 0, 0].T)
+      else:
+        targets[path] = (base + ".bias", pick)
+    elif leaf == "kernel":
+      weight = layer + ".weight"
+      if len(expected[path]) == 4:
+        targets[path] = (weight, conv_kernel)
+      elif inner[:-1] and inner[-2] == "proj":  # the attention's 1x1 output conv
+        targets[path] = (weight, lambda a: np.asarray(a)[:, :, 0, 0].T)
+      else:
+        targets[path] = (weight, linear)
+    elif leaf == "scale":
+      targets[path] = (layer + ".weight", lambda a: a)
+    else:
+      targets[path] = (layer + "." + leaf, lambda a: a)
+  return targets
+
+
+def from_imm_songunet(state_dict, model, expected) -> dict:
+  """flowjax `unet` parameters from lumalabs/imm's `IMMPrecond(model_type='SongUNet')` state
+  dict (keys under `model.`; Zhou et al., arXiv:2503.07565). `model` must be the official
+  architecture (unet.UNET_PRESETS['imm_cifar10'] at its widths: time_mapping='sum', a second
+  mapping network for s, the one-hot label scaled by sqrt(label_dim) into the first). The
+  fused qkv 1x1 conv is interleaved: output channel 3c + j is q_c, k_c, v_c for j = 0, 1, 2."""
+  del model
+  targets = _songunet_targets(expected, "model.", "interleaved", "_s")
+  return assemble(state_dict, targets, expected, lambda name: name.endswith("resample_filter"),
+                  "IMM state dict")
+
+
+def from_meanflow_songunet(state_dict, model, expected) -> dict:
+  """flowjax `unet` parameters from Gsunshine/py-meanflow's `SongUNet` state dict (its own
+  keys, or a MeanFlow checkpoint's `net.` / `net_ema.` entries with --key). `model` must be
+  unet.UNET_PRESETS['meanflow_cifar10']'s architecture (time_mapping='concat', FIR filter). The
+  fused qkv conv is three contiguous blocks q | k | v. `map_augment` (EDM augmentation labels,
+  --use_edm_aug) loads into a config with model.augment_dim = its width, and is dropped with
+  augment_dim = 0 (it is bias-free and sampling feeds it zeros, so the outputs are the same)."""
+  del model
+  prefix = ""
+  if any(name.startswith("net.") for name in state_dict):
+    prefix = "net."
+  targets = _songunet_targets(expected, prefix, "blocks", "")
+  # The augmentation-label projection (bias-free, fed zeros at sampling) carries nothing into a
+  # config without the augmentation input (augment_dim=0): dropped then.
+  augment = prefix + "map_augment.weight"
+  drop_augment = ("map_augment", "kernel") not in expected
+  ignored = lambda name: (name.endswith("resample_filter") or name == "num_updates"
+                          or (prefix and not name.startswith(prefix))
+                          or (drop_augment and name == augment))
+  return assemble(state_dict, targets, expected, ignored, "py-meanflow state dict")
+
+
+def _split_qkv(array, index: int, axis: int):
+  """Part `index` of q | k | v along `axis` of a fused projection."""
+  array = np.asarray(array)
+  width = array.shape[axis] // 3
+  return np.take(array, np.arange(index * width, (index + 1) * width), axis=axis)
+
+
+def _dit_targets(expected, style: str) -> dict:
+  """flowjax `dit` paths -> (official key, transform) for the DiT of Peebles & Xie as IMM
+  (style 'imm': a torch state dict under `model.`, timm Attention / Mlp, t and s embedders) and
+  the MeanFlow JAX code (style 'meanflow_jax': flat flax `params/net/...` arrays, t and h
+  embedders) write it. Both fuse q | k | v, each head-major."""
+  targets = {}
+  torch_style = style == "imm"
+  if torch_style:
+    key = lambda *parts: "model." + ".".join(parts)
+    dense_keys = lambda name: ((name + ".weight", linear), (name + ".bias", lambda b: b))
+    embedders, table = ("t_embedder", "s_embedder"), key("y_embedder.embedding_table.weight")
+    # (D, C, p, p) -> (p, p, C, D): (p_row, p_col, c) as flowjax patchifies.
+    patch = lambda a: np.asarray(a).transpose(2, 3, 1, 0).reshape(-1, a.shape[0])
+  else:
+    key = lambda *parts: "params/net/" + "/".join(parts)
+    dense_keys = lambda name: ((name + "/_flax_linear/kernel", lambda a: a),
+                               (name + "/_flax_linear/bias", lambda a: a))
+    embedders = ("t_embedder", "h_embedder")
+    table = key("y_embedder/embedding_table/_flax_embedding/embedding")
+    patch = lambda a: np.asarray(a).reshape(-1, a.shape[-1])  # [p, p, C, D]
+  modulation = "adaLN_modulation.1" if torch_style else "adaLN_modulation/layers_1"
+  mlp = (("mlp.0", "mlp.2") if torch_style else ("mlp/layers_0", "mlp/layers_2"))
+
+  def dense(path, name):
+    (kernel_key, kernel), (bias_key, bias) = dense_keys(name)
+    targets[path + ("kernel",)] = (kernel_key, kernel)
+    targets[path + ("bias",)] = (bias_key, bias)
+
+  depth = len({path[0] for path in expected if path[0].startswith("block_")})
+  for i in range(depth):
+    ours = (f"block_{i}",)
+    block_name = f"blocks.{i}" if torch_style else f"blocks/layers_{i}"
+    block = lambda *parts, block_name=block_name: key(block_name, *parts)
+    dense(ours + ("adaLN_modulation",), block(modulation))
+    (qkv_kernel, _), (qkv_bias, _) = dense_keys(block("attn", "qkv"))
+    for index, name in enumerate(("query", "key", "value")):
+      if torch_style:  # (3D, D) torch weight: split rows, then transpose
+        targets[ours + ("attn", name, "kernel")] = (
+            qkv_kernel, lambda a, index=index: _split_qkv(a, index, 0).T)
+      else:  # (D, 3D) flax kernel
+        targets[ours + ("attn", name, "kernel")] = (
+            qkv_kernel, lambda a, index=index: _split_qkv(a, index, -1))
+      targets[ours + ("attn", name, "bias")] = (
+          qkv_bias, lambda a, index=index: _split_qkv(a, index, -1))
+    dense(ours + ("attn", "out"), block("attn", "proj"))
+    dense(ours + ("mlp", "fc1"), block("mlp", "fc1"))
+    dense(ours + ("mlp", "fc2"), block("mlp", "fc2"))
+  dense(("final", "adaLN_modulation"), key("final_layer", modulation))
+  dense(("final", "linear"), key("final_layer", "linear"))
+  targets[("label_embed", "table", "embedding")] = (table, lambda a: a)
+  for index, name in enumerate(embedders):
+    dense((f"time_embed_{index}", "fc1"), key(name, mlp[0]))
+    dense((f"time_embed_{index}", "fc2"), key(name, mlp[1]))
+  if torch_style:
+    patch_key, patch_bias = key("x_embedder.proj.weight"), key("x_embedder.proj.bias")
+  else:
+    patch_key, patch_bias = key("x_embedder/proj/kernel"), key("x_embedder/proj/bias")
+  targets[("x_embed", "kernel")] = (patch_key, patch)
+  targets[("x_embed", "bias")] = (patch_bias, lambda a: a)
+  return targets
+
+
+def from_imm_dit(state_dict, model, expected) -> dict:
+  """flowjax `dit` parameters from lumalabs/imm's `IMMPrecond(model_type='DiT')` state dict
+  (keys under `model.`): timm's fused qkv [q | k | v], head-major; the patch-embedding conv
+  (D, C, p, p) -> a (p p C, D) kernel; t_embedder / s_embedder -> time_embed_0 / _1; the label
+  table of num_classes + 1 rows (the last for an all-zero, unconditional one-hot). The fixed
+  2-D sin-cos position table must be flowjax's (checked)."""
+  from flowjax.models import layers
+  table = state_dict.get("model.pos_embed")
+  if table is not None:
+    width = table.shape[-1]
+    side = int(round(math.sqrt(table.shape[-2])))
+    ours = np.asarray(layers.sincos_pos_embed_2d(width, side, side)).reshape(table.shape)
+    if not np.allclose(table, ours, atol=1e-5):
+      raise ConversionError("The IMM state dict's model.pos_embed is not the fixed 2-D sin-cos "
+                            "table flowjax's DiT uses (a learned or differently ordered table); "
+                            "it cannot be loaded.")
+  del model
+  return assemble(state_dict, _dit_targets(expected, "imm"), expected,
+                  lambda name: name == "model.pos_embed", "IMM DiT state dict")
+
+
+def from_meanflow_jax_dit(state_dict, model, expected) -> dict:
+  """flowjax `dit` parameters from a Gsunshine/meanflow (JAX) checkpoint of `models_dit.DiT`
+  inside `MeanFlow`, as flat {"params/net/...": array} (e.g. an .npz of its flattened params).
+
+  The architectures agree (adaLN-Zero blocks, LayerNorm eps 1e-6 without affine, tanh GELU,
+  [cos, sin] frequency embeddings of the raw times, MAE 2-D sin-cos positions, a label table of
+  num_classes + 1 rows, c = t + h + y; the preset needs model.time_scale = 1); only names and the
+  fused qkv projection differ: its (in, 3 D) kernel is [q | k | v], each head-major; Dense
+  kernels are already (in, out)."""
+  del model
+  ignored = lambda name: not name.startswith("params/net/")  # other collections and networks
+  return assemble(state_dict, _dit_targets(expected, "meanflow_jax"), expected, ignored,
+                  "MeanFlow JAX checkpoint")
+
+
+def from_diffusers_autoencoder(state_dict, model, expected) -> dict:
+  """flowjax `autoencoder` parameters from a diffusers `AutoencoderKL` state dict (e.g. the
+  `diffusion_pytorch_model.safetensors` of stabilityai/sd-vae-ft-ema), through the autoencoder's
+  explicit key map (current and legacy attention names)."""
+  from flowjax.models import autoencoder
+  del model
+  shapes = traverse_util.unflatten_dict(
+      {path: jax.ShapeDtypeStruct(shape, jnp.float32) for path, shape in expected.items()})
+  try:
+    params = autoencoder.params_from_diffusers(dict(state_dict), shapes, "the diffusers file")
+  except ValueError as error:
+    raise ConversionError(str(error)) from error
+  return jax.tree.map(jnp.asarray, params)
+
+
+CONVERTERS = {"starflow": from_starflow, "tarflow": from_tarflow,
+              "imm_songunet": from_imm_songunet, "imm_dit": from_imm_dit,
+              "meanflow_songunet": from_meanflow_songunet,
+              "meanflow_jax_dit": from_meanflow_jax_dit, "sdvae": from_diffusers_autoencoder}
 
 
 def convert_params(fmt: str, state_dict, model, expected) -> dict:

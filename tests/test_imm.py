@@ -434,3 +434,17 @@ def test_toy2d_tiny_trains_end_to_end_and_eight_devices_match_one(tmp_path):
         train.step_lib.view_of(state))
   np.testing.assert_allclose(float(loss), records[0]["loss"], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(float(metrics["mmd"]), records[0]["mmd"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("time_sampler", ["uniform", "lognormal_eta"])
+def test_t_min_zero_gives_a_finite_loss_and_a_zero_weight_at_zero(time_sampler):
+  """IMM's ImageNet networks are sampled down to t = 0 (eps = 0): the weight's limit there is 0
+  and a training loss with t_min = 0 is finite."""
+  objective = make_objective(t_min=0.0, time_sampler=time_sampler)
+  weight = objective.loss_weight(jnp.array([0.0, 1e-6, 0.5]))
+  assert weight[0] == 0.0 and np.all(np.isfinite(np.asarray(weight)))
+  assert float(weight[1]) < 1e-4
+  params = random_params(objective)
+  batch = {"image": jax.random.normal(jax.random.key(1), (16,) + SHAPE)}
+  loss, _ = objective.loss(params, batch, jax.random.key(2), 0, None)
+  assert np.isfinite(float(loss))

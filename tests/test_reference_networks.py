@@ -25,6 +25,16 @@ Fixtures in tests/reference/ were produced by running the official code at tiny 
   sampling without guidance, with guidance 2 (plain, annealed, annealed with attention
   temperature 0.5 on the unconditional pass, shift only), without labels, and one
   self-denoising step.
+- imm_songunet, imm_dit: lumalabs/imm `IMMPrecond` with a tiny SongUNet (16x16x3, width 16,
+  levels (1, 2), attention at 8x8, 10 classes, s embedded as itself) and a tiny DiT (8x8x4,
+  patch 2, width 64, depth 2, s embedded as the stride t - s), every parameter moved off its
+  initial value (the DiT's fixed position table kept): the raw network output, without labels
+  and without the s branch, the preconditioned step f(x, t, s) for simple_edm and euler_fm, and
+  the official pushforward sampler's 1- and 2-step samples with and without guidance 1.5.
+- meanflow_songunet: Gsunshine/py-meanflow `SongUNet` (16x16x3, width 16, levels (1, 2), FIR
+  filter, 2x-wide time embeddings of t and h = t - r, EDM augmentation input of 6), every
+  parameter moved off its initial value: u(z, (t, h)) with zero, absent and random augmentation
+  labels, the training JVP du/dt along (v, 1, 0), and the one-step sample z0 = z1 - u(z1, 1, 1).
 """
 
 import importlib.util
@@ -39,7 +49,7 @@ import numpy as np
 import pytest
 
 from flowjax import convert, evals, train
-from flowjax.models import autoencoder, dit, tarflow
+from flowjax.models import autoencoder, tarflow
 from flowjax.samplers import autoregressive, mean_flow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,13 +109,40 @@ def test_sdvae_decoder_and_reconstruction_match_diffusers(sdvae):
   assert_matches(reconstruction, ref["recon_from_mean"], "recon_from_mean")
 
 
+def test_sdvae_converts_into_a_workdir_the_latent_cache_reads(sdvae, tmp_path):
+  """python -m flowjax.convert --format=sdvae: the workdir's parameters (what cache_latents and
+  the latent experiments load) are the loader's, leaf for leaf."""
+  model, params, _ = sdvae
+  config = experiment_config("sdvae_imagenet", "tiny")
+  with config.unlocked():
+    config.model.update(dict(block_out_channels=model.block_out_channels, layers_per_block=1,
+                             latent_channels=4, norm_groups=4))
+    config.data.image_size = 16
+  workdir = str(tmp_path / "sdvae")
+  convert.convert(config, os.path.join(REFERENCE, "sdvae_tiny.safetensors"), "sdvae", workdir)
+  restored = autoencoder.load_params(workdir, model, (16, 16, 3))
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, want), got in zip(flat, jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+def meanflow_imagenet_tiny():
+  """meanflow_imagenet's architecture at the fixture's size (8x8x4, patch 2, width 64)."""
+  config = experiment_config("meanflow_imagenet", "tiny")
+  with config.unlocked():
+    config.model.update(dict(patch_size=2, hidden_size=64, depth=2, num_heads=2))
+    config.data.update(dict(image_size=8, channels=4, num_classes=10))
+  return config
+
+
 @pytest.fixture(scope="module")
-def meanflow_dit():
-  model = dit.DiT(patch_size=2, hidden_size=64, depth=2, num_heads=2, mlp_ratio=4.0,
-                  num_classes=10, time_scale=1.0)
-  flat = dict(np.load(os.path.join(REFERENCE, "meanflow_jax_dit.params.npz")))
-  params = dit.from_meanflow_jax(flat, depth=2)
-  return model, params, np.load(os.path.join(REFERENCE, "meanflow_jax_dit.npz"))
+def meanflow_dit(tmp_path_factory):
+  config = meanflow_imagenet_tiny()
+  params = convert.convert(config, os.path.join(REFERENCE, "meanflow_jax_dit.params.npz"),
+                           "meanflow_jax_dit", str(tmp_path_factory.mktemp("meanflow_jax")))
+  return (train.build(config).objective, params,
+          np.load(os.path.join(REFERENCE, "meanflow_jax_dit.npz")))
 
 
 def assert_close_nhwc(got, want, name):
@@ -115,9 +152,10 @@ def assert_close_nhwc(got, want, name):
 
 
 def test_meanflow_jax_dit_average_velocity_and_one_step_sample(meanflow_dit):
-  model, params, ref = meanflow_dit
+  objective, params, ref = meanflow_dit
+  assert objective.model.time_scale == 1.0  # raw times, as the official TimestepEmbedder
   y = jnp.asarray(ref["y"])
-  u = lambda z, t, h: model.apply({"params": params}, z, (t, h), y, train=False)
+  u = lambda z, t, h: objective.network(params, z, t, h, y)
   t, h = jnp.asarray(ref["t"]), jnp.asarray(ref["h"])
   assert_close_nhwc(u(jnp.asarray(ref["x"]), t, h), ref["u"], "u")
   assert_close_nhwc(u(jnp.asarray(ref["x"]), t, jnp.zeros_like(h)), ref["v_h0"], "v_h0")
@@ -125,11 +163,14 @@ def test_meanflow_jax_dit_average_velocity_and_one_step_sample(meanflow_dit):
   assert_close_nhwc(z0, ref["sample_z0"], "sample_z0")
 
 
-def test_meanflow_jax_checkpoint_with_a_missing_key_is_named():
+def test_meanflow_jax_checkpoint_with_a_missing_key_is_named(tmp_path):
   flat = dict(np.load(os.path.join(REFERENCE, "meanflow_jax_dit.params.npz")))
   del flat["params/net/h_embedder/mlp/layers_2/_flax_linear/bias"]
-  with pytest.raises(KeyError, match="h_embedder/mlp/layers_2/_flax_linear/bias"):
-    dit.from_meanflow_jax(flat, depth=2)
+  np.savez(tmp_path / "partial.npz", **flat)
+  with pytest.raises(convert.ConversionError,
+                     match="1 missing:\n    params/net/h_embedder/mlp/layers_2/_flax_linear/bias"):
+    convert.convert(meanflow_imagenet_tiny(), str(tmp_path / "partial.npz"), "meanflow_jax_dit",
+                    str(tmp_path / "workdir"))
 
 
 # STARFlow: the official transformer_flow.Model, converted by flowjax.convert into the
@@ -432,3 +473,117 @@ def test_state_dict_readers_strip_wrapper_prefixes_and_name_bad_files(tmp_path):
   with pytest.raises(convert.ConversionError, match="prior variance `var` other than 1"):
     convert.convert(experiment_config("tarflow_imagenet64", "tiny"), str(tmp_path / "vp.npz"),
                     "tarflow", str(tmp_path / "workdir"))
+
+
+# IMM: the official IMMPrecond networks, converted into imm_cifar10's U-Net and imm_imagenet's
+# DiT at the fixtures' sizes.
+
+IMM = {  # fixture: (experiment, preset, overrides)
+    "imm_songunet": ("imm_cifar10", "tiny", {
+        "model.channel_mult": (1, 2), "model.attn_resolutions": (8,), "data.image_size": 16,
+        "data.conditional": True, "data.num_classes": 10, "objective.t_min": 0.006,
+        "objective.t_max": 0.994, "objective.time_embedding": "identity"}),
+    "imm_dit": ("imm_imagenet", "tiny", {
+        "model.hidden_size": 64, "model.depth": 2, "model.num_heads": 2,
+        "objective.t_min": 0.0, "objective.t_max": 0.994, "objective.f_type": "euler_fm"}),
+}
+
+
+def imm_objective(name, f_type=None):
+  experiment, preset, overrides = IMM[name]
+  config = experiment_config(experiment, preset)
+  with config.unlocked():
+    for key, value in overrides.items():
+      section, field = key.split(".")
+      config[section][field] = value
+    if f_type:
+      config.objective.f_type = f_type
+  return config, train.build(config).objective
+
+
+@pytest.fixture(scope="module", params=list(IMM))
+def imm_reference(request, tmp_path_factory):
+  name = request.param
+  config, objective = imm_objective(name)
+  fmt = name
+  params = convert.convert(config, os.path.join(REFERENCE, name + ".safetensors"), fmt,
+                           str(tmp_path_factory.mktemp(name)))
+  with open(os.path.join(REFERENCE, name + ".json")) as f:
+    info = json.load(f)
+  return name, objective, params, np.load(os.path.join(REFERENCE, name + ".npz")), info
+
+
+def imm_labels(ref):
+  labels = np.asarray(ref["labels"])
+  return jnp.asarray(np.where(labels < 0, 10, labels), jnp.int32)
+
+
+def test_imm_network_and_preconditioned_step_match_the_official_model(imm_reference):
+  name, objective, params, ref, info = imm_reference
+  x, t, s = nhwc(ref["x"]), jnp.asarray(ref["t"]), jnp.asarray(ref["s"])
+  labels = imm_labels(ref)
+  assert objective.sigma_d == info["kwargs"]["sigma_data"]
+  assert objective.time_embedding == info["kwargs"]["temb_type"]
+  assert_matches(objective.network(params, x, t, s, labels), ref["F"], "F")
+  if "F_zero_labels" in ref:  # the all-zero one-hot: flowjax's null label
+    null = jnp.full_like(labels, objective.num_classes)
+    assert_matches(objective.network(params, x, t, s, null), ref["F_zero_labels"],
+                   "F_zero_labels")
+  # Without the s branch: the backbone called with the one time t.
+  model = objective.model
+  backbone_x = nhwc(ref["backbone_in_x"])
+  apply = dict(train=False) if name == "imm_songunet" else dict(train=False)
+  no_s = model.apply({"params": params}, backbone_x, (t,), labels, **apply)
+  assert_matches(no_s, ref["F_no_s"], "F_no_s")
+  for f_type in info.get("f_types", [info["kwargs"].get("f_type")]):
+    _, objective = imm_objective(name, f_type)
+    assert_matches(objective.flow_map(params, x, t, s, labels), ref[f"out_{f_type}"],
+                   f"out_{f_type}")
+
+
+def test_imm_pushforward_samples_match_the_official_sampler(imm_reference):
+  name, _, params, ref, info = imm_reference
+  labels = imm_labels(ref)
+  latents = nhwc(ref["sample_latents"])
+  for key, call in info["sample_calls"].items():
+    _, objective = imm_objective(name, call.get("f_type"))
+    guidance = call["cfg_scale"] or 1.0
+    got = objective.sample_from(params, latents, labels, num_steps=call["num_steps"],
+                                method="uniform", guidance=guidance)
+    assert_matches(got, ref[key].astype(np.float32), key)
+
+
+# MeanFlow: py-meanflow's SongUNet, converted into meanflow_cifar10's U-Net at the fixture's size.
+
+def meanflow_unet(tmp_path, augment_dim):
+  config = experiment_config("meanflow_cifar10", "tiny")
+  with config.unlocked():
+    config.model.update(dict(channel_mult=(1, 2), attn_resolutions=(8,), augment_dim=augment_dim))
+    config.data.image_size = 16
+  params = convert.convert(config, os.path.join(REFERENCE, "meanflow_songunet.safetensors"),
+                           "meanflow_songunet", str(tmp_path / f"augment{augment_dim}"))
+  return train.build(config).objective, params
+
+
+def test_meanflow_unet_velocity_jvp_and_sample_match_py_meanflow(tmp_path):
+  from flowjax.objectives import meanflow
+  ref = np.load(os.path.join(REFERENCE, "meanflow_songunet.npz"))
+  z, t, r, h = nhwc(ref["z"]), *(jnp.asarray(ref[k]) for k in ("t", "r", "h"))
+  for augment_dim in (0, 6):  # dropped (the preset's), and with the augmentation input
+    objective, params = meanflow_unet(tmp_path, augment_dim)
+    assert_matches(objective.network(params, z, t, h, None), ref["u"], "u")
+    assert_matches(objective.network(params, z, t, h, None), ref["u_aug_none"], "u_aug_none")
+  u_random = objective.model.apply({"params": params}, z, (t, h), None, train=False,
+                                   augment_labels=jnp.asarray(ref["aug_cond_rand"]))
+  assert_matches(u_random, ref["u_aug_rand"], "u_aug_rand")
+  # The training JVP: u_tgt = v - (t - r) du/dt with du/dt along (v, 1, 0).
+  tangent = nhwc(ref["jvp_tangent_z"])
+  u_fn = lambda z_, t_, r_: objective.network(params, z_, t_, t_ - r_, None)
+  u, u_tgt = meanflow.meanflow_target(u_fn, z, t, r, tangent)
+  assert_matches(u, ref["u"], "u (inside the JVP)")
+  want = np.asarray(ref["jvp_tangent_z"]) - (np.asarray(ref["h"])[:, None, None, None]
+                                             * np.asarray(ref["dudt"]))
+  assert_matches(u_tgt, want, "u_tgt = v - (t - r) du/dt")
+  sample = mean_flow.solve(lambda z_, t_, h_: objective.network(params, z_, t_, h_, None),
+                           nhwc(ref["sample_z1"]), 1)
+  assert_matches(sample, ref["sample_z0"], "sample_z0")

@@ -12,8 +12,9 @@ Variants (see UNET_PRESETS):
 - NCSN++: random Fourier time embedding (frequencies N(0, fourier_scale^2), fixed), FIR filter
   (1, 3, 3, 1), 'residual' encoder with an auxiliary image path, twice as wide a time embedding.
 Several time inputs (IMM's (t, s), MeanFlow's (t, t - r)) either get one mapping network each,
-whose outputs are summed (time_mapping='separate'), or share one mapping network that reads
-their concatenated embeddings (time_mapping='concat').
+whose outputs are summed before their last SiLU (time_mapping='sum', the official IMM network:
+emb = SiLU(L1(SiLU(L0(e_t + label))) + L1_s(SiLU(L0_s(e_s))))) or after it ('separate'), or share
+one mapping network that reads their concatenated embeddings (time_mapping='concat', py-meanflow).
 
 Every parameter carries logical axis names: feature-map channels are 'embed' (sharded over fsdp)
 or 'mlp' (tensor), the embedding vector is 'embed' then 'mlp'; the image channels are
@@ -39,7 +40,7 @@ FEATURES = ("batch", None, None, "embed")
 EMBEDDING_TYPES = ("positional", "fourier")
 ENCODER_TYPES = ("standard", "skip", "residual")
 DECODER_TYPES = ("standard", "skip")
-TIME_MAPPINGS = ("separate", "concat")
+TIME_MAPPINGS = ("separate", "sum", "concat")
 FOURIER_SEED = 0
 
 # Published CIFAR-10 (32x32x3) networks. Parameter counts (unconditional, 3 channels):
@@ -63,7 +64,7 @@ UNET_PRESETS = {
         model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, channel_mult_noise=1,
         num_blocks=4, attn_resolutions=(16,), embedding_type="positional",
         encoder_type="standard", decoder_type="standard", resample_filter=(1, 1),
-        time_mapping="separate", augment_dim=0),
+        time_mapping="sum", augment_dim=0),
     "meanflow_cifar10": dict(
         model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, channel_mult_noise=2,
         num_blocks=4, attn_resolutions=(16,), dropout=0.2, embedding_type="positional",
@@ -158,8 +159,9 @@ def fourier_embedding(x: jax.Array, channels: int, scale: float) -> jax.Array:
 
 
 class MappingNetwork(nn.Module):
-  """Dense -> SiLU -> Dense -> SiLU: [B, in] -> [B, width] float32."""
+  """Dense -> SiLU -> Dense (-> SiLU with final_silu): [B, in] -> [B, width] float32."""
   width: int
+  final_silu: bool = True
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -168,7 +170,7 @@ class MappingNetwork(nn.Module):
     e = nn.silu(e)
     e = layers.dense(self.width, ("embed", "mlp"), param_dtype=self.param_dtype,
                      name="layer1")(e)
-    return nn.silu(e)
+    return nn.silu(e) if self.final_silu else e
 
 
 class UNetBlock(nn.Module):
@@ -257,7 +259,8 @@ class SongUNet(nn.Module):
     encoder_type: 'standard', 'skip' (image pyramid added at each level) or 'residual' (NCSN++).
     decoder_type: 'standard' or 'skip' (an output at every level, upsampled and summed).
     resample_filter: 1D taps of the resampling filter, (1, 1) box or (1, 3, 3, 1) FIR.
-    time_mapping: 'separate' (one mapping network per time, outputs summed) or 'concat'.
+    time_mapping: 'sum' (one mapping network per time, summed before the last SiLU: IMM),
+      'separate' (summed after it) or 'concat' (one network on the concatenated embeddings).
     augment_dim: width of EDM's augmentation labels (0 = none); they enter through a bias-free
       Dense and are zero unless passed as `augment_labels`.
     zero_init_scale: weight multiplier of the layers EDM initialises near zero (each block's
@@ -361,8 +364,10 @@ class SongUNet(nn.Module):
                                    param_dtype=self.param_dtype, name="map_augment")(
                                        augment_labels.astype(jnp.float32))
     embeddings[0] = first
-    return sum(MappingNetwork(emb_width, param_dtype=self.param_dtype, name=f"map_{i}")(e)
-               for i, e in enumerate(embeddings))
+    final_silu = self.time_mapping != "sum"
+    out = sum(MappingNetwork(emb_width, final_silu, param_dtype=self.param_dtype,
+                             name=f"map_{i}")(e) for i, e in enumerate(embeddings))
+    return out if final_silu else nn.silu(out)
 
   @nn.compact
   def __call__(self, x: jax.Array, times: tuple[jax.Array, ...], cond: jax.Array | None, *,

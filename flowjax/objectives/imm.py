@@ -114,10 +114,10 @@ class IMM:
     if self.f_type == "euler_fm" and self.path != "ot":
       raise ValueError(f"objective.f_type='euler_fm' is the Euler step of the OT path but "
                        f"objective.path={self.path!r}; use path='ot' or f_type='simple_edm'.")
-    if not 0.0 < self.t_min < self.t_max < 1.0:
+    if not 0.0 <= self.t_min < self.t_max < 1.0:
       raise ValueError(f"objective.t_min={self.t_min} and objective.t_max={self.t_max} must "
-                       "satisfy 0 < t_min < t_max < 1 (eta = sigma / alpha is infinite at t = 1 "
-                       "and the loss weight at t = 0); the defaults are 1e-3 and 0.994.")
+                       "satisfy 0 <= t_min < t_max < 1 (eta = sigma / alpha is infinite at "
+                       "t = 1); the defaults are 1e-3 and 0.994.")
     if self.sigma_d <= 0 or self.eta_std <= 0:
       raise ValueError(f"objective.sigma_d={self.sigma_d} and objective.eta_std={self.eta_std} "
                        "must be positive.")
@@ -220,13 +220,16 @@ class IMM:
   def loss_weight(self, t):
     """w(t) = 0.5 sigmoid(b - lambda_t) (-d lambda_t / dt) alpha_t^a / (alpha_t^2 + sigma_t^2),
     lambda_t = 2 log(alpha_t / sigma_t), a = weight_a, b = weight_b; 1 for weighting='none'.
-    t: [G] in (0, 1)."""
+    t: [G] in [0, 1); w(0) = 0, its limit (sigmoid(b - lambda_t) ~ sigma_t^2 vanishes faster
+    than -d lambda_t / dt grows)."""
     if self.weighting == "none":
       return jnp.ones_like(t)
     path = self.schedule
-    alpha, sigma = path.alpha(t), path.sigma(t)
-    return (0.5 * jax.nn.sigmoid(self.weight_b - path.log_snr(t)) * path.neg_d_log_snr(t) *
-            alpha ** self.weight_a / (alpha ** 2 + sigma ** 2))
+    positive = jnp.maximum(t, jnp.finfo(jnp.float32).tiny)
+    alpha, sigma = path.alpha(positive), path.sigma(positive)
+    weight = (0.5 * jax.nn.sigmoid(self.weight_b - path.log_snr(positive))
+              * path.neg_d_log_snr(positive) * alpha ** self.weight_a / (alpha ** 2 + sigma ** 2))
+    return jnp.where(t > 0, weight, 0.0)
 
   def kernel_bandwidth(self, t, s):
     """w~(s, t) = 1 / |c_out(s, t)|: 1 / ((t - s) sigma_d) for euler_fm,
@@ -310,9 +313,15 @@ class IMM:
     if method not in SAMPLE_METHODS:
       raise ValueError("sample.method: " + unknown_name_message("IMM sampling method", method,
                                                                 list(SAMPLE_METHODS)))
-    path = self.schedule
     noise_key, restart_key = jax.random.split(rng)
-    x_start = self.initial_noise(noise_key, num)
+    return self.sample_from(params, self.initial_noise(noise_key, num), cond,
+                            num_steps=num_steps, method=method, guidance=guidance,
+                            rng=restart_key)
+
+  def sample_from(self, params, x_start, cond=None, *, num_steps=1, method="uniform",
+                  guidance=1.0, rng=None):
+    """`sample` from given x_T [B, ...] at t_max (rng: the restart methods' re-noising key)."""
+    path = self.schedule
     # Times travel as one [B, 2] array so that the guidance helper batches them like x.
     raw = lambda x, times, c: self.network(params, x, times[:, 0], times[:, 1], c)
     guided = ode.guided(raw, cond, guidance, self.num_classes)
@@ -322,5 +331,5 @@ class IMM:
     if method.startswith("restart"):
       renoise = lambda x0, t, key: path.interpolate(
           x0, self.sigma_d * jax.random.normal(key, x0.shape, jnp.float32), t)
-      return pushforward.restart(flow_map, x_start, grid, restart_key, renoise)
+      return pushforward.restart(flow_map, x_start, grid, rng, renoise)
     return pushforward.pushforward(flow_map, x_start, grid)
