@@ -10,7 +10,6 @@
 """
 
 import dataclasses
-import os
 
 import jax
 import ml_collections
@@ -19,6 +18,7 @@ import numpy as np
 from flowjax import config as config_lib
 from flowjax import metrics
 from flowjax import plot
+from flowjax import storage
 from flowjax import train as train_lib
 
 
@@ -52,12 +52,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, steps: int | None = N
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (its config.json)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path} does not exist; {workdir!r} is not a flowjax workdir "
                             "(train one with api.train or python -m flowjax.main).")
-  with open(path) as f:
-    return config_lib.from_json(f.read())
+  return config_lib.from_json(storage.read_text(path))
 
 
 @dataclasses.dataclass

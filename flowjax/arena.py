@@ -7,12 +7,14 @@ DIR/<method>/ with the ordinary trainer, so an interrupted arena resumes where i
 """
 
 import dataclasses
+import io
 import json
 import logging
-import os
 
 import jax
 import numpy as np
+
+from flowjax import storage
 
 # Each method: (experiment, sampling step counts, sampler, [config overrides]). An override value
 # may name another method's workdir as "{workdir}/<method>" (CTM distils the flow-matching run,
@@ -58,11 +60,10 @@ class Result:
 def earlier_results(workdir: str, steps: int, rerun) -> list[Result]:
   """Results in DIR/arena.json from an earlier arena run at the same training budget, for the
   methods not in `rerun`: running a subset of methods (--methods) adds to the table."""
-  path = os.path.join(workdir, "arena.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "arena.json")
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    records = [Result(**r) for r in json.load(f)]
+  records = [Result(**r) for r in json.loads(storage.read_text(path))]
   return [r for r in records if r.train_steps == steps and r.method not in rerun]
 
 
@@ -96,7 +97,7 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
       values = digits_metric.evaluate(samples, None if labels is None else np.asarray(labels),
                                       classifier=classifier)
     from flowjax import metrics
-    metrics.save_png(os.path.join(workdir, "samples", f"arena_{calls}_steps.png"),
+    metrics.save_png(storage.join(workdir, "samples", f"arena_{calls}_steps.png"),
                      metrics.samples_picture(samples[:100] if suite == "digits" else samples))
     results.append(Result(method, calls, calls * (2 if guided else 1), values,
                           int(config.train.steps)))
@@ -125,7 +126,7 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None) -> li
     keys = config_lib.flatten(config_lib.load_experiment(experiment))
     overrides = {k: v for k, v in overrides.items() if k in keys or k in own}
     config = config_lib.load_experiment(experiment, None, **overrides)
-    method_dir = os.path.join(workdir, method)
+    method_dir = storage.join(workdir, method)
     state = train.run(config, method_dir)
     if int(state.step) < steps:
       # Stopped by a signal (checkpoint saved): report nothing half-trained.
@@ -172,14 +173,12 @@ def write_report(suite: str, workdir: str, steps: int, spec: dict, results) -> N
     for method, entries in by_method.items():
       cells = [f"{entries[n].metrics['accuracy']:.3f}" if n in entries else "" for n in all_steps]
       lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "arena.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(workdir, "arena.json"), "w") as f:
-    json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
-  plot(os.path.join(workdir, "arena.png"), by_method, metric, np.mean(floors) if floors else None,
-       suite)
-  samples_figure(os.path.join(workdir, "arena_samples.png"), workdir, by_method, metric)
+  storage.write_text(storage.join(workdir, "arena.md"), "\n".join(lines) + "\n")
+  storage.write_text(storage.join(workdir, "arena.json"),
+                     json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+  plot(storage.join(workdir, "arena.png"), by_method, metric,
+       np.mean(floors) if floors else None, suite)
+  samples_figure(storage.join(workdir, "arena_samples.png"), workdir, by_method, metric)
 
 
 def samples_figure(path: str, workdir: str, by_method: dict, metric: str) -> None:
@@ -196,14 +195,20 @@ def samples_figure(path: str, workdir: str, by_method: dict, metric: str) -> Non
     for col, n in enumerate(columns):
       ax = axes[row][col]
       ax.axis("off")
-      picture = os.path.join(workdir, method, "samples", f"arena_{n}_steps.png")
-      if n not in entries or not os.path.exists(picture):
+      picture = storage.join(workdir, method, "samples", f"arena_{n}_steps.png")
+      if n not in entries or not storage.exists(picture):
         continue
-      ax.imshow(Image.open(picture))
+      ax.imshow(Image.open(io.BytesIO(storage.read_bytes(picture))))
       ax.set_title(f"{method}, {n} steps\n{metric} {entries[n].metrics[metric]:.3g}", fontsize=7)
   fig.tight_layout()
-  fig.savefig(path)
+  _save_figure(fig, path)
   plt.close(fig)
+
+
+def _save_figure(fig, path: str) -> None:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def plot(path: str, by_method: dict, metric: str, floor, title: str) -> None:
@@ -216,7 +221,7 @@ def plot(path: str, by_method: dict, metric: str, floor, title: str) -> None:
                       title=f"flowjax arena: {title}", log_x=2, log_y=True, markers=True,
                       hline=None if floor is None else (floor, "real-data floor"))
   fig.tight_layout()
-  fig.savefig(path)
+  _save_figure(fig, path)
   plt.close(fig)
 
 
@@ -240,7 +245,7 @@ def main(argv=None):
     parser.error(registry.unknown_name_message(f"--methods entry of suite {args.suite!r}",
                                                unknown[0], list(SUITES[args.suite]["methods"])))
   run(args.suite, args.workdir, args.budget, methods)
-  print(open(os.path.join(args.workdir, "arena.md")).read())
+  print(storage.read_text(storage.join(args.workdir, "arena.md")))
 
 
 if __name__ == "__main__":

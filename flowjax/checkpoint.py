@@ -6,11 +6,11 @@ newest step first and fall back to older ones when a step is damaged.
 """
 
 import logging
-import os
 
 import jax
 import orbax.checkpoint as ocp
 
+from flowjax import storage
 from flowjax.state import TrainState
 
 ITEMS = ("state", "data", "meta")
@@ -38,8 +38,11 @@ def manager(workdir: str, ckpt_config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=ckpt_config.max_to_keep,
       enable_async_checkpointing=ckpt_config.async_save,
+      # A step a killed process left half-written (a temporary directory locally; on object
+      # storage, a step directory without its commit marker) is removed, so that step saves anew.
+      cleanup_tmp_directories=True,
       create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  return ocp.CheckpointManager(storage.join(storage.absolute(workdir), "checkpoints"),
                                item_names=ITEMS, options=options)
 
 
@@ -52,6 +55,7 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, data_state: dict, meta:
   step = int(state.step)
   if step in mngr.all_steps():
     return False
+  _remove_unfinished(mngr, step)
   try:
     return mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
@@ -61,6 +65,21 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, data_state: dict, meta:
                   "(step %s) is kept; training continues and the next save retries.", step,
                   mngr.directory, type(error).__name__, error, mngr.latest_step())
     raise SaveError(str(error)) from error
+
+
+def _remove_unfinished(mngr: ocp.CheckpointManager, step: int) -> None:
+  """On object storage, deletes what a killed process left of an unfinished save of `step` (a
+  step directory without its commit marker, which all_steps() does not list): orbax would
+  otherwise write into its half-written array database."""
+  directory = storage.join(str(mngr.directory), str(step))
+  if not storage.is_remote(directory):
+    return  # locally an unfinished save is a temporary directory that orbax removes itself
+  if jax.process_index() == 0 and storage.exists(directory):
+    logging.warning("Deleting %s, an unfinished save of a stopped run.", directory)
+    storage.rmtree(directory)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"flowjax_unfinished_{step}")
 
 
 def finish(mngr: ocp.CheckpointManager) -> None:
@@ -95,7 +114,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState, chec
       check_meta(meta, steps[0])
   failures, damaged = [], []
   for step in steps:
-    mismatch = _shape_mismatches(os.path.join(str(mngr.directory), str(step), "state"),
+    mismatch = _shape_mismatches(storage.join(str(mngr.directory), str(step), "state"),
                                  ("params",), abstract_state.params)
     if mismatch:
       # A checkpoint of another model (e.g. resumed with --allow_config_change and another
@@ -131,15 +150,15 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
   the resumed run can save that step again. Process 0 moves it; every process then re-reads the
   list of steps."""
   if jax.process_index() == 0:
-    source = os.path.join(str(mngr.directory), str(step))
-    target = os.path.join(str(mngr.directory), "damaged", str(step))
+    source = storage.join(str(mngr.directory), str(step))
+    target = storage.join(str(mngr.directory), "damaged", str(step))
     suffix = 0
-    while os.path.exists(target):
+    while storage.exists(target):
       suffix += 1
-      target = os.path.join(str(mngr.directory), "damaged", f"{step}.{suffix}")
+      target = storage.join(str(mngr.directory), "damaged", f"{step}.{suffix}")
     try:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.replace(source, target)
+      storage.makedirs(storage.join(str(mngr.directory), "damaged"))
+      storage.rename(source, target)
       logging.warning("Moved the damaged checkpoint of step %d to %s.", step, target)
     except OSError as error:
       logging.warning("Could not move the damaged checkpoint %s aside: %s", source, error)
@@ -159,15 +178,15 @@ def restore_params(workdir: str, abstract_params, key: str | tuple[str, ...] = "
   Returns (subtree, step).
   """
   path_keys = (key,) if isinstance(key, str) else tuple(key)
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
+  directory = storage.join(storage.absolute(workdir), "checkpoints")
+  if not storage.isdir(directory):
     raise CheckpointError(f"{source}={workdir!r} has no checkpoints directory "
                           f"({directory}); name a workdir written by flowjax.main.")
   mngr = ocp.CheckpointManager(directory, item_names=ITEMS,
                                options=ocp.CheckpointManagerOptions(read_only=True))
   errors = []
   for step in sorted(mngr.all_steps(), reverse=True):
-    path = os.path.join(directory, str(step), "state")
+    path = storage.join(directory, str(step), "state")
     item = abstract_params
     for name in reversed(path_keys):
       item = {name: item}

@@ -458,8 +458,8 @@ def write_workdir(config, params, workdir: str) -> None:
   its config.json: what `--mode=sample/eval` and `ckpt.init_from` read."""
   from flowjax import checkpoint, optim, train
   from flowjax import config as config_lib
-  if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
-      os.path.join(workdir, "checkpoints")):
+  from flowjax import storage
+  if storage.listdir(storage.join(workdir, "checkpoints")):
     raise ConversionError(f"--workdir={workdir} already holds checkpoints; convert into a new "
                           "workdir.")
   setup = train.build(config)
@@ -467,15 +467,14 @@ def write_workdir(config, params, workdir: str) -> None:
     state = setup.init_fn()
   params = jax.device_put(params, setup.state_shardings.params)
   state = state.replace(params=params, ema=optim.init_ema(params, config.optim.ema_decays))
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   mngr = checkpoint.manager(workdir, config.ckpt)
   meta = {"fingerprint": config_lib.fingerprint(config), "identity": config_lib.identity(config),
           "converted": True}
   checkpoint.save(mngr, state, {"next_batch": 0}, meta, force=True)
   checkpoint.finish(mngr)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
+    storage.write_text(storage.join(workdir, "config.json"), config_lib.to_json(config))
 
 
 def convert(config, checkpoint_path: str, fmt: str, workdir: str, key: str = "") -> dict:

@@ -6,57 +6,53 @@ Only process 0 writes; the writer is a no-op elsewhere.
 import json
 import math
 import logging
-import os
 import sys
 import time
 
 import numpy as np
 from PIL import Image
 
+from flowjax import storage
+
 METRICS_FILE = "metrics.jsonl"
+
+
+def _lines(path: str) -> list[str]:
+  if not storage.exists(path):
+    return []
+  return storage.read_text(path).splitlines(keepends=True)
 
 
 def truncate_metrics(workdir: str, step: int) -> None:
   """Keeps only complete records with record["step"] <= step (used on resume)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = storage.join(workdir, METRICS_FILE)
+  if not storage.exists(path):
     return
   kept = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if line.endswith("\n") and record.get("step", step + 1) <= step:
-        kept.append(line)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  for line in _lines(path):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if line.endswith("\n") and record.get("step", step + 1) <= step:
+      kept.append(line)
+  storage.write_text(path, "".join(kept))
 
 
 def last_logged_step(workdir: str) -> int | None:
   """The largest step of the complete records in metrics.jsonl (None: no file or no record)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return None
   steps = []
-  with open(path) as f:
-    for line in f:
-      try:
-        steps.append(int(json.loads(line)["step"]))
-      except (ValueError, KeyError, TypeError):
-        continue
+  for line in _lines(storage.join(workdir, METRICS_FILE)):
+    try:
+      steps.append(int(json.loads(line)["step"]))
+    except (ValueError, KeyError, TypeError):
+      continue
   return max(steps) if steps else None
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in _lines(storage.join(workdir, METRICS_FILE))
+          if line.strip()]
 
 
 class _QuietLibraries(logging.Filter):
@@ -74,25 +70,40 @@ def quiet_libraries() -> None:
 
 
 class Writer:
-  """metrics.jsonl + TensorBoard (tensorboardX, no TensorFlow needed) on process 0."""
+  """metrics.jsonl + TensorBoard (tensorboardX, no TensorFlow needed) on process 0.
+
+  On object storage (an object cannot be appended to) the records and the event files are
+  kept locally and uploaded, whole, by `flush` and `close`.
+  """
 
   def __init__(self, workdir: str, enabled: bool):
     self.workdir = workdir
     self.enabled = enabled
     self._tb = None
+    self._remote = storage.is_remote(workdir)
+    self._pending = []
+    self._events = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      events = storage.join(workdir, "tensorboard")
+      if self._remote:
+        import tempfile
+        self._events = tempfile.mkdtemp(prefix="flowjax_tensorboard_")
+        events = self._events
+      self._tb = SummaryWriter(events)
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _to_python(v) for k, v in values.items()}}
-    with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
-      # Strict JSON: a non-finite value (a skipped step's loss) is written as null.
-      f.write(json.dumps({k: v if v is None or math.isfinite(v) else None
-                          for k, v in record.items()}, allow_nan=False) + "\n")
+    # Strict JSON: a non-finite value (a skipped step's loss) is written as null.
+    line = json.dumps({k: v if v is None or math.isfinite(v) else None
+                       for k, v in record.items()}, allow_nan=False) + "\n"
+    if self._remote:
+      self._pending.append(line)
+    else:
+      storage.append_text(storage.join(self.workdir, METRICS_FILE), line)
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(key, value, step)
@@ -105,11 +116,27 @@ class Writer:
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
+    self._upload()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    self._upload()
+    if self._events is not None:
+      import shutil
+      shutil.rmtree(self._events, ignore_errors=True)
+      self._events = None
+
+  def _upload(self) -> None:
+    """Object storage: the new metrics records and the TensorBoard event files."""
+    if not (self.enabled and self._remote):
+      return
+    if self._pending:
+      storage.append_text(storage.join(self.workdir, METRICS_FILE), "".join(self._pending))
+      self._pending = []
+    if self._events is not None:
+      storage.upload_tree(self._events, storage.join(self.workdir, "tensorboard"))
 
 
 def _to_python(value):
@@ -207,7 +234,7 @@ def samples_picture(samples: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  Image.fromarray(image).save(tmp)
-  os.replace(tmp, path)
+  import io
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())

@@ -7,7 +7,6 @@ writes DIR/plots/metrics.png (or --out). The same `line_chart` draws the arena's
 
 import json
 import math
-import os
 import sys
 
 from absl import app
@@ -79,9 +78,9 @@ def metric_series(records: list[dict], keys=None) -> dict[str, list[tuple[float,
 def metrics_figure(workdir: str, keys=None):
   """A matplotlib figure with one panel per metric of `workdir`/metrics.jsonl (loss on a log
   axis when it stays positive)."""
-  from flowjax import metrics
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  from flowjax import metrics, storage
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path} does not exist; --workdir must be a flowjax training workdir "
                             "(python -m flowjax.main --config=... --workdir=DIR writes it).")
   series = metric_series(metrics.read_metrics(workdir), keys)
@@ -99,7 +98,7 @@ def metrics_figure(workdir: str, keys=None):
                log_y=positive and key.endswith("loss"))
   for ax in list(axes.flat)[len(series):]:
     ax.axis("off")
-  fig.suptitle(os.path.basename(os.path.normpath(workdir)))
+  fig.suptitle(str(workdir).rstrip("/").rsplit("/", 1)[-1])
   fig.tight_layout()
   return fig
 
@@ -107,11 +106,15 @@ def metrics_figure(workdir: str, keys=None):
 def plot_workdir(workdir: str, keys=None, out: str | None = None) -> str:
   """Writes the metrics figure of `workdir` as PNG (default DIR/plots/metrics.png); returns its
   path."""
+  import io
+
+  from flowjax import storage
   fig = metrics_figure(workdir, keys)
-  out = out or os.path.join(workdir, "plots", "metrics.png")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out)
+  out = out or storage.join(workdir, "plots", "metrics.png")
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
   pyplot().close(fig)
+  storage.write_bytes(out, buffer.getvalue())
   return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from flowjax import checkpoint, config as config_lib, data, metrics, models, objectives, optim
-from flowjax import sharding, step as step_lib
+from flowjax import sharding, step as step_lib, storage
 from flowjax.state import TrainState
 
 
@@ -240,20 +240,19 @@ def sampling_params(state: TrainState, config, use_ema: bool | None = None):
 def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
   """Refuses a workdir whose config.json differs from `config` beyond the resumable keys."""
   try:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     # One probe per process: the processes of a multi-host run check the same workdir at once.
-    probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as error:
-    raise WorkdirError(f"--workdir={workdir} cannot be written ({error}); choose a writable "
-                       "directory with free space.") from error
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path) or allow_config_change:
+    probe = storage.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
+    storage.write_text(probe, "ok")
+    storage.remove(probe)
+  except Exception as error:  # OSError locally; the storage client's own errors for a bucket
+    raise WorkdirError(f"--workdir={workdir} cannot be written ({type(error).__name__}: "
+                       f"{error}); choose a writable directory with free space, or a bucket "
+                       "this machine may write to.") from error
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path) or allow_config_change:
     return
-  with open(path) as f:
-    old = config_lib.identity(json.load(f))
+  old = config_lib.identity(json.loads(storage.read_text(path)))
   diff = config_lib.differences(old, config_lib.identity(config))
   if diff:
     raise WorkdirError(
@@ -281,9 +280,8 @@ def evaluate(setup: Setup, state: TrainState, step: int, workdir: str, writer) -
   from flowjax import evals
   result.update(evals.quality_metrics(setup, state))
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
-      json.dump({"step": step, **result}, f, indent=2)
+    storage.write_text(storage.join(workdir, "eval", f"step_{step}.json"),
+                       json.dumps({"step": step, **result}, indent=2))
   writer.scalars(step, result)
   return result
 
@@ -297,7 +295,7 @@ def write_samples(setup: Setup, state: TrainState, step: int, workdir: str, writ
   samples = np.asarray(jax.device_get(samples))
   picture = metrics.samples_picture(_as_images(config, samples))
   if jax.process_index() == 0:
-    metrics.save_png(os.path.join(workdir, "samples", name or f"step_{step}.png"), picture)
+    metrics.save_png(storage.join(workdir, "samples", name or f"step_{step}.png"), picture)
     writer.image(step, "samples", picture)
   return samples
 
@@ -412,8 +410,7 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
             "(its checkpoints were deleted or never written): those records of metrics.jsonl "
             "are dropped.", workdir, logged)
       metrics.truncate_metrics(workdir, start)
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
+      storage.write_text(storage.join(workdir, "config.json"), config_lib.to_json(config))
     batches = data.build(config.data, split="train", global_batch_size=config.train.batch_size,
                          seed=config.seed, sharding=sharding.batch_sharding(setup.mesh))
     if data_state is not None and start > 0:  # at step 0 (a converted checkpoint) nothing is read
@@ -496,6 +493,11 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
           handle(*pending)
         pending = (step_metrics, step)
         if config.ckpt.every_steps and step % config.ckpt.every_steps == 0:
+          # The records up to this step are written (on object storage: uploaded) before the
+          # checkpoint, so that a resumed run finds every record up to its checkpoint.
+          handle(*pending)
+          pending = None
+          writer.flush()
           save()
         elif mngr.reached_preemption(step):
           stop.received = "preemption notice"

@@ -1,12 +1,12 @@
 """Evaluation of trained workdirs: `--mode=eval` and `--mode=sample` of flowjax.main."""
 
+import io
 import logging
-import os
 
 import jax
 import numpy as np
 
-from flowjax import checkpoint, config as config_lib, metrics, train
+from flowjax import checkpoint, config as config_lib, metrics, storage, train
 
 
 def load(config, workdir: str):
@@ -28,11 +28,10 @@ def load(config, workdir: str):
 
 
 def check_same_config(config, workdir: str) -> None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     return
-  with open(path) as f:
-    trained = config_lib.from_json(f.read())
+  trained = config_lib.from_json(storage.read_text(path))
   diff = config_lib.differences(config_lib.identity(trained), config_lib.identity(config))
   if diff:
     raise train.WorkdirError(
@@ -76,6 +75,8 @@ def run_sample(config, workdir: str) -> np.ndarray:
   writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
   samples = train.write_samples(setup, state, int(state.step), workdir, writer, name="final.png")
   if jax.process_index() == 0:
-    np.savez(os.path.join(workdir, "samples", "final.npz"), samples=samples)
+    buffer = io.BytesIO()
+    np.savez(buffer, samples=samples)
+    storage.write_bytes(storage.join(workdir, "samples", "final.npz"), buffer.getvalue())
   writer.close()
   return samples

@@ -1,0 +1,159 @@
+"""A workdir on object storage: train, kill, resume and sample with --workdir=gs://bucket/run.
+
+A Google Cloud Storage emulator (the gcp-storage-emulator package, in memory) serves the GCS API
+on localhost; the runs are the real command line in subprocesses whose storage clients point at
+it (tensorstore for orbax's arrays, gcsfs for everything else). Nothing leaves the machine.
+"""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "bucket"
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulator():
+  """(server, environment of the clients) for an in-memory emulator with one bucket."""
+  from http import HTTPStatus
+
+  from gcp_storage_emulator import server as emulator_server
+  from gcp_storage_emulator.exceptions import NotFound
+  from gcp_storage_emulator.handlers import objects
+
+  def move_to(request, response, store):
+    """objects.moveTo (what gcsfs renames with), which the emulator lacks: copy, then delete."""
+    bucket, params = request.params["bucket_name"], request.params
+    try:
+      response.json(objects._copy(request.base_url, store, bucket, params["object_id"], bucket,
+                                  params["dest_object_id"]))
+      store.delete_file(bucket, params["object_id"])
+    except NotFound:
+      response.status = HTTPStatus.NOT_FOUND
+
+  original_download = objects.download
+
+  def download(request, response, store, *args, **kwargs):
+    """Downloads with the object's generation in x-goog-generation, as GCS sends it (tensorstore
+    reads it to cache and to make conditional writes; the emulator leaves it out)."""
+    original_download(request, response, store, *args, **kwargs)
+    if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+      obj = store.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
+  objects.download = download  # objects.get calls it for ?alt=media
+  route = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
+           r"/moveTo/o/(?P<dest_object_id>.*[^/]+)$")
+  handlers = tuple((pattern, {method: download if handler is original_download else handler
+                              for method, handler in methods.items()})
+                   for pattern, methods in emulator_server.HANDLERS)
+  emulator_server.HANDLERS = ((route, {"POST": move_to}),) + handlers
+  # One thread per request (the emulator serves one at a time, and tensorstore's parallel
+  # uploads then stall behind a slow client); dict-backed in-memory storage.
+  emulator_server.server.HTTPServer = emulator_server.server.ThreadingHTTPServer
+  emulator_server.server.ThreadingHTTPServer.daemon_threads = True
+  emulator_server.server.HTTPServer.handle_error = lambda *args: None  # cancelled requests
+  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # expected 404s
+  port = _free_port()
+  server = emulator_server.create_server("127.0.0.1", port, in_memory=True,
+                                         default_bucket=BUCKET)
+  server.start()
+  url = f"http://127.0.0.1:{port}"
+  environment = dict(
+      os.environ,
+      TENSORSTORE_GCS_HTTP_URL=url,            # orbax's arrays (tensorstore's gcs driver)
+      GOOGLE_AUTH_TOKEN_FOR_TESTING="test",    # tensorstore: no credential search
+      STORAGE_EMULATOR_HOST=url,               # gcsfs and google-cloud-storage
+      FSSPEC_GCS_TOKEN="anon",                 # gcsfs: no credential search
+      NO_GCE_CHECK="true",                     # never probe the GCE metadata server
+      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",  # no gRPC bucket-type probe
+      EPATH_USE_TF="false",                    # etils.epath through fsspec/gcsfs
+      JAX_PLATFORMS="cpu")
+  yield server, environment
+  server.stop()
+
+
+LIST_SCRIPT = """
+import json, sys
+import gcsfs
+fs = gcsfs.GCSFileSystem()
+root = sys.argv[1][len('gs://'):].rstrip('/')
+found = fs.find(root)
+files = sorted(name[len(root) + 1:] for name in found)
+metrics = fs.cat(root + '/metrics.jsonl').decode() if root + '/metrics.jsonl' in found else ''
+print(json.dumps({'files': files, 'metrics': metrics}))
+"""
+
+
+def bucket_listing(environment, root):
+  done = subprocess.run([sys.executable, "-c", LIST_SCRIPT, root], env=environment,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def command(workdir, *overrides, mode="train"):
+  return [sys.executable, "-m", "flowjax.main", "--config=experiments/quickstart.py:tiny",
+          f"--workdir={workdir}", "--num_cpu_devices=1", f"--mode={mode}",
+          "--config.sample.every_steps=0", "--config.ckpt.every_steps=2",
+          "--config.ckpt.async_save=False", "--config.train.log_every=1", *overrides]
+
+
+def test_train_kill_resume_and_sample_in_a_bucket(emulator, tmp_path):
+  _, environment = emulator
+  workdir = f"gs://{BUCKET}/run"
+  # Train a long run and kill it (SIGKILL: no clean-up) once its step-4 checkpoint is committed.
+  log = open(tmp_path / "killed_run.log", "w")
+  run = subprocess.Popen(command(workdir, "--config.train.steps=100000"), cwd=ROOT,
+                         env=environment, stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.time() + 240
+  try:
+    while True:
+      files = bucket_listing(environment, workdir)["files"]
+      if "checkpoints/4/commit_success.txt" in files:
+        break
+      assert run.poll() is None, (tmp_path / "killed_run.log").read_text()[-3000:]
+      assert time.time() < deadline, ("no checkpoint at step 4 in the bucket after 240 s:\n"
+                                       + (tmp_path / "killed_run.log").read_text()[-3000:])
+      time.sleep(0.5)
+  finally:
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=60)
+    log.close()
+  listing = bucket_listing(environment, workdir)
+  assert "config.json" in listing["files"]
+  assert not any(name.startswith("gs:") for name in os.listdir(ROOT))  # no local ./gs:/ folder
+  # Resume to step 8 (train.steps may change on resume) from the newest checkpoint there.
+  done = subprocess.run(command(workdir, "--config.train.steps=8"), cwd=ROOT, env=environment,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "Resumed from gs://bucket/run/checkpoints at step" in done.stderr, done.stderr[-4000:]
+  resumed_at = int(done.stderr.split("Resumed from gs://bucket/run/checkpoints at step ")[1]
+                   .split(".")[0])
+  assert resumed_at >= 4
+  done = subprocess.run(command(workdir, "--config.train.steps=8", mode="sample"), cwd=ROOT,
+                        env=environment, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  listing = bucket_listing(environment, workdir)
+  files = set(listing["files"])
+  assert {"config.json", "samples/final.png", "samples/final.npz"} <= files
+  assert any(name.startswith("checkpoints/8/") for name in files)
+  assert any(name.startswith("tensorboard/events.out.tfevents") for name in files)
+  steps = [json.loads(line)["step"] for line in listing["metrics"].splitlines()]
+  # One record per step, in order: the records reach the bucket with each checkpoint (its own
+  # step included), and those the killed run logged after its last checkpoint were dropped.
+  assert steps == list(range(1, 9)), steps
