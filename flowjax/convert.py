@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from flax import traverse_util
 
 CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "net", "ema", "module")
@@ -144,13 +143,6 @@ def assemble(sources: Mapping[str, np.ndarray],
   return traverse_util.unflatten_dict({path: jnp.asarray(v) for path, v in out.items()})
 
 
-def parameter_shapes(model: nn.Module, *example, **keywords) -> dict[tuple, tuple]:
-  """{path: shape} of every parameter of `model` initialised on `example` (no allocation)."""
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example, **keywords))
-  params = nn.meta.unbox(variables["params"])
-  return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(params).items()}
-
-
 def _flow_targets(model) -> dict:
   """flowjax tarflow paths -> (official key, transform) for STARFlow / TarFlow state dicts."""
   targets = {}
@@ -207,7 +199,7 @@ def from_starflow(state_dict: Mapping[str, np.ndarray], model, expected) -> dict
   (Gu et al., arXiv:2506.06276). `model` must be built with the official options: positions=
   'rope', label_input='token', final_norm='rmsnorm', norm_eps=1e-5, gelu='exact', start_token,
   scale='softplus', soft_clip=4 and `order` = its seq_order (`tarflow.STARFLOW_OPTIONS`);
-  expected: {path: shape} of the model's parameters (`parameter_shapes`).
+  expected: {path: shape} of the model's parameters (as `convert` takes them from the config).
 
   Layouts: torch Linear (out, in) -> Dense (in, out); the fused qkv is [q | k | v], each
   head-major; sos_embed (1, 1, C) -> start_token (C,); proj_txt (the class "caption" one-hot
