@@ -16,9 +16,14 @@ weight decay, no gradient clipping, lr 6e-4 with a linear warm-up over 200 epoch
 of 1,024 images) then constant, 16,000 epochs (768,000 steps), EMA decays 0.9999 (sampled),
 0.99995 and 0.9996. py-meanflow also trains with EDM's augmentation pipeline and feeds its
 labels to the network; flowjax has no such pipeline, so this preset uses horizontal flips only
-and no augmentation input.
-Presets: :tiny (a one-level U-Net of width 16 on synthetic 8x8x3 data, a few CPU steps);
-:bench_full, :bench_tiny, :batch64 (synthetic 32x32x3 data for python -m flowjax.bench).
+and no augmentation input. Float32, as py-meanflow trains (TF32 matmuls where the GPU has them).
+A long EMA (0.99995) moves by less than float32 resolves in one step when the parameters move
+slowly; --config.optim.ema_every=K folds K steps into one update. Every value and its source:
+BUILD.md, "Paper presets".
+Presets: :v1 (py-meanflow's improved cifar10_v1.sh time law: t ~ logit-normal(-0.6, 1.6) and
+r = min(t, r') with r' ~ logit-normal(-4.0, 1.6)); :tiny (a one-level U-Net of width 16 on
+synthetic 8x8x3 data, a few CPU steps); :bench_full, :bench_tiny, :batch64 (synthetic 32x32x3
+data for python -m flowjax.bench).
 """
 
 from flowjax import config as config_lib
@@ -35,7 +40,7 @@ def get_config(arg=None):
                           guidance_t_min=0.0, guidance_t_max=1.0, label_dropout=0.0))
   c.model = models.default_config("unet")
   c.model.update(unet.UNET_PRESETS["meanflow_cifar10"])
-  c.model.update(dict(time_scale=1.0, dtype="bfloat16", attention_impl="xla"))
+  c.model.update(dict(time_scale=1.0, dtype="float32", attention_impl="xla"))
   c.data.update(dict(name="tfds:cifar10", image_size=32, channels=3, conditional=False,
                      random_flip=True))
   c.optim.update(dict(name="adam", lr=6e-4, b1=0.9, b2=0.999, weight_decay=0.0,
@@ -54,6 +59,8 @@ _BENCH = {**_SYNTHETIC_CIFAR, "model.dtype": "float32", "train.batch_size": 16,
           "train.log_every": 1, "optim.warmup_steps": 0, "sample.num": 16}
 
 PRESETS = {
+    "v1": {"objective.pair_sampler": "separate", "objective.time_mean": -0.6,
+           "objective.time_std": 1.6, "objective.r_mean": -4.0, "objective.r_std": 1.6},
     "tiny": {"model.model_channels": 16, "model.channel_mult": (1,), "model.num_blocks": 1,
              "model.attn_resolutions": (8,), "model.dtype": "float32",
              "data.name": "synthetic", "data.image_size": 8, "data.random_flip": False,

@@ -7,10 +7,10 @@ python -m flowjax.main --config=experiments/meanflow_imagenet.py:B4 --workdir=DI
 Settings of the paper's ImageNet runs (Geng et al., arXiv:2505.13447): (t, r) from two
 logit-normal(-0.4, 1.0) draws, 75% of examples with r = t, adaptive weight p = 1, eps = 0.01 on
 the per-example sum of squares (error_reduction='sum'), batch 256, lr 1e-4 constant, EMA 0.9999,
-no CFG at inference. Training-time guidance is left off here (guidance_w=1, guidance_kappa=0),
-although the official configuration trains with omega = 1.0, kappa = 0.5: the per-model values
-are not yet checked against the paper's tables; set --config.objective.guidance_w /
-guidance_kappa / guidance_t_min / guidance_t_max to reproduce a guided run.
+no CFG at inference. Training-time guidance as the official configuration's default, omega =
+1.0, kappa = 0.5 (effective scale omega / (1 - kappa) = 2) at every t; the paper tunes omega,
+kappa and the guided t-interval per model: set --config.objective.guidance_w / guidance_kappa /
+guidance_t_min / guidance_t_max for those. Every value and its source: BUILD.md, "Paper presets".
 The network is the official JAX DiT (Gsunshine/meanflow `models_dit.DiT`: separate t and h
 embedders of the raw times, time_scale 1), so its checkpoints convert into this preset
 (`python -m flowjax.convert --format=meanflow_jax_dit`).
@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.objective = objectives.default_config("meanflow")
   c.objective.update(dict(time_sampler="logit_normal", time_mean=-0.4, time_std=1.0,
                           fraction_r_equals_t=0.75, error_reduction="sum", adaptive_p=1.0,
-                          adaptive_eps=0.01, guidance_w=1.0, guidance_kappa=0.0,
+                          adaptive_eps=0.01, guidance_w=1.0, guidance_kappa=0.5,
                           guidance_t_min=0.0, guidance_t_max=1.0, label_dropout=0.1))
   c.model = models.default_config("dit")
   c.model.update(dict(patch_size=4, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,

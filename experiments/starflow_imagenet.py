@@ -15,9 +15,11 @@ LayerNorm eps 1e-5, exact GELU), so that apple/ml-starflow checkpoints convert i
 (`python -m flowjax.convert --format=starflow`). Noise augmentation sigma_n = 0.3 (Sec. 3.3) with
 the score-based denoising step of the released sample.py; latent-norm regulariser 1e-4; AdamW
 (0.9, 0.95), lr 1e-4 cosine to 1e-6, weight decay 1e-4, batch 512 (App. B.2). Not stated in the
-paper and taken from the released text-to-image config (configs/starflow_3B_t2i_256x256.yaml):
-seq_order L2R, label dropout 0.1. Sampling guidance: the paper's samples use omega = 3.0
-(Fig. 7), i.e. sample.guidance = 1 + 3.0 here; the warm-up length is not stated (5000 steps).
+paper and taken from the released code: seq_order L2R, label dropout 0.1
+(configs/starflow_3B_t2i_256x256.yaml), latents scaled by the SD-VAE factor 0.18215, no gradient
+clipping, weight decay on every parameter, a warm-up of one epoch (2,502 steps at batch 512) and
+no EMA (train.py). Sampling guidance: the paper's samples use omega = 3.0 (Fig. 7), i.e.
+sample.guidance = 1 + 3.0 here. Every value and its source: BUILD.md, "Paper presets".
 Presets: :XL, :tiny (the architecture at the size of the reference fixture: 8x8x3 synthetic
 data, width 64, 3 blocks of 1, 1 and 2 layers, 2 heads, patch 2, 10 classes; a few CPU steps).
 """
@@ -39,13 +41,14 @@ def get_config(arg=None):
                       deep_layers=18, num_heads=32, order="l2r", dtype="bfloat16",
                       **tarflow.STARFLOW_OPTIONS))
   c.data.update(dict(name="latents:", image_size=32, channels=4, num_classes=1000,
-                     conditional=True))
-  c.optim.update(dict(lr=1e-4, b1=0.9, b2=0.95, weight_decay=1e-4, schedule="cosine",
-                      warmup_steps=5000, final_lr=1e-6, grad_clip=1.0, ema_decays=(0.9999,)))
+                     conditional=True, random_flip=False, latent_scaling="factor"))
+  c.optim.update(dict(lr=1e-4, b1=0.9, b2=0.95, weight_decay=1e-4, decay_norms_and_biases=True,
+                      schedule="cosine", warmup_steps=2502, final_lr=1e-6, grad_clip=0.0,
+                      ema_decays=(0.9999,)))
   c.train.update(dict(steps=1_000_000, batch_size=512, log_every=100, nonfinite="skip"))
   c.ckpt.update(dict(every_steps=5000, max_to_keep=3))
   c.sample.update(dict(every_steps=20_000, num=64, num_steps=1, method="jacobi",
-                       guidance=4.0))
+                       guidance=4.0, use_ema=False))
   config_lib.apply_preset(c, arg, PRESETS)
   return c.lock()
 

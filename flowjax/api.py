@@ -73,13 +73,20 @@ class Trained:
     return int(self.state.step)
 
   def sampler(self, num: int, num_steps: int | None = None, method: str | None = None,
-              guidance: float | None = None):
+              guidance: float | None = None, times=None):
     """A jitted (params, rng, cond) -> [num, ...] sampler; unset arguments come from
-    config.sample. Compiled once per distinct argument set."""
+    config.sample (its times only while num_steps is unset too: a step count given here
+    samples on the objective's own grid). Compiled once per distinct argument set."""
     sample_config = self.config.sample
     args = dict(num_steps=sample_config.num_steps if num_steps is None else int(num_steps),
                 method=sample_config.method if method is None else method,
                 guidance=sample_config.guidance if guidance is None else float(guidance))
+    if times is None and num_steps is None:
+      times = sample_config.get("times", ())
+    if times:
+      args["times"] = tuple(float(t) for t in times)
+      if num_steps is None:
+        args["num_steps"] = len(args["times"]) - 1
     key = (int(num),) + tuple(sorted(args.items()))
     if key not in self._samplers:
       self._samplers[key] = train_lib.sample_fn(self.setup, int(num), **args)
@@ -87,11 +94,13 @@ class Trained:
 
   def sample(self, num: int = 16, *, num_steps: int | None = None, method: str | None = None,
              guidance: float | None = None, seed: int = 0, labels=None,
-             use_ema: bool | None = None) -> np.ndarray:
+             use_ema: bool | None = None, times=None) -> np.ndarray:
     """num samples as numpy [num, ...] (images in [-1, 1], or points for toy2d).
 
     labels: [num] class labels for a conditional model (default: 0, 1, ..., cycling);
-    use_ema: sample with the first EMA parameters (default config.sample.use_ema).
+    use_ema: sample with the configured EMA (default config.sample.use_ema);
+    times: explicit sampling times from noise to data (see config.sample.times), for the
+    objectives that take them.
     """
     info = self.setup.info
     if labels is None:
@@ -104,7 +113,8 @@ class Trained:
     use_ema = self.config.sample.use_ema if use_ema is None else use_ema
     params = train_lib.sampling_params(self.state, self.config, use_ema)
     with train_lib.context(self.setup):
-      out = self.sampler(num, num_steps, method, guidance)(params, jax.random.key(seed), labels)
+      sample = self.sampler(num, num_steps, method, guidance, times)
+      out = sample(params, jax.random.key(seed), labels)
     return np.asarray(jax.device_get(out))
 
   def evaluate(self) -> dict:
@@ -120,9 +130,9 @@ class Trained:
 def load(workdir: str, config: ml_collections.ConfigDict | None = None) -> Trained:
   """The newest good checkpoint of `workdir` on this process's devices; the config defaults to
   the workdir's own config.json."""
-  from flowjax import evals
+  from flowjax import modes
   config = config if config is not None else read_config(workdir)
-  setup, state = evals.load(config, workdir)
+  setup, state = modes.load(config, workdir)
   return Trained(workdir, config, setup, state)
 
 

@@ -69,9 +69,9 @@ def earlier_results(workdir: str, steps: int, rerun) -> list[Result]:
 
 def evaluate_method(config, workdir: str, method: str, step_counts, sample_method: str,
                     num_samples: int, suite: str) -> list[Result]:
-  from flowjax import evals, train
+  from flowjax import modes, train
   from flowjax.evals import digits as digits_metric, toy2d as toy_metric
-  setup, state = evals.load(config, workdir)
+  setup, state = modes.load(config, workdir)
   params = train.sampling_params(state, config)
   labels = train.sample_labels(setup.info, num_samples)
   guided = labels is not None and config.sample.guidance != 1.0

@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       decay_norms_and_biases=False, schedule="constant", warmup_steps=0, final_lr=0.0,
-      grad_clip=1.0, ema_decays=(0.999,), ema_start_step=0))
+      grad_clip=1.0, ema_decays=(0.999,), ema_start_step=0, ema_every=1))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=64, grad_accum_steps=1, log_every=50, dry_run=False,
@@ -100,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict(dict(
       every_steps=0, num=64, num_steps=50, method="euler", guidance=1.0, use_ema=True,
-      ema_decay=-1.0))
+      ema_decay=-1.0, times=()))
   return c
 
 
@@ -208,6 +208,22 @@ def _one_of(config, key: str, allowed) -> None:
                                                                [str(a) for a in allowed]))
 
 
+def _check_sample_times(config) -> None:
+  """sample.times: () or num_steps + 1 strictly decreasing times in [0, 1]."""
+  times = tuple(config.sample.get("times", ()))
+  if not times:
+    return
+  _check(all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
+         and all(0.0 <= t <= 1.0 for t in times)
+         and all(a > b for a, b in zip(times, times[1:])),
+         f"config.sample.times={times}: give strictly decreasing times in [0, 1] from noise "
+         "(t = 1) to data (t = 0), e.g. '(0.994,0.5833,0.006)', or () for the objective's grid.")
+  _check(len(times) == config.sample.num_steps + 1,
+         f"config.sample.times has {len(times)} times, which make {len(times) - 1} steps, but "
+         f"sample.num_steps={config.sample.num_steps}; set --config.sample.num_steps="
+         f"{len(times) - 1}.")
+
+
 def validate(config, num_devices: int) -> None:
   """Checks values and their combinations; raises ConfigError naming the key and the fix."""
   from flowjax import registry
@@ -237,12 +253,17 @@ def validate(config, num_devices: int) -> None:
          "number of skipped non-finite updates after which train.nonfinite=skip stops).")
   _one_of(config, "train.progress", ("auto", "bar", "lines"))
   _one_of(config, "train.matmul_precision", MATMUL_PRECISIONS)
-  _one_of(config, "optim.name", ("adamw", "adam", "sgd"))
+  _one_of(config, "optim.name", ("adamw", "adam", "radam", "sgd"))
   _one_of(config, "optim.schedule", ("constant", "cosine", "linear"))
   if "latent_scaling" in config.data:
     _one_of(config, "data.latent_scaling", ("channel", "factor", "none"))
   for decay in config.optim.ema_decays:
     _check(0.0 <= decay < 1.0, f"config.optim.ema_decays: {decay} is outside [0, 1).")
+  ema_every = config.optim.get("ema_every", 1)
+  _check(isinstance(ema_every, int) and not isinstance(ema_every, bool) and ema_every >= 1,
+         f"config.optim.ema_every={ema_every!r} must be a positive integer (the EMA is updated "
+         "after every ema_every-th step, with decay d^ema_every).")
+  _check_sample_times(config)
   sample_decay = config.sample.get("ema_decay", -1.0)
   _check(sample_decay == -1.0 or sample_decay in tuple(config.optim.ema_decays),
          f"config.sample.ema_decay={sample_decay} is not one of optim.ema_decays "

@@ -69,16 +69,16 @@ def main(argv):
   logging.info("flowjax: process %d of %d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
-  from flowjax import checkpoint, config as config_lib, evals, train
+  from flowjax import checkpoint, config as config_lib, modes, train
   user_errors = (config_lib.ConfigError, train.WorkdirError, train.NonFiniteError,
                  checkpoint.CheckpointError, FileNotFoundError)
   try:
     if _MODE.value == "train":
       train.run(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     elif _MODE.value == "eval":
-      evals.run_eval(config, _WORKDIR.value)
+      modes.run_eval(config, _WORKDIR.value)
     else:
-      evals.run_sample(config, _WORKDIR.value)
+      modes.run_sample(config, _WORKDIR.value)
   except user_errors as error:
     logging.error("%s: %s", type(error).__name__, error)
     exit_now(1)

@@ -40,6 +40,12 @@ def build(optim_config, total_steps: int) -> tuple[optax.GradientTransformation,
                              mask=mask))
   elif c.name == "adam":
     parts.append(optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps))
+  elif c.name == "radam":
+    # Rectified Adam (Liu et al., arXiv:1908.03265), as CTM and iCT train with; weight decay is
+    # added to the gradient (L2), as torch.optim.RAdam does.
+    if c.weight_decay:
+      parts.append(optax.add_decayed_weights(c.weight_decay))
+    parts.append(optax.radam(lr, b1=c.b1, b2=c.b2, eps=c.eps))
   else:
     parts.append(optax.sgd(lr, momentum=c.b1 or None))
   return optax.chain(*parts), lr
@@ -53,11 +59,19 @@ def init_ema(params, decays) -> dict:
   return {ema_key(d): jax.tree.map(jnp.copy, params) for d in decays}
 
 
-def update_ema(ema: dict, params, step, decays, start_step: int) -> dict:
-  """ema <- d ema + (1 - d) params for each decay; a copy of params before `start_step`."""
+def update_ema(ema: dict, params, step, decays, start_step: int, every: int = 1) -> dict:
+  """ema <- d^k ema + (1 - d^k) params for each decay d after every k-th step (k = `every`,
+  counting `step` + 1 updates), ema unchanged after the others; a copy of params before
+  `start_step`.
+
+  In float32 a single update with d close to 1 is lost to rounding whenever (1 - d) |params -
+  ema| is below half an ulp of ema (d = 0.99995 tracking 1.001 from 1.0 never moves); k steps
+  folded into one apply the same average with a k times larger increment.
+  """
   out = {}
+  apply = (step + 1) % every == 0
   for d in decays:
-    decay = jnp.where(step < start_step, 0.0, d)
+    decay = jnp.where(step < start_step, 0.0, jnp.where(apply, d ** every, 1.0))
     out[ema_key(d)] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                    ema[ema_key(d)], params)
   return out

@@ -1,5 +1,6 @@
 """Meshes, logical-axis rules and shardings: the only module that knows about physical devices."""
 
+import contextlib
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -208,3 +209,13 @@ def describe(shardings, abstract, max_rows: int = 60) -> str:
   lines.append(f"total {total / 2**20:.1f} MiB per device over {len(rows)} arrays")
   return "\n".join(lines)
 
+
+def context(mesh, rules, precision: str = "default") -> contextlib.ExitStack:
+  """The mesh, logical-axis rules and matmul precision ("default" leaves the backend's) under
+  which models trace and run."""
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nn.logical_axis_rules(rules))
+  if precision != "default":
+    stack.enter_context(jax.default_matmul_precision(precision))
+  return stack

@@ -6,6 +6,7 @@ name from the config.
 """
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from flowjax import checkpoint, config as config_lib, data, metrics, models, objectives, optim
-from flowjax import sharding, step as step_lib, storage
+from flowjax import evals, sharding, step as step_lib, storage
 from flowjax.state import TrainState
 
 
@@ -82,16 +83,8 @@ def context(setup_or_mesh, rules=None, precision: str = "default"):
   which models trace; given a Setup, all three come from it."""
   if rules is None:
     setup = setup_or_mesh
-    mesh, rules = setup.mesh, setup.rules
-    precision = matmul_precision(setup.config)
-  else:
-    mesh = setup_or_mesh
-  stack = contextlib.ExitStack()
-  stack.enter_context(jax.set_mesh(mesh))
-  stack.enter_context(nn.logical_axis_rules(rules))
-  if precision != "default":
-    stack.enter_context(jax.default_matmul_precision(precision))
-  return stack
+    return sharding.context(setup.mesh, setup.rules, matmul_precision(setup.config))
+  return sharding.context(setup_or_mesh, rules, precision)
 
 
 def build(config, devices=None) -> Setup:
@@ -107,6 +100,9 @@ def build(config, devices=None) -> Setup:
   # range) is a config error: one message, no traceback.
   try:
     info = data.data_info(config.data, split="train")
+    if config.eval.every_steps:
+      # The evaluation split must exist before anything trains (a folder without test/).
+      data.data_info(config.data, split=config.eval.split)
     model = models.build(config.model, info)
     objective = objectives.build(config.objective, model, info)
   except (ValueError, KeyError) as error:
@@ -181,13 +177,29 @@ def sampler(setup: Setup, num: int | None = None):
   num = num or sample_config.num
   args = dict(num_steps=sample_config.num_steps, method=sample_config.method,
               guidance=sample_config.guidance)
+  times = tuple(sample_config.get("times", ()))
+  if times:
+    args["times"] = times
   return sample_fn(setup, num, **args)
+
+
+def timed_objectives() -> list[str]:
+  """The objectives whose samplers take explicit times (config.sample.times)."""
+  registry = objectives.OBJECTIVES
+  return [name for name in registry.names()
+          if "times" in inspect.signature(registry.get(name).sample).parameters]
 
 
 def sample_fn(setup: Setup, num: int, **sampler_args):
   """jitted (params, rng, cond) -> [num, ...] samples of the objective, the parameters gathered
   to their compute shardings as in the train step."""
   shardings = setup.state_shardings.params
+  if "times" in sampler_args and (
+      "times" not in inspect.signature(setup.objective.sample).parameters):
+    raise config_lib.ConfigError(
+        f"config.sample.times={sampler_args['times']}: the {setup.config.objective.name!r} "
+        "objective samples on its own time grid; explicit times are taken by "
+        f"{', '.join(timed_objectives())}. Use --config.sample.times='()'.")
 
   def sample(params, rng, cond):
     params = step_lib.gather_for_compute(params, shardings)
@@ -261,6 +273,24 @@ def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
         f"{workdir} in a new workdir, or pass --allow_config_change to resume anyway.")
 
 
+def evaluable(setup: Setup, state: TrainState) -> evals.Evaluable:
+  """The trained model as the evaluators see it: the sampled parameters and a sampler of
+  train.batch_size samples under this run's mesh."""
+  config = setup.config
+  num = config.train.batch_size
+  params = sampling_params(state, config)
+  sample_batch = sampler(setup, num)
+  labels = sample_labels(setup.info, num)
+
+  def sample(rng):
+    with context(setup):
+      return sample_batch(params, rng, labels)
+
+  return evals.Evaluable(config=config, objective=setup.objective, mesh=setup.mesh,
+                         rules=setup.rules, precision=matmul_precision(config), info=setup.info,
+                         params=params, sample=sample, rng=setup.eval_rng)
+
+
 def evaluate(setup: Setup, state: TrainState, step: int, workdir: str, writer) -> dict:
   """The objective's loss on `eval.num_batches` batches of `eval.split`, bits/dim of
   exact-likelihood models, FID and Inception Score when their assets are configured; writes
@@ -277,8 +307,7 @@ def evaluate(setup: Setup, state: TrainState, step: int, workdir: str, writer) -
   batches.close()
   result = {f"eval_{k}": float(v) / config.eval.num_batches for k, v in totals.items()}
   # Sample-quality and likelihood evaluators; each skips itself when its assets are missing.
-  from flowjax import evals
-  result.update(evals.quality_metrics(setup, state))
+  result.update(evals.quality_metrics(evaluable(setup, state)))
   if jax.process_index() == 0:
     storage.write_text(storage.join(workdir, "eval", f"step_{step}.json"),
                        json.dumps({"step": step, **result}, indent=2))
@@ -411,6 +440,10 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
             "are dropped.", workdir, logged)
       metrics.truncate_metrics(workdir, start)
       storage.write_text(storage.join(workdir, "config.json"), config_lib.to_json(config))
+      names = data.class_names(config.data)
+      if names:  # label i is class names[i] (e.g. the class folders of folder:DIR)
+        storage.write_text(storage.join(workdir, "classes.json"),
+                           json.dumps(list(names), indent=1))
     batches = data.build(config.data, split="train", global_batch_size=config.train.batch_size,
                          seed=config.seed, sharding=sharding.batch_sharding(setup.mesh))
     if data_state is not None and start > 0:  # at step 0 (a converted checkpoint) nothing is read

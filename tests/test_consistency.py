@@ -175,3 +175,31 @@ def test_tiny_toy2d_run(tmp_path):
   state = train.run(config, str(tmp_path))
   assert int(state.step) == config.train.steps and int(state.skipped) == 0
   assert (tmp_path / "samples" / f"step_{config.train.steps}.png").is_file()
+
+
+def test_explicit_times_reproduce_the_karras_grid_and_pick_other_points():
+  """sample.times from karras_times over every point of the (N + 1)-point grid is the default
+  N-step sampler; other indices (openai/consistency_models' ts) evaluate at those sigmas."""
+  objective = make_objective()
+  params = objective.init(jax.random.key(4), {"image": jnp.zeros((1,) + SHAPE)})[0]
+  rng = jax.random.key(5)
+  times = objective.karras_times(range(4), 4)
+  assert times[0] == 1.0 and times[-1] == 0.0
+  np.testing.assert_allclose(objective.sigma_of_time(jnp.asarray(times[:-1])),
+                             objective.sampling_sigmas(3), rtol=1e-5)
+  default = objective.sample(params, rng, 8, num_steps=3)
+  timed = objective.sample(params, rng, 8, num_steps=3, times=times)
+  np.testing.assert_allclose(timed, default, rtol=1e-4, atol=1e-5)
+  # iCT's two-step CIFAR-10 sampler: points 0 and 22 of 40, then sigma_min.
+  two = objective.karras_times((0, 22, 39), 40)
+  sigma_22 = (80 ** (1 / 7) + 22 / 39 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+  np.testing.assert_allclose(objective.sigma_of_time(two[1]), sigma_22, rtol=1e-5)
+  timed = objective.sample(params, rng, 8, num_steps=2, times=two)
+  first_key, rest_key = jax.random.split(rng)
+  f = lambda x, sigma: objective.consistency_fn(params, x, jnp.full((8,), sigma), None)
+  x = f(80.0 * jax.random.normal(first_key, (8,) + SHAPE), 80.0)
+  noise = jax.random.normal(jax.random.split(rest_key, 1)[0], (8,) + SHAPE)
+  x = f(x + math.sqrt(sigma_22 ** 2 - 0.002 ** 2) * noise, sigma_22)
+  np.testing.assert_allclose(timed, x, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="ending at 0"):
+    objective.sample(params, rng, 8, num_steps=2, times=(1.0, 0.5, 0.1))

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from flowjax import checkpoint, objectives, train
@@ -232,16 +233,36 @@ def test_model_sg_target_uses_the_parameters_without_gradient():
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))
 
 
-def test_adaptive_weight_is_the_ratio_of_output_layer_gradient_norms():
+def test_adaptive_weight_is_the_ratio_of_output_weight_gradient_norms():
+  """The ratio of the two terms' gradient norms on the output layer's weight (its kernel, not
+  its bias, as CTM's code uses the last layer's weight)."""
   objective = make_ctm()
   params, _ = init_params(objective)
   x = random_points(10)
   terms = lambda p: (jnp.sum(objective.g_fn(p, x, jnp.ones(16), jnp.ones(16), None) ** 2),
                      jnp.sum(objective.g_fn(p, x, jnp.full(16, 3.0), jnp.ones(16), None)))
-  norm = lambda i: jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(
-      jax.grad(lambda out: terms({**params, "out": out})[i])(params["out"]))))
-  np.testing.assert_allclose(jax.jit(lambda p: objective.adaptive_balance(terms, p))(params),
-                             jax.jit(lambda: norm(0) / (norm(1) + 1e-4))(), rtol=1e-5)
+  assert objective.output_layer(params) == ("out", "kernel")
+  with_bias = lambda i: jax.grad(lambda out: terms({**params, "out": out})[i])(params["out"])
+  norm = lambda i: jnp.linalg.norm(with_bias(i)["kernel"])
+  balance = jax.jit(lambda p: objective.adaptive_balance(terms, p))(params)
+  np.testing.assert_allclose(balance, jax.jit(lambda: norm(0) / (norm(1) + 1e-4))(), rtol=1e-5)
+  # The bias gradients would change it: the kernel-only ratio is not the whole layer's.
+  whole = lambda i: optax.global_norm(with_bias(i))
+  assert abs(float(jax.jit(lambda: whole(0) / (whole(1) + 1e-4))()) - float(balance)) > (
+      1e-3 * float(balance))
+
+
+def test_adaptive_layer_resolves_dit_final_and_explicit_paths():
+  objective = make_ctm()
+  params = {"final": {"adaLN_modulation": {"kernel": 1}, "linear": {"kernel": 2, "bias": 3}},
+            "dec_aux_conv": {"kernel": 4, "bias": 5}}
+  assert objective.output_layer(params) == ("final", "linear", "kernel")
+  assert make_ctm(adaptive_layer="dec_aux_conv").output_layer(params) == ("dec_aux_conv",
+                                                                           "kernel")
+  assert make_ctm(adaptive_layer="final/adaLN_modulation").output_layer(params) == (
+      "final", "adaLN_modulation", "kernel")
+  with pytest.raises(ValueError, match="adaptive_layer='missing'"):
+    make_ctm(adaptive_layer="missing").output_layer(params)
 
 
 def test_deterministic_gamma_sampling_of_the_exact_map_is_step_independent():

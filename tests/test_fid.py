@@ -291,7 +291,7 @@ def test_fid_evaluator_skips_with_a_warning_and_reports_when_configured(tiny, tm
                                      "eval.fid_num_samples": 20}))
   with train.context(setup):
     state = setup.init_fn()
-  values = fid.evaluate_run(setup, state, image_size=SIZE)
+  values = fid.evaluate_run(train.evaluable(setup, state), image_size=SIZE)
   assert set(values) == {"eval_fid", "eval_inception_score", "eval_inception_score_std"}
   assert values["eval_fid"] > 0 and 1.0 <= values["eval_inception_score"] <= fid.NUM_CLASSES
   for overrides, message in [({}, "set eval.inception_weights"),
@@ -301,8 +301,8 @@ def test_fid_evaluator_skips_with_a_warning_and_reports_when_configured(tiny, tm
                                "eval.fid_reference": weights}, "not 'mu' and 'sigma'")]:
     caplog.clear()
     with caplog.at_level(logging.INFO if not overrides else logging.WARNING):
-      assert fid.evaluate_run(setup._replace(config=tiny_config(**overrides)), state,
-                              image_size=SIZE) == {}
+      model = train.evaluable(setup, state)._replace(config=tiny_config(**overrides))
+      assert fid.evaluate_run(model, image_size=SIZE) == {}
     assert "FID skipped" in caplog.text and message in caplog.text
 
 
@@ -354,7 +354,7 @@ def test_eval_json_gains_the_extra_metrics(tmp_path, monkeypatch):
   setup = train.build(tiny_config())
   with train.context(setup):
     state = setup.init_fn()
-  monkeypatch.setattr(evals, "quality_metrics", lambda setup, state: {"eval_fid": 2.5})
+  monkeypatch.setattr(evals, "quality_metrics", lambda model: {"eval_fid": 2.5})
   workdir = str(tmp_path)
   writer = metrics.Writer(workdir, enabled=True)
   result = train.evaluate(setup, state, 7, workdir, writer)
@@ -371,10 +371,13 @@ def test_eval_reports_bits_per_dim_of_the_sampled_parameters_for_likelihood_mode
   from flowjax.data import data_info
   config = tiny_config(**{"eval.num_batches": 2})
   setup = types.SimpleNamespace(config=config, objective=GaussianDensity(),
-                                mesh=fid.default_mesh(), info=data_info(config.data, "test"))
+                                mesh=fid.default_mesh(), rules=(),
+                                info=data_info(config.data, "test"),
+                                state_shardings=types.SimpleNamespace(params=None),
+                                eval_rng=jax.random.key(0))
   state = types.SimpleNamespace(params={"mean": jnp.float32(0.0)},
                                 ema={"0.995": {"mean": jnp.float32(-0.5)}})
-  result = evals.quality_metrics(setup, state)
+  result = evals.quality_metrics(train.evaluable(setup, state))
   expected = nll.bits_per_dim(GaussianDensity(), {"mean": jnp.float32(-0.5)}, config, "test", 2)
   assert result == {"eval_bits_per_dim": pytest.approx(expected, rel=1e-6)}
 

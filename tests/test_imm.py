@@ -158,6 +158,28 @@ def test_mapping_approaches_t_as_k_grows():
   assert gaps[-1] < 0.3 * gaps[-2] and gaps[-1] < 0.02 * gaps[0], gaps
 
 
+def test_mapping_bounds_and_min_gap_are_settable():
+  """The replication's fixed eta bounds (0, 160) set the step (160 / 2^k) and clip eta_r at 160;
+  mapping_min_gap keeps r <= t - gap wherever s allows it."""
+  t = jnp.asarray([0.994, 0.9, 0.5, 0.1], jnp.float32)
+  s = jnp.full((4,), 0.006, jnp.float32)
+  paper = make_objective(t_min=0.006, t_max=0.994)
+  fixed = make_objective(t_min=0.006, t_max=0.994, mapping_eta_min=0.0, mapping_eta_max=160.0)
+  eta = np.asarray(t, np.float64) / (1 - np.asarray(t, np.float64))
+  for objective, (low, high) in ((paper, (0.006 / 0.994, 0.994 / 0.006)), (fixed, (0.0, 160.0))):
+    eta_r = np.clip(eta - (high - low) / 2 ** 12, low, high)
+    expected = np.maximum(eta_r / (1 + eta_r), 0.006)
+    np.testing.assert_allclose(objective.mapping(t, s), expected, rtol=2e-6)
+  # At t = 0.994 the fixed eta_max = 160 < eta(t) clips r to t(160): a step 100x the paper's.
+  assert float(t[0] - fixed.mapping(t, s)[0]) > 50 * float(t[0] - paper.mapping(t, s)[0])
+  guarded = make_objective(t_min=0.006, t_max=0.994, mapping_min_gap=1e-4)
+  r = guarded.mapping(t, s)
+  assert np.all(np.asarray(t - r) >= 1e-4 - 1e-7) and np.all(np.asarray(r) >= 0.006)
+  np.testing.assert_allclose(r[0], 0.994 - 1e-4, rtol=1e-6)
+  with pytest.raises(ValueError, match="mapping_min_gap"):
+    make_objective(mapping_min_gap=-1e-4)
+
+
 def test_lognormal_eta_sampler_follows_its_law():
   objective = make_objective(time_sampler="lognormal_eta", eta_mean=-1.1, eta_std=2.0)
   t, _ = objective.sample_times(jax.random.key(5), 20_000)
@@ -448,3 +470,43 @@ def test_t_min_zero_gives_a_finite_loss_and_a_zero_weight_at_zero(time_sampler):
   batch = {"image": jax.random.normal(jax.random.key(1), (16,) + SHAPE)}
   loss, _ = objective.loss(params, batch, jax.random.key(2), 0, None)
   assert np.isfinite(float(loss))
+
+
+def test_explicit_times_replace_the_grid():
+  """sample.times equal to the uniform grid is the uniform sampler; an intermediate time of
+  choice (IMM's CIFAR-10 eta = 1.4) is two flow-map calls through it; times outside [t_min,
+  t_max] are refused."""
+  objective = make_objective()
+  params = random_params(objective)
+  rng = jax.random.key(3)
+  grid = tuple(float(t) for t in pushforward.time_grid("uniform", 2, objective.schedule,
+                                                        objective.t_max, objective.t_min))
+  np.testing.assert_allclose(objective.sample(params, rng, 8, num_steps=2, times=grid),
+                             objective.sample(params, rng, 8, num_steps=2), rtol=1e-6)
+  mid = 1.4 / 2.4
+  timed = objective.sample(params, rng, 8, num_steps=2, times=(objective.t_max, mid,
+                                                                objective.t_min))
+  x = objective.initial_noise(jax.random.split(rng)[0], 8)
+  full = lambda v: jnp.full((8,), v)
+  x = objective.flow_map(params, x, full(objective.t_max), full(mid), None)
+  x = objective.flow_map(params, x, full(mid), full(objective.t_min), None)
+  np.testing.assert_allclose(timed, x, rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(timed) - np.asarray(objective.sample(params, rng, 8, num_steps=2))
+                ).max() > 1e-4
+  with pytest.raises(ValueError, match="inside it"):
+    objective.sample(params, rng, 8, num_steps=2, times=(0.999, 0.5, objective.t_min))
+  with pytest.raises(ValueError, match="num_steps"):
+    objective.sample(params, rng, 8, num_steps=1, times=grid)
+
+
+def test_sample_times_config_checks(tmp_path):
+  """A times/num_steps mismatch stops at validation; an objective whose sampler takes no times
+  stops before training with the objectives that do."""
+  load = lambda **kw: config_lib.load_experiment("experiments/fm_toy2d.py", "tiny", **kw)
+  with pytest.raises(config_lib.ConfigError, match="num_steps=2"):
+    config_lib.validate(load(**{"sample.times": (0.9, 0.5, 0.1)}), 1)
+  with pytest.raises(config_lib.ConfigError, match="decreasing"):
+    config_lib.validate(load(**{"sample.times": (0.5, 0.9), "sample.num_steps": 1}), 1)
+  config = load(**{"sample.times": (0.9, 0.1), "sample.num_steps": 1})
+  with pytest.raises(config_lib.ConfigError, match="imm"):
+    train.run(config, str(tmp_path / "fm"))

@@ -5,9 +5,11 @@ and a tiny end-to-end run."""
 
 import importlib.util
 import json
+import math
 import os
 
 import flax.linen as nn
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,6 +191,24 @@ def test_time_pairs():
   # With fraction 0, (t, r) are the max and min of two logit-normal(-0.4, 1) draws, whose
   # pooled median is sigmoid(-0.4).
   assert abs(np.median(np.concatenate([t, r])) - float(jax.nn.sigmoid(-0.4))) < 0.01
+
+
+def test_separate_time_pairs_follow_py_meanflow_v1():
+  """pair_sampler='separate' (py-meanflow's v1, its CIFAR-10 script's t ~ LN(-0.6, 1.6),
+  r ~ LN(-4.0, 1.6)): t has its own law, r = min(t, r_raw)."""
+  objective = make_objective(pair_sampler="separate", time_mean=-0.6, time_std=1.6,
+                             r_mean=-4.0, r_std=1.6, fraction_r_equals_t=0.0)
+  t, r = jax.jit(objective.sample_time_pairs, static_argnums=1)(jax.random.key(6), 40000)
+  t, r = np.asarray(t), np.asarray(r)
+  assert np.all(r <= t)
+  logit = lambda p: np.log(p / (1 - p))
+  # t alone is logit-normal(-0.6, 1.6): not the max of two draws (whose median is higher).
+  assert abs(np.median(logit(t)) + 0.6) < 0.03 and abs(np.std(logit(t)) - 1.6) < 0.03
+  # r = min(t, r_raw): P(r = t) = P(r_raw > t), the normal CDF at (-0.6 + 4.0) / (1.6 sqrt 2).
+  expected = 1 - 0.5 * (1 + math.erf((-0.6 + 4.0) / (1.6 * math.sqrt(2)) / math.sqrt(2)))
+  assert abs(np.mean(r == t) - expected) < 0.01
+  with pytest.raises(ValueError, match="pair_sampler"):
+    make_objective(pair_sampler="v1")
 
 
 def test_sampler_one_step_and_exact_gaussian_map():

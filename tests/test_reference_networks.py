@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowjax import convert, evals, train
+from flowjax import convert, modes, train
 from flowjax.models import autoencoder, tarflow
 from flowjax.samplers import autoregressive, mean_flow
 
@@ -301,7 +301,7 @@ def test_starflow_self_denoising_matches_the_official_step(starflow):
 
 def test_converted_workdir_restores_the_converted_parameters(starflow):
   _, params, _, _, workdir, config = starflow
-  _, state = evals.load(config, workdir)
+  _, state = modes.load(config, workdir)
   for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert int(state.step) == 0

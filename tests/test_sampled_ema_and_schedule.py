@@ -3,6 +3,7 @@ the applied one, and meanflow_cifar10 draws its times near the data as py-meanfl
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from flowjax import config as config_lib, metrics, objectives, optim, train
@@ -104,3 +105,61 @@ def test_meanflow_cifar10_draws_times_near_the_data():
 class _Info:
   num_classes = 0
   image_shape = (8, 8, 3)
+
+
+def _tracked_ema(decay, steps, every):
+  """An EMA of a parameter held at 1.001, from 1.0, after `steps` float32 updates."""
+  ema = {optim.ema_key(decay): {"w": np.float32(1.0)}}
+  params = {"w": np.float32(1.001)}
+  update = jax.jit(lambda e, s: optim.update_ema(e, params, s, (decay,), 0, every))
+  for step in range(steps):
+    ema = update(ema, step)
+  return float(ema[optim.ema_key(decay)]["w"])
+
+
+def test_ema_every_k_steps_keeps_small_float32_updates():
+  decay, steps = 0.99995, 3200
+  exact = 1.001 - 0.001 * decay ** steps
+  # Every step: (1 - d) x 0.001 = 5e-8 is below half an ulp of 1.0, so the EMA never moves.
+  assert _tracked_ema(decay, steps, every=1) == 1.0
+  # Every 16 steps with d^16: the same average, within 3% of the exact increment.
+  moved = _tracked_ema(decay, steps, every=16)
+  assert abs((moved - 1.0) - (exact - 1.0)) < 0.03 * (exact - 1.0)
+
+
+def test_ema_every_k_steps_equals_the_k_step_average():
+  decay, every = 0.9, 4
+  ema = {optim.ema_key(decay): {"w": np.float32(0.0)}}
+  params = {"w": np.float32(1.0)}
+  values = []
+  for step in range(8):
+    ema = optim.update_ema(ema, params, step, (decay,), 0, every)
+    values.append(float(ema[optim.ema_key(decay)]["w"]))
+  # Unchanged after steps 1-3, one d^4 update after step 4, again after step 8.
+  np.testing.assert_allclose(values, [0, 0, 0, 1 - decay ** 4] * 1 + [1 - decay ** 4] * 3
+                             + [1 - decay ** 8], rtol=1e-6)
+
+
+def test_ema_every_is_validated():
+  with pytest.raises(config_lib.ConfigError, match="optim.ema_every"):
+    config_lib.validate(toy(**{"optim.ema_every": 0}), 1)
+
+
+def test_radam_is_rectified_adam_with_l2_weight_decay():
+  """optim.name='radam' (CTM's and iCT's optimizer) applies optax.radam to the gradient plus
+  weight_decay x params, as torch.optim.RAdam does."""
+  config = toy(**{"optim.name": "radam", "optim.lr": 1e-2, "optim.weight_decay": 0.1,
+                  "optim.grad_clip": 0.0, "optim.schedule": "constant", "optim.warmup_steps": 0})
+  tx, _ = optim.build(config.optim, 10)
+  reference = optax.radam(1e-2, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps)
+  params = {"w": jax.numpy.asarray([1.0, -2.0])}
+  state, ref_state = tx.init(params), reference.init(params)
+  for step in range(8):
+    grads = {"w": jax.numpy.asarray([0.3, 0.1]) * (step + 1)}
+    updates, state = tx.update(grads, state, params)
+    expected, ref_state = reference.update(
+        jax.tree.map(lambda g, p: g + 0.1 * p, grads, params), ref_state, params)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+    params = optax.apply_updates(params, updates)
+  with pytest.raises(config_lib.ConfigError, match="radam"):
+    config_lib.validate(toy(**{"optim.name": "rmsprop"}), 1)

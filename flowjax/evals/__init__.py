@@ -1,82 +1,46 @@
-"""Evaluation of trained workdirs: `--mode=eval` and `--mode=sample` of flowjax.main."""
+"""Sample-quality and likelihood evaluation of a trained model.
 
-import io
-import logging
+Evaluators see a model through `Evaluable`, the few things they use (the config, the objective,
+the mesh, the data's shape, the sampled parameters and a sampler), never through the trainer:
+flowjax.train builds one (`train.evaluable`) and the evaluators stay importable on their own.
+"""
+
+from typing import Any, Callable, NamedTuple
 
 import jax
-import numpy as np
 
-from flowjax import checkpoint, config as config_lib, metrics, storage, train
+from flowjax.data import DataInfo
 
 
-def load(config, workdir: str):
-  """(setup, state) with the newest good checkpoint of `workdir` restored onto the mesh.
+class Evaluable(NamedTuple):
+  """A trained model as the evaluators see it.
 
-  A workdir trained with another config (beyond the keys that may change on resume) is refused
-  with the differing keys, before any checkpoint is read.
+  config: the experiment config (eval.*, data, seed, mesh, sharding and train.batch_size are
+    read); objective: the built objective (nll for exact-likelihood models); mesh, rules,
+    precision: what models trace under (flowjax.sharding.context); info: the data's shape and
+    classes; params: the sampled parameters (sample.use_ema, sample.ema_decay); sample:
+    (rng) -> [config.train.batch_size, ...] samples of the configured sampler, labels cycling
+    over the classes; rng: the evaluation key (the same at every step, so that values at
+    different steps are comparable).
   """
-  check_same_config(config, workdir)
-  setup = train.build(config)
-  mngr = checkpoint.manager(workdir, config.ckpt)
-  restored = checkpoint.restore_latest(mngr, setup.abstract_state)
-  mngr.close()
-  if restored is None:
-    raise checkpoint.CheckpointError(
-        f"--workdir={workdir} has no checkpoints; train first with "
-        f"python -m flowjax.main --config=... --workdir={workdir}")
-  return setup, restored[0]
+  config: Any
+  objective: Any
+  mesh: jax.sharding.Mesh
+  rules: Any
+  precision: str
+  info: DataInfo
+  params: Any
+  sample: Callable[[jax.Array], jax.Array]
+  rng: jax.Array
 
 
-def check_same_config(config, workdir: str) -> None:
-  path = storage.join(workdir, "config.json")
-  if not storage.exists(path):
-    return
-  trained = config_lib.from_json(storage.read_text(path))
-  diff = config_lib.differences(config_lib.identity(trained), config_lib.identity(config))
-  if diff:
-    raise train.WorkdirError(
-        f"--workdir={workdir} was trained with a different config:\n  " + "\n  ".join(diff) +
-        "\nPass the --config (and overrides) it was trained with; its config.json records them, "
-        f"and flowjax.api.load({workdir!r}) evaluates or samples it with that config.")
-
-
-def run_eval(config, workdir: str) -> dict:
-  """Evaluates the latest checkpoint; writes eval/step_N.json.
-
-  Beside the objective's loss: bits/dim when the objective has an exact likelihood, and FID and
-  Inception Score when eval.inception_weights and eval.fid_reference are set (skipped with a
-  warning otherwise).
-  """
-  setup, state = load(config, workdir)
-  writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
-  result = train.evaluate(setup, state, int(state.step), workdir, writer)
-  writer.close()
-  logging.info("Evaluation at step %d: %s", int(state.step), result)
-  return result
-
-
-def quality_metrics(setup, state) -> dict:
+def quality_metrics(model: Evaluable) -> dict:
   """eval_bits_per_dim (exact-likelihood objectives) and eval_fid, eval_inception_score(_std)
-  (when the Inception assets are configured) of the parameters that `sample.use_ema` selects."""
+  (when the Inception assets are configured) of the sampled parameters."""
   from flowjax.evals import fid, nll  # here, so that `python -m flowjax.evals.fid` runs cleanly
-  config = setup.config
   result = {}
-  if nll.has_likelihood(setup.objective):
-    params = train.sampling_params(state, config)
-    result["eval_bits_per_dim"] = nll.bits_per_dim(setup.objective, params, config,
-                                                   mesh=setup.mesh)
-  result.update(fid.evaluate_run(setup, state))
+  if nll.has_likelihood(model.objective):
+    result["eval_bits_per_dim"] = nll.bits_per_dim(model.objective, model.params, model.config,
+                                                   mesh=model.mesh)
+  result.update(fid.evaluate_run(model))
   return result
-
-
-def run_sample(config, workdir: str) -> np.ndarray:
-  """Samples from the latest checkpoint; writes samples/final.png and samples/final.npz."""
-  setup, state = load(config, workdir)
-  writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
-  samples = train.write_samples(setup, state, int(state.step), workdir, writer, name="final.png")
-  if jax.process_index() == 0:
-    buffer = io.BytesIO()
-    np.savez(buffer, samples=samples)
-    storage.write_bytes(storage.join(workdir, "samples", "final.npz"), buffer.getvalue())
-  writer.close()
-  return samples

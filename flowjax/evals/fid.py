@@ -708,18 +708,18 @@ def scores(features: np.ndarray, logits: np.ndarray, mu: np.ndarray, sigma: np.n
           "inception_score": score, "inception_score_std": score_std}
 
 
-def evaluate_run(setup, state, *, image_size: int = INPUT_SIZE) -> dict[str, float]:
-  """FID and Inception Score of `eval.fid_num_samples` samples of a trained state (the sampler
-  and parameters of `sample.*`), against `eval.fid_reference` with `eval.inception_weights`.
+def evaluate_run(model, *, image_size: int = INPUT_SIZE) -> dict[str, float]:
+  """FID and Inception Score of `eval.fid_num_samples` samples of a trained model (an
+  evals.Evaluable: its sampler and parameters are those of `sample.*`), against
+  `eval.fid_reference` with `eval.inception_weights`.
 
   Returns {'eval_fid', 'eval_inception_score', 'eval_inception_score_std'}, or {} with a warning
   when the weights or reference statistics are not set, missing or do not fit. The noise is the
   same at every step, so values at different steps are comparable. image_size: the network's
   input resolution (299 for FID; smaller only to test a reduced network cheaply).
   """
-  from flowjax import train
-  config = setup.config
-  shape = tuple(setup.info.image_shape)
+  config = model.config
+  shape = tuple(model.info.image_shape)
   if len(shape) != 3 or shape[-1] not in (1, 3):
     logging.info("No FID: the data (shape %s) are not RGB or grayscale images.", shape)
     return {}
@@ -732,7 +732,7 @@ def evaluate_run(setup, state, *, image_size: int = INPUT_SIZE) -> dict[str, flo
                     CONVERT_COMMAND)
     return {}
   try:
-    inception = load(weights, mesh=setup.mesh, image_size=image_size,
+    inception = load(weights, mesh=model.mesh, image_size=image_size,
                      batch_size=config.train.batch_size)
     mu, sigma = load_statistics(reference)
   except AssetError as error:
@@ -743,14 +743,10 @@ def evaluate_run(setup, state, *, image_size: int = INPUT_SIZE) -> dict[str, flo
     logging.warning("FID skipped: eval.fid_num_samples=%d; it needs at least 2 samples.", num)
     return {}
   chunk = config.train.batch_size
-  sample = train.sampler(setup, chunk)
-  params = train.sampling_params(state, config)
-  labels = train.sample_labels(setup.info, chunk)
-  rng = jax.random.fold_in(setup.eval_rng, _FID_SAMPLE_STREAM)
+  rng = jax.random.fold_in(model.rng, _FID_SAMPLE_STREAM)
   features, logits = [], []
   for index in range(math.ceil(num / chunk)):
-    with train.context(setup):
-      images = sample(params, jax.random.fold_in(rng, index), labels)
+    images = model.sample(jax.random.fold_in(rng, index))
     chunk_features, chunk_logits = inception.features_and_logits(np.asarray(images))
     features.append(chunk_features)
     logits.append(chunk_logits)

@@ -40,7 +40,7 @@ def bits_per_dim(objective, params, config, split: str | None = None,
   Returns:
     bits per dimension (float), averaged over every example read.
   """
-  from flowjax import data, sharding, step as step_lib, train
+  from flowjax import data, sharding, step as step_lib
   if not has_likelihood(objective):
     raise NoLikelihoodError(
         f"{type(objective).__name__} has no exact likelihood (no nll(params, batch, rng) "
@@ -68,7 +68,7 @@ def bits_per_dim(objective, params, config, split: str | None = None,
                        seed=config.seed, sharding=sharding.batch_sharding(mesh), shuffle=False)
   total = 0.0
   try:
-    with train.context(mesh, rules, train.matmul_precision(config)):
+    with sharding.context(mesh, rules, config.train.get("matmul_precision", "default")):
       for index in range(num_batches):
         total += float(nll(params, next(batches), jax.random.fold_in(rng, index)))
   finally:

@@ -217,10 +217,34 @@ class Consistency:
     low, high = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
     return ((high + fraction * (low - high)) ** self.rho).at[0].set(self.sigma_max)
 
+  def sigma_of_time(self, u):
+    """The inverse of backbone_time: sigma = sigma_min (sigma_max / sigma_min)^u."""
+    low, high = math.log(self.sigma_min), math.log(self.sigma_max)
+    return jnp.exp(low + jnp.asarray(u, jnp.float32) * (high - low))
+
+  def karras_times(self, indices, num_points: int) -> tuple:
+    """Times u of points `indices` of the num_points-point Karras grid from sigma_max (index 0)
+    to sigma_min (index num_points - 1), as openai/consistency_models' multistep sampler picks
+    them (its `ts` and `steps`; e.g. indices (0, 22, 39) of 40). Python floats, for
+    config.sample.times."""
+    low, high = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+    log_low, log_high = math.log(self.sigma_min), math.log(self.sigma_max)
+
+    def time(i):
+      if i <= 0 or i >= num_points - 1:  # the grid's ends, exactly
+        return 1.0 if i <= 0 else 0.0
+      sigma = (high + i / (num_points - 1) * (low - high)) ** self.rho
+      return (math.log(sigma) - log_low) / (log_high - log_low)
+
+    return tuple(time(i) for i in indices)
+
   def sample(self, params, rng, num, cond=None, *, num_steps=1, method="multistep",
-             guidance=1.0):
+             guidance=1.0, times=()):
     """Consistency sampling: x = f(sigma_max z, sigma_max), then for each later sigma of
     `sampling_sigmas`, x = f(x + sqrt(sigma^2 - sigma_min^2) z', sigma) with fresh z'.
+    `times`, when given, replaces the sigmas: num_steps + 1 decreasing backbone times u (1 =
+    sigma_max, 0 = sigma_min; see karras_times) whose first num_steps are the evaluations and
+    whose last must be 0 (the data end); the start is sigma(u_0) z.
     cond: [num] labels or None. Returns [num, ...] float32."""
     if method not in METHODS:
       raise ValueError("sample.method: " + unknown_name_message(
@@ -231,11 +255,21 @@ class Consistency:
     if num_steps < 1:
       raise ValueError(f"sample.num_steps={num_steps}: consistency sampling takes at least one "
                        "step.")
-    sigmas = self.sampling_sigmas(num_steps)
+    if times:
+      times = tuple(float(t) for t in times)
+      if (len(times) != num_steps + 1 or times[-1] != 0.0 or times[0] > 1.0
+          or not all(a > b for a, b in zip(times, times[1:]))):
+        raise ValueError(f"sample.times={times}: give num_steps + 1 = {num_steps + 1} "
+                         "decreasing times in [0, 1] ending at 0 (sigma_min).")
+      sigmas = self.sigma_of_time(jnp.asarray(times[:-1], jnp.float32))
+      start_sigma = sigmas[0]
+    else:
+      sigmas = self.sampling_sigmas(num_steps)
+      start_sigma = self.sigma_max
     first_key, rest_key = jax.random.split(rng)
     shape = (num,) + self.image_shape
     f = lambda x, sigma: self.consistency_fn(params, x, jnp.full((num,), sigma), cond)
-    x = f(self.sigma_max * jax.random.normal(first_key, shape, jnp.float32), sigmas[0])
+    x = f(start_sigma * jax.random.normal(first_key, shape, jnp.float32), sigmas[0])
 
     def step(x, inputs):
       sigma, key = inputs

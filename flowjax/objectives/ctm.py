@@ -163,7 +163,9 @@ class CTM:
     c = huber_c, or 0.00054 sqrt(D) when huber_c = 0);
   dsm_weight, dsm_balance: weight of the denoising term, times the adaptive ratio ("adaptive") or
     1 ("fixed"); adaptive_layer: top-level parameter name of the output layer ("" = the first of
-    OUTPUT_LAYER_NAMES present);
+    OUTPUT_LAYER_NAMES present), or a '/'-separated path to one weight in it; the ratio uses
+    that layer's weight (kernel) only, not its bias, as CTM's code takes the gradient norms on
+    the last layer's weight (Kim et al., arXiv:2310.02279; the VQGAN adaptive weight);
   dsm_sigma_sampler, dsm_p_mean, dsm_p_std, dsm_uniform_fraction: DSM noise levels: lognormal,
     or half lognormal and half on the Karras ramp at a uniform position in
     [0, dsm_uniform_fraction] ("halflognormal");
@@ -383,18 +385,32 @@ class CTM:
     c = self.huber_c or 0.00054 * diff.shape[1] ** 0.5
     return jnp.sqrt(jnp.sum(jnp.square(diff), axis=1) + c ** 2) - c
 
-  def output_layer(self, params) -> str:
-    """The top-level parameter name of the output layer, for the adaptive DSM weight."""
+  def output_layer(self, params) -> tuple:
+    """The path (a tuple of keys) of the output layer's weight, for the adaptive DSM weight: the
+    `kernel` of the layer objective.adaptive_layer names (or of the first OUTPUT_LAYER_NAMES
+    present), or of its `linear` sublayer (DiT's final layer)."""
     if self.adaptive_layer:
-      names = [self.adaptive_layer]
+      names = [tuple(self.adaptive_layer.split("/"))]
     else:
-      names = [name for name in OUTPUT_LAYER_NAMES if name in params]
-    if not names or names[0] not in params:
+      names = [(name,) for name in OUTPUT_LAYER_NAMES if name in params]
+    node = params
+    for key in (names[0] if names else ("",)):
+      node = node.get(key) if isinstance(node, dict) else None
+    path = names[0] if names else ()
+    if isinstance(node, dict):
+      if "kernel" in node:
+        path, node = path + ("kernel",), node["kernel"]
+      elif isinstance(node.get("linear"), dict) and "kernel" in node["linear"]:
+        path, node = path + ("linear", "kernel"), node["linear"]["kernel"]
+      else:
+        node = None
+    if node is None or isinstance(node, dict):
       raise ValueError(f"objective.adaptive_layer={self.adaptive_layer!r}: the adaptive DSM weight "
-                       "needs the backbone's output layer, one of the top-level parameters "
-                       f"{sorted(params)}; set objective.adaptive_layer to it, or use "
+                       "needs the weight of the backbone's output layer, a layer among the "
+                       f"top-level parameters {sorted(params)} (or a '/'-separated path to a "
+                       "weight in one); set objective.adaptive_layer to it, or use "
                        "objective.dsm_balance='fixed'.")
-    return names[0]
+    return path
 
   def loss(self, params, batch, rng, step, view):
     """CTM loss of a batch {'image': [B, ...], 'label': [B]}; view: {"ema", "extra", "step"}."""
@@ -465,12 +481,21 @@ class CTM:
     return ctm + self.dsm_weight * balance * dsm, metrics
 
   def adaptive_balance(self, terms, params):
-    """lambda = clip(||grad_L ctm|| / (||grad_L dsm|| + 1e-4), 0, 1e4) over the output layer L,
-    with no gradient. terms: params -> (ctm, dsm) scalars."""
+    """lambda = clip(||grad_W ctm|| / (||grad_W dsm|| + 1e-4), 0, 1e4) over the output layer's
+    weight W, with no gradient. terms: params -> (ctm, dsm) scalars."""
     frozen = jax.lax.stop_gradient(params)
-    name = self.output_layer(frozen)
-    layer_terms = lambda layer: terms({**frozen, name: layer})
-    _, pullback = jax.vjp(layer_terms, frozen[name])
+    path = self.output_layer(frozen)
+
+    def replaced(tree, keys, value):
+      if not keys:
+        return value
+      return {**tree, keys[0]: replaced(tree[keys[0]], keys[1:], value)}
+
+    weight = frozen
+    for key in path:
+      weight = weight[key]
+    layer_terms = lambda w: terms(replaced(frozen, path, w))
+    _, pullback = jax.vjp(layer_terms, weight)
     one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
     (grad_ctm,) = pullback((one, zero))
     (grad_dsm,) = pullback((zero, one))

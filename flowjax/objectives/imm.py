@@ -91,6 +91,9 @@ class IMM:
   eta_mean: float = -1.1
   eta_std: float = 2.0
   mapping_k: int = 12
+  mapping_eta_max: float = -1.0
+  mapping_eta_min: float = -1.0
+  mapping_min_gap: float = 0.0
   group_size: int = 4
   kernel: str = "laplace"
   weighting: str = "sigmoid"
@@ -101,8 +104,8 @@ class IMM:
   DEFAULTS: ClassVar[dict] = dict(
       path="ot", f_type="euler_fm", time_embedding="stride", sigma_d=0.5, t_max=0.994,
       t_min=1e-3, time_sampler="uniform", eta_mean=-1.1, eta_std=2.0, mapping_k=12,
-      group_size=4, kernel="laplace", weighting="sigmoid", weight_a=2.0, weight_b=4.0,
-      label_dropout=0.1)
+      mapping_eta_max=-1.0, mapping_eta_min=-1.0, mapping_min_gap=0.0, group_size=4,
+      kernel="laplace", weighting="sigmoid", weight_a=2.0, weight_b=4.0, label_dropout=0.1)
 
   def __post_init__(self):
     _check_choice("path", self.path, paths.PATHS)
@@ -121,6 +124,12 @@ class IMM:
     if self.sigma_d <= 0 or self.eta_std <= 0:
       raise ValueError(f"objective.sigma_d={self.sigma_d} and objective.eta_std={self.eta_std} "
                        "must be positive.")
+    if not 0.0 <= self.mapping_min_gap < self.t_max - self.t_min:
+      raise ValueError(f"objective.mapping_min_gap={self.mapping_min_gap} must be in [0, t_max - "
+                       "t_min); 0 turns the guard r <= t - gap off.")
+    if self.mapping_eta_max != -1.0 and self.mapping_eta_max <= max(self.mapping_eta_min, 0.0):
+      raise ValueError(f"objective.mapping_eta_max={self.mapping_eta_max} must exceed "
+                       f"mapping_eta_min={self.mapping_eta_min} (-1 for eta(t_max)).")
     if self.group_size < 1 or self.mapping_k < 0:
       raise ValueError(f"objective.group_size={self.group_size} must be >= 1 and "
                        f"objective.mapping_k={self.mapping_k} >= 0.")
@@ -209,13 +218,32 @@ class IMM:
     t = jnp.clip(t, self.t_min, self.t_max)
     return t, jnp.clip(s, self.t_min, t)
 
-  def mapping(self, t, s):
-    """r(s, t): eta_r = clip(eta_t - (eta_max - eta_min) / 2^k, eta_min, eta_max), r = max(t(eta_r),
-    s); the final clip to [s, t] also absorbs float32 rounding, so s <= r <= t. t, s: [G]."""
-    path = self.schedule
+  def mapping_bounds(self):
+    """(eta_min, eta_max) of the mapping's step: mapping_eta_min / mapping_eta_max where set
+    (a public replication fixes 0 and 160), else eta(t_min) and eta(t_max) as in the paper's
+    r(s, t) with a constant decrement in eta (Zhou et al., arXiv:2503.07565, Sec. 4 and App.)."""
     eta_min, eta_max = self.eta_bounds()
+    if self.mapping_eta_min != -1.0:
+      eta_min = jnp.float32(self.mapping_eta_min)
+    if self.mapping_eta_max != -1.0:
+      eta_max = jnp.float32(self.mapping_eta_max)
+    return eta_min, eta_max
+
+  def mapping(self, t, s):
+    """r(s, t): eta_r = clip(eta_t - (eta_max - eta_min) / 2^k, eta_min, eta_max), r =
+    min(t(eta_r), t - mapping_min_gap), then max(r, s); the final clip to [s, t] also absorbs
+    float32 rounding, so s <= r <= t. t, s: [G] float32.
+
+    r is a float32 time: near t = 1 its spacing (6e-8) is no longer small against t - r
+    (1.5e-6 at t = 0.994 for the CIFAR-10 bounds, so t - r is off by up to 2% there);
+    mapping_min_gap (e.g. 1e-4) keeps every step far above that spacing."""
+    path = self.schedule
+    eta_min, eta_max = self.mapping_bounds()
     eta_r = jnp.clip(path.eta(t) - (eta_max - eta_min) / 2.0 ** self.mapping_k, eta_min, eta_max)
-    return jnp.clip(path.t_of_eta(eta_r), s, t)
+    r = path.t_of_eta(eta_r)
+    if self.mapping_min_gap > 0:
+      r = jnp.minimum(r, t - self.mapping_min_gap)
+    return jnp.clip(r, s, t)
 
   def loss_weight(self, t):
     """w(t) = 0.5 sigmoid(b - lambda_t) (-d lambda_t / dt) alpha_t^a / (alpha_t^2 + sigma_t^2),
@@ -302,11 +330,14 @@ class IMM:
     return self.sigma_d * jax.random.normal(rng, (num,) + self.image_shape, jnp.float32)
 
   def sample(self, params, rng, num, cond=None, *, num_steps=1, method="uniform",
-             guidance=1.0):
+             guidance=1.0, times=()):
     """num samples by pushforward from x_T ~ N(0, sigma_d^2 I) at t_max down to t_min.
 
     method: "uniform" (grid uniform in t), "edm" (EDM-like in eta, rho = 7), "restart" and
-    "restart_edm" (jump to t_min at every grid time, re-noise to the next one). Classifier-free
+    "restart_edm" (jump to t_min at every grid time, re-noise to the next one); `times`, when
+    given, replaces the grid: num_steps + 1 decreasing times in [t_min, t_max], pure noise placed
+    at the first (e.g. IMM's two-step CIFAR-10 sampler with its intermediate eta = 1.4, t =
+    1.4 / 2.4 on the OT path: times (0.994, 0.58333, 0.006)). Classifier-free
     guidance acts on the raw output, F = F_u + w (F_c - F_u); w = 1 is the conditional model.
     rng is split into (noise key, restart key); cond: [num] labels or None.
     """
@@ -316,18 +347,33 @@ class IMM:
     noise_key, restart_key = jax.random.split(rng)
     return self.sample_from(params, self.initial_noise(noise_key, num), cond,
                             num_steps=num_steps, method=method, guidance=guidance,
-                            rng=restart_key)
+                            rng=restart_key, times=times)
+
+  def time_grid(self, num_steps, method="uniform", times=()):
+    """[num_steps + 1] float32 sampling times from noise to data: `times` when given (checked
+    to lie in [t_min, t_max] and decrease), else the method's grid from t_max to t_min."""
+    if not times:
+      schedule = "edm" if method.endswith("edm") else "uniform"
+      return pushforward.time_grid(schedule, num_steps, self.schedule, self.t_max, self.t_min)
+    times = tuple(float(t) for t in times)
+    if len(times) != num_steps + 1:
+      raise ValueError(f"sample.times has {len(times)} times for sample.num_steps={num_steps}; "
+                       f"give num_steps + 1 = {num_steps + 1}.")
+    if not (self.t_min - 1e-6 <= min(times) and max(times) <= self.t_max + 1e-6
+            and all(a > b for a, b in zip(times, times[1:]))):
+      raise ValueError(f"sample.times={times}: IMM's map was trained on [t_min, t_max] = "
+                       f"[{self.t_min}, {self.t_max}]; give decreasing times inside it.")
+    return jnp.asarray(times, jnp.float32)
 
   def sample_from(self, params, x_start, cond=None, *, num_steps=1, method="uniform",
-                  guidance=1.0, rng=None):
+                  guidance=1.0, rng=None, times=()):
     """`sample` from given x_T [B, ...] at t_max (rng: the restart methods' re-noising key)."""
     path = self.schedule
     # Times travel as one [B, 2] array so that the guidance helper batches them like x.
     raw = lambda x, times, c: self.network(params, x, times[:, 0], times[:, 1], c)
     guided = ode.guided(raw, cond, guidance, self.num_classes)
     flow_map = lambda x, t, s: self.parameterize(x, guided(x, jnp.stack([t, s], axis=1)), t, s)
-    schedule = "edm" if method.endswith("edm") else "uniform"
-    grid = pushforward.time_grid(schedule, num_steps, path, self.t_max, self.t_min)
+    grid = self.time_grid(num_steps, method, times)
     if method.startswith("restart"):
       renoise = lambda x0, t, key: path.interpolate(
           x0, self.sigma_d * jax.random.normal(key, x0.shape, jnp.float32), t)

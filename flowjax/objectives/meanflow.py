@@ -23,6 +23,7 @@ from flowjax.registry import OBJECTIVES, unknown_name_message
 from flowjax.samplers import mean_flow
 
 TIME_SAMPLERS = ("logit_normal", "uniform")
+PAIR_SAMPLERS = ("sorted", "separate")
 ERROR_REDUCTIONS = ("mean", "sum")
 JVP_PRECISIONS = ("float32", "default")
 
@@ -59,8 +60,11 @@ class MeanFlow:
   """model: backbone u_theta(z, (t, t - r), cond); image_shape: per-example shape; num_classes: 0
   for unconditional models. The other fields are the `objective` config keys (see DEFAULTS):
 
-  time_sampler, time_mean, time_std: t and r are the max and min of two draws of
-    sigmoid(time_mean + time_std n) ("logit_normal") or U(0, 1) ("uniform");
+  time_sampler, time_mean, time_std, pair_sampler, r_mean, r_std: "sorted" pairs (the paper's,
+    py-meanflow's "v0") take t and r as the max and min of two draws of
+    sigmoid(time_mean + time_std n) ("logit_normal") or U(0, 1) ("uniform"); "separate" pairs
+    (py-meanflow's "v1") draw t from that law and r_raw from sigmoid(r_mean + r_std n) (or
+    U(0, 1)), r = min(t, r_raw);
   fraction_r_equals_t: the fraction of examples whose r is then set to t (plain flow matching
     examples); 0.75 is the paper's ImageNet setting (CIFAR-10 uses 0.25);
   error_reduction: the per-example error l is the "mean" (as in flow_matching, the default) or
@@ -82,6 +86,9 @@ class MeanFlow:
   time_sampler: str = "logit_normal"
   time_mean: float = -0.4
   time_std: float = 1.0
+  pair_sampler: str = "sorted"
+  r_mean: float = -0.4
+  r_std: float = 1.0
   fraction_r_equals_t: float = 0.75
   error_reduction: str = "mean"
   adaptive_p: float = 1.0
@@ -94,13 +101,15 @@ class MeanFlow:
   jvp_precision: str = "float32"
 
   DEFAULTS: ClassVar[dict] = dict(
-      time_sampler="logit_normal", time_mean=-0.4, time_std=1.0, fraction_r_equals_t=0.75,
+      time_sampler="logit_normal", time_mean=-0.4, time_std=1.0, pair_sampler="sorted",
+      r_mean=-0.4, r_std=1.0, fraction_r_equals_t=0.75,
       error_reduction="mean", adaptive_p=1.0, adaptive_eps=0.01, guidance_w=1.0,
       guidance_kappa=0.0, guidance_t_min=0.0, guidance_t_max=1.0, label_dropout=0.1,
       jvp_precision="float32")
 
   def __post_init__(self):
     _check_choice("time_sampler", self.time_sampler, TIME_SAMPLERS)
+    _check_choice("pair_sampler", self.pair_sampler, PAIR_SAMPLERS)
     _check_choice("error_reduction", self.error_reduction, ERROR_REDUCTIONS)
     _check_choice("jvp_precision", self.jvp_precision, JVP_PRECISIONS)
     attention = getattr(self.model, "attention_impl", "xla")
@@ -111,8 +120,9 @@ class MeanFlow:
     if not 0.0 <= self.fraction_r_equals_t <= 1.0:
       raise ValueError(f"objective.fraction_r_equals_t={self.fraction_r_equals_t} must be in "
                        "[0, 1] (0.75 on ImageNet, 0.25 on CIFAR-10).")
-    if self.time_std <= 0:
-      raise ValueError(f"objective.time_std={self.time_std} must be positive.")
+    if self.time_std <= 0 or self.r_std <= 0:
+      raise ValueError(f"objective.time_std={self.time_std} and objective.r_std={self.r_std} "
+                       "must be positive.")
     if self.adaptive_p < 0 or self.adaptive_eps <= 0:
       raise ValueError(f"objective.adaptive_p={self.adaptive_p} must be >= 0 and "
                        f"objective.adaptive_eps={self.adaptive_eps} > 0.")
@@ -152,13 +162,18 @@ class MeanFlow:
     return common.apply_model(self.model, params, z, (t, h), cond, rng, train).astype(jnp.float32)
 
   def sample_time_pairs(self, rng, batch_size: int):
-    """(t, r): [B] each, 0 < r <= t < 1; t = max and r = min of two draws from the time sampler,
-    then r = t for each example with probability fraction_r_equals_t."""
+    """(t, r): [B] each, 0 < r <= t < 1; "sorted": t = max and r = min of two draws from the
+    time sampler; "separate": t from it, r = min(t, a draw with r_mean, r_std); then r = t for
+    each example with probability fraction_r_equals_t."""
     first_key, second_key, equal_key = jax.random.split(rng, 3)
-    draw = lambda key: common.sample_time(key, (batch_size,), self.time_sampler, self.time_mean,
-                                          self.time_std)
-    a, b = draw(first_key), draw(second_key)
-    t, r = jnp.maximum(a, b), jnp.minimum(a, b)
+    draw = lambda key, mean, std: common.sample_time(key, (batch_size,), self.time_sampler,
+                                                     mean, std)
+    a = draw(first_key, self.time_mean, self.time_std)
+    if self.pair_sampler == "sorted":
+      b = draw(second_key, self.time_mean, self.time_std)
+      t, r = jnp.maximum(a, b), jnp.minimum(a, b)
+    else:
+      t, r = a, jnp.minimum(a, draw(second_key, self.r_mean, self.r_std))
     equal = jax.random.uniform(equal_key, (batch_size,)) < self.fraction_r_equals_t
     return t, jnp.where(equal, t, r)
 
