@@ -1,9 +1,14 @@
-"""Data sources ('toy2d', 'digits', 'synthetic', 'tfds:<name>') served as sharded global batches.
+"""Data sources, found by data.name, served as sharded global batches.
 
 `build` returns a `Batches` iterator whose global batches depend only on (seed, global batch
 size, dataset, split); every process reads its slice of each global batch.
+
+A source is one module of this package with `info(data_config, split) -> DataInfo` and
+`local_batches(data_config, *, split, seed, global_batch_size, rows, shuffle)`, and optionally
+`image_decoder(data_config)` and `class_names(data_config)`; adding one is a line in `_SOURCES`.
 """
 
+import dataclasses
 import importlib
 
 import jax
@@ -12,31 +17,56 @@ from flowjax import registry
 from flowjax.data import pipeline
 from flowjax.data.pipeline import Batches, DataInfo
 
-__all__ = ["Batches", "DataInfo", "build", "data_info"]
-
-_MODULES = {"toy2d": "toy2d", "digits": "digits", "synthetic": "synthetic"}
-_TFDS_PREFIX = "tfds:"
-_LATENTS_PREFIX = "latents:"
-SOURCE_NAMES = sorted(_MODULES) + [_TFDS_PREFIX + "<name>", _LATENTS_PREFIX + "<DIR>"]
+__all__ = ["Batches", "DataInfo", "build", "class_names", "data_info"]
 
 
-def _source_module(name):
-  """The module serving data.name (imported on first use: tfds and sklearn are slow)."""
-  if isinstance(name, str) and name in _MODULES:
-    return importlib.import_module(f"flowjax.data.{_MODULES[name]}")
-  if isinstance(name, str) and name.startswith(_TFDS_PREFIX) and len(name) > len(_TFDS_PREFIX):
-    return importlib.import_module("flowjax.data.tfds")
-  if isinstance(name, str) and name.startswith(_LATENTS_PREFIX) and name != _LATENTS_PREFIX:
-    return importlib.import_module("flowjax.data.latents")
-  if name == _LATENTS_PREFIX:
-    from flowjax.config import ConfigError
-    raise ConfigError(
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """One entry of the table: the module `flowjax.data.<module>` serves the source.
+
+  Attributes:
+    module: module name inside flowjax.data (imported on first use: tfds and sklearn are slow).
+    argument: for a prefix ('tfds:'), what follows it, as SOURCE_NAMES shows it ('<name>').
+    if_missing: for a prefix, the error when data.name is the bare prefix (default: a generic
+      one naming the expected form).
+  """
+  module: str
+  argument: str = ""
+  if_missing: str = ""
+
+
+# data.name -> source. A key ending in ':' is a prefix: 'folder:photos' is served by 'folder:'.
+_SOURCES = {
+    "toy2d": _Source("toy2d"),
+    "digits": _Source("digits"),
+    "synthetic": _Source("synthetic"),
+    "tfds:": _Source("tfds", "<name>"),
+    "latents:": _Source("latents", "<DIR>", if_missing=(
         "data.name='latents:' names no directory: this experiment trains on cached autoencoder "
         "latents. Cache them once with `python -m flowjax.data.cache_latents "
         "--config=experiments/sdvae_imagenet.py --weights=PATH --out=DIR` and pass "
         "--config.data.name=latents:DIR (or --config.data.name=synthetic for a dry run or a "
-        "benchmark on random latents of the same shape).")
-  raise ValueError(registry.unknown_name_message("data.name", str(name), SOURCE_NAMES))
+        "benchmark on random latents of the same shape).")),
+    "folder:": _Source("folder", "<DIR>"),
+    "arrays:": _Source("arrays", "<PATH>"),
+}
+SOURCE_NAMES = (sorted(name for name in _SOURCES if not name.endswith(":")) +
+                [name + source.argument for name, source in _SOURCES.items()
+                 if name.endswith(":")])
+
+
+def _source_module(name):
+  """The module serving data.name (imported on first use)."""
+  key = name.split(":", 1)[0] + ":" if isinstance(name, str) and ":" in name else name
+  source = _SOURCES.get(key) if isinstance(key, str) else None
+  if source is None:
+    raise ValueError(registry.unknown_name_message("data.name", str(name), SOURCE_NAMES))
+  if name == key and source.argument:
+    from flowjax.config import ConfigError
+    raise ConfigError(source.if_missing or (
+        f"data.name={name!r} names no {source.argument}; write it after the prefix: "
+        f"--config.data.name={name}{source.argument}."))
+  return importlib.import_module(f"flowjax.data.{source.module}")
 
 
 def describe(data_config, info: DataInfo, split: str = "train") -> str:
@@ -61,6 +91,13 @@ def image_decoder(data_config):
   return getattr(_source_module(data_config.name), "image_decoder", lambda _: None)(data_config)
 
 
+def class_names(data_config) -> tuple[str, ...]:
+  """The class name of each label (label i is class_names[i]) for sources that have names
+  (folder:<DIR>: its class subfolders, sorted); () for the others."""
+  names = getattr(_source_module(data_config.name), "class_names", lambda _: ())
+  return tuple(names(data_config))
+
+
 def build(data_config, *, split: str, global_batch_size: int, seed: int,
           sharding: jax.sharding.NamedSharding, shuffle: bool = True,
           process_index: int | None = None, process_count: int | None = None) -> Batches:
@@ -69,7 +106,7 @@ def build(data_config, *, split: str, global_batch_size: int, seed: int,
   Args:
     data_config: the config's `data` section (name, toy_distribution, conditional, image_size,
       random_flip, tfds_data_dir, num_workers, prefetch).
-    split: 'train' or 'test' ('toy2d', 'digits'); a TFDS split string for 'tfds:<name>'.
+    split: 'train' or 'test' (most sources); a TFDS split string for 'tfds:<name>'.
     global_batch_size: B, examples per global batch (all processes together).
     seed: non-negative int; fixes the order of every epoch and the random flips.
     sharding: sharding of the batch arrays; the leading axis is the batch axis.

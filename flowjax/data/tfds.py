@@ -10,39 +10,13 @@ import difflib
 from typing import Any
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from flowjax.data import pipeline
+from flowjax.data.images import center_crop_arr, uint8_to_unit_range
 
 PREFIX = "tfds:"
 _SUPPORTED_CHANNELS = (1, 2, 3, 4)
-
-
-def center_crop_arr(image: np.ndarray, image_size: int) -> np.ndarray:
-  """ADM's center_crop_arr: BOX-halve while the short side >= 2 * size, BICUBIC-resize the
-  short side to size, then crop the center.
-
-  Args:
-    image: [H, W, C] uint8, C in (1, 2, 3, 4).
-    image_size: S, the output side.
-
-  Returns:
-    [S, S, C] uint8.
-  """
-  channels = image.shape[-1]
-  pil_image = Image.fromarray(image[..., 0] if channels == 1 else image)
-  while min(*pil_image.size) >= 2 * image_size:
-    pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size),
-                                 resample=Image.Resampling.BOX)
-  scale = image_size / min(*pil_image.size)
-  pil_image = pil_image.resize(tuple(round(side * scale) for side in pil_image.size),
-                               resample=Image.Resampling.BICUBIC)
-  array = np.asarray(pil_image)
-  crop_y = (array.shape[0] - image_size) // 2
-  crop_x = (array.shape[1] - image_size) // 2
-  array = array[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
-  return array[..., None] if channels == 1 else array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +43,7 @@ class _Source:
           f"data.name={self.data_name!r}: example {index} has an image of shape {image.shape} "
           f"and dtype {image.dtype}, expected [H, W, {channels}] uint8 as the dataset's image "
           "feature declares; the prepared files do not match their metadata, rebuild them.")
-    out = {"image": center_crop_arr(image, self.image_shape[0]).astype(np.float32) / 127.5 - 1.0}
+    out = {"image": uint8_to_unit_range(center_crop_arr(image, self.image_shape[0]))}
     if self.num_classes > 0:
       label = int(example["label"])
       if not 0 <= label < self.num_classes:
