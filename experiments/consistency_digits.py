@@ -9,7 +9,7 @@ experiments. Samples take 1 step (--config.sample.num_steps=2 for 2-step consist
 Sized like meanflow_digits.py (same steps, batch, backbone and optimizer). Presets: :tiny.
 """
 
-from flowjax import config as config_lib
+from flowjax import blocks, config as config_lib
 from flowjax import models, objectives
 
 
@@ -21,12 +21,8 @@ def get_config(arg=None):
                           huber_c=0.0, label_dropout=0.0))
   c.objective.total_steps = c.train.get_ref("steps") + 0
   c.model = models.default_config("dit")
-  c.model.update(dict(patch_size=2, hidden_size=96, depth=4, num_heads=4, time_scale=1000.0,
-                      attention_impl="xla"))
-  c.data.update(dict(name="digits", conditional=True, image_size=8))
-  c.optim.update(dict(lr=1e-3, schedule="cosine", warmup_steps=100, final_lr=1e-5,
-                      ema_decays=(0.995,), weight_decay=0.0))
-  c.train.update(dict(steps=3000, batch_size=128, log_every=100))
+  blocks.digits_dit(c)
+  c.model.attention_impl = "xla"
   c.ckpt.every_steps = 1000
   c.sample.update(dict(num=100, num_steps=1, method="multistep", guidance=1.0))
   config_lib.apply_preset(c, arg, PRESETS)
@@ -34,7 +30,5 @@ def get_config(arg=None):
 
 
 PRESETS = {
-    "tiny": {"model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2, "train.steps": 4,
-             "train.batch_size": 16, "train.log_every": 2, "ckpt.every_steps": 2,
-             "sample.num": 16, "sample.num_steps": 1, "optim.warmup_steps": 0},
+    "tiny": blocks.tiny_dit(),
 }

@@ -10,7 +10,7 @@ input; the teacher's classifier-free guidance 2.0 (the quickstart's sampling set
 into the student, which samples in 2 steps without guidance. Presets: :tiny.
 """
 
-from flowjax import config as config_lib
+from flowjax import blocks, config as config_lib
 from flowjax import models, objectives
 
 
@@ -21,11 +21,8 @@ def get_config(arg=None):
                           teacher_guidance=2.0, distance="l2", dsm_balance="adaptive",
                           sigma_data=0.5, sample_gamma=0.0))
   c.model = models.default_config("dit")
-  c.model.update(dict(patch_size=2, hidden_size=96, depth=4, num_heads=4, time_scale=1000.0))
-  c.data.update(dict(name="digits", conditional=True, image_size=8))
-  c.optim.update(dict(lr=4e-4, schedule="cosine", warmup_steps=100, final_lr=1e-5,
-                      ema_decays=(0.995,), weight_decay=0.0))
-  c.train.update(dict(steps=3000, batch_size=128, log_every=100))
+  blocks.digits_dit(c)
+  c.optim.lr = 4e-4
   c.ckpt.every_steps = 500
   c.sample.update(dict(num=100, num_steps=2, method="karras", guidance=1.0))
   config_lib.apply_preset(c, arg, PRESETS)
@@ -33,8 +30,6 @@ def get_config(arg=None):
 
 
 PRESETS = {
-    "tiny": {"model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2, "train.steps": 4,
-             "train.batch_size": 16, "train.log_every": 2, "ckpt.every_steps": 2,
-             "sample.num": 16, "sample.num_steps": 2, "optim.warmup_steps": 0,
-             "objective.num_scales": 6, "objective.max_heun_steps": 2},
+    "tiny": blocks.tiny_dit(**{"sample.num_steps": 2, "objective.num_scales": 6,
+                               "objective.max_heun_steps": 2}),
 }

@@ -9,7 +9,7 @@ python -m flowjax.bench --config=experiments/fm_imagenet.py --config.data.name=s
 Presets: :XL (default, DiT-XL/2), :B (DiT-B/2), :tiny (a few CPU steps in tests).
 """
 
-from flowjax import config as config_lib
+from flowjax import blocks, config as config_lib
 from flowjax import models, objectives
 
 
@@ -21,8 +21,7 @@ def get_config(arg=None):
   c.model = models.default_config("dit")
   c.model.update(dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0,
                       dtype="bfloat16", remat="none", attention_impl="xla"))
-  c.data.update(dict(name="latents:", image_size=32, channels=4, num_classes=1000,
-                     conditional=True))
+  c.data.update(blocks.IMAGENET_LATENTS)
   c.optim.update(dict(lr=1e-4, b2=0.95, weight_decay=0.0, schedule="constant", grad_clip=1.0,
                       ema_decays=(0.9999,)))
   c.train.update(dict(steps=400_000, batch_size=256, log_every=100))
@@ -34,11 +33,6 @@ def get_config(arg=None):
 
 PRESETS = {
     "XL": {},
-    "B": {"model.hidden_size": 768, "model.depth": 12, "model.num_heads": 12},
-    "tiny": {"data.name": "synthetic",
-             "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
-             "model.dtype": "float32", "data.image_size": 8, "data.num_classes": 10,
-             "train.steps": 4, "train.batch_size": 16, "train.log_every": 2,
-             "ckpt.every_steps": 2, "sample.every_steps": 0, "sample.num": 8,
-             "sample.num_steps": 2},
+    "B": blocks.dit_size("B/2"),
+    "tiny": blocks.tiny_latent_dit(),
 }

@@ -18,7 +18,7 @@ The JVP needs attention with a JVP rule: model.attention_impl must be 'xla'.
 Presets: :B4 (default, DiT-B/4, the paper's MF-B/4), :XL (DiT-XL/2), :tiny (a few CPU steps).
 """
 
-from flowjax import config as config_lib
+from flowjax import blocks, config as config_lib
 from flowjax import models, objectives
 
 
@@ -33,8 +33,7 @@ def get_config(arg=None):
   c.model.update(dict(patch_size=4, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
                       dtype="bfloat16", remat="none", attention_impl="xla",
                       time_scale=1.0))
-  c.data.update(dict(name="latents:", image_size=32, channels=4, num_classes=1000,
-                     conditional=True))
+  c.data.update(blocks.IMAGENET_LATENTS)
   c.optim.update(dict(lr=1e-4, b2=0.95, weight_decay=0.0, schedule="constant", grad_clip=1.0,
                       ema_decays=(0.9999,)))
   c.train.update(dict(steps=1_200_000, batch_size=256, log_every=100))
@@ -46,12 +45,6 @@ def get_config(arg=None):
 
 PRESETS = {
     "B4": {},
-    "XL": {"model.patch_size": 2, "model.hidden_size": 1152, "model.depth": 28,
-           "model.num_heads": 16},
-    "tiny": {"data.name": "synthetic",
-             "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
-             "model.patch_size": 2, "model.dtype": "float32", "data.image_size": 8,
-             "data.num_classes": 10, "train.steps": 4, "train.batch_size": 16,
-             "train.log_every": 2, "ckpt.every_steps": 2, "sample.every_steps": 0,
-             "sample.num": 8, "sample.num_steps": 1},
+    "XL": blocks.dit_size("XL/2"),
+    "tiny": blocks.tiny_latent_dit(**{"model.patch_size": 2, "sample.num_steps": 1}),
 }

@@ -14,7 +14,7 @@ picks 1, 2, 4, ..., 128 steps. Every value and its source: BUILD.md, "Paper pres
 Presets: :B (default, DiT-B/2), :XL (DiT-XL/2), :tiny (a few CPU steps in tests).
 """
 
-from flowjax import config as config_lib
+from flowjax import blocks, config as config_lib
 from flowjax import models, objectives
 
 
@@ -26,8 +26,7 @@ def get_config(arg=None):
   c.model = models.default_config("dit")
   c.model.update(dict(patch_size=2, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
                       dtype="bfloat16", remat="none", attention_impl="xla", time_scale=1000.0))
-  c.data.update(dict(name="latents:", image_size=32, channels=4, num_classes=1000,
-                     conditional=True))
+  c.data.update(blocks.IMAGENET_LATENTS)
   c.optim.update(dict(name="adamw", lr=1e-4, weight_decay=0.1, decay_norms_and_biases=True,
                       schedule="constant", grad_clip=0.0, ema_decays=(0.999,)))
   c.train.update(dict(steps=810_000, batch_size=256, log_every=100))
@@ -40,11 +39,6 @@ def get_config(arg=None):
 
 PRESETS = {
     "B": {},
-    "XL": {"model.hidden_size": 1152, "model.depth": 28, "model.num_heads": 16},
-    "tiny": {"data.name": "synthetic",
-             "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2,
-             "model.dtype": "float32", "data.image_size": 8, "data.num_classes": 10,
-             "train.steps": 4, "train.batch_size": 16, "train.log_every": 2,
-             "ckpt.every_steps": 2, "sample.every_steps": 0, "sample.num": 8,
-             "sample.num_steps": 2},
+    "XL": blocks.dit_size("XL/2"),
+    "tiny": blocks.tiny_latent_dit(),
 }

@@ -24,7 +24,7 @@ Presets: :XL, :tiny (the architecture at the size of the reference fixture: 8x8x
 data, width 64, 3 blocks of 1, 1 and 2 layers, 2 heads, patch 2, 10 classes; a few CPU steps).
 """
 
-from flowjax import config as config_lib
+from flowjax import blocks, config as config_lib
 from flowjax import models, objectives
 from flowjax.models import tarflow
 
@@ -40,8 +40,7 @@ def get_config(arg=None):
   c.model.update(dict(patch_size=1, hidden_size=2048, num_blocks=6, layers_per_block=2,
                       deep_layers=18, num_heads=32, order="l2r", dtype="bfloat16",
                       **tarflow.STARFLOW_OPTIONS))
-  c.data.update(dict(name="latents:", image_size=32, channels=4, num_classes=1000,
-                     conditional=True, random_flip=False, latent_scaling="factor"))
+  c.data.update(dict(blocks.IMAGENET_LATENTS, random_flip=False, latent_scaling="factor"))
   c.optim.update(dict(lr=1e-4, b1=0.9, b2=0.95, weight_decay=1e-4, decay_norms_and_biases=True,
                       schedule="cosine", warmup_steps=2502, final_lr=1e-6, grad_clip=0.0,
                       ema_decays=(0.9999,)))
