@@ -3,11 +3,22 @@
 Compile time, median train-step time, examples/s, memory, input-pipeline throughput and sampling
 throughput of one config on the devices at hand, printed and written as JSON. With
 --config.train.dry_run=True only the compile and its memory analysis are measured.
+
+python -m flowjax.bench --data_loading [--data_workers=0,2] [--out=FILE.json]
+
+Examples/s of the sources that read your own images (folder:, arrays: .npy memory-mapped and
+.npz, packed:) on generated data, for each data.num_workers setting, with the time
+`flowjax.data.prepare` takes to pack them; no --config.
 """
 
 import json
+import os
+import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 from absl import app, flags, logging
@@ -24,7 +35,19 @@ _AR_METHODS = flags.DEFINE_list(
     "autoregressive flow (objective 'starflow'), e.g. kv_cache,jacobi,naive.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "With --ar_methods: sample from the latest "
                                "checkpoint of this workdir (default: freshly initialised).")
-flags.mark_flags_as_required(["config"])
+_DATA_LOADING = flags.DEFINE_bool(
+    "data_loading", False, "Instead of a config's train step, time the data sources of your own "
+    "images (folder:, arrays:, packed:) on generated data.")
+_DATA_WORKERS = flags.DEFINE_list("data_workers", ["0", "2"], "With --data_loading: the "
+                                  "data.num_workers settings to time.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "With --data_loading: where the generated data "
+                                "is written (default: a temporary directory, removed after).")
+_DATA_SECONDS = flags.DEFINE_float("data_seconds", 4.0, "With --data_loading: timed seconds per "
+                                   "source and setting, after the first batch.")
+_FOLDER_IMAGES = flags.DEFINE_integer("folder_images", 3000, "With --data_loading: PNG files of "
+                                      "64x64x3 in the generated folder (10 classes).")
+_ARRAY_IMAGES = flags.DEFINE_integer("array_images", 50_000, "With --data_loading: 32x32x3 uint8 "
+                                     "images in the generated .npy and .npz.")
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -145,10 +168,144 @@ def autoregressive_sampling(config, methods, workdir: str | None = None,
   return result
 
 
+# ----------------------------------------------------------------------------------------------
+# --data_loading
+
+DATA_SEED = 0
+DATA_BATCH_SIZE = 256
+
+
+def _generate_data(root: str, folder_images: int, array_images: int, seed: int) -> dict:
+  """Writes the benchmark's data under root; returns {'folder', 'npy', 'npz': data.name}.
+
+  folder/: folder_images PNGs of 64x64x3 in 10 class folders, smooth random pictures with noise
+  (about 8 KB each, like small photos); images.npy and images.npz: array_images 32x32x3 uint8
+  images, the .npz with labels 0..9.
+  """
+  import numpy as np
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  for index in range(folder_images):
+    coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((64, 64), Image.Resampling.BICUBIC), np.int16)
+    noisy = np.clip(smooth + rng.integers(-6, 7, smooth.shape), 0, 255).astype(np.uint8)
+    folder = os.path.join(root, "folder", f"class{index % 10}")
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(noisy).save(os.path.join(folder, f"{index:06d}.png"))
+  images = rng.integers(0, 256, (array_images, 32, 32, 3), dtype=np.uint8)
+  np.save(os.path.join(root, "images.npy"), images)
+  np.savez(os.path.join(root, "images.npz"), images=images, labels=np.arange(array_images) % 10)
+  return {"folder": f"folder:{root}/folder", "npy": f"arrays:{root}/images.npy",
+          "npz": f"arrays:{root}/images.npz"}
+
+
+def _examples_per_sec(data_config, seconds: float) -> dict:
+  """Reads global batches of DATA_BATCH_SIZE (shuffled, flipped) on one CPU device for about
+  `seconds` after the first batch; returns examples/s and the first batch's latency."""
+  import jax
+  import numpy as np
+  from flowjax import data
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]), ("data",))
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  start = time.perf_counter()
+  batches = data.build(data_config, split="train", global_batch_size=DATA_BATCH_SIZE,
+                       seed=DATA_SEED, sharding=batch_sharding)
+  jax.block_until_ready(next(batches))
+  first_seconds = time.perf_counter() - start
+  count, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    jax.block_until_ready(next(batches))
+    count += 1
+  elapsed = time.perf_counter() - start
+  batches.close()
+  return {"examples_per_sec": round(count * DATA_BATCH_SIZE / elapsed, 1),
+          "timed_batches": count, "first_batch_seconds": round(first_seconds, 3)}
+
+
+def _machine() -> dict:
+  import grain
+  import jax
+  cpu = platform.processor()
+  if os.path.isfile("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+  return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+          "python": platform.python_version(), "jax": jax.__version__,
+          "grain": getattr(grain, "__version__", "")}
+
+
+def _commit() -> dict:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True,
+                                     text=True).stdout.strip()
+  return {"commit": run("rev-parse", "HEAD"), "uncommitted_changes": bool(run("status",
+                                                                              "--porcelain"))}
+
+
+def data_loading(workers: list[int], seconds: float, folder_images: int, array_images: int,
+                 data_dir: str | None = None) -> dict:
+  """Examples/s of folder:, arrays: (.npy, .npz) and packed: for each data.num_workers setting.
+
+  Every source serves batches of DATA_BATCH_SIZE shuffled examples in [-1, 1] with random flips
+  (labels where the source has them) through flowjax.data.build, as the trainer reads them.
+  """
+  from flowjax import config as config_lib
+  from flowjax.data import prepare
+  with tempfile.TemporaryDirectory() as scratch:
+    root = data_dir or scratch
+    start = time.perf_counter()
+    names = _generate_data(root, folder_images, array_images, DATA_SEED)
+    result = {"generate_seconds": round(time.perf_counter() - start, 1), "prepare": {}}
+    for name, source, size in (("packed_folder", names["folder"], 64),
+                               ("packed_npz", names["npz"], 32)):
+      start = time.perf_counter()
+      prepare.prepare(source, os.path.join(root, name), image_size=size)
+      seconds_taken = time.perf_counter() - start
+      count = folder_images if name == "packed_folder" else array_images
+      result["prepare"][name] = {"source": source.replace(root, "DIR"), "image_size": size,
+                                 "seconds": round(seconds_taken, 1),
+                                 "images_per_sec": round(count / seconds_taken, 1)}
+      names[name] = f"packed:{os.path.join(root, name)}"
+    cases = []
+    sizes = {"folder": 64, "packed_folder": 64, "npy": 32, "npz": 32, "packed_npz": 32}
+    for name in ("folder", "packed_folder", "npy", "npz", "packed_npz"):
+      for num_workers in workers:
+        data_config = config_lib.base_config().data
+        data_config.update(dict(name=names[name], image_size=sizes[name], random_flip=True,
+                                conditional=name != "npy", num_workers=num_workers))
+        case = {"source": name, "data_name": names[name].replace(root, "DIR"),
+                "image_shape": [sizes[name], sizes[name], 3], "num_workers": num_workers,
+                "prefetch": data_config.prefetch}
+        case.update(_examples_per_sec(data_config, seconds))
+        logging.info("%s", case)
+        cases.append(case)
+  result["cases"] = cases
+  return result
+
+
+def _data_loading_result() -> dict:
+  workers = [int(value) for value in _DATA_WORKERS.value]
+  result = {"benchmark": "data_loading",
+            "command": " ".join(["python -m flowjax.bench"] + sys.argv[1:]),
+            **_commit(), "date": time.strftime("%Y-%m-%d"),
+            "seeds": {"generated_data": DATA_SEED, "order_and_flips": DATA_SEED},
+            "machine": _machine(), "batch_size": DATA_BATCH_SIZE,
+            "folder_images": _FOLDER_IMAGES.value, "array_images": _ARRAY_IMAGES.value}
+  result.update(data_loading(workers, _DATA_SECONDS.value, _FOLDER_IMAGES.value,
+                             _ARRAY_IMAGES.value, _DATA_DIR.value))
+  return result
+
+
 def main(argv):
   del argv
   from flowjax import metrics, sharding
   metrics.quiet_libraries()
+  if _DATA_LOADING.value:
+    _write_result(_data_loading_result())
+    return
+  if _CONFIG.value is None:
+    raise app.UsageError("Give --config=experiments/X.py (or --data_loading).")
   sharding.start_runtime(_NUM_CPU_DEVICES.value)
   if _AR_METHODS.value:
     result = autoregressive_sampling(_CONFIG.value, _AR_METHODS.value, _WORKDIR.value,
@@ -162,6 +319,10 @@ def main(argv):
       if explained is None:
         raise
       raise explained from error
+  _write_result(result)
+
+
+def _write_result(result: dict) -> None:
   text = json.dumps(result, indent=2)
   print(text)
   if _OUT.value:

@@ -5,7 +5,8 @@ size, dataset, split); every process reads its slice of each global batch.
 
 A source is one module of this package with `info(data_config, split) -> DataInfo` and
 `local_batches(data_config, *, split, seed, global_batch_size, rows, shuffle)`, and optionally
-`image_decoder(data_config)` and `class_names(data_config)`; adding one is a line in `_SOURCES`.
+`image_decoder(data_config)`, `class_names(data_config)` and `splits(data_config)`; adding one
+is a line in `_SOURCES`.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ from flowjax import registry
 from flowjax.data import pipeline
 from flowjax.data.pipeline import Batches, DataInfo
 
-__all__ = ["Batches", "DataInfo", "build", "class_names", "data_info"]
+__all__ = ["Batches", "DataInfo", "build", "class_names", "data_info", "splits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,10 @@ _SOURCES = {
         "benchmark on random latents of the same shape).")),
     "folder:": _Source("folder", "<DIR>"),
     "arrays:": _Source("arrays", "<PATH>"),
+    "packed:": _Source("packed", "<DIR>", if_missing=(
+        "data.name='packed:' names no directory; pack your images once with `python -m "
+        "flowjax.data.prepare --source=folder:<DIR> --out=<OUT> --image_size=<S>` and pass "
+        "--config.data.name=packed:<OUT>.")),
 }
 SOURCE_NAMES = (sorted(name for name in _SOURCES if not name.endswith(":")) +
                 [name + source.argument for name, source in _SOURCES.items()
@@ -96,6 +101,12 @@ def class_names(data_config) -> tuple[str, ...]:
   (folder:<DIR>: its class subfolders, sorted); () for the others."""
   names = getattr(_source_module(data_config.name), "class_names", lambda _: ())
   return tuple(names(data_config))
+
+
+def splits(data_config) -> tuple[str, ...]:
+  """The splits a source has, for sources that list them (folder:, arrays:, packed:); () for the
+  others."""
+  return tuple(getattr(_source_module(data_config.name), "splits", lambda _: ())(data_config))
 
 
 def build(data_config, *, split: str, global_batch_size: int, seed: int,

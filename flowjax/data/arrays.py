@@ -170,6 +170,27 @@ def _split_files(path: str, data_name: str, split: str) -> tuple[str, ...]:
   return (path,)
 
 
+def splits(data_config) -> tuple[str, ...]:
+  """The splits of data.name='arrays:<PATH>': ('train', 'test') when PATH has test images (t10k
+  idx files, or an .npz key of IMAGE_KEYS['test']), else ('train',)."""
+  path = path_of(data_config.name)
+  _split_files(path, data_config.name, "train")  # a missing PATH or train split: its error
+  if os.path.isdir(path):
+    has_test = idx_file(path, "test", "images") is not None
+  elif path.endswith(".npz"):
+    try:  # an unreadable file has no test split here; reading split 'train' names the problem
+      archive = np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+      archive = None
+    has_test = isinstance(archive, np.lib.npyio.NpzFile) and any(
+        key in archive.files for key in IMAGE_KEYS["test"])
+    if isinstance(archive, np.lib.npyio.NpzFile):
+      archive.close()
+  else:
+    has_test = False
+  return SPLITS if has_test else ("train",)
+
+
 def load(data_name: str, split: str) -> Arrays:
   """The arrays of a split of data.name='arrays:<PATH>', checked (cached per file state)."""
   return _load(data_name, split, _stamp(data_name, split))

@@ -222,6 +222,16 @@ def _listing(data_name: str, split: str) -> Listing:
                              class_names=train.class_names)
 
 
+def splits(data_config) -> tuple[str, ...]:
+  """The splits of data.name='folder:<DIR>': ('train', 'test') when DIR/train/ has a test/ or val/
+  next to it, else ('train',)."""
+  _split_folder(data_config.name, "train")  # a missing DIR: its error
+  root = directory(data_config.name)
+  has_test = os.path.isdir(os.path.join(root, "train")) and any(
+      os.path.isdir(os.path.join(root, name)) for name in TEST_FOLDERS)
+  return SPLITS if has_test else ("train",)
+
+
 def class_names(data_config) -> tuple[str, ...]:
   """The class folder names of split 'train', sorted: label i is class_names[i]; () if flat."""
   return list_folder(_split_folder(data_config.name, "train")).class_names
