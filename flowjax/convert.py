@@ -8,7 +8,8 @@ writes a workdir (an orbax checkpoint at step 0 and config.json) that `--mode=sa
 must build the official architecture (the presets that name an official network do).
 
 Readers: a torch state dict as .pt/.pth (needs torch) or .safetensors (no torch), a .npz of named
-arrays, and a checkpoint dict holding the state dict under one of the usual keys ("model",
+arrays, an EDM-style network pickle (.pkl, as IMM publishes; no torch, no code from the file
+runs: flowjax.network_pickle), and a checkpoint dict holding the state dict under one of the usual keys ("model",
 "state_dict", "ema", ...); the "module." / "_orig_mod." prefixes of DistributedDataParallel and
 torch.compile are dropped. Every source tensor must be used and every flowjax parameter filled
 with its shape: a missing, extra or mis-shaped key stops the conversion with the list of them.
@@ -23,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from flowjax import network_pickle
+
 CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "net", "ema", "module")
 
 
@@ -31,10 +34,11 @@ class ConversionError(ValueError):
 
 
 def read_state_dict(path: str, key: str = "") -> dict[str, np.ndarray]:
-  """{name: float32 NumPy array} of a torch state dict in .safetensors, .npz or .pt/.pth.
+  """{name: float32 NumPy array} of a torch state dict in .safetensors, .npz or .pt/.pth, or of
+  the network in an EDM-style network pickle (.pkl, read without torch: network_pickle).
 
   key: the entry of a checkpoint dict that holds the state dict ("" = find it: the file itself,
-  or the first of CHECKPOINT_KEYS present).
+  or the first of CHECKPOINT_KEYS present); for a .pkl, the network ("" = 'ema').
   """
   if not os.path.isfile(path):
     raise ConversionError(f"--checkpoint={path!r} is not a file.")
@@ -46,6 +50,9 @@ def read_state_dict(path: str, key: str = "") -> dict[str, np.ndarray]:
     elif extension == ".npz":
       with np.load(path, allow_pickle=False) as data:
         tensors = {name: data[name] for name in data.files}
+    elif extension == ".pkl":
+      tensors = network_pickle.state_dict(path, key)
+      key = ""
     elif extension in (".pt", ".pth", ".bin", ".ckpt"):
       try:
         import torch
@@ -56,9 +63,11 @@ def read_state_dict(path: str, key: str = "") -> dict[str, np.ndarray]:
       tensors = torch.load(path, map_location="cpu", weights_only=True)
     else:
       raise ConversionError(f"--checkpoint={path!r}: unknown file type {extension!r}; use "
-                            ".safetensors, .npz, .pt or .pth.")
+                            ".safetensors, .npz, .pt, .pth or an EDM-style network .pkl.")
   except ConversionError:
     raise
+  except network_pickle.PickleError as error:
+    raise ConversionError(f"--checkpoint={path!r}: {error}") from error
   except Exception as error:
     raise ConversionError(f"{path} could not be read ({type(error).__name__}: "
                           f"{str(error)[:300]}); is it a complete, uncorrupted file?") from error

@@ -501,12 +501,17 @@ def imm_objective(name, f_type=None):
   return config, train.build(config).objective
 
 
-@pytest.fixture(scope="module", params=list(IMM))
+# imm_songunet also as the EDM-style network pickle IMM publishes (tests/reference/
+# make_edm_pickle.py), read without torch.
+IMM_FILES = {"imm_songunet": "imm_songunet.safetensors", "imm_dit": "imm_dit.safetensors",
+             "imm_songunet_pkl": "imm_songunet_edm.pkl"}
+
+
+@pytest.fixture(scope="module", params=list(IMM_FILES))
 def imm_reference(request, tmp_path_factory):
-  name = request.param
+  name = request.param.removesuffix("_pkl")
   config, objective = imm_objective(name)
-  fmt = name
-  params = convert.convert(config, os.path.join(REFERENCE, name + ".safetensors"), fmt,
+  params = convert.convert(config, os.path.join(REFERENCE, IMM_FILES[request.param]), name,
                            str(tmp_path_factory.mktemp(name)))
   with open(os.path.join(REFERENCE, name + ".json")) as f:
     info = json.load(f)
@@ -532,8 +537,7 @@ def test_imm_network_and_preconditioned_step_match_the_official_model(imm_refere
   # Without the s branch: the backbone called with the one time t.
   model = objective.model
   backbone_x = nhwc(ref["backbone_in_x"])
-  apply = dict(train=False) if name == "imm_songunet" else dict(train=False)
-  no_s = model.apply({"params": params}, backbone_x, (t,), labels, **apply)
+  no_s = model.apply({"params": params}, backbone_x, (t,), labels, train=False)
   assert_matches(no_s, ref["F_no_s"], "F_no_s")
   for f_type in info.get("f_types", [info["kwargs"].get("f_type")]):
     _, objective = imm_objective(name, f_type)
