@@ -44,9 +44,10 @@ def check_same_config(config, workdir: str) -> None:
 def run_eval(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint; writes eval/step_N.json.
 
-  Beside the objective's loss: bits/dim when the objective has an exact likelihood, and FID and
-  Inception Score when eval.inception_weights and eval.fid_reference are set (skipped with a
-  warning otherwise).
+  Beside the objective's loss: bits/dim when the objective has an exact likelihood, and FID,
+  precision and recall (and the Inception Score with the Inception network) when the feature
+  extractor (eval.feature_extractor: its weights) and eval.fid_reference are set (skipped with a
+  warning when they are configured but unusable).
   """
   setup, state = load(config, workdir)
   writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)

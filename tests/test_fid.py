@@ -265,27 +265,44 @@ def test_preprocess_tiles_grayscale_and_resizes_bilinearly_like_pytorch_fid():
 
 
 def test_reference_statistics_cover_the_first_examples_once_and_round_trip(tiny, tmp_path):
+  """Statistics of the first 24 test digits (the running float64 moments equal np.cov of all
+  features), with 10 of their feature vectors, distinct and drawn with the seed, kept for
+  precision and recall; the file round-trips."""
   _, weights, inception = tiny
   num = 24  # two global batches of 16, the second cut short
   out = str(tmp_path / "reference.npz")
-  fid.save_statistics(out, *fid.dataset_statistics(tiny_config(), inception, "test", num))
-  mu, sigma = fid.load_statistics(out)
+  fid.save_reference(out, fid.dataset_statistics(tiny_config(), inception, "test", num, 10))
+  reference = fid.load_reference(out)
   images = digits.load()[0][digits.NUM_TRAIN:digits.NUM_TRAIN + num]
-  expected_mu, expected_sigma = fid.feature_statistics(inception.features_and_logits(images)[0])
-  np.testing.assert_allclose(mu, expected_mu, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-4, atol=1e-7)
-  assert int(np.load(out)["num_examples"]) == num
-  np.savez(tmp_path / "bad_stats.npz", mean=mu)
+  features = inception.features_and_logits(images)[0]
+  expected_mu, expected_sigma = fid.feature_statistics(features)
+  np.testing.assert_allclose(reference.mu, expected_mu, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(reference.sigma, expected_sigma, rtol=1e-4, atol=1e-7)
+  assert reference.num_examples == num and reference.feature_extractor == "inception"
+  assert reference.digest == inception.digest == fid.params_digest(fid.load_weights(weights)[0])
+  rows = [int(np.argmin(np.abs(features - kept).max(1))) for kept in reference.features]
+  np.testing.assert_allclose(reference.features, features[rows], rtol=1e-5, atol=1e-6)
+  assert len(set(rows)) == 10 and rows != sorted(rows)  # distinct, in random order
+  again = fid.dataset_statistics(tiny_config(), inception, "test", num, 10)
+  np.testing.assert_array_equal(again.features, reference.features)
+  other_seed = fid.dataset_statistics(tiny_config(seed=1), inception, "test", num, 10)
+  assert not np.array_equal(other_seed.features, reference.features)
+  assert fid.dataset_statistics(tiny_config(), inception, "test", num, 0).features is None
+  np.savez(tmp_path / "bad_stats.npz", mean=reference.mu)
   with pytest.raises(fid.AssetError, match="not 'mu' and 'sigma'.*--stats"):
-    fid.load_statistics(str(tmp_path / "bad_stats.npz"))
+    fid.load_reference(str(tmp_path / "bad_stats.npz"))
+  np.savez(tmp_path / "bad_features.npz", mu=reference.mu, sigma=reference.sigma,
+           pr_features=np.zeros((3, 5)))
+  with pytest.raises(fid.AssetError, match=r"pr_features \(3, 5\); expected \[M, 128\]"):
+    fid.load_reference(str(tmp_path / "bad_features.npz"))
 
 
 def test_fid_evaluator_skips_with_a_warning_and_reports_when_configured(tiny, tmp_path, caplog):
   _, weights, inception = tiny
   reference = str(tmp_path / "reference.npz")
   real = digits.load()[0][:32]
-  fid.save_statistics(reference, *fid.feature_statistics(inception.features_and_logits(real)[0]),
-                      num_examples=32)
+  fid.save_reference(reference, fid.Reference(
+      *fid.feature_statistics(inception.features_and_logits(real)[0]), num_examples=32))
   setup = train.build(tiny_config(**{"eval.inception_weights": weights,
                                      "eval.fid_reference": reference,
                                      "eval.fid_num_samples": 20}))

@@ -35,8 +35,9 @@ class Evaluable(NamedTuple):
 
 
 def quality_metrics(model: Evaluable) -> dict:
-  """eval_bits_per_dim (exact-likelihood objectives) and eval_fid, eval_inception_score(_std)
-  (when the Inception assets are configured) of the sampled parameters."""
+  """eval_bits_per_dim (exact-likelihood objectives) and eval_fid, eval_precision, eval_recall
+  and, in Inception features, eval_inception_score(_std) (when the feature extractor's weights and
+  the reference statistics are configured) of the sampled parameters."""
   from flowjax.evals import fid, nll  # here, so that `python -m flowjax.evals.fid` runs cleanly
   result = {}
   if nll.has_likelihood(model.objective):

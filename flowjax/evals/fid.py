@@ -17,19 +17,29 @@ same state-dict names, written where torch is installed, is accepted without it)
   python -m flowjax.evals.fid --convert pt_inception-2015-12-05-6726825d.pth --out inception_fid.npz
 
 Reference statistics (mean and covariance of the 2048 pool features over a dataset split, the
-`mu`/`sigma` .npz layout of pytorch-fid, whose own statistics files are read as they are):
+`mu`/`sigma` .npz layout of pytorch-fid, whose own statistics files are read as they are), with
+up to --num_pr_features (default 10,000) feature vectors of examples drawn with the config's
+seed for precision and recall (arXiv:1904.06991, `flowjax.evals.precision_recall`):
 
   python -m flowjax.evals.fid --stats --config=experiments/imm_cifar10.py \
       --weights=inception_fid.npz --out=cifar10_train_stats.npz [--split=train] [--num_examples=N]
 
+Any config key can be overridden as for flowjax.main, so the same command reads your own data
+(`--config.data.name=folder:DIR` or `arrays:PATH`, `--config.data.image_size=S`): images are
+served as training sees them (resized and cropped to S, grey-scale with one channel) and then,
+like samples, tiled to RGB and resized to 299 x 299. With `eval.feature_extractor='classifier'`
+the features are those of a classifier trained on the data (`flowjax.evals.classifier`) instead.
+
 Then set `eval.inception_weights` and `eval.fid_reference` in the config; `--mode=eval` reports
-eval_fid, eval_inception_score and eval_inception_score_std from `eval.fid_num_samples` samples.
-Samples are measured as float images; they are not rounded to 8 bits first.
+eval_fid, eval_inception_score, eval_inception_score_std and, when the reference file holds
+feature vectors, eval_precision and eval_recall from `eval.fid_num_samples` samples. Samples are
+measured as float images; they are not rounded to 8 bits first.
 """
 
 import argparse
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -37,7 +47,7 @@ import sys
 import types
 import zipfile
 import zlib
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -46,12 +56,16 @@ import numpy as np
 from flax import traverse_util
 from scipy import special
 
+from flowjax.config import FEATURE_EXTRACTORS
+from flowjax.evals import precision_recall
+
 INPUT_SIZE = 299
 MIN_INPUT_SIZE = 75
 NUM_FEATURES = 2048
 NUM_CLASSES = 1008
 BATCH_NORM_EPSILON = 1e-3
 WIDTH_DIVISORS = (1, 2, 4, 8, 16)
+NUM_PR_FEATURES = 10_000
 TORCH_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 CONVERT_COMMAND = f"python -m flowjax.evals.fid --convert {TORCH_WEIGHTS_FILE} --out OUT.npz"
 _PRECISION = jax.lax.Precision.HIGHEST
@@ -388,8 +402,8 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     raise AssetError(f"The Inception weight file {path} does not exist; download pytorch-fid's "
                      f"{TORCH_WEIGHTS_FILE} and give its path.")
   if path.endswith(".npz"):
-    return _read_npz(path, "state dict file", "write it with numpy.savez(PATH, **{name: "
-                     "tensor.numpy()}) from pytorch-fid's state dict")
+    return read_npz(path, "state dict file", "write it with numpy.savez(PATH, **{name: "
+                    "tensor.numpy()}) from pytorch-fid's state dict")
   if path.endswith(".safetensors"):
     try:
       from safetensors.numpy import load_file
@@ -421,11 +435,13 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 def convert(in_path: str, out_path: str) -> dict[str, np.ndarray]:
   """Reads pytorch-fid's weights from `in_path` and writes the runtime .npz to `out_path`."""
   arrays = convert_state_dict(read_state_dict(in_path), source=in_path)
-  _save_npz(out_path, arrays)
+  save_npz(out_path, arrays)
   return arrays
 
 
-def _save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+def save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+  """Writes `arrays` as an .npz at `path` (parent folders created), atomically: a reader never
+  sees a partial file."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   partial = path + ".partial"
@@ -436,11 +452,13 @@ def _save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
 
 def save_weights(path: str, params: Mapping) -> None:
   """Writes network parameters (a nested dict) as the runtime .npz."""
-  _save_npz(path, {"/".join(key): np.asarray(value, np.float32)
-                   for key, value in traverse_util.flatten_dict(dict(params)).items()})
+  save_npz(path, {"/".join(key): np.asarray(value, np.float32)
+                  for key, value in traverse_util.flatten_dict(dict(params)).items()})
 
 
-def _read_npz(path: str, what: str, fix: str) -> dict[str, np.ndarray]:
+def read_npz(path: str, what: str, fix: str) -> dict[str, np.ndarray]:
+  """{name: array} of the .npz at `path`; raises AssetError '<The what> <path> does not exist /
+  is not a readable .npz (...); <fix>.'"""
   if not os.path.isfile(path):
     raise AssetError(f"The {what} {path} does not exist; {fix}.")
   try:
@@ -460,7 +478,7 @@ def load_weights(path: str) -> tuple[dict, int]:
   fix = f"convert pytorch-fid's weights with `{CONVERT_COMMAND}`"
   if path.endswith((".pth", ".pt")):
     raise AssetError(f"{path} is a torch file; {fix} and give the .npz.")
-  arrays = _read_npz(path, "Inception weight file", fix)
+  arrays = read_npz(path, "Inception weight file", fix)
   if any("." in key and "/" not in key for key in arrays):
     raise AssetError(f"{path} holds torch state-dict names (e.g. {sorted(arrays)[0]!r}), not "
                      f"converted weights; {fix.replace(TORCH_WEIGHTS_FILE, path)}.")
@@ -498,12 +516,46 @@ def default_mesh() -> jax.sharding.Mesh:
   return sharding.make_mesh(types.SimpleNamespace(data=-1, fsdp=1, tensor=1))
 
 
+def params_digest(params) -> str:
+  """A 16-hex-digit fingerprint of a parameter tree (names, shapes, dtypes and values), stored
+  with reference statistics so that features of other weights are not compared with them."""
+  digest = hashlib.sha256()
+  for key, value in sorted(traverse_util.flatten_dict(dict(params), sep="/").items()):
+    value = np.ascontiguousarray(np.asarray(value))
+    digest.update(f"{key}:{value.dtype.str}:{value.shape};".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()[:16]
+
+
+def batched_outputs(forward, params, images, batch_size: int, batch_sharding
+                    ) -> tuple[np.ndarray, ...]:
+  """forward(params, [batch_size, ...]) -> tuple of [batch_size, ...] arrays, applied to images:
+  [N, H, W, C] (a host array, the same on every process, or a jax.Array: a global batch already
+  sharded like batch_sharding is used in place) in zero-padded batches sharded by
+  batch_sharding. Returns the tuple's arrays for the N images as float32 NumPy arrays."""
+  if isinstance(images, jax.Array) and images.sharding == batch_sharding:
+    return tuple(np.asarray(a) for a in jax.device_get(forward(params, images)))
+  images = np.asarray(jax.device_get(images), np.float32)
+  if images.ndim != 4 or len(images) < 1:
+    raise ValueError(f"images must be [N, H, W, C] with N >= 1; got {images.shape}.")
+  outputs = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    padded = np.concatenate(
+        [chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], np.float32)])
+    batch = jax.make_array_from_callback(padded.shape, batch_sharding,
+                                         lambda index, padded=padded: padded[index])
+    outputs.append([np.asarray(a)[:len(chunk)] for a in jax.device_get(forward(params, batch))])
+  return tuple(np.concatenate(parts) for parts in zip(*outputs))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Inception:
-  """The loaded network on a mesh. Build it with `load`.
+  """The loaded network on a mesh, a feature extractor. Build it with `load`.
 
   params: replicated on `mesh`; image_size: the network's input resolution (299 for FID);
-  batch_size: images per compiled call, a multiple of the mesh's batch shards.
+  batch_size: images per compiled call, a multiple of the mesh's batch shards; digest: the
+  weights' `params_digest`.
   """
   params: Any
   width_divisor: int
@@ -511,33 +563,24 @@ class Inception:
   batch_size: int
   mesh: Any
   forward: Any
+  digest: str = ""
+  name = "inception"
 
   @property
   def batch_sharding(self):
     from flowjax import sharding
     return sharding.batch_sharding(self.mesh)
 
+  @property
+  def num_features(self) -> int:
+    return NUM_FEATURES // self.width_divisor
+
   def features_and_logits(self, images) -> tuple[np.ndarray, np.ndarray]:
-    """images: [N, H, W, C] in [-1, 1], C = 3 or 1: a host array (the same on every process)
-    or a jax.Array (a global batch already sharded like `batch_sharding` is used in place).
-    Returns (pool features [N, 2048 / width_divisor], unbiased logits [N, 1008]) as float32
-    NumPy arrays, computed in sharded batches of `batch_size`."""
-    if isinstance(images, jax.Array) and images.sharding == self.batch_sharding:
-      return tuple(np.asarray(a) for a in jax.device_get(self.forward(self.params, images)))
-    images = np.asarray(jax.device_get(images), np.float32)
-    if images.ndim != 4 or len(images) < 1:
-      raise ValueError(f"images must be [N, H, W, C] with N >= 1; got {images.shape}.")
-    features, logits = [], []
-    for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      padded = np.concatenate(
-          [chunk, np.zeros((self.batch_size - len(chunk),) + chunk.shape[1:], np.float32)])
-      batch = jax.make_array_from_callback(padded.shape, self.batch_sharding,
-                                           lambda index, padded=padded: padded[index])
-      chunk_features, chunk_logits = jax.device_get(self.forward(self.params, batch))
-      features.append(np.asarray(chunk_features)[:len(chunk)])
-      logits.append(np.asarray(chunk_logits)[:len(chunk)])
-    return np.concatenate(features), np.concatenate(logits)
+    """images: [N, H, W, C] in [-1, 1], C = 3 or 1 (see `batched_outputs`). Returns (pool
+    features [N, 2048 / width_divisor], unbiased logits [N, 1008]) as float32 NumPy arrays,
+    computed in sharded batches of `batch_size`."""
+    return batched_outputs(self.forward, self.params, images, self.batch_size,
+                           self.batch_sharding)
 
 
 def from_params(params, width_divisor: int = 1, *, mesh=None, image_size: int = INPUT_SIZE,
@@ -550,10 +593,11 @@ def from_params(params, width_divisor: int = 1, *, mesh=None, image_size: int = 
     raise ValueError(f"image_size must be >= {MIN_INPUT_SIZE}; got {image_size}.")
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   batch_size = shards * math.ceil(max(1, batch_size) / shards)
+  digest = params_digest(jax.device_get(params))
   params = jax.device_put(jax.tree.map(jnp.asarray, params), sharding.replicated(mesh))
   return Inception(params=params, width_divisor=width_divisor, image_size=image_size,
                    batch_size=batch_size, mesh=mesh,
-                   forward=_forward_fn(width_divisor, image_size, mesh))
+                   forward=_forward_fn(width_divisor, image_size, mesh), digest=digest)
 
 
 @functools.cache
@@ -640,17 +684,47 @@ def inception_score(logits, num_splits: int = 10) -> tuple[float, float]:
   return float(np.mean(scores)), float(np.std(scores))
 
 
-def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, num_examples: int) -> None:
-  """Writes reference statistics as .npz: mu [F], sigma [F, F] (float64), num_examples."""
-  _save_npz(path, {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64),
-                   "num_examples": np.int64(num_examples)})
+# Reference files: the statistics of a dataset split in one feature space, with a seeded random
+# subset of its feature vectors for precision and recall.
+
+class Reference(NamedTuple):
+  """What a reference file holds.
+
+  mu: [F] and sigma: [F, F] float64, the features' mean and covariance over num_examples
+  examples; features: [M, F] float32, M <= --num_pr_features feature vectors of distinct examples
+  drawn at random (in random order, so that any prefix is a random subset), or None (files
+  written without them, pytorch-fid's files); feature_extractor: the network's name ('inception'
+  or 'classifier') and digest: its weights' `params_digest`, both '' when not recorded.
+  """
+  mu: np.ndarray
+  sigma: np.ndarray
+  num_examples: int
+  features: np.ndarray | None = None
+  feature_extractor: str = ""
+  digest: str = ""
 
 
-def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(mu [F], sigma [F, F]) float64 from a statistics .npz (this module's or pytorch-fid's)."""
-  fix = ("compute them with `python -m flowjax.evals.fid --stats --config=... --weights=... "
-         f"--out={path}`")
-  arrays = _read_npz(path, "FID reference statistics file", fix)
+def save_reference(path: str, reference: Reference) -> None:
+  """Writes a reference .npz: mu [F], sigma [F, F] (float64), num_examples and, when present,
+  pr_features [M, F] (float32), feature_extractor and feature_digest (strings)."""
+  arrays = {"mu": np.asarray(reference.mu, np.float64),
+            "sigma": np.asarray(reference.sigma, np.float64),
+            "num_examples": np.int64(reference.num_examples)}
+  if reference.features is not None:
+    arrays["pr_features"] = np.asarray(reference.features, np.float32)
+  if reference.feature_extractor:
+    arrays["feature_extractor"] = np.array(reference.feature_extractor)
+  if reference.digest:
+    arrays["feature_digest"] = np.array(reference.digest)
+  save_npz(path, arrays)
+
+
+def load_reference(path: str, fix: str | None = None) -> Reference:
+  """The Reference in a statistics .npz (this module's, or pytorch-fid's mu/sigma files); fix:
+  the advice appended to every AssetError (default: the --stats command in general form)."""
+  fix = fix or ("compute them with `python -m flowjax.evals.fid --stats --config=... "
+                f"--weights=... --out={path}`")
+  arrays = read_npz(path, "FID reference statistics file", fix)
   if "mu" not in arrays or "sigma" not in arrays:
     raise AssetError(f"The FID reference statistics file {path} has entries {sorted(arrays)}, "
                      f"not 'mu' and 'sigma'; {fix}.")
@@ -658,21 +732,71 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
   if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
     raise AssetError(f"The FID reference statistics file {path} has mu {mu.shape} and sigma "
                      f"{sigma.shape}; expected [F] and [F, F]; {fix}.")
-  if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+  features = arrays.get("pr_features")
+  if features is not None and (features.ndim != 2 or features.shape[1] != len(mu)):
+    raise AssetError(f"The FID reference statistics file {path} has pr_features "
+                     f"{features.shape}; expected [M, {len(mu)}]; {fix}.")
+  if not all(np.isfinite(a).all() for a in (mu, sigma) + (() if features is None else (features,))):
     raise AssetError(f"The FID reference statistics file {path} has non-finite values; {fix}.")
-  return mu, sigma
+  return Reference(mu=mu, sigma=sigma, num_examples=int(arrays.get("num_examples", 0)),
+                   features=None if features is None else features.astype(np.float32),
+                   feature_extractor=str(arrays.get("feature_extractor", "")),
+                   digest=str(arrays.get("feature_digest", "")))
 
 
-def dataset_statistics(config, inception: Inception, split: str = "train",
-                       num_examples: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-  """(mu, sigma, n): the statistics of the first n = num_examples (default: all) examples of
-  a split of `config.data`, read in order without random flips, in global batches of
-  config.train.batch_size sharded over the Inception's mesh."""
+def check_reference(reference: Reference, extractor, path: str, fix: str) -> None:
+  """Raises AssetError when `reference` was computed in another feature space than that of
+  `extractor` (another network or other weights, where the file records them, or another
+  feature count)."""
+  recorded = reference.feature_extractor
+  if recorded and (recorded != extractor.name or
+                   (reference.digest and reference.digest != extractor.digest)):
+    raise AssetError(f"The FID reference statistics file {path} holds {recorded} features of "
+                     f"weights {reference.digest or '(unrecorded)'}, but the evaluation uses "
+                     f"{extractor.name} features of weights {extractor.digest}; {fix}.")
+  if len(reference.mu) != extractor.num_features:
+    raise AssetError(f"The FID reference statistics file {path} has {len(reference.mu)} features "
+                     f"but the {extractor.name} network gives {extractor.num_features}; {fix}.")
+
+
+class _Moments:
+  """Running mean and covariance of feature batches in float64, accumulated about the first
+  batch's mean (a shift that keeps the cancellation in sum(x x^T) - n mu mu^T small)."""
+
+  def __init__(self):
+    self.count, self.shift, self.total, self.outer = 0, None, None, None
+
+  def add(self, features: np.ndarray) -> None:
+    features = np.asarray(features, np.float64)
+    if self.shift is None:
+      self.shift = features.mean(0)
+      self.total = np.zeros_like(self.shift)
+      self.outer = np.zeros((len(self.shift), len(self.shift)))
+    centred = features - self.shift
+    self.count += len(features)
+    self.total += centred.sum(0)
+    self.outer += centred.T @ centred
+
+  def result(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [F], unbiased covariance [F, F]), as `feature_statistics` of all batches."""
+    mean = self.total / self.count
+    cov = (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
+    return self.shift + mean, (cov + cov.T) / 2
+
+
+def dataset_statistics(config, extractor, split: str = "train", num_examples: int | None = None,
+                       num_pr_features: int = NUM_PR_FEATURES) -> Reference:
+  """The Reference of the first n = num_examples (default: all) examples of a split of
+  `config.data` in the features of `extractor` (an Inception, or a flowjax.evals.classifier
+  Classifier), read in order without random flips or labels, in global batches of
+  config.train.batch_size sharded over the extractor's mesh. min(num_pr_features, n) feature
+  vectors of examples drawn with config.seed are kept for precision and recall."""
   import ml_collections
 
   from flowjax import data
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.random_flip = False
+  data_config.conditional = False  # statistics need no labels; a flat folder has none
   info = data.data_info(data_config, split)
   total = num_examples or info.num_examples
   if not total or total < 2:
@@ -681,60 +805,144 @@ def dataset_statistics(config, inception: Inception, split: str = "train",
   if info.num_examples is not None and total > info.num_examples:
     raise ValueError(f"num_examples={total} exceeds the {info.num_examples} examples of split "
                      f"{split!r}.")
+  keep = np.random.default_rng(config.seed).permutation(total)[:max(0, num_pr_features)]
+  kept = None
+  moments = _Moments()
   batch_size = config.train.batch_size
   batches = data.build(data_config, split=split, global_batch_size=batch_size, seed=config.seed,
-                       sharding=inception.batch_sharding, shuffle=False)
-  features = []
+                       sharding=extractor.batch_sharding, shuffle=False)
   try:
-    for _ in range(math.ceil(total / batch_size)):
-      features.append(inception.features_and_logits(next(batches)["image"])[0])
+    for start in range(0, total, batch_size):
+      features = extractor.features_and_logits(next(batches)["image"])[0][:total - start]
+      moments.add(features)
+      if kept is None:
+        kept = np.zeros((len(keep), features.shape[1]), np.float32)
+      slots = np.nonzero((keep >= start) & (keep < start + len(features)))[0]
+      kept[slots] = features[keep[slots] - start]
   finally:
     batches.close()
-  mu, sigma = feature_statistics(np.concatenate(features)[:total])
-  return mu, sigma, total
+  mu, sigma = moments.result()
+  return Reference(mu=mu, sigma=sigma, num_examples=total,
+                   features=kept if len(keep) else None, feature_extractor=extractor.name,
+                   digest=extractor.digest)
 
 
-def scores(features: np.ndarray, logits: np.ndarray, mu: np.ndarray, sigma: np.ndarray,
+def scores(features: np.ndarray, logits: np.ndarray | None, mu: np.ndarray, sigma: np.ndarray,
            num_splits: int = 10) -> dict[str, float]:
-  """{'fid', 'inception_score', 'inception_score_std'} of samples' features [N, F] and unbiased
-  logits [N, K] against reference statistics mu [F], sigma [F, F]."""
+  """{'fid'} and, given unbiased Inception logits [N, K], {'inception_score',
+  'inception_score_std'} of samples' features [N, F] against reference statistics mu [F],
+  sigma [F, F]."""
   features = np.asarray(features)
   if features.shape[1:] != mu.shape:
     raise AssetError(f"The reference statistics have {len(mu)} features but the network gives "
                      f"{features.shape[1]}; compute them with the same weight file.")
-  splits = min(num_splits, len(logits))
-  score, score_std = inception_score(logits, splits)
-  return {"fid": frechet_distance(*feature_statistics(features), mu, sigma),
-          "inception_score": score, "inception_score_std": score_std}
+  values = {"fid": frechet_distance(*feature_statistics(features), mu, sigma)}
+  if logits is not None:
+    score, score_std = inception_score(logits, min(num_splits, len(logits)))
+    values.update(inception_score=score, inception_score_std=score_std)
+  return values
+
+
+# Feature extractors: eval.feature_extractor names the network whose features FID and precision
+# and recall are measured in.
+
+def feature_extractor_name(config) -> str:
+  return config.eval.get("feature_extractor", "inception")
+
+
+def weights_key(config) -> str:
+  """The eval key that names the weight file of eval.feature_extractor."""
+  return ("classifier_weights" if feature_extractor_name(config) == "classifier"
+          else "inception_weights")
+
+
+def stats_command(config, out: str) -> str:
+  """The --stats command that writes the reference file `out` for this config's data and
+  feature extractor."""
+  weights = config.eval.get(weights_key(config), "") or "WEIGHTS.npz"
+  network = (f"--weights={weights}" if feature_extractor_name(config) == "inception" else
+             f"--config.eval.feature_extractor=classifier --config.eval.classifier_weights="
+             f"{weights}")
+  return (f"python -m flowjax.evals.fid --stats --config=EXPERIMENT.py "
+          f"--config.data.name={config.data.name} --config.data.image_size="
+          f"{config.data.image_size} {network} --out={out}")
+
+
+def load_feature_extractor(config, image_shape=None, *, weights: str | None = None, mesh=None,
+                           image_size: int = INPUT_SIZE):
+  """The network of eval.feature_extractor with `weights` (default: the file its eval key
+  names): 'inception', the FID Inception (see `load`), or 'classifier', the network of
+  flowjax.evals.classifier for images of image_shape (H, W, C; checked when given). Both have
+  name, digest, num_features, batch_sharding and features_and_logits(images). Raises AssetError
+  naming the file and the command that makes it when it is missing, damaged or made for other
+  images."""
+  name = feature_extractor_name(config)
+  weights = weights or config.eval.get(weights_key(config), "")
+  batch_size = config.train.batch_size
+  if name == "inception":
+    return load(weights, mesh=mesh, image_size=image_size, batch_size=batch_size)
+  if name == "classifier":
+    from flowjax.evals import classifier
+    return classifier.load(weights, image_shape=image_shape, mesh=mesh, batch_size=batch_size,
+                           fix=f"train it with `{classifier.train_command(config, weights)}`")
+  raise AssetError(f"eval.feature_extractor={name!r} is not one of {FEATURE_EXTRACTORS}.")
+
+
+def _precision_recall(reference: Reference, features: np.ndarray, path: str) -> dict:
+  """{'precision', 'recall'} of the first n = min(M, N) sample features against the first n
+  reference vectors (a random subset), or {} with a log line when the file has none."""
+  if reference.features is None:
+    logging.info("Precision and recall skipped: %s holds no reference feature vectors (an older "
+                 "or pytorch-fid statistics file); write it again with `python -m "
+                 "flowjax.evals.fid --stats` to get them.", path)
+    return {}
+  num = min(len(reference.features), len(features))
+  if num <= precision_recall.K:
+    logging.warning("Precision and recall skipped: they need more than k = %d samples and "
+                    "reference vectors; there are %d samples and %d vectors in %s.",
+                    precision_recall.K, len(features), len(reference.features), path)
+    return {}
+  return precision_recall.precision_recall(reference.features[:num], features[:num])
 
 
 def evaluate_run(model, *, image_size: int = INPUT_SIZE) -> dict[str, float]:
-  """FID and Inception Score of `eval.fid_num_samples` samples of a trained model (an
-  evals.Evaluable: its sampler and parameters are those of `sample.*`), against
-  `eval.fid_reference` with `eval.inception_weights`.
+  """FID and precision and recall (arXiv:1904.06991, k = 3) of `eval.fid_num_samples` samples of
+  a trained model (an evals.Evaluable: its sampler and parameters are those of `sample.*`)
+  against `eval.fid_reference`, in the features of `eval.feature_extractor`: the FID Inception
+  (`eval.inception_weights`, which adds the Inception Score) or a classifier trained on the data
+  (`eval.classifier_weights`, flowjax.evals.classifier).
 
-  Returns {'eval_fid', 'eval_inception_score', 'eval_inception_score_std'}, or {} with a warning
-  when the weights or reference statistics are not set, missing or do not fit. The noise is the
-  same at every step, so values at different steps are comparable. image_size: the network's
-  input resolution (299 for FID; smaller only to test a reduced network cheaply).
+  Returns {'eval_fid', 'eval_precision', 'eval_recall'} and with the Inception
+  'eval_inception_score', 'eval_inception_score_std'. Precision and recall use n = min(samples,
+  reference vectors) of each and are left out, with a log line, for reference files without
+  feature vectors. Returns {} with an info log when the files are not set, and with a warning
+  naming the file and the command that makes it when one is missing or does not fit. The noise
+  is the same at every step, so values at different steps are comparable. image_size: the
+  Inception's input resolution (299 for FID; smaller only to test a reduced network cheaply).
   """
   config = model.config
   shape = tuple(model.info.image_shape)
   if len(shape) != 3 or shape[-1] not in (1, 3):
     logging.info("No FID: the data (shape %s) are not RGB or grayscale images.", shape)
     return {}
-  weights = config.eval.get("inception_weights", "")
-  reference = config.eval.get("fid_reference", "")
-  if not weights or not reference:
+  name = feature_extractor_name(config)
+  weights = config.eval.get(weights_key(config), "")
+  reference_path = config.eval.get("fid_reference", "")
+  if not weights or not reference_path:
     # Not configured is a choice (most CPU runs); configured but unreadable is a warning below.
-    logging.info("FID skipped: set eval.inception_weights (converted with `%s`) and "
-                    "eval.fid_reference (from `python -m flowjax.evals.fid --stats`).",
-                    CONVERT_COMMAND)
+    if name == "classifier":
+      from flowjax.evals import classifier
+      make = f"trained with `{classifier.train_command(config, 'CLASSIFIER.npz')}`"
+    else:
+      make = f"converted with `{CONVERT_COMMAND}`"
+    logging.info("FID skipped: set eval.%s (%s) and eval.fid_reference (from `%s`).",
+                 weights_key(config), make, stats_command(config, "STATS.npz"))
     return {}
+  fix = f"compute it with `{stats_command(config, reference_path)}`"
   try:
-    inception = load(weights, mesh=model.mesh, image_size=image_size,
-                     batch_size=config.train.batch_size)
-    mu, sigma = load_statistics(reference)
+    extractor = load_feature_extractor(config, shape, mesh=model.mesh, image_size=image_size)
+    reference = load_reference(reference_path, fix)
+    check_reference(reference, extractor, reference_path, fix)
   except AssetError as error:
     logging.warning("FID skipped: %s", error)
     return {}
@@ -747,36 +955,75 @@ def evaluate_run(model, *, image_size: int = INPUT_SIZE) -> dict[str, float]:
   features, logits = [], []
   for index in range(math.ceil(num / chunk)):
     images = model.sample(jax.random.fold_in(rng, index))
-    chunk_features, chunk_logits = inception.features_and_logits(np.asarray(images))
+    chunk_features, chunk_logits = extractor.features_and_logits(np.asarray(images))
     features.append(chunk_features)
     logits.append(chunk_logits)
+  features = np.concatenate(features)[:num]
+  logits = np.concatenate(logits)[:num] if name == "inception" else None
   try:
-    values = scores(np.concatenate(features)[:num], np.concatenate(logits)[:num], mu, sigma)
+    values = scores(features, logits, reference.mu, reference.sigma)
   except AssetError as error:
     logging.warning("FID skipped: %s", error)
     return {}
+  values.update(_precision_recall(reference, features, reference_path))
   return {f"eval_{key}": value for key, value in values.items()}
+
+
+def load_cli_config(spec: str, overrides=()):
+  """The locked config of `--config=FILE.py[:preset]` with `--config.KEY=VALUE` overrides, parsed
+  as flowjax.main parses them. Raises ValueError naming a bad override or argument."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from flowjax import config as config_lib
+  path, _, preset = spec.partition(":")
+  config = config_lib.load_experiment(path, preset or None)
+  overrides = list(overrides)
+  if not overrides:
+    return config
+  flag_values = flags.FlagValues()
+  argv = ["python -m flowjax.evals", *overrides]
+  try:
+    holder = config_flags.DEFINE_config_dict("config", config, flag_values=flag_values,
+                                             sys_argv=argv)
+    rest = flag_values(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+    message = str(error).replace("\\n", " ").replace("\\'", "'").replace("\n", " ").strip()
+    if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+      message = message[1:-1]
+    raise ValueError(f"bad config override ({' '.join(overrides)}): {message}") from error
+  if len(rest) > 1:
+    raise ValueError(f"unrecognized arguments: {' '.join(rest[1:])}")
+  return holder.value
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
       prog="python -m flowjax.evals.fid",
-      description="Convert pytorch-fid's Inception weights (--convert) or compute FID reference "
-                  "statistics of a dataset split (--stats).")
+      description="Convert pytorch-fid's Inception weights (--convert) or compute reference "
+                  "statistics of a dataset split (--stats) in the features of "
+                  "eval.feature_extractor. --config.KEY=VALUE overrides any config key, as for "
+                  "flowjax.main (e.g. --config.data.name=folder:DIR).")
   parser.add_argument("--convert", metavar="IN", help=f"pytorch-fid's {TORCH_WEIGHTS_FILE} "
                       "(or a .npz/.safetensors of its state dict) to convert to --out")
   parser.add_argument("--stats", action="store_true",
                       help="write reference statistics of --config's data to --out")
   parser.add_argument("--out", required=True, help="the .npz to write")
   parser.add_argument("--config", help="experiment file[:preset] whose data section is read")
-  parser.add_argument("--weights", help="converted Inception weights (default: the config's "
-                      "eval.inception_weights)")
+  parser.add_argument("--weights", help="weights of the feature extractor (default: the config's "
+                      "eval.inception_weights, or eval.classifier_weights with "
+                      "eval.feature_extractor=classifier)")
   parser.add_argument("--split", default="train", help="dataset split (default: train)")
   parser.add_argument("--num_examples", type=int, default=None,
                       help="first N examples of the split (default: all)")
-  args = parser.parse_args(argv)
+  parser.add_argument("--num_pr_features", type=int, default=NUM_PR_FEATURES,
+                      help="feature vectors of distinct examples, drawn with the config's seed, "
+                      f"stored for precision and recall (default {NUM_PR_FEATURES}; 0: none)")
+  args, overrides = parser.parse_known_args(argv)
   if bool(args.convert) == bool(args.stats):
     parser.error("give exactly one of --convert IN or --stats.")
+  if overrides and not args.stats:
+    parser.error(f"unrecognized arguments: {' '.join(overrides)}")
   try:
     if args.convert:
       arrays = convert(args.convert, args.out)
@@ -785,20 +1032,29 @@ def main(argv=None) -> None:
       return
     if not args.config:
       parser.error("--stats needs --config=experiments/FILE.py[:preset].")
-    from flowjax import config as config_lib, sharding
-    sharding.start_runtime()
-    path, _, preset = args.config.partition(":")
-    config = config_lib.load_experiment(path, preset or None)
-    weights = args.weights or config.eval.get("inception_weights", "")
+    try:
+      config = load_cli_config(args.config, overrides)
+    except ValueError as error:
+      parser.error(str(error))
+    if feature_extractor_name(config) not in FEATURE_EXTRACTORS:
+      parser.error(f"eval.feature_extractor={feature_extractor_name(config)!r} is not one of "
+                   f"{FEATURE_EXTRACTORS}.")
+    weights = args.weights or config.eval.get(weights_key(config), "")
     if not weights:
-      parser.error("--stats needs --weights=PATH (or eval.inception_weights in the config).")
-    inception = load(weights, mesh=sharding.make_mesh(config.mesh),
-                     batch_size=config.train.batch_size)
-    mu, sigma, num = dataset_statistics(config, inception, args.split, args.num_examples)
+      parser.error(f"--stats needs --weights=PATH (or eval.{weights_key(config)} in the "
+                   "config).")
+    from flowjax import sharding
+    sharding.start_runtime()
+    extractor = load_feature_extractor(config, weights=weights,
+                                       mesh=sharding.make_mesh(config.mesh))
+    reference = dataset_statistics(config, extractor, args.split, args.num_examples,
+                                   args.num_pr_features)
     if jax.process_index() == 0:
-      save_statistics(args.out, mu, sigma, num)
-    print(f"Wrote {args.out}: statistics of {num} examples of {config.data.name} "
-          f"split {args.split!r}.")
+      save_reference(args.out, reference)
+    kept = 0 if reference.features is None else len(reference.features)
+    print(f"Wrote {args.out}: statistics of {reference.num_examples} examples of "
+          f"{config.data.name} split {args.split!r} in the {extractor.name} features, and "
+          f"{kept} feature vectors for precision and recall.")
   except AssetError as error:
     sys.exit(f"error: {error}")
 
