@@ -16,7 +16,7 @@ def get_config(arg=None):
                           fraction_r_equals_t=0.75, adaptive_p=1.0, adaptive_eps=0.01,
                           label_dropout=0.0))
   c.model = models.default_config("mlp")
-  c.model.update(dict(hidden_size=256, depth=4))
+  c.model.update(dict(hidden_size=256, depth=4, time_scale=1.0))
   c.data.update(dict(name="toy2d", toy_distribution="checkerboard", conditional=False))
   c.optim.update(dict(lr=1e-3, schedule="cosine", warmup_steps=100, final_lr=1e-5,
                       ema_decays=(0.999,)))

@@ -18,7 +18,8 @@ SECTIONS = ("objective", "model", "data", "mesh", "sharding", "optim", "train", 
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.dry_run", "train.progress", "train.max_skipped",
-    "train.matmul_precision", "mesh",
+    "train.matmul_precision", "train.on_divergence", "train.divergence_factor",
+    "train.divergence_warmup", "mesh",
     "ckpt.every_steps", "ckpt.max_to_keep", "ckpt.async_save", "eval", "sample", "data.num_workers",
     "data.prefetch", "data.tfds_data_dir",
 )
@@ -28,6 +29,9 @@ RESUMABLE_KEYS = (
 # asks for full float32 products (slower on accelerators), "tensorfloat32" and "bfloat16" for
 # those explicitly. bfloat16 models are unaffected.
 MATMUL_PRECISIONS = ("default", "float32", "tensorfloat32", "bfloat16")
+
+# eval.feature_extractor: the networks flowjax.evals.fid measures FID and precision/recall in.
+FEATURE_EXTRACTORS = ("inception", "classifier")
 
 # The logical axes models name (t5x-style); rules map them to mesh axes.
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "conv_in", "conv_out")
@@ -89,14 +93,19 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=64, grad_accum_steps=1, log_every=50, dry_run=False,
-      nonfinite="stop", max_skipped=20, progress="auto", matmul_precision="default"))
+      nonfinite="stop", max_skipped=20, progress="auto", matmul_precision="default",
+      on_divergence="warn", divergence_factor=10.0, divergence_warmup=200))
 
   c.ckpt = ml_collections.ConfigDict(dict(
       every_steps=500, max_to_keep=3, init_from="", async_save=True))
 
+  # eval.feature_extractor: the features FID and precision/recall are measured in: 'inception'
+  # (eval.inception_weights, comparable to published FIDs) or 'classifier' (eval.classifier_weights,
+  # a small CNN trained on the data by flowjax.evals.classifier, for comparing runs on that data).
   c.eval = ml_collections.ConfigDict(dict(every_steps=0, num_batches=4, split="test",
                                           inception_weights="", fid_reference="",
-                                          fid_num_samples=50_000))
+                                          fid_num_samples=50_000, feature_extractor="inception",
+                                          classifier_weights=""))
 
   c.sample = ml_collections.ConfigDict(dict(
       every_steps=0, num=64, num_steps=50, method="euler", guidance=1.0, use_ema=True,
@@ -252,9 +261,19 @@ def validate(config, num_devices: int) -> None:
          f"config.train.max_skipped={config.train.get('max_skipped')}: use 0 or more (the "
          "number of skipped non-finite updates after which train.nonfinite=skip stops).")
   _one_of(config, "train.progress", ("auto", "bar", "lines"))
+  _one_of(config, "train.on_divergence", ("warn", "stop", "off"))
+  _check(config.train.get("divergence_factor", 10.0) > 2.0,
+         f"config.train.divergence_factor={config.train.get('divergence_factor')} must exceed 2 "
+         "(the smoothed error or gradient norm, as a multiple of its reference level, that "
+         "counts as a divergence; 10 by default).")
+  _check(config.train.get("divergence_warmup", 0) >= 0,
+         f"config.train.divergence_warmup={config.train.get('divergence_warmup')}: use 0 or more "
+         "steps.")
   _one_of(config, "train.matmul_precision", MATMUL_PRECISIONS)
   _one_of(config, "optim.name", ("adamw", "adam", "radam", "sgd"))
   _one_of(config, "optim.schedule", ("constant", "cosine", "linear"))
+  if "feature_extractor" in config.eval:
+    _one_of(config, "eval.feature_extractor", FEATURE_EXTRACTORS)
   if "latent_scaling" in config.data:
     _one_of(config, "data.latent_scaling", ("channel", "factor", "none"))
   for decay in config.optim.ema_decays:

@@ -9,10 +9,11 @@ must build the official architecture (the presets that name an official network 
 
 Readers: a torch state dict as .pt/.pth (needs torch) or .safetensors (no torch), a .npz of named
 arrays, an EDM-style network pickle (.pkl, as IMM publishes; no torch, no code from the file
-runs: flowjax.network_pickle), and a checkpoint dict holding the state dict under one of the usual keys ("model",
-"state_dict", "ema", ...); the "module." / "_orig_mod." prefixes of DistributedDataParallel and
-torch.compile are dropped. Every source tensor must be used and every flowjax parameter filled
-with its shape: a missing, extra or mis-shaped key stops the conversion with the list of them.
+runs: flowjax.network_pickle), and a checkpoint dict holding the state dict under one of the
+usual keys ("model", "state_dict", "ema", ...); the "module." / "_orig_mod." prefixes of
+DistributedDataParallel and torch.compile are dropped. Every source tensor must be used and every
+flowjax parameter filled with its shape: a missing, extra or mis-shaped key stops the conversion
+with the list of them.
 """
 
 import math

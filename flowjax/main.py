@@ -69,9 +69,9 @@ def main(argv):
   logging.info("flowjax: process %d of %d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
-  from flowjax import checkpoint, config as config_lib, modes, train
+  from flowjax import checkpoint, config as config_lib, health, modes, train
   user_errors = (config_lib.ConfigError, train.WorkdirError, train.NonFiniteError,
-                 checkpoint.CheckpointError, FileNotFoundError)
+                 health.DivergenceError, checkpoint.CheckpointError, FileNotFoundError)
   try:
     if _MODE.value == "train":
       train.run(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)

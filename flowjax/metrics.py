@@ -166,11 +166,14 @@ class Progress:
     self._last_time, self._last_step = now, step
     return rate
 
-  def report(self, step: int, loss: float, steps_per_sec: float) -> None:
+  def report(self, step: int, loss: float, steps_per_sec: float,
+             error: float | None = None) -> None:
+    """One progress line; `error`: the unweighted error, shown when the loss is reweighted."""
     if not self.enabled:
       return
     eta = (self.total - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
-    line = (f"step {step}/{self.total}  loss {loss:.4f}  {steps_per_sec:.2f} steps/s  "
+    shown = f"  error {error:.4g}" if error is not None else ""
+    line = (f"step {step}/{self.total}  loss {loss:.4f}{shown}  {steps_per_sec:.2f} steps/s  "
             f"{steps_per_sec * self.batch_size:.1f} examples/s  ETA {format_seconds(eta)}")
     if self.live:
       sys.stderr.write("\r" + line.ljust(100))

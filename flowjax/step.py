@@ -80,6 +80,13 @@ def make_gradient(objective, train_config, step_rng: jax.Array, state_shardings=
   return gradient
 
 
+def error_of(objective, loss, metrics):
+  """The unweighted error logged beside the loss: the objective's ERROR_METRIC (e.g. MeanFlow's
+  squared error before its adaptive weight, which keeps the loss near 1 whatever the error), or
+  the loss itself where nothing reweights it."""
+  return metrics.get(getattr(objective, "ERROR_METRIC", "loss"), loss)
+
+
 def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, optim_config,
                     train_config, step_rng: jax.Array, state_shardings=None):
   """Returns train_step(state, batch) -> (state, metrics).
@@ -105,7 +112,8 @@ def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, op
     new_state = jax.tree.map(lambda u, k: jnp.where(finite, u, k), updated, kept)
     # The optimizer's own count advances only on applied updates, so the rate it applies now is
     # the schedule at step - skipped.
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+    metrics = dict(metrics, loss=loss, error=error_of(objective, loss, metrics),
+                   grad_norm=grad_norm,
                    lr=lr_schedule(state.step - state.skipped),
                    nonfinite=(~finite).astype(jnp.int32), skipped=new_state.skipped)
     return new_state, metrics
@@ -121,6 +129,6 @@ def make_eval_step(objective, eval_rng: jax.Array, state_shardings=None):
     params, view = gather_params_and_view(params, view, state_shardings)
     loss, metrics = objective.loss(params, batch, jax.random.fold_in(eval_rng, index),
                                    view["step"], view)
-    return dict(metrics, loss=loss)
+    return dict(metrics, loss=loss, error=error_of(objective, loss, metrics))
 
   return eval_step

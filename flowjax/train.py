@@ -20,7 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from flowjax import checkpoint, config as config_lib, data, metrics, models, objectives, optim
-from flowjax import evals, sharding, step as step_lib, storage
+from flowjax import evals, health, sharding, step as step_lib, storage
 from flowjax.state import TrainState
 
 
@@ -471,6 +471,11 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
                               config.train.progress, enabled=is_host0)
   meta = {"fingerprint": config_lib.fingerprint(config), "identity": config_lib.identity(config)}
   total = config.train.steps
+  monitor = health.Monitor(config.train.get("divergence_factor", 10.0),
+                           config.train.get("divergence_warmup", 200),
+                           config.train.get("on_divergence", "warn"))
+  # Objectives that reweight their loss name an unweighted error; the progress line shows it.
+  reweighted = hasattr(setup.objective, "ERROR_METRIC")
 
   def handle(step_metrics, step):
     """Host-side work for finished step `step` (its metrics are already computed)."""
@@ -493,11 +498,28 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
             f"than train.max_skipped={limit}: the run is not training. The last checkpoint "
             f"(step {mngr.latest_step()}) holds no skipped update's values. Lower optim.lr or "
             "enable optim.grad_clip, or raise train.max_skipped.")
+    try:
+      report = monitor.update(step, values)
+    except health.DivergenceError as error:
+      writer.scalars(step, values)
+      checkpoint.finish(mngr)
+      latest, onset = mngr.latest_step(), monitor.onset()
+      after = (f"; it was written after the rise began (step {onset}): resume from an earlier "
+               "checkpoint by removing the later ones from WORKDIR/checkpoints"
+               if latest is not None and onset is not None and latest >= onset else "")
+      raise health.DivergenceError(
+          f"{error} Stopped (train.on_divergence=stop); the last checkpoint is step {latest}"
+          f"{after}. Lower optim.lr or enable optim.grad_clip, then resume or restart; "
+          "train.on_divergence=warn only warns.") from None
+    if report:
+      logging.warning("%s The loss alone may not show it; lower optim.lr or enable "
+                      "optim.grad_clip (train.on_divergence=stop stops such a run).", report)
     if step % config.train.log_every == 0 or step == total:
       rate = progress.rate(step)
       writer.scalars(step, dict(values, steps_per_sec=rate,
                                 examples_per_sec=rate * config.train.batch_size))
-      progress.report(step, float(values["loss"]), rate)
+      progress.report(step, float(values["loss"]), rate,
+                      float(values["error"]) if reweighted else None)
 
   failed_saves = []
 

@@ -30,6 +30,9 @@ def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Autoencoder:
   """model: an AutoencoderKL; image_shape: (H, W, C) of the data; num_classes is ignored."""
+  # The unweighted error the trainer logs as "error": the reconstruction error, without the KL
+  # term.
+  ERROR_METRIC: ClassVar[str] = "reconstruction"
   model: nn.Module
   image_shape: tuple
   num_classes: int

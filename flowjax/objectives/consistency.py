@@ -67,6 +67,10 @@ class Consistency:
   huber_c: the pseudo-Huber constant; 0 picks 0.00054 sqrt(D);
   label_dropout: probability of the null label (index num_classes) during training.
   """
+  # The unweighted error the trainer logs as "error": the mean squared distance per dimension
+  # between the student and the teacher, before the pseudo-Huber distance and the 1 /
+  # (sigma_{i+1} - sigma_i) weight.
+  ERROR_METRIC: ClassVar[str] = "mse"
   model: nn.Module
   image_shape: tuple
   num_classes: int
@@ -205,7 +209,8 @@ class Consistency:
         params, x + paths.expand(sigma, x) * noise, sigma, cond, rng, train=True))
     distance = pseudo_huber(student, teacher, self.distance_c)
     weight = 1.0 / (sigma_next - sigma)
-    metrics = {"distance": jnp.mean(distance), "sigma_mean": jnp.mean(sigma_next)}
+    metrics = {"distance": jnp.mean(distance), "sigma_mean": jnp.mean(sigma_next),
+               "mse": jnp.mean(jnp.square(student - teacher))}
     return jnp.mean(weight * distance), metrics
 
   # Sampling.

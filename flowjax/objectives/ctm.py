@@ -173,6 +173,9 @@ class CTM:
   label_dropout: probability of the null label for the student (the teacher sees true labels);
   sample_gamma: gamma of gamma-sampling (0 deterministic, 1 consistency-model multistep).
   """
+  # The unweighted error the trainer logs as "error": the CTM distance, without the DSM term and
+  # its adaptive balance.
+  ERROR_METRIC: ClassVar[str] = "ctm"
   model: nn.Module
   image_shape: tuple
   num_classes: int

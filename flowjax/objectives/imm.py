@@ -78,6 +78,9 @@ class IMM:
   """model: backbone F_theta(c_in x_t, (t, s or t - s), cond); image_shape: per-example shape;
   num_classes: 0 for unconditional models. The other fields are the `objective` config keys
   (see DEFAULTS)."""
+  # The unweighted error the trainer logs as "error": the MMD^2 per group, before the time
+  # weighting w(t).
+  ERROR_METRIC: ClassVar[str] = "mmd"
   model: nn.Module
   image_shape: tuple
   num_classes: int

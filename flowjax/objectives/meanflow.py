@@ -11,6 +11,7 @@ eps ~ N(0, I), v = eps - x; times go to the backbone in [0, 1] (its time_scale a
 
 import contextlib
 import dataclasses
+import logging
 from typing import ClassVar
 
 import jax
@@ -80,6 +81,9 @@ class MeanFlow:
     the target's derivative is float32 on GPUs and TPUs too; "default" follows
     train.matmul_precision).
   """
+  # The unweighted error the trainer logs as "error": the mean squared error of u against its
+  # target per dimension, before the adaptive weight.
+  ERROR_METRIC: ClassVar[str] = "mse"
   model: nn.Module
   image_shape: tuple
   num_classes: int
@@ -112,6 +116,12 @@ class MeanFlow:
     _check_choice("pair_sampler", self.pair_sampler, PAIR_SAMPLERS)
     _check_choice("error_reduction", self.error_reduction, ERROR_REDUCTIONS)
     _check_choice("jvp_precision", self.jvp_precision, JVP_PRECISIONS)
+    if getattr(self.model, "time_scale", 1.0) > 10.0:
+      logging.warning(
+          "MeanFlow with model.time_scale=%g: the target's du/dt runs through the time "
+          "embedding, so scaled times scale it too, and training tends to diverge (the "
+          "unweighted error grows while the adaptive weight keeps the loss near 1). The official "
+          "MeanFlow networks embed raw times: model.time_scale=1.", self.model.time_scale)
     attention = getattr(self.model, "attention_impl", "xla")
     if attention == "cudnn":
       raise ValueError("objective 'meanflow' differentiates the backbone with jax.jvp, and "

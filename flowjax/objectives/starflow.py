@@ -55,6 +55,9 @@ class StarFlow:
   attention_temperature: sampling attention temperature (every pass with the "starflow" rule,
     the unconditional pass with the TarFlow rules), 1 = off.
   """
+  # The unweighted error the trainer logs as "error": the negative log-likelihood per dimension,
+  # without the latent-norm regulariser.
+  ERROR_METRIC: ClassVar[str] = "nll"
   model: nn.Module
   image_shape: tuple
   num_classes: int
