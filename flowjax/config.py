@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=64, grad_accum_steps=1, log_every=50, dry_run=False,
       nonfinite="stop", max_skipped=20, progress="auto", matmul_precision="default",
-      on_divergence="warn", divergence_factor=10.0, divergence_warmup=200))
+      on_divergence="warn", divergence_factor=5.0, divergence_warmup=200))
 
   c.ckpt = ml_collections.ConfigDict(dict(
       every_steps=500, max_to_keep=3, init_from="", async_save=True))
@@ -262,10 +262,10 @@ def validate(config, num_devices: int) -> None:
          "number of skipped non-finite updates after which train.nonfinite=skip stops).")
   _one_of(config, "train.progress", ("auto", "bar", "lines"))
   _one_of(config, "train.on_divergence", ("warn", "stop", "off"))
-  _check(config.train.get("divergence_factor", 10.0) > 2.0,
+  _check(config.train.get("divergence_factor", 5.0) > 2.0,
          f"config.train.divergence_factor={config.train.get('divergence_factor')} must exceed 2 "
          "(the smoothed error or gradient norm, as a multiple of its reference level, that "
-         "counts as a divergence; 10 by default).")
+         "counts as a divergence; 5 by default).")
   _check(config.train.get("divergence_warmup", 0) >= 0,
          f"config.train.divergence_warmup={config.train.get('divergence_warmup')}: use 0 or more "
          "steps.")

@@ -6,8 +6,10 @@ unweighted error beside the loss (`error`, step.error_of) and watches two signal
 from the metrics it fetches every step anyway (nothing is added to the step):
 
 - the unweighted error: its smoothed level (an exponential moving average of log(error) over
-  about SMOOTHING_STEPS steps) against the best smoothed level reached after the warm-up; a
-  level `factor` times the best is a divergence, however slowly it got there;
+  about SMOOTHING_STEPS steps) against the best smoothed level reached so far (from the
+  SMOOTHING_STEPS-th step on, so a divergence that starts during the warm-up is measured from
+  where the error stood before it); a level `factor` times the best is a divergence, however
+  slowly it got there;
 - the gradient norm: its smoothed level against its running level (a slow average over about
   RUNNING_STEPS steps), which catches a sudden blow-up but follows a slow drift (iCT's loss
   weights 1 / (sigma_{i+1} - sigma_i) grow as its discretisation doubles).
@@ -44,12 +46,12 @@ class _Signal:
 class Monitor:
   """Watches the per-step metrics for a divergence (see the module docstring).
 
-  factor: the ratio of the smoothed level to its reference that is a divergence (> 1);
-  warmup: steps (of this run) before the references are taken: early training moves fast;
+  factor: the ratio of the smoothed level to its reference that is a divergence (> 2);
+  warmup: steps (of this run) before anything is flagged: early training moves fast;
   action: "warn" logs the report once per episode, "stop" raises DivergenceError, "off".
   """
 
-  def __init__(self, factor: float = 10.0, warmup: int = 200, action: str = "warn"):
+  def __init__(self, factor: float = 5.0, warmup: int = 200, action: str = "warn"):
     if action not in ACTIONS:
       raise ValueError(f"train.on_divergence={action!r}: use one of {ACTIONS}.")
     if not factor > ONSET_FACTOR:
@@ -77,14 +79,12 @@ class Monitor:
         continue
       signal.smoothed += fast * (level - signal.smoothed)
       signal.running += slow * (level - signal.running)
-      if self.seen <= self.warmup:
-        continue
-      if signal.reference == "best":
+      if self.seen >= SMOOTHING_STEPS:
         signal.best = signal.smoothed if signal.best is None else min(signal.best,
                                                                       signal.smoothed)
-        reference = signal.best
-      else:
-        reference = signal.running
+      if self.seen <= self.warmup:
+        continue
+      reference = signal.best if signal.reference == "best" else signal.running
       ratio = math.exp(signal.smoothed - reference)
       if ratio < ONSET_FACTOR:
         signal.onset, signal.flagged = None, False

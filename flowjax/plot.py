@@ -3,6 +3,11 @@
   python -m flowjax.plot --workdir=workdirs/quickstart              # every logged metric
   python -m flowjax.plot --workdir=workdirs/quickstart --keys=loss  # one panel
 writes DIR/plots/metrics.png (or --out). The same `line_chart` draws the arena's comparison plot.
+
+  python -m flowjax.plot --compare=W1,W2 --keys=error,loss --out=FIG.png [--window=100]
+draws one line per workdir in each panel and writes FIG.json beside the picture: the command,
+the commit, each workdir's seed and config fingerprint, and the median of each key over every
+window of steps, the numbers a README quotes next to the figure.
 """
 
 import json
@@ -118,7 +123,62 @@ def plot_workdir(workdir: str, keys=None, out: str | None = None) -> str:
   return out
 
 
+def _commit() -> str:
+  import subprocess
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True, cwd=__file__.rsplit("/", 2)[0]).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def window_medians(points, window: int) -> list[list[float]]:
+  """[[first step of the window, median value], ...] over windows of `window` steps."""
+  import numpy as np
+  buckets: dict[int, list[float]] = {}
+  for step, value in points:
+    buckets.setdefault(int((step - 1) // window), []).append(value)
+  return [[index * window + 1, float(np.median(values))] for index, values in sorted(
+      buckets.items())]
+
+
+def compare_workdirs(workdirs, keys, out: str, window: int = 100) -> dict:
+  """One panel per key with a line per workdir, written to `out` (PNG), and its numbers to the
+  .json beside it; returns that record."""
+  import io
+
+  from flowjax import config as config_lib, metrics, storage
+  if not keys:
+    raise ValueError("--compare needs --keys (e.g. --keys=error,loss).")
+  curves, runs = {key: {} for key in keys}, {}
+  for workdir in workdirs:
+    label = str(workdir).rstrip("/").rsplit("/", 1)[-1]
+    series = metric_series(metrics.read_metrics(workdir), keys)
+    config = config_lib.from_json(storage.read_text(storage.join(workdir, "config.json")))
+    runs[label] = {"workdir": str(workdir), "seed": int(config.seed),
+                   "fingerprint": config_lib.fingerprint(config),
+                   "medians": {key: window_medians(series[key], window) for key in keys}}
+    for key in keys:
+      curves[key][label] = series[key]
+  plt = pyplot()
+  fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.2), dpi=100, squeeze=False)
+  for ax, key in zip(axes.flat, keys):
+    positive = all(y > 0 for points in curves[key].values() for _, y in points)
+    line_chart(ax, curves[key], xlabel="step", ylabel=key, title=key, log_y=positive)
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
+  plt.close(fig)
+  storage.write_bytes(out, buffer.getvalue())
+  record = {"command": "python -m flowjax.plot " + " ".join(sys.argv[1:]), "commit": _commit(),
+            "window": window, "runs": runs}
+  storage.write_text(out.rsplit(".", 1)[0] + ".json", json.dumps(record, indent=1))
+  return record
+
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (holds metrics.jsonl).")
+_COMPARE = flags.DEFINE_list("compare", None, "Workdirs side by side (with --keys and --out).")
+_WINDOW = flags.DEFINE_integer("window", 100, "Steps per median in the --compare record.")
 _KEYS = flags.DEFINE_list("keys", None, "Metrics to plot (default: every logged metric).")
 _OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/plots/metrics.png).")
 
@@ -126,7 +186,15 @@ _OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/plots/metric
 def main(argv):
   del argv
   try:
-    path = plot_workdir(_WORKDIR.value, _KEYS.value, _OUT.value)
+    if _COMPARE.value:
+      if not _OUT.value:
+        raise ValueError("--compare needs --out=FIG.png.")
+      compare_workdirs(_COMPARE.value, _KEYS.value, _OUT.value, _WINDOW.value)
+      path = _OUT.value
+    elif not _WORKDIR.value:
+      raise ValueError("give --workdir=DIR (or --compare=DIR1,DIR2 --keys=... --out=FIG.png).")
+    else:
+      path = plot_workdir(_WORKDIR.value, _KEYS.value, _OUT.value)
   except (FileNotFoundError, ValueError) as error:
     sys.stderr.write(f"flowjax.plot: {error}\n")
     sys.exit(1)
@@ -134,5 +202,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
   app.run(main)

@@ -471,7 +471,7 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
                               config.train.progress, enabled=is_host0)
   meta = {"fingerprint": config_lib.fingerprint(config), "identity": config_lib.identity(config)}
   total = config.train.steps
-  monitor = health.Monitor(config.train.get("divergence_factor", 10.0),
+  monitor = health.Monitor(config.train.get("divergence_factor", 5.0),
                            config.train.get("divergence_warmup", 200),
                            config.train.get("on_divergence", "warn"))
   # Objectives that reweight their loss name an unweighted error; the progress line shows it.

@@ -131,3 +131,18 @@ def test_retrain_command_writes_a_loadable_file_and_prints_its_accuracy(tmp_path
   capsys.readouterr()
   digits_metric.main([f"--out={path}"])
   assert f"test accuracy: {classifier.test_accuracy:.4f}" in capsys.readouterr().out
+
+
+def test_samples_of_a_28x28_model_are_scored_through_the_same_round_trip():
+  """The digits at 28x28 (data.image_size=28) scored with image_size=28: real ones are at the
+  floor and keep their labels; noise is far above it."""
+  images, labels = digits.load(28)
+  test = images[digits.NUM_TRAIN:]
+  result = digits_metric.evaluate(test, labels[digits.NUM_TRAIN:], image_size=28)
+  assert result["fd"] < 2.0 * result["fd_floor"] + 1.0
+  assert result["accuracy"] > 0.9
+  noise = np.random.default_rng(0).uniform(-1, 1, test.shape).astype(np.float32)
+  assert digits_metric.evaluate(noise, image_size=28)["fd"] > 5 * result["fd_floor"]
+  # Without the round trip, 28x28 images are refused (the classifier reads 8x8).
+  with pytest.raises(ValueError):
+    digits_metric.evaluate(test)

@@ -84,6 +84,26 @@ def test_plot_command_writes_png(executed):
   assert bad.returncode == 1 and "los" in bad.stderr and "loss" in bad.stderr
 
 
+def test_plot_compare_writes_the_figure_and_its_numbers(executed, tmp_path):
+  """--compare draws two workdirs side by side and writes the window medians it plotted, with the
+  command and commit, beside the PNG."""
+  _, workdirs = executed
+  runs = [os.path.join(workdirs, name) for name in ("quickstart", "fm_toy2d")]
+  out = tmp_path / "fig.png"
+  subprocess.run([sys.executable, "-m", "flowjax.plot", f"--compare={','.join(runs)}",
+                  "--keys=loss,error", f"--out={out}", "--window=4"],
+                 capture_output=True, text=True, check=True)
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  record = json.loads((tmp_path / "fig.json").read_text())
+  assert "--compare=" in record["command"] and len(record["commit"]) >= 7
+  quick = record["runs"]["quickstart"]
+  rows = [json.loads(line) for line in open(os.path.join(runs[0], "metrics.jsonl"))]
+  first = [r["loss"] for r in rows if r["step"] <= 4]
+  assert quick["medians"]["loss"][0] == [1, pytest.approx(float(np.median(first)))]
+  # The error of flow matching is its loss.
+  assert quick["medians"]["error"] == quick["medians"]["loss"]
+
+
 def test_config_json_round_trip_keeps_the_fingerprint():
   for name in ("quickstart", "imm_toy2d", "fm_imagenet"):
     config = api.get_config(name)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
 from flax import traverse_util
 
 from flowjax.data import digits
@@ -193,9 +194,31 @@ def _default_classifier() -> Classifier:
   return load_classifier(DEFAULT_PATH)
 
 
+def resize(images, size: int) -> np.ndarray:
+  """[N, S, S, 1] in [-1, 1] -> [N, size, size, 1], bilinear as flowjax.data.digits resizes."""
+  images = np.asarray(images, np.float32)
+  if images.shape[1] == size:
+    return images
+  return np.stack([np.asarray(Image.fromarray(image[..., 0]).resize(
+      (size, size), Image.Resampling.BILINEAR))[..., None] for image in images])
+
+
+def _round_trip(images, image_size: int) -> np.ndarray:
+  """8x8 digits taken to image_size and back, as the samples of a model trained at that size
+  are (bilinear resizing commutes with the affine map to [-1, 1], so this equals resizing the
+  data source's images)."""
+  if image_size == digits.NATIVE_SIZE:
+    return images
+  return np.clip(resize(resize(images, image_size), digits.NATIVE_SIZE), -1.0, 1.0)
+
+
 def evaluate(samples, labels=None, *, classifier: Classifier | None = None,
-             seed: int = 0) -> dict:
+             seed: int = 0, image_size: int = digits.NATIVE_SIZE) -> dict:
   """Digits sample quality of `samples` [N, 8, 8, 1] (clipped to [-1, 1]) with N >= 2.
+
+  image_size: the side of `samples` when the model trained on the digits resized to it
+  (data.image_size): the samples are resized back to 8x8 for the classifier, and the floor's
+  real images go through the same round trip (8 -> image_size -> 8).
 
   Returns a dict of floats:
     fd: Frechet distance of the samples' features to the test split's;
@@ -206,6 +229,8 @@ def evaluate(samples, labels=None, *, classifier: Classifier | None = None,
     accuracy_real: the classifier's accuracy on the test split.
   `classifier` defaults to the committed one.
   """
+  if image_size != digits.NATIVE_SIZE:
+    samples = resize(np.clip(np.asarray(samples, np.float32), -1.0, 1.0), digits.NATIVE_SIZE)
   samples = np.clip(_check_images(samples, "samples"), -1.0, 1.0)
   if len(samples) < 2:
     raise ValueError(f"The Frechet distance needs at least 2 samples; got {len(samples)}.")
@@ -224,8 +249,8 @@ def evaluate(samples, labels=None, *, classifier: Classifier | None = None,
                                               min(len(samples), len(train_images)), replace=False)
   result = {
       "fd": frechet_distance(*feature_statistics(features), *reference),
-      "fd_floor": frechet_distance(
-          *feature_statistics(classifier.features(train_images[subset])), *reference),
+      "fd_floor": frechet_distance(*feature_statistics(classifier.features(
+          _round_trip(train_images[subset], image_size))), *reference),
   }
   if labels is not None:
     test_images, test_labels = _split("test")
