@@ -1,20 +1,32 @@
-"""python -m flowjax.arena --suite=toy2d|digits --workdir=DIR [--budget=STEPS] [--methods=...]
+"""python -m flowjax.arena --suite=toy2d|digits|... --workdir=DIR [--seeds=N] [--budget=STEPS]
+                          [--methods=...]
+python -m flowjax.arena --report=experiments/results/arena_toy2d.json [--readme=README.md]
 
-Trains every method of a suite with the same backbone and the same budget (steps x batch),
-evaluates each at its natural step counts, and writes DIR/arena.md (a table) and DIR/arena.png
-(metric against network evaluations per sample, one line per method). Each method trains in
-DIR/<method>/ with the ordinary trainer, so an interrupted arena resumes where it stopped.
+Trains every method of a suite with the same backbone and the same budget (steps x batch) with
+N seeds, evaluates each at its natural step counts, and writes DIR/arena.json (the result file:
+the commands, commit and machine that produced it, the real-data floor at several evaluation
+seeds and one record per method, step count and seed), DIR/arena.md (its tables: mean ± std over
+seeds, flowjax.arena_report), DIR/arena.png (metric against network evaluations per sample, one
+line per method, the range over seeds shaded) and DIR/arena_samples.png (seed 0's samples).
+
+Seed k trains with config.seed = k, samples with key 1234 + k and evaluates with the suite's
+evaluation seed + k. Seed 0 trains in DIR/<method>/ and seed k > 0 in DIR/seed_<k>/<method>/
+(CTM's teacher is the flow-matching run of its own seed), each with the ordinary trainer, so an
+interrupted arena resumes where it stopped and an earlier single-seed arena is seed 0 of a
+multi-seed one. --report prints the tables of a result file; with --readme it rewrites that
+file's block in the README instead.
 """
 
 import dataclasses
 import io
 import json
 import logging
+import sys
 
 import jax
 import numpy as np
 
-from flowjax import storage
+from flowjax import arena_report, storage
 
 # Each method: (experiment, sampling step counts, sampler, [config overrides]). An override value
 # may name another method's workdir as "{workdir}/<method>" (CTM distils the flow-matching run,
@@ -32,7 +44,7 @@ SUITES = {
         overrides={"model.hidden_size": 256, "model.depth": 4, "train.batch_size": 512,
                    "data.toy_distribution": "checkerboard", "sample.every_steps": 0,
                    "train.log_every": 500, "optim.ema_decays": (0.995,)},
-        steps=2000, num_samples=4096, metric="energy_distance"),
+        steps=2000, num_samples=4096, metric="energy_distance", evaluation_seed=1),
     "digits": dict(
         methods={"flow_matching": ("quickstart.py", [1, 2, 4, 8, 100], "euler"),
                  "imm": ("imm_digits.py", [1, 2, 4, 8], "uniform"),
@@ -44,7 +56,7 @@ SUITES = {
         overrides={"model.hidden_size": 96, "model.depth": 4, "model.num_heads": 4,
                    "model.patch_size": 2, "train.batch_size": 128, "sample.every_steps": 0,
                    "train.log_every": 250},
-        steps=1500, num_samples=500, metric="fd"),
+        steps=1500, num_samples=500, metric="fd", evaluation_seed=0),
 }
 # The digits at 28x28 (upscaled bilinearly, MNIST's size): the same methods and budget with
 # patch 4 (49 tokens) at batch 64; samples are scored by the 8x8 digits classifier after a
@@ -52,6 +64,17 @@ SUITES = {
 SUITES["digits28"] = dict(
     SUITES["digits"], overrides=dict(SUITES["digits"]["overrides"], **{
         "data.image_size": 28, "model.patch_size": 4, "train.batch_size": 64}))
+# A smoke-size arena (two methods on a small MLP; committed with --seeds=2, about a minute on 2
+# CPU cores) whose result file tests/test_arena.py reruns, so that a change which moves training
+# or evaluation numbers fails a test before a README table is left behind.
+SUITES["toy2d_smoke"] = dict(
+    SUITES["toy2d"], methods={"flow_matching": ("fm_toy2d.py", [1, 4, 16], "euler"),
+                              "meanflow": ("meanflow_toy2d.py", [1, 4], "euler")},
+    overrides=dict(SUITES["toy2d"]["overrides"], **{
+        "model.hidden_size": 64, "model.depth": 2, "train.batch_size": 256}),
+    steps=200, num_samples=1024)
+# The floor is evaluated at this many evaluation seeds (or at one per training seed, if more).
+FLOOR_SEEDS = 10
 
 
 @dataclasses.dataclass
@@ -61,27 +84,70 @@ class Result:
   nfe: int
   metrics: dict
   train_steps: int = 0
+  seed: int = 0
+  evaluation_seed: int | None = None
+  run: int | None = None  # index of the arena command in the result file's "runs"
 
 
-def earlier_results(workdir: str, steps: int, rerun) -> list[Result]:
-  """Results in DIR/arena.json from an earlier arena run at the same training budget, for the
-  methods not in `rerun`: running a subset of methods (--methods) adds to the table."""
+def seed_workdir(workdir: str, seed: int) -> str:
+  """Where the methods of `seed` train: DIR itself for seed 0, DIR/seed_<k> otherwise."""
+  return workdir if seed == 0 else storage.join(workdir, f"seed_{seed}")
+
+
+def earlier_results(workdir: str, steps: int, rerun) -> tuple[list[Result], list[dict]]:
+  """Results in DIR/arena.json from earlier arena runs at the same training budget whose
+  (method, seed) is not in `rerun`, and the runs (headers) they came from: running a subset of
+  methods (--methods) or more seeds adds to the table. An arena.json from before result files had
+  headers (a list of records) holds seed 0 of unrecorded runs."""
   path = storage.join(workdir, "arena.json")
   if not storage.exists(path):
-    return []
-  records = [Result(**r) for r in json.loads(storage.read_text(path))]
-  return [r for r in records if r.train_steps == steps and r.method not in rerun]
+    return [], []
+  record = json.loads(storage.read_text(path))
+  if isinstance(record, list):
+    record = {"runs": [], "results": [dict(r, run=None) for r in record]}
+  kept = [Result(**r) for r in record["results"]
+          if r["train_steps"] == steps and (r["method"], r.get("seed", 0)) not in rerun]
+  used = sorted({r.run for r in kept if r.run is not None})
+  renumber = {old: new for new, old in enumerate(used)}
+  for r in kept:
+    r.run = renumber.get(r.run)
+  return kept, [record["runs"][i] for i in used]
+
+
+def floor_values(spec: dict, evaluation_seeds) -> list[float]:
+  """The suite's real-data floor at each evaluation seed: its metric between two independent sets
+  of num_samples real points (toy2d) or of real train-split images and the test split (digits,
+  through the same resize round trip as the samples)."""
+  n = spec["num_samples"]
+  if spec["metric"] == "energy_distance":
+    from flowjax.data import toy2d
+    from flowjax.evals import toy2d as toy_metric
+    distribution = spec["overrides"]["data.toy_distribution"]
+    # The floor does not depend on the samples evaluated beside it; real points stand in.
+    return [toy_metric.evaluate(toy2d.sample(distribution, n, (seed, 12)), distribution,
+                                seed)["energy_distance_floor"] for seed in evaluation_seeds]
+  from flowjax.data import digits
+  from flowjax.evals import digits as digits_metric
+  classifier = digits_metric.load_classifier()
+  images = digits.load()[0][:n]
+  size = spec["overrides"].get("data.image_size", digits.NATIVE_SIZE)
+  return [digits_metric.evaluate(images, classifier=classifier, seed=seed,
+                                 image_size=size)["fd_floor"] for seed in evaluation_seeds]
 
 
 def evaluate_method(config, workdir: str, method: str, step_counts, sample_method: str,
-                    num_samples: int, suite: str) -> list[Result]:
-  from flowjax import modes, train
+                    spec: dict, seed: int = 0) -> list[Result]:
+  """The metrics of `method`'s checkpoint in `workdir` at each step count: spec["num_samples"]
+  samples drawn with key 1234 + seed, scored at evaluation seed spec["evaluation_seed"] + seed."""
+  from flowjax import metrics, modes, train
   from flowjax.evals import digits as digits_metric, toy2d as toy_metric
+  num_samples, toy = spec["num_samples"], spec["metric"] == "energy_distance"
+  evaluation_seed = spec["evaluation_seed"] + seed
   setup, state = modes.load(config, workdir)
   params = train.sampling_params(state, config)
   labels = train.sample_labels(setup.info, num_samples)
   guided = labels is not None and config.sample.guidance != 1.0
-  classifier = digits_metric.load_classifier() if suite.startswith("digits") else None
+  classifier = None if toy else digits_metric.load_classifier()
   results = []
   objective = setup.objective
   for num_steps in step_counts:
@@ -95,24 +161,28 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
           p, rng, num_samples, cond, num_steps=n, method=sample_method,
           guidance=config.sample.guidance), n))
     with train.context(setup):
-      samples, calls = sample(params, jax.random.key(1234), labels)
+      samples, calls = sample(params, jax.random.key(1234 + seed), labels)
     samples, calls = np.asarray(jax.device_get(samples)), int(calls)
-    if suite == "toy2d":
-      values = toy_metric.evaluate(samples, config.data.toy_distribution)
+    if toy:
+      values = toy_metric.evaluate(samples, config.data.toy_distribution, evaluation_seed)
     else:
       values = digits_metric.evaluate(samples, None if labels is None else np.asarray(labels),
-                                      classifier=classifier, image_size=samples.shape[1])
-    from flowjax import metrics
+                                      classifier=classifier, seed=evaluation_seed,
+                                      image_size=samples.shape[1])
     metrics.save_png(storage.join(workdir, "samples", f"arena_{calls}_steps.png"),
-                     metrics.samples_picture(samples[:100] if suite != "toy2d" else samples))
+                     metrics.samples_picture(samples if toy else samples[:100]))
     results.append(Result(method, calls, calls * (2 if guided else 1), values,
-                          int(config.train.steps)))
-    logging.info("%s %d steps: %s", method, num_steps, values)
+                          int(config.train.steps), seed, evaluation_seed))
+    logging.info("%s seed %d, %d steps: %s", method, seed, num_steps, values)
   return results
 
 
-def run(suite: str, workdir: str, budget: int | None = None, methods=None) -> list[Result]:
-  from flowjax import config as config_lib, train
+def run(suite: str, workdir: str, budget: int | None = None, methods=None, seeds: int = 1,
+        command: str | None = None) -> list[Result]:
+  """Trains and evaluates the chosen methods of `suite` with seeds 0..seeds-1 (every method of
+  seed 0 first, so that an interrupted run already holds a complete single-seed arena), then
+  writes DIR/arena.json, .md, .png and _samples.png; returns every result of DIR/arena.json."""
+  from flowjax import config as config_lib, provenance, train
   spec = SUITES[suite]
   steps = budget or spec["steps"]
   unknown = [m for m in (methods or []) if m not in spec["methods"]]
@@ -120,76 +190,76 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None) -> li
     from flowjax import registry
     raise ValueError(registry.unknown_name_message(f"--methods entry of suite {suite!r}",
                                                    unknown[0], list(spec["methods"])))
+  if seeds < 1:
+    raise ValueError(f"--seeds must be at least 1; got {seeds}.")
   chosen = [m for m in spec["methods"] if not methods or m in methods]
   results = []
-  for method in chosen:
-    experiment, step_counts, sample_method, *extra = spec["methods"][method]
-    own = {key: value.format(workdir=workdir) if isinstance(value, str) else value
-           for key, value in (extra[0] if extra else {}).items()}
-    overrides = dict(spec["overrides"], **own, **{"train.steps": steps, "ckpt.every_steps": steps})
-    # A shared override that the method's backbone does not have (an MLP's depth for a flow) is
-    # left out; the method's own experiment sizes that part.
-    keys = config_lib.flatten(config_lib.load_experiment(experiment))
-    overrides = {k: v for k, v in overrides.items() if k in keys or k in own}
-    config = config_lib.load_experiment(experiment, None, **overrides)
-    method_dir = storage.join(workdir, method)
-    state = train.run(config, method_dir)
-    if int(state.step) < steps:
-      # Stopped by a signal (checkpoint saved): report nothing half-trained.
-      logging.warning("The arena stopped while training %s at step %d of %d; rerun the same "
-                      "command to resume.", method, int(state.step), steps)
-      raise SystemExit(1)
-    results += evaluate_method(config, method_dir, method, step_counts, sample_method,
-                               spec["num_samples"], suite)
-  results = earlier_results(workdir, steps, chosen) + results
-  write_report(suite, workdir, steps, spec, results)
+  for seed in range(seeds):
+    for method in chosen:
+      experiment, step_counts, sample_method, *extra = spec["methods"][method]
+      own = {key: value.format(workdir=seed_workdir(workdir, seed)) if isinstance(value, str)
+             else value for key, value in (extra[0] if extra else {}).items()}
+      overrides = dict(spec["overrides"], **own, **{"train.steps": steps,
+                                                    "ckpt.every_steps": steps, "seed": seed})
+      # A shared override that the method's backbone does not have (an MLP's depth for a flow)
+      # is left out; the method's own experiment sizes that part.
+      keys = config_lib.flatten(config_lib.load_experiment(experiment))
+      overrides = {k: v for k, v in overrides.items() if k in keys or k in own}
+      config = config_lib.load_experiment(experiment, None, **overrides)
+      method_dir = storage.join(seed_workdir(workdir, seed), method)
+      state = train.run(config, method_dir)
+      if int(state.step) < steps:
+        # Stopped by a signal (checkpoint saved): report nothing half-trained.
+        logging.warning("The arena stopped while training %s (seed %d) at step %d of %d; rerun "
+                        "the same command to resume.", method, seed, int(state.step), steps)
+        raise SystemExit(1)
+      results += evaluate_method(config, method_dir, method, step_counts, sample_method, spec,
+                                 seed)
+  kept, runs = earlier_results(workdir, steps, {(r.method, r.seed) for r in results})
+  for r in results:
+    r.run = len(runs)
+  runs.append(dict(provenance.header(command or f"flowjax.arena.run({suite!r}, ...)"),
+                   seeds=list(range(seeds)), methods=chosen))
+  order = list(spec["methods"])
+  results = sorted(kept + results, key=lambda r: (order.index(r.method) if r.method in order
+                                                  else len(order), r.method, r.seed, r.num_steps))
+  evaluation_seeds = [spec["evaluation_seed"] + k for k in range(max(FLOOR_SEEDS, seeds))]
+  record = {"suite": suite, "metric": spec["metric"],
+            "budget": {"train_steps": steps,
+                       "batch_size": spec["overrides"]["train.batch_size"],
+                       "hidden_size": spec["overrides"].get("model.hidden_size"),
+                       "depth": spec["overrides"].get("model.depth"),
+                       "num_samples": spec["num_samples"]},
+            "methods": {name: {"experiment": experiment, "step_counts": list(step_counts),
+                               "sampler": sampler}
+                        for name, (experiment, step_counts, sampler, *_) in
+                        spec["methods"].items()},
+            "runs": runs,
+            "floor": {"key": f"{spec['metric']}_floor", "evaluation_seeds": evaluation_seeds,
+                      "values": floor_values(spec, evaluation_seeds)},
+            "results": [dataclasses.asdict(r) for r in results]}
+  write_report(workdir, record)
   return results
 
 
-def write_report(suite: str, workdir: str, steps: int, spec: dict, results) -> None:
-  metric = spec["metric"]
-  all_steps = sorted({r.num_steps for r in results})
-  floor_key = f"{metric}_floor"
-  lines = [f"# flowjax arena: {suite}", "",
-           f"Budget: {steps} steps x batch {spec['overrides']['train.batch_size']} for every "
-           f"method, the same backbone ({spec['overrides'].get('model.hidden_size')} wide, "
-           f"depth {spec['overrides'].get('model.depth')}); {spec['num_samples']} samples per "
-           f"entry. Metric: {metric} (lower is better).", "",
-           "| method | " + " | ".join(f"{n} steps" for n in all_steps) + " |",
-           "|---|" + "---|" * len(all_steps)]
-  by_method = {}
-  for r in results:
-    by_method.setdefault(r.method, {})[r.num_steps] = r
-  for method, entries in by_method.items():
-    cells = [f"{entries[n].metrics[metric]:.4g}" if n in entries else "" for n in all_steps]
-    lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  if "starflow" in by_method:
-    calls = sorted(by_method["starflow"])
-    lines += ["", f"STARFlow samples by one exact decoding pass, token by token with a KV cache: "
-              f"its entry stands in the column of its {', '.join(map(str, calls))} sequential "
-              "network calls (tokens x flow blocks)."]
-  floors = [r.metrics[floor_key] for r in results if floor_key in r.metrics]
-  if floors:
-    lines += ["", f"Noise floor (the metric between two independent sets of real data of the "
-              f"same size): {np.mean(floors):.4g}."]
-  if suite == "digits" and any("accuracy" in r.metrics for r in results):
-    lines += ["", "Classifier accuracy of class-conditional samples:", "",
-              "| method | " + " | ".join(f"{n} steps" for n in all_steps) + " |",
-              "|---|" + "---|" * len(all_steps)]
-    for method, entries in by_method.items():
-      cells = [f"{entries[n].metrics['accuracy']:.3f}" if n in entries else "" for n in all_steps]
-      lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  storage.write_text(storage.join(workdir, "arena.md"), "\n".join(lines) + "\n")
-  storage.write_text(storage.join(workdir, "arena.json"),
-                     json.dumps([dataclasses.asdict(r) for r in results], indent=1))
-  plot(storage.join(workdir, "arena.png"), by_method, metric,
-       np.mean(floors) if floors else None, suite)
-  samples_figure(storage.join(workdir, "arena_samples.png"), workdir, by_method, metric)
+def write_report(workdir: str, record: dict) -> None:
+  """DIR/arena.json (the record), DIR/arena.md (its tables), DIR/arena.png and
+  DIR/arena_samples.png."""
+  storage.write_text(storage.join(workdir, "arena.json"), json.dumps(record, indent=1) + "\n")
+  storage.write_text(storage.join(workdir, "arena.md"), f"# flowjax arena: {record['suite']}\n\n"
+                     + arena_report.markdown(record))
+  plot(storage.join(workdir, "arena.png"), record)
+  seed_zero = {}
+  for r in record["results"]:
+    if r["seed"] == 0:
+      seed_zero.setdefault(r["method"], {})[r["num_steps"]] = r
+  samples_figure(storage.join(workdir, "arena_samples.png"), workdir, seed_zero, record["metric"])
 
 
 def samples_figure(path: str, workdir: str, by_method: dict, metric: str) -> None:
   """One row of sample pictures per method, one column per step count (DIR/<method>/samples/
-  arena_<N>_steps.png, written by the evaluation), each titled with its metric."""
+  arena_<N>_steps.png, seed 0's, written by the evaluation), each titled with its metric; saved
+  with 16 colours, the committed gallery's size."""
   from PIL import Image
 
   from flowjax import plot as plot_lib
@@ -205,27 +275,42 @@ def samples_figure(path: str, workdir: str, by_method: dict, metric: str) -> Non
       if n not in entries or not storage.exists(picture):
         continue
       ax.imshow(Image.open(io.BytesIO(storage.read_bytes(picture))))
-      ax.set_title(f"{method}, {n} steps\n{metric} {entries[n].metrics[metric]:.3g}", fontsize=7)
+      ax.set_title(f"{method}, {n} steps, seed 0\n{metric} "
+                   f"{entries[n]['metrics'][metric]:.3g}", fontsize=7)
   fig.tight_layout()
-  _save_figure(fig, path)
+  _save_figure(fig, path, colors=16)
   plt.close(fig)
 
 
-def _save_figure(fig, path: str) -> None:
+def _save_figure(fig, path: str, colors: int | None = None) -> None:
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png")
+  if colors:
+    from PIL import Image
+    picture = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").quantize(colors)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="png")
   storage.write_bytes(path, buffer.getvalue())
 
 
-def plot(path: str, by_method: dict, metric: str, floor, title: str) -> None:
+def plot(path: str, record: dict) -> None:
+  """The metric's mean over seeds against network evaluations per sample, one line per method,
+  shaded between the lowest and highest seed, with the real-data floor's mean."""
   from flowjax import plot as plot_lib
+  metric = record["metric"]
+  nfe = {(r["method"], r["num_steps"]): r["nfe"] for r in record["results"]}
+  series, bands = {}, {}
+  for method, row in arena_report.entries(record, metric).items():
+    label = arena_report.LABELS.get(method, method)
+    series[label] = [(nfe[method, n], s["mean"]) for n, s in row.items()]
+    bands[label] = [(nfe[method, n], s["min"], s["max"]) for n, s in row.items() if s["n"] > 1]
+  floor = record["floor"]["values"]
   plt = plot_lib.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
-  series = {method: [(r.nfe, r.metrics[metric]) for r in entries.values()]
-            for method, entries in by_method.items()}
   plot_lib.line_chart(ax, series, xlabel="network evaluations per sample", ylabel=metric,
-                      title=f"flowjax arena: {title}", log_x=2, log_y=True, markers=True,
-                      hline=None if floor is None else (floor, "real-data floor"))
+                      title=f"flowjax arena: {record['suite']}", log_x=2, log_y=True,
+                      markers=True, bands=bands,
+                      hline=(float(np.mean(floor)), "real-data floor") if floor else None)
   fig.tight_layout()
   _save_figure(fig, path)
   plt.close(fig)
@@ -234,11 +319,32 @@ def plot(path: str, by_method: dict, metric: str, floor, title: str) -> None:
 def main(argv=None):
   import argparse
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--suite", choices=sorted(SUITES), required=True)
-  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--suite", choices=sorted(SUITES))
+  parser.add_argument("--workdir")
+  parser.add_argument("--seeds", type=int, default=1,
+                      help="train every method with config.seed = 0..N-1")
   parser.add_argument("--budget", type=int, default=None, help="train steps for every method")
   parser.add_argument("--methods", default="", help="comma-separated subset of the methods")
+  parser.add_argument("--report", help="print the tables of this arena result file (no "
+                      "training), e.g. experiments/results/arena_toy2d.json")
+  parser.add_argument("--readme", help="with --report: rewrite that file's block in this README")
   args = parser.parse_args(argv)
+  if args.report:
+    try:
+      text = arena_report.markdown(arena_report.load(args.report))
+      if args.readme:
+        storage.write_text(args.readme, arena_report.update_readme(
+            storage.read_text(args.readme), args.report, text))
+        print(f"Rewrote the block of {args.report} in {args.readme}.")
+      else:
+        print(text, end="")
+    except (FileNotFoundError, ValueError) as error:
+      parser.exit(1, f"flowjax.arena: {error}\n")
+    return
+  if not args.suite or not args.workdir:
+    parser.error("give --suite and --workdir to run an arena, or --report=FILE to print one.")
+  if args.seeds < 1:
+    parser.error(f"--seeds must be at least 1; got {args.seeds}.")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   from flowjax import metrics
   metrics.quiet_libraries()
@@ -250,7 +356,8 @@ def main(argv=None):
     from flowjax import registry
     parser.error(registry.unknown_name_message(f"--methods entry of suite {args.suite!r}",
                                                unknown[0], list(SUITES[args.suite]["methods"])))
-  run(args.suite, args.workdir, args.budget, methods)
+  command = " ".join(["python -m flowjax.arena"] + list(sys.argv[1:] if argv is None else argv))
+  run(args.suite, args.workdir, args.budget, methods, args.seeds, command)
   print(storage.read_text(storage.join(args.workdir, "arena.md")))
 
 

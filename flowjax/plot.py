@@ -31,16 +31,21 @@ def pyplot():
 
 
 def line_chart(ax, series: dict, *, xlabel: str, ylabel: str, title: str = "",
-               log_x: int | None = None, log_y: bool = False, hline=None, markers: bool = False):
+               log_x: int | None = None, log_y: bool = False, hline=None, markers: bool = False,
+               bands: dict | None = None):
   """Draws one line per entry of `series` {label: [(x, y), ...]} on a matplotlib axis.
 
-  log_x: base of a logarithmic x axis (None: linear); hline: (y, label) of a reference line.
-  Non-finite points are dropped (a NaN step does not hide the rest of a curve).
+  log_x: base of a logarithmic x axis (None: linear); hline: (y, label) of a reference line;
+  bands: {label: [(x, low, high), ...]} shaded in the colour of that label's line (a spread over
+  seeds). Non-finite points are dropped (a NaN step does not hide the rest of a curve).
   """
   for label, points in series.items():
     points = sorted((x, y) for x, y in points if math.isfinite(x) and math.isfinite(y))
     if points:
-      ax.plot(*zip(*points), marker="o" if markers else None, label=label)
+      line, = ax.plot(*zip(*points), marker="o" if markers else None, label=label)
+      band = sorted(p for p in (bands or {}).get(label, []) if all(map(math.isfinite, p)))
+      if band:
+        ax.fill_between(*zip(*band), color=line.get_color(), alpha=0.2, linewidth=0)
   if hline is not None:
     ax.axhline(hline[0], color="gray", linestyle="--", label=hline[1])
   if log_x:
@@ -123,15 +128,6 @@ def plot_workdir(workdir: str, keys=None, out: str | None = None) -> str:
   return out
 
 
-def _commit() -> str:
-  import subprocess
-  try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True, cwd=__file__.rsplit("/", 2)[0]).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def window_medians(points, window: int) -> list[list[float]]:
   """[[first step of the window, median value], ...] over windows of `window` steps."""
   import numpy as np
@@ -170,8 +166,9 @@ def compare_workdirs(workdirs, keys, out: str, window: int = 100) -> dict:
   fig.savefig(buffer, format="png")
   plt.close(fig)
   storage.write_bytes(out, buffer.getvalue())
-  record = {"command": "python -m flowjax.plot " + " ".join(sys.argv[1:]), "commit": _commit(),
-            "window": window, "runs": runs}
+  from flowjax import provenance
+  record = {"command": "python -m flowjax.plot " + " ".join(sys.argv[1:]),
+            **provenance.commit(), "window": window, "runs": runs}
   storage.write_text(out.rsplit(".", 1)[0] + ".json", json.dumps(record, indent=1))
   return record
 

@@ -1,8 +1,20 @@
-"""The arena trains each method of a suite on one budget and writes its table and plot."""
+"""The arena trains each method of a suite on one budget and writes its table and plot; the
+README's arena tables are generated from committed result files, and a rerun of the smoke arena
+reproduces its file."""
 
 import json
+import pathlib
+import re
 
-from flowjax import arena
+from flowjax import arena, arena_report
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = "experiments/results/arena_toy2d_smoke.json"
+# How far a rerun of the smoke arena may land from its committed file, relative: 8 fake devices
+# and XLA's lower CPU optimisation level (this test suite's settings) against the 1 device of the
+# command that wrote the file moved its numbers by about 1e-6; a change to training, sampling or
+# evaluation moves them by percents.
+RERUN_RTOL = 1e-3
 
 
 def test_toy2d_arena_writes_table_and_plot(tmp_path, monkeypatch):
@@ -25,11 +37,15 @@ def test_toy2d_arena_writes_table_and_plot(tmp_path, monkeypatch):
       ("flow_matching", 1), ("ctm", 1), ("starflow", 4)}
   table = (tmp_path / "arena.md").read_text()
   for method in suite["methods"]:
-    assert f"| {method} |" in table
+    assert f"| {arena_report.LABELS[method]} |" in table
+  assert "| 1 step | 4 calls |" in table
   assert (tmp_path / "arena.png").stat().st_size > 1000
   assert (tmp_path / "arena_samples.png").stat().st_size > 1000
-  records = json.loads((tmp_path / "arena.json").read_text())
-  assert all(r["metrics"]["energy_distance"] >= 0 for r in records)
+  record = json.loads((tmp_path / "arena.json").read_text())
+  assert all(r["metrics"]["energy_distance"] >= 0 for r in record["results"])
+  (run,) = record["runs"]
+  assert run["seeds"] == [0] and "commit" in run and run["machine"]["cpu_count"] >= 1
+  assert len(record["floor"]["values"]) == arena.FLOOR_SEEDS
   for method in suite["methods"]:
     assert (tmp_path / method / "checkpoints" / "2").is_dir()
 
@@ -45,3 +61,102 @@ def test_an_unknown_method_name_stops_before_anything_runs(tmp_path):
       done.stderr)
   assert "Traceback" not in done.stderr
   assert not any(tmp_path.iterdir())
+
+
+def test_every_readme_arena_table_is_generated_from_its_committed_file():
+  readme = (ROOT / "README.md").read_text()
+  blocks = [m.group(1) for m in arena_report.BLOCK.finditer(readme)]
+  assert SMOKE in blocks
+  assert arena_report.readme_mismatches(readme, str(ROOT)) == []
+  for path in re.findall(r"\]\((experiments/gallery/[\w.-]+\.png)\)", readme):
+    assert (ROOT / path).is_file(), f"README shows {path}, which is not committed"
+
+
+def test_a_readme_table_left_behind_or_a_missing_file_is_reported():
+  readme = (ROOT / "README.md").read_text()
+  block = next(m for m in arena_report.BLOCK.finditer(readme) if m.group(1) == SMOKE)
+  row = next(line for line in block.group(2).splitlines() if line.startswith("| flow matching"))
+  number = re.search(r"\d\.\d+", row).group()
+  moved = number[:-1] + str((int(number[-1]) + 1) % 10)
+  planted = readme.replace(row, row.replace(number, moved, 1))
+  (problem,) = arena_report.readme_mismatches(planted, str(ROOT))
+  assert SMOKE in problem and moved in problem and "--readme=README.md" in problem
+  renamed = readme.replace(f"<!-- arena report: {SMOKE} -->", "<!-- arena report: gone.json -->")
+  assert "gone.json, which does not exist" in arena_report.readme_mismatches(renamed, str(ROOT))[0]
+
+
+def test_the_smoke_arena_reproduces_its_committed_result_file(tmp_path):
+  committed = arena_report.load(str(ROOT / SMOKE))
+  seeds = max(r["seed"] for r in committed["results"]) + 1
+  assert seeds >= 2
+  arena.run(committed["suite"], str(tmp_path), seeds=seeds)
+  rerun = arena_report.load(str(tmp_path / "arena.json"))
+  assert rerun["budget"] == committed["budget"] and rerun["methods"] == committed["methods"]
+  assert arena_report.differences(committed, rerun, RERUN_RTOL, 0.0) == [], (
+      "The smoke arena no longer reproduces its committed numbers. If the change is meant to move "
+      f"them, refresh the file and the README: python -m flowjax.arena --suite=toy2d_smoke "
+      f"--workdir=workdirs/arena_toy2d_smoke --seeds={seeds} && cp "
+      f"workdirs/arena_toy2d_smoke/arena.json {SMOKE} && python -m flowjax.arena "
+      f"--report={SMOKE} --readme=README.md")
+  # Seed 0 keeps the single-seed layout; seed k trains in DIR/seed_<k>/<method>.
+  steps = str(committed["budget"]["train_steps"])
+  for method in committed["methods"]:
+    assert (tmp_path / method / "checkpoints" / steps).is_dir()
+    assert (tmp_path / f"seed_{seeds - 1}" / method / "checkpoints" / steps).is_dir()
+
+
+def test_differences_report_a_moved_number_and_a_missing_record():
+  committed = arena_report.load(str(ROOT / SMOKE))
+  assert arena_report.differences(committed, committed, 0.0, 0.0) == []
+  moved = json.loads(json.dumps(committed))
+  moved["results"][0]["metrics"]["energy_distance"] *= 1.01
+  (problem,) = arena_report.differences(committed, moved, RERUN_RTOL, 0.0)
+  assert "energy_distance" in problem
+  assert arena_report.differences(committed, moved, 0.02, 0.0) == []
+  del moved["results"][-1]
+  assert any("only in the committed file" in p
+             for p in arena_report.differences(committed, moved, 0.02, 0.0))
+
+
+def test_statistics_and_which_entries_the_seeds_tell_apart():
+  s = arena_report.statistics([1.0, 2.0, 3.0])
+  assert (s["mean"], s["std"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 1.0, 3.0, 3)
+  assert arena_report.statistics([5.0])["std"] is None
+  column = {"a": arena_report.statistics([1.0, 1.2]), "b": arena_report.statistics([1.2, 1.4]),
+            "c": arena_report.statistics([3.0, 3.2])}
+  # b is 0.2 above a, both with a standard deviation of 0.14: within twice the spread; c is not.
+  assert arena_report.resolved_best(column) == {"a", "b"}
+  assert arena_report.resolved_best(column, lower_is_better=False) == {"c"}
+  single = {m: arena_report.statistics([s["min"]]) for m, s in column.items()}
+  assert arena_report.resolved_best(single) == {"a"}
+
+
+def test_earlier_results_keep_other_methods_and_seeds_with_their_commands(tmp_path):
+  record = lambda method, seed, run: dict(method=method, num_steps=1, nfe=1, train_steps=2,
+                                          metrics={"energy_distance": 0.1}, seed=seed, run=run)
+  (tmp_path / "arena.json").write_text(json.dumps({
+      "runs": [{"command": "first"}, {"command": "second"}],
+      "results": [record("flow_matching", 0, 0), record("ctm", 0, 1), record("ctm", 1, 1),
+                  dict(record("ctm", 0, 1), train_steps=3)]}))
+  kept, runs = arena.earlier_results(str(tmp_path), 2, {("flow_matching", 0), ("ctm", 0)})
+  assert [(r.method, r.seed, r.run) for r in kept] == [("ctm", 1, 0)]
+  assert runs == [{"command": "second"}]
+  # An arena.json from before result files had headers: a list of seed-0 records.
+  (tmp_path / "arena.json").write_text(json.dumps([
+      {k: v for k, v in record("imm", 0, 0).items() if k not in ("seed", "run")}]))
+  kept, runs = arena.earlier_results(str(tmp_path), 2, set())
+  assert [(r.method, r.seed, r.run) for r in kept] == [("imm", 0, None)] and runs == []
+
+
+def test_report_prints_a_result_file_and_rewrites_its_readme_block(tmp_path, capsys,
+                                                                   monkeypatch):
+  arena.main([f"--report={ROOT / SMOKE}"])
+  text = capsys.readouterr().out
+  assert text == arena_report.markdown(arena_report.load(str(ROOT / SMOKE)))
+  assert "± " in text and "--seeds=" in text
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n<!-- arena report: {SMOKE} -->\nold\n<!-- end arena report -->\nend\n")
+  monkeypatch.chdir(ROOT)
+  arena.main([f"--report={SMOKE}", f"--readme={readme}"])
+  assert readme.read_text() == f"intro\n{arena_report.readme_block(SMOKE, text)}\nend\n"
+  assert arena_report.readme_mismatches(readme.read_text(), str(ROOT)) == []

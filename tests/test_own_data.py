@@ -283,19 +283,26 @@ def own_datasets(tmp_path):
   return {"folder": f"folder:{tmp_path / 'images'}", "arrays": f"arrays:{tmp_path}/arrays.npz"}
 
 
-@pytest.mark.parametrize("kind", ["folder", "arrays"])
-def test_process_slices_partition_the_global_batch(sharding, own_datasets, kind):
-  config = make_config(own_datasets[kind], conditional=True, random_flip=True)
+def assert_process_slices_partition(config, sharding, num_processes):
+  """Each of `num_processes` processes reads its rows of global batches of 16; together they
+  are the global batch, for 3 batches (48 examples, across epoch boundaries of small data)."""
   build = lambda **kwargs: data.build(config, split="train", global_batch_size=16, seed=5,
                                       sharding=sharding, **kwargs)
-  global_batches = take(build(), 3)  # 48 examples: crosses two epoch boundaries.
-  per_process = [build(process_index=p, process_count=2) for p in range(2)]
+  global_batches = take(build(), 3)
+  per_process = [build(process_index=p, process_count=num_processes)
+                 for p in range(num_processes)]
   for k, global_batch in enumerate(global_batches):
     slices = [batches._local_batch(k) for batches in per_process]
     for key in ("image", "label"):
-      assert all(len(piece[key]) == 8 for piece in slices)
+      assert all(len(piece[key]) == 16 // num_processes for piece in slices)
       np.testing.assert_array_equal(np.concatenate([piece[key] for piece in slices]),
                                     global_batch[key])
+
+
+@pytest.mark.parametrize("kind", ["folder", "arrays"])
+def test_process_slices_partition_the_global_batch(sharding, own_datasets, kind):
+  config = make_config(own_datasets[kind], conditional=True, random_flip=True)
+  assert_process_slices_partition(config, sharding, 2)
 
 
 @pytest.mark.parametrize("kind", ["folder", "arrays"])

@@ -16,8 +16,8 @@ import pytest
 
 from flowjax import config as config_lib, data, train
 from flowjax.data import packed, prepare
-from test_own_data import (ROOT, assert_batches_equal, make_config, mnist_like, take,
-                           write_idx)
+from test_own_data import (ROOT, assert_batches_equal, assert_process_slices_partition,
+                           make_config, mnist_like, take, write_idx)
 
 
 @pytest.fixture(scope="module")
@@ -161,16 +161,7 @@ def packed_folder(tmp_path):
 
 def test_process_slices_partition_the_global_batch(sharding, packed_folder):
   config = make_config(packed_folder, conditional=True, random_flip=True)
-  build = lambda **kwargs: data.build(config, split="train", global_batch_size=16, seed=5,
-                                      sharding=sharding, **kwargs)
-  global_batches = take(build(), 3)  # 48 examples: crosses three epoch boundaries.
-  per_process = [build(process_index=p, process_count=4) for p in range(4)]
-  for k, global_batch in enumerate(global_batches):
-    slices = [batches._local_batch(k) for batches in per_process]
-    for key in ("image", "label"):
-      assert all(len(piece[key]) == 4 for piece in slices)
-      np.testing.assert_array_equal(np.concatenate([piece[key] for piece in slices]),
-                                    global_batch[key])
+  assert_process_slices_partition(config, sharding, 4)
 
 
 def test_resume_is_exact(sharding, packed_folder):
