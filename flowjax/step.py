@@ -106,7 +106,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, op
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = optim.update_ema(state.ema, params, state.step, decays, optim_config.ema_start_step,
-                             optim_config.get("ema_every", 1))
+                             getattr(optim_config, "ema_every", 1))
     updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
     new_state = jax.tree.map(lambda u, k: jnp.where(finite, u, k), updated, kept)
