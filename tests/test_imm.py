@@ -510,3 +510,39 @@ def test_sample_times_config_checks(tmp_path):
   config = load(**{"sample.times": (0.9, 0.1), "sample.num_steps": 1})
   with pytest.raises(config_lib.ConfigError, match="imm"):
     train.run(config, str(tmp_path / "fm"))
+
+
+def test_the_target_is_a_constant_for_the_gradient():
+  """The gradient of the IMM loss is that of mean_g w(t) MMD^2(f(x_t, t, s), y) with the target
+  y = f(x_r, r, s) held fixed (the stop-gradient of Zhou et al., arXiv:2503.07565): it differs
+  from the gradient through both sides."""
+  objective = make_objective(f_type="simple_edm")
+  params = random_params(objective, seed=31)
+  groups, m = 4, objective.group_size
+  x = jax.random.normal(jax.random.key(32), (groups * m,) + SHAPE)
+  eps = objective.sigma_d * jax.random.normal(jax.random.key(33), x.shape)
+  t = jnp.asarray([0.9, 0.7, 0.5, 0.3])
+  s = jnp.asarray([0.1, 0.2, 0.05, 0.01])
+  r = objective.mapping(t, s)
+  path = objective.schedule
+  t_b, r_b, s_b = (jnp.repeat(v, m) for v in (t, r, s))
+  x_t = path.interpolate(x, eps, t_b)
+  x_r = path.ddim(x_t, x, t_b, r_b)
+  grouped = lambda y: y.reshape(groups, m, -1)
+
+  def manual(params, target):
+    y_st = objective.flow_map(params, x_t, t_b, s_b, None)
+    mmd = imm.mmd2(grouped(y_st), grouped(target), objective.kernel_bandwidth(t, s))
+    return jnp.mean(objective.loss_weight(t) * mmd)
+
+  fixed = objective.flow_map(params, x_r, r_b, s_b, None)
+  loss, _ = objective.loss_at(params, x, None, t, r, s, eps, jax.random.key(0))
+  np.testing.assert_allclose(float(loss), float(manual(params, fixed)), rtol=1e-5)
+  grads = jax.grad(lambda p: objective.loss_at(p, x, None, t, r, s, eps, jax.random.key(0))[0])(
+      params)
+  expected = jax.grad(lambda p: manual(p, fixed))(params)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+  both = jax.grad(lambda p: manual(p, objective.flow_map(p, x_r, r_b, s_b, None)))(params)
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(grads), jax.tree.leaves(both))) > 1e-5

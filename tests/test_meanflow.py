@@ -289,6 +289,43 @@ def test_loss_gradient_is_finite_with_adaptive_weight():
   assert float(metrics["mse"]) > 0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_adaptive_weight_value_and_its_stop_gradient(reduction):
+  """loss = mean_B l / (l + eps)^p with l the per-example mean (or sum) of (u - u_tgt)^2, and
+  the weight is a constant for the gradient: the gradient is mean_B grad(l) / (l + eps)^p, not
+  the gradient of l / (l + eps)^p (which would differ by -p l grad(l) / (l + eps)^(p + 1))."""
+  p, adaptive_eps = 0.75, 0.05
+  objective = make_objective(NUM_CLASSES, adaptive_p=p, adaptive_eps=adaptive_eps,
+                             error_reduction=reduction, label_dropout=0.0)
+  params = random_params(objective, seed=21)
+  x = jax.random.normal(jax.random.key(22), (8,) + SHAPE)
+  eps = jax.random.normal(jax.random.key(23), (8,) + SHAPE)
+  cond = jnp.arange(8) % NUM_CLASSES
+  t = jnp.linspace(0.2, 0.9, 8)
+  r = t * jnp.linspace(0.0, 1.0, 8)
+
+  def per_example(params):
+    z_t = (1 - t[:, None]) * x + t[:, None] * eps
+    u_fn = lambda z, t_, r_: objective.network(params, z, t_, t_ - r_, cond)
+    u, u_tgt = meanflow.meanflow_target(u_fn, z_t, t, r, eps - x)
+    squared = jnp.square(u - u_tgt).reshape(8, -1)
+    return jnp.mean(squared, 1) if reduction == "mean" else jnp.sum(squared, 1)
+
+  l = np.asarray(per_example(params), np.float64)
+  weight = 1.0 / (l + adaptive_eps) ** p
+  loss_fn = lambda params: objective.loss_at(params, x, cond, t, r, eps, None)[0]
+  np.testing.assert_allclose(float(loss_fn(params)), np.mean(l * weight), rtol=1e-5)
+  grads = jax.grad(loss_fn)(params)
+  expected = jax.grad(lambda params: jnp.mean(per_example(params) * weight))(params)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6)
+  # Without the stop-gradient the gradient would be scaled by 1 - p l / (l + eps) per example.
+  differentiated = jax.grad(lambda params: jnp.mean(
+      per_example(params) / (per_example(params) + adaptive_eps) ** p))(params)
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(grads), jax.tree.leaves(differentiated))) > 1e-3
+
+
 def load_experiment(name):
   spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
                                                                    f"{name}.py"))
