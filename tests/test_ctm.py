@@ -339,3 +339,25 @@ def test_resume_restores_the_teacher_without_loading_it_again(distilled, monkeyp
   train.restore_or_init(setup, fresh, str(root / "fresh"))
   fresh.close()
   assert calls == [1]
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
+def test_grid_indices_follow_their_laws(num_steps):
+  """n_t ~ U{0 .. N - 1 - k} and n_s | n_t ~ U{n_t + k .. N - 1} (sony/ctm's uniform t and s
+  draws): every allowed pair appears with its probability, and no other pair appears."""
+  objective = make_ctm(num_scales=6)
+  draws = 60_000
+  n_t, n_s = jax.jit(objective.sample_indices, static_argnums=(1, 2))(
+      jax.random.key(7), draws, num_steps)
+  n_t, n_s = np.asarray(n_t), np.asarray(n_s)
+  last = objective.num_scales - 1
+  counts = {}
+  for a, b in zip(n_t, n_s):
+    counts[(int(a), int(b))] = counts.get((int(a), int(b)), 0) + 1
+  expected = {}
+  for a in range(last - num_steps + 1):
+    for b in range(a + num_steps, last + 1):
+      expected[(a, b)] = 1.0 / (last - num_steps + 1) / (last + 1 - a - num_steps)
+  assert set(counts) == set(expected)
+  for pair, probability in expected.items():
+    assert abs(counts[pair] / draws - probability) < 4 * np.sqrt(probability / draws) + 1e-3, pair
