@@ -308,9 +308,20 @@ def test_fid_evaluator_skips_with_a_warning_and_reports_when_configured(tiny, tm
                                      "eval.fid_num_samples": 20}))
   with train.context(setup):
     state = setup.init_fn()
-  values = fid.evaluate_run(train.evaluable(setup, state), image_size=SIZE)
+  model = train.evaluable(setup, state)
+  values = fid.evaluate_run(model, image_size=SIZE)
   assert set(values) == {"eval_fid", "eval_inception_score", "eval_inception_score_std"}
-  assert values["eval_fid"] > 0 and 1.0 <= values["eval_inception_score"] <= fid.NUM_CLASSES
+  # The same numbers from the sampler's own chunks (the evaluation key's FID stream, one fold
+  # per chunk of train.batch_size) through the Inception and fid.scores.
+  rng = jax.random.fold_in(model.rng, fid._FID_SAMPLE_STREAM)
+  chunks = -(-20 // setup.config.train.batch_size)
+  images = np.concatenate([np.asarray(model.sample(jax.random.fold_in(rng, index)))
+                           for index in range(chunks)])[:20]
+  features, logits = inception.features_and_logits(images)
+  expected = fid.scores(features, logits, *fid.feature_statistics(
+      inception.features_and_logits(real)[0]))
+  assert values["eval_fid"] == pytest.approx(expected["fid"], rel=1e-4)
+  assert values["eval_inception_score"] == pytest.approx(expected["inception_score"], rel=1e-4)
   for overrides, message in [({}, "set eval.inception_weights"),
                              ({"eval.inception_weights": str(tmp_path / "absent.npz"),
                                "eval.fid_reference": reference}, "absent.npz does not exist"),
