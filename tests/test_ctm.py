@@ -361,3 +361,17 @@ def test_grid_indices_follow_their_laws(num_steps):
   assert set(counts) == set(expected)
   for pair, probability in expected.items():
     assert abs(counts[pair] / draws - probability) < 4 * np.sqrt(probability / draws) + 1e-3, pair
+
+
+def test_distances_by_hand():
+  """l2: the mean squared difference per example; pseudo_huber: sqrt(||a - b||^2 + c^2) - c with
+  c = huber_c, or 0.00054 sqrt(D) (iCT's rule) when huber_c = 0."""
+  a = jnp.asarray([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 2.0, 0.0]])
+  b = jnp.asarray([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+  np.testing.assert_allclose(make_ctm(distance="l2").distance_fn(a, b), [0.0, 9.0 / 4],
+                             rtol=1e-6)
+  c = 0.00054 * 2.0
+  np.testing.assert_allclose(make_ctm(distance="pseudo_huber").distance_fn(a, b),
+                             [0.0, np.sqrt(9.0 + c * c) - c], rtol=1e-6)
+  np.testing.assert_allclose(make_ctm(distance="pseudo_huber", huber_c=0.5).distance_fn(a, b),
+                             [0.0, np.sqrt(9.25) - 0.5], rtol=1e-6)
