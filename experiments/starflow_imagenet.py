@@ -21,7 +21,11 @@ clipping, weight decay on every parameter, a warm-up of one epoch (2,502 steps a
 no EMA (train.py). Sampling guidance: the paper's samples use omega = 3.0 (Fig. 7), i.e.
 sample.guidance = 1 + 3.0 here. Every value and its source: BUILD.md, "Paper presets".
 Presets: :XL, :tiny (the architecture at the size of the reference fixture: 8x8x3 synthetic
-data, width 64, 3 blocks of 1, 1 and 2 layers, 2 heads, patch 2, 10 classes; a few CPU steps).
+data, width 64, 3 blocks of 1, 1 and 2 layers, 2 heads, patch 2, 10 classes; a few CPU steps),
+:bench_tiny (for python -m flowjax.bench: the architecture in pixel space on synthetic 32x32x3
+data, unconditional, patch 2 (256 tokens of 12 channels), width 128, 2 heads of 64 channels,
+4 blocks of 1, 1, 1 and 4 layers, float32, batch 16: 1,407,504 parameters, LayerNorm biases
+included; the network the PyTorch comparison in README "Performance" times).
 """
 
 from flowjax import blocks, config as config_lib
@@ -63,4 +67,10 @@ PRESETS = {
              "train.steps": 4, "train.batch_size": 16, "train.log_every": 2,
              "ckpt.every_steps": 2, "sample.every_steps": 0, "sample.num": 8,
              "sample.guidance": 1.5},
+    "bench_tiny": {"data.name": "synthetic", "data.image_size": 32, "data.channels": 3,
+                   "data.conditional": False, "data.num_classes": 0,
+                   "model.patch_size": 2, "model.hidden_size": 128, "model.num_heads": 2,
+                   "model.num_blocks": 4, "model.layers_per_block": 1, "model.deep_layers": 4,
+                   "model.dtype": "float32", "optim.warmup_steps": 0, "train.batch_size": 16,
+                   "train.log_every": 1, "sample.num": 16, "sample.guidance": 1.0},
 }

@@ -1,8 +1,22 @@
 """python -m flowjax.bench --config=experiments/X.py [--steps=N] [--out=FILE.json]
 
 Compile time, median train-step time, examples/s, memory, input-pipeline throughput and sampling
-throughput of one config on the devices at hand, printed and written as JSON. With
---config.train.dry_run=True only the compile and its memory analysis are measured.
+throughput of one config on the devices at hand, printed and written as JSON with the command,
+commit, seed, machine and load average. With --config.train.dry_run=True only the compile and
+its memory analysis are measured.
+
+FLOP/s and MFU, for the train step and for sampling: the FLOPs are XLA's cost analysis of the
+compiled program (`compiled.cost_analysis()['flops']`: 2 per multiply-add of every dot and
+convolution, 1 per elementwise operation); a loop body counts once, so a program whose while
+loops contain dots or convolutions reports `flops_exact: false` (a lower bound) and no MFU.
+MFU = FLOPs / seconds / peak, the peak per device from PEAK_FLOPS (dense bf16, TF32 and FP32
+figures of A100 / H100 / H200, bf16 of TPU v4 / v5e / v5p / v6e; `peak_flops` picks the one of
+the model's compute dtype and train.matmul_precision) or, on CPU, measured: the best of
+CPU_PROBE_REPEATS runs of a jitted CPU_PROBE_SIZE x CPU_PROBE_SIZE matmul in the compute dtype on
+the cores the process has, an attainable rather than a datasheet peak (`cpu_matmul_peak`).
+
+On CPU the bench starts XLA with CPU_XLA_FLAGS added to XLA_FLAGS (unless XLA_FLAGS already sets
+them, or this jaxlib rejects them): see `use_cpu_xla_flags`.
 
 python -m flowjax.bench --data_loading [--data_workers=0,2] [--out=FILE.json]
 
@@ -14,6 +28,7 @@ Examples/s of the sources that read your own images (folder:, arrays: .npy memor
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -35,6 +50,9 @@ _AR_METHODS = flags.DEFINE_list(
     "autoregressive flow (objective 'starflow'), e.g. kv_cache,jacobi,naive.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "With --ar_methods: sample from the latest "
                                "checkpoint of this workdir (default: freshly initialised).")
+_CPU_XLA_FLAGS = flags.DEFINE_bool(
+    "cpu_xla_flags", True, "Add CPU_XLA_FLAGS to XLA_FLAGS (XLA:CPU options that speed up "
+    "convolutions); --nocpu_xla_flags measures XLA's defaults.")
 _DATA_LOADING = flags.DEFINE_bool(
     "data_loading", False, "Instead of a config's train step, time the data sources of your own "
     "images (folder:, arrays:, packed:) on generated data.")
@@ -48,6 +66,157 @@ _FOLDER_IMAGES = flags.DEFINE_integer("folder_images", 3000, "With --data_loadin
                                       "64x64x3 in the generated folder (10 classes).")
 _ARRAY_IMAGES = flags.DEFINE_integer("array_images", 50_000, "With --data_loading: 32x32x3 uint8 "
                                      "images in the generated .npy and .npz.")
+
+
+# XLA:CPU options. jaxlib 0.10 hands convolutions to YNNPACK by default; its kernel-gradient
+# convolutions (a 32x32 window over [C, 32, 32, B] transposed activations) run 3x slower than
+# XLA's own Eigen convolutions, and the forward ones no faster: without them the tiny IMM and
+# MeanFlow U-Net train steps take 0.64x and 0.69x the time (README "Performance").
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+
+# Dense (no sparsity) peak FLOP/s per device: (device_kind prefix, {precision: FLOP/s}). The
+# first matching prefix wins, so the longer names come first. NVIDIA datasheets (SXM unless
+# named); TPUs: bf16 MXU peak (float32 matmuls at default precision run as bf16 passes).
+PEAK_FLOPS = (
+    ("NVIDIA H100 PCIe", {"bfloat16": 756e12, "tensorfloat32": 378e12, "float32": 51.2e12}),
+    ("NVIDIA H100 NVL", {"bfloat16": 835e12, "tensorfloat32": 418e12, "float32": 60e12}),
+    ("NVIDIA H200 NVL", {"bfloat16": 835e12, "tensorfloat32": 418e12, "float32": 60e12}),
+    ("NVIDIA H100", {"bfloat16": 989e12, "tensorfloat32": 494.7e12, "float32": 66.9e12}),
+    ("NVIDIA H200", {"bfloat16": 989e12, "tensorfloat32": 494.7e12, "float32": 66.9e12}),
+    ("NVIDIA A100", {"bfloat16": 312e12, "tensorfloat32": 156e12, "float32": 19.5e12}),
+    ("TPU v4", {"bfloat16": 275e12}),
+    ("TPU v5 lite", {"bfloat16": 197e12}),
+    ("TPU v5e", {"bfloat16": 197e12}),
+    ("TPU v5", {"bfloat16": 459e12}),
+    ("TPU v6 lite", {"bfloat16": 918e12}),
+    ("TPU v6e", {"bfloat16": 918e12}),
+)
+CPU_PROBE_SIZE = 2048
+CPU_PROBE_REPEATS = 10
+
+
+def use_cpu_xla_flags(flags=CPU_XLA_FLAGS) -> list[str]:
+  """Adds `flags` to the XLA_FLAGS environment variable; call before JAX starts its backend.
+
+  A flag is left out when XLA_FLAGS already names it (the user's value wins) or when this jaxlib
+  does not know it (XLA aborts the process on an unknown flag, so a child process tries them
+  first, in about a second). They are XLA:CPU compiler options: accelerator programs ignore
+  them. Returns the flags added.
+  """
+  current = os.environ.get("XLA_FLAGS", "")
+  wanted = [f for f in flags if f.split("=")[0] not in current]
+  if not wanted:
+    return []
+  env = dict(os.environ, XLA_FLAGS=" ".join([current] + wanted).strip(), JAX_PLATFORMS="cpu")
+  probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0)"],
+                         env=env, capture_output=True)
+  if probe.returncode:
+    logging.warning("XLA rejected %s; running without them.", wanted)
+    return []
+  os.environ["XLA_FLAGS"] = env["XLA_FLAGS"]
+  return wanted
+
+
+def compiled_flops(compiled) -> tuple[float, bool]:
+  """(FLOPs of one call on one device, exact) from XLA's cost analysis of a compiled program
+  (with a mesh, the partitioned per-device program).
+
+  exact is False when a while loop's body holds a dot or convolution: the analysis counts a
+  loop body once whatever its trip count, so the FLOPs are then a lower bound.
+  """
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = float((analysis or {}).get("flops", 0.0))
+  return flops, not _loop_holds_matmul(compiled.as_text())
+
+
+def _loop_holds_matmul(hlo: str) -> bool:
+  """Whether a while loop of this HLO text reaches a dot or convolution (through the
+  computations its body calls)."""
+  bodies, current = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      current = header.group(1)
+      bodies[current] = []
+    elif current is not None:
+      bodies[current].append(line)
+  calls = re.compile(r"(?:calls|body|condition|to_apply|branch_computations|"
+                     r"called_computations)=\{?%?([\w.\-]+(?:, %[\w.\-]+)*)")
+  matmul = re.compile(r" (?:dot|convolution)\(")
+
+  def reaches_matmul(name, seen):
+    if name in seen or name not in bodies:
+      return False
+    seen.add(name)
+    text = "\n".join(bodies[name])
+    if matmul.search(text):
+      return True
+    return any(reaches_matmul(callee.lstrip("%"), seen) for group in calls.findall(text)
+               for callee in group.split(", "))
+
+  loop_bodies = re.findall(r" while\(.*?body=%?([\w.\-]+)", hlo)
+  return any(reaches_matmul(body, set()) for body in loop_bodies)
+
+
+def peak_flops(device_kind: str, dtype: str, matmul_precision: str = "default") -> float | None:
+  """Datasheet peak FLOP/s of one device (PEAK_FLOPS) for a compute dtype ('float32' |
+  'bfloat16') and train.matmul_precision; None for a device not in the table.
+
+  float32 compute on an NVIDIA GPU runs its matmuls as TF32 unless the precision is 'float32'.
+  """
+  for prefix, peaks in PEAK_FLOPS:
+    if device_kind.startswith(prefix):
+      if "float32" not in peaks:  # TPU: one MXU peak
+        return peaks["bfloat16"]
+      if dtype == "bfloat16" or matmul_precision == "bfloat16":
+        return peaks["bfloat16"]
+      return peaks["float32" if matmul_precision == "float32" else "tensorfloat32"]
+  return None
+
+
+def cpu_matmul_peak(dtype: str = "float32", size: int = CPU_PROBE_SIZE,
+                    repeats: int = CPU_PROBE_REPEATS) -> float:
+  """Attainable FLOP/s of this CPU: 2 size^3 / the fastest of `repeats` calls of a jitted
+  size x size matmul in `dtype` (after one warm-up call), on the default CPU device."""
+  import jax
+  import jax.numpy as jnp
+  keys = jax.random.split(jax.random.key(0))
+  a, b = (jax.random.normal(k, (size, size), jnp.dtype(dtype)) for k in keys)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, b))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, b))
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size**3 / best
+
+
+def utilisation(flops: float, exact: bool, seconds: float, peak: float | None) -> dict:
+  """FLOPs, achieved FLOP/s and MFU (None without a peak or exact FLOPs) of one timed call."""
+  achieved = flops / seconds
+  return {"flops": flops, "flops_exact": exact, "achieved_flops_per_sec": round(achieved, 1),
+          "mfu": round(achieved / peak, 4) if peak and exact else None}
+
+
+def device_peak(config) -> dict:
+  """{'peak_flops_per_sec', 'peak_source'} for the first device and config.model.dtype. Fake
+  CPU devices (--num_cpu_devices=N) share the probed cores: their MFU reads 1/N of the CPU's."""
+  import jax
+  from flowjax import train
+  device = jax.devices()[0]
+  dtype = str(config.model.get("dtype", "float32"))
+  precision = train.matmul_precision(config)
+  if device.platform == "cpu":
+    return {"peak_flops_per_sec": round(cpu_matmul_peak(dtype), 1),
+            "peak_source": f"measured: best of {CPU_PROBE_REPEATS} {dtype} "
+                           f"{CPU_PROBE_SIZE}x{CPU_PROBE_SIZE} matmuls on this CPU"}
+  peak = peak_flops(device.device_kind, dtype, precision)
+  return {"peak_flops_per_sec": peak,
+          "peak_source": (f"table: {device.device_kind}, {dtype} compute, matmul precision "
+                          f"{precision}") if peak else f"unknown device {device.device_kind!r}"}
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -66,6 +235,7 @@ def benchmark(config, steps: int, sample_repeats: int) -> dict:
 
   setup = train.build(config)
   compiled, compile_seconds, memory = train.compile_step(setup)
+  step_flops, step_flops_exact = compiled_flops(compiled)
   result = {
       "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(), "mesh": dict(setup.mesh.shape),
@@ -73,9 +243,12 @@ def benchmark(config, steps: int, sample_repeats: int) -> dict:
       "compiled_memory_mib": {k: round(v / 2**20, 2) for k, v in memory.items()},
       "num_params": sum(x.size for x in jax.tree.leaves(setup.abstract_state.params)),
       "analytic_memory": memory_lib.plan(setup),
+      "step_flops": step_flops,
   }
   if config.train.dry_run:
     return result
+  result.update(device_peak(config))
+  peak = result["peak_flops_per_sec"]  # per device, as the FLOPs of the partitioned program
 
   with train.context(setup):
     state = setup.init_fn()
@@ -102,6 +275,7 @@ def benchmark(config, steps: int, sample_repeats: int) -> dict:
       "steps_per_sec": round(1.0 / step_seconds, 3),
       "examples_per_sec": round(config.train.batch_size / step_seconds, 1),
       "final_loss": float(step_metrics["loss"]),
+      "step_utilisation": utilisation(step_flops, step_flops_exact, step_seconds, peak),
   })
 
   if sample_repeats:
@@ -110,13 +284,15 @@ def benchmark(config, steps: int, sample_repeats: int) -> dict:
     labels = train.sample_labels(setup.info, config.sample.num)
     with train.context(setup):
       start = time.perf_counter()
+      sample = sample.lower(params, jax.random.key(0), labels).compile()
       jax.block_until_ready(sample(params, jax.random.key(0), labels))
       result["sample_compile_seconds"] = round(time.perf_counter() - start, 3)
       seconds = _median_seconds(
           lambda: jax.block_until_ready(sample(params, jax.random.key(1), labels)),
           sample_repeats)
     result.update({"sample_num": config.sample.num, "sample_num_steps": config.sample.num_steps,
-                   "samples_per_sec": round(config.sample.num / seconds, 1)})
+                   "samples_per_sec": round(config.sample.num / seconds, 1),
+                   "sample_utilisation": utilisation(*compiled_flops(sample), seconds, peak)})
 
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
@@ -152,11 +328,13 @@ def autoregressive_sampling(config, methods, workdir: str | None = None,
   result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "step": int(step), "sample_num": config.sample.num,
             "guidance": config.sample.guidance, "methods": {}}
+  result.update(device_peak(config))
   for method in methods:
     sample = jax.jit(lambda p, rng, c, method=method: setup.objective.sample_with_steps(
         p, rng, config.sample.num, c, method=method, guidance=config.sample.guidance))
     with train.context(setup):
       start = time.perf_counter()
+      sample = sample.lower(params, jax.random.key(0), labels).compile()
       _, steps = jax.block_until_ready(sample(params, jax.random.key(0), labels))
       compile_seconds = time.perf_counter() - start
       seconds = _median_seconds(
@@ -164,7 +342,9 @@ def autoregressive_sampling(config, methods, workdir: str | None = None,
     result["methods"][method] = {
         "compile_seconds": round(compile_seconds, 3), "seconds": round(seconds, 4),
         "samples_per_sec": round(config.sample.num / seconds, 1),
-        "sequential_steps": int(steps)}
+        "sequential_steps": int(steps),
+        "utilisation": utilisation(*compiled_flops(sample), seconds,
+                                   result["peak_flops_per_sec"])}
   return result
 
 
@@ -306,7 +486,13 @@ def main(argv):
     return
   if _CONFIG.value is None:
     raise app.UsageError("Give --config=experiments/X.py (or --data_loading).")
+  added = use_cpu_xla_flags() if _CPU_XLA_FLAGS.value else []
   sharding.start_runtime(_NUM_CPU_DEVICES.value)
+  provenance = {"command": " ".join(["python -m flowjax.bench"] + sys.argv[1:]), **_commit(),
+                "date": time.strftime("%Y-%m-%d %H:%M"), "seed": _CONFIG.value.seed,
+                "machine": _machine(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                "xla_flags_added_by_bench": added,
+                "load_average_1min_before": round(os.getloadavg()[0], 2)}
   if _AR_METHODS.value:
     result = autoregressive_sampling(_CONFIG.value, _AR_METHODS.value, _WORKDIR.value,
                                      max(_SAMPLE_REPEATS.value, 1))
@@ -319,7 +505,8 @@ def main(argv):
       if explained is None:
         raise
       raise explained from error
-  _write_result(result)
+  _write_result({**provenance, "load_average_1min_after": round(os.getloadavg()[0], 2),
+                 **result})
 
 
 def _write_result(result: dict) -> None:

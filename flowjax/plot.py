@@ -173,25 +173,30 @@ def compare_workdirs(workdirs, keys, out: str, window: int = 100) -> dict:
   return record
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (holds metrics.jsonl).")
-_COMPARE = flags.DEFINE_list("compare", None, "Workdirs side by side (with --keys and --out).")
-_WINDOW = flags.DEFINE_integer("window", 100, "Steps per median in the --compare record.")
-_KEYS = flags.DEFINE_list("keys", None, "Metrics to plot (default: every logged metric).")
-_OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/plots/metrics.png).")
+def _define_flags() -> None:
+  """The command line's flags, defined only when this module runs as the command: flowjax.bench
+  defines flags of the same names, and both modules are imported in one process by tests and
+  the arena."""
+  flags.DEFINE_string("workdir", None, "A training workdir (holds metrics.jsonl).")
+  flags.DEFINE_list("compare", None, "Workdirs side by side (with --keys and --out).")
+  flags.DEFINE_integer("window", 100, "Steps per median in the --compare record.")
+  flags.DEFINE_list("keys", None, "Metrics to plot (default: every logged metric).")
+  flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/plots/metrics.png).")
 
 
 def main(argv):
   del argv
+  args = flags.FLAGS
   try:
-    if _COMPARE.value:
-      if not _OUT.value:
+    if args.compare:
+      if not args.out:
         raise ValueError("--compare needs --out=FIG.png.")
-      compare_workdirs(_COMPARE.value, _KEYS.value, _OUT.value, _WINDOW.value)
-      path = _OUT.value
-    elif not _WORKDIR.value:
+      compare_workdirs(args.compare, args.keys, args.out, args.window)
+      path = args.out
+    elif not args.workdir:
       raise ValueError("give --workdir=DIR (or --compare=DIR1,DIR2 --keys=... --out=FIG.png).")
     else:
-      path = plot_workdir(_WORKDIR.value, _KEYS.value, _OUT.value)
+      path = plot_workdir(args.workdir, args.keys, args.out)
   except (FileNotFoundError, ValueError) as error:
     sys.stderr.write(f"flowjax.plot: {error}\n")
     sys.exit(1)
@@ -199,4 +204,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

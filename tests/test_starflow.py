@@ -335,3 +335,27 @@ def test_attention_temperature_is_the_same_in_every_decoder(flow, rule):
   np.testing.assert_allclose(run(params, z, cond, "naive", 0.5), cached, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(run(params, z, cond, "jacobi", 0.5), cached, rtol=1e-4, atol=1e-4)
   assert float(jnp.max(jnp.abs(cached - run(params, z, cond, "kv_cache", 1.0)))) > 1e-3
+
+
+@pytest.mark.parametrize("hidden_slot, first_slot", [(-1, 0), (1, 0), (-1, 3)])
+def test_causal_attention_in_two_halves_is_the_masked_attention(monkeypatch, hidden_slot,
+                                                                first_slot):
+  """Without a cache, 2 x CAUSAL_SPLIT_MIN or more tokens attend in two halves; the values and
+  gradients are those of one masked attention over all of them (a hidden slot, slots not
+  starting at 0), to float32 rounding."""
+  length = 2 * tarflow.CAUSAL_SPLIT_MIN + 3
+  x = jax.random.normal(jax.random.key(0), (2, length, 32))
+  slots = first_slot + jnp.arange(length)
+  layer = tarflow.CausalAttention(num_heads=2, hidden_slot=hidden_slot)
+  params = perturb(layer.init(jax.random.key(1), x, slots, None))
+  cotangent = jax.random.normal(jax.random.key(2), x.shape)
+
+  def value_and_grads():
+    loss = lambda p, x: jnp.sum(layer.apply(p, x, slots, None)[0] * cotangent)
+    return layer.apply(params, x, slots, None)[0], jax.grad(loss, (0, 1))(params, x)
+
+  halves = value_and_grads()
+  monkeypatch.setattr(tarflow, "CAUSAL_SPLIT_MIN", length)
+  whole = value_and_grads()
+  for a, b in zip(jax.tree.leaves(halves), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)

@@ -6,6 +6,7 @@ import importlib.util
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,6 +135,94 @@ def test_resampling_keeps_constants_and_box_down_inverts_up(taps):
   if taps == (1, 1):  # nearest-neighbour up, 2x2 mean down
     np.testing.assert_allclose(up, jnp.repeat(jnp.repeat(x, 2, 1), 2, 2), atol=1e-6)
     np.testing.assert_allclose(unet.downsample(up, taps), x, atol=1e-6)
+
+
+def depthwise_reference(x, taps, up, padding=None):
+  """EDM's resampling as it is written there: a depthwise convolution with the filter
+  outer(taps, taps) / sum(taps)^2, stride 2 (down), or its transpose with the filter x4 (up)."""
+  f = np.asarray(taps, np.float64)
+  kernel = np.outer(f, f) / f.sum() ** 2 * (4 if up else 1)
+  channels, k = x.shape[-1], len(taps)
+  kernel = jnp.asarray(np.tile(kernel[:, :, None, None], (1, 1, 1, channels)), x.dtype)
+  if up:
+    pad = k - 1 - (k - 1) // 2
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((pad, pad), (pad, pad)), lhs_dilation=(2, 2),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+  pad = (k - 1) // 2 if padding is None else padding
+  return jax.lax.conv_general_dilated(
+      x, kernel, (2, 2), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=channels)
+
+
+@pytest.mark.parametrize("taps", [(1, 1), (1, 3, 3, 1), (1, 2), (2, 5, 1, 3, 1, 1)])
+@pytest.mark.parametrize("padding", [None, 0, 2])
+def test_resampling_equals_the_depthwise_convolution_and_its_gradient(taps, padding):
+  """The box filter's repeat is exact; every filter (box, FIR, asymmetric, 6 taps) and padding
+  (the residual encoder's 0) agrees with EDM's depthwise convolution to float32 rounding, and so
+  does the input gradient, on a non-square image with channels that are not a power of 2."""
+  x = jax.random.normal(jax.random.key(1), (3, 8, 12, 5))
+  cotangent_down = jax.random.normal(jax.random.key(2), unet.downsample(x, taps, padding).shape)
+  cotangent_up = jax.random.normal(jax.random.key(3), (3, 16, 24, 5))
+  for up, ours, cotangent in (
+      (False, lambda x: unet.downsample(x, taps, padding), cotangent_down),
+      (True, lambda x: unet.upsample(x, taps), cotangent_up)):
+    theirs = lambda x, up=up: depthwise_reference(x, taps, up, padding)
+    assert ours(x).shape == theirs(x).shape
+    np.testing.assert_allclose(ours(x), theirs(x), rtol=0, atol=1e-6)
+    grad = lambda f, cotangent=cotangent: jax.grad(lambda x: jnp.sum(f(x) * cotangent))(x)
+    np.testing.assert_allclose(grad(ours), grad(theirs), rtol=0, atol=2e-6)
+  if taps == (1, 1):
+    assert (unet.upsample(x, taps) == depthwise_reference(x, taps, True)).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_group_norm_is_flax_group_norm(dtype):
+  """Same parameters, same values to float32 rounding (and the bfloat16 output's rounding), same
+  gradients, on features with an offset and a spread (E[x^2] - E[x]^2 is the delicate part)."""
+  x = (3.0 * jax.random.normal(jax.random.key(0), (2, 8, 12, 24)) + 1.5).astype(dtype)
+  ours = unet.GroupNorm(num_groups=6, epsilon=1e-6, dtype=dtype)
+  theirs = nn.GroupNorm(num_groups=6, epsilon=1e-6, dtype=dtype)
+  params = nn.meta.unbox(ours.init(jax.random.key(1), x))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, theirs.init(
+      jax.random.key(1), x)) == {"params": {"scale": (24,), "bias": (24,)}}
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+  got, want = ours.apply(params, x), theirs.apply(params, x)
+  assert got.dtype == want.dtype == dtype
+  tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=0, atol=tolerance)
+  cotangent = jax.random.normal(jax.random.key(3), x.shape)
+  grad = lambda model: jax.grad(lambda p, x: jnp.sum(
+      model.apply(p, x).astype(jnp.float32) * cotangent), (0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(theirs))):
+    scale = float(jnp.abs(jnp.float32(b)).max())
+    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=0,
+                               atol=(1e-5 if dtype == jnp.float32 else 3e-2) * max(scale, 1.0))
+
+
+def test_resample_matrix_rows_are_the_filter():
+  """Down with (1, 3, 3, 1): row i holds the taps / 8 at columns 2i - 1 .. 2i + 2 (cut at the
+  border); up: every column sums to 2 (each pixel feeds 2 outputs per axis with weight 2 f)."""
+  down = unet.resample_matrix((1, 3, 3, 1), 8, up=False)
+  np.testing.assert_array_equal(down[1, 1:5], np.array([1, 3, 3, 1]) / 8)
+  np.testing.assert_array_equal(down[0, :3], np.array([3, 3, 1]) / 8)
+  assert down.shape == (4, 8)
+  up = unet.resample_matrix((1, 3, 3, 1), 4, up=True)
+  assert up.shape == (8, 4)
+  np.testing.assert_allclose(up.sum(axis=0)[1:-1], 2.0)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("imm_cifar10", 2_227_971), ("meanflow_cifar10", 2_219_523)])
+def test_bench_presets_are_the_tiny_networks_of_the_pytorch_comparison(name, expected):
+  """:bench_tiny is the official U-Net at width 32, 2 blocks per level, channel_mult (2, 2, 2),
+  dropout 0.2, on 32x32x3 at batch 16 (README "Performance" times PyTorch on the same)."""
+  config = load_config(name, "bench_tiny")
+  assert (config.model.model_channels, tuple(config.model.channel_mult),
+          config.model.num_blocks, config.model.dropout) == (32, (2, 2, 2), 2, 0.2)
+  assert (config.data.image_size, config.data.channels, config.train.batch_size) == (32, 3, 16)
+  setup = train.build(config)
+  assert sum(x.size for x in jax.tree.leaves(setup.abstract_state.params)) == expected
 
 
 # Initialisation, conditioning, gradients (one compiled tiny model, shared).

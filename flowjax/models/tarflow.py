@@ -65,6 +65,10 @@ PATCH_CHANNELS = ("last", "first")
 LABEL_NULLS = ("learned", "mean")
 GELUS = ("tanh", "exact")
 TOKENS = ("batch", "length", "embed")
+# Causal attention without a cache over at least 2x this many tokens attends in two halves
+# (CausalAttention): 0.72x the time of one masked attention over 256 tokens, forward plus
+# backward, on XLA:CPU.
+CAUSAL_SPLIT_MIN = 64
 # The architecture of apple/ml-starflow's `transformer_flow.Model` (rope=1, sos=1,
 # use_softplus=1, use_final_norm=1, soft_clip=4, class labels as a one-token one-hot "caption"
 # read by the deep block only, torch LayerNorm eps 1e-5, exact GELU); `order` follows its
@@ -223,8 +227,20 @@ class CausalAttention(nn.Module):
     if self.hidden_slot >= 0:
       hidden = self.hidden_slot
       mask = mask & ((key_slots[None, :] != hidden) | (slots[:, None] == hidden))
-    y = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
-                                     mask=mask[None, None])
+    keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+    if cache is None and length >= 2 * CAUSAL_SPLIT_MIN:
+      # Without a cache the keys are the queries' own slots, which increase, so the first half
+      # of the queries sees none of the second half of the keys: attending over the first half
+      # alone drops only masked (zero-weight) columns. The same values (bit for bit on
+      # XLA:CPU), a quarter of the score matrix less to compute and differentiate.
+      half = length // 2
+      y = jnp.concatenate([
+          jax.nn.dot_product_attention(q[:, :half], keys[:, :half], values[:, :half],
+                                       mask=mask[None, None, :half, :half]),
+          jax.nn.dot_product_attention(q[:, half:], keys, values,
+                                       mask=mask[None, None, half:])], axis=1)
+    else:
+      y = jax.nn.dot_product_attention(q, keys, values, mask=mask[None, None])
     y = y.reshape(batch, length, width)
     out = layers.dense(width, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                        name="out")(y)

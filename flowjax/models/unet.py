@@ -82,36 +82,75 @@ def scaled_xavier_uniform(weight_scale: float) -> layers.Initializer:
   return nn.initializers.variance_scaling(weight_scale**2, "fan_avg", "uniform")
 
 
-def resample_kernel(taps: Sequence[int], channels: int, dtype) -> jax.Array:
-  """Depthwise 2D filter outer(taps, taps) / sum(taps)^2: [k, k, 1, channels]."""
-  f = np.asarray(taps, np.float64)
-  f = np.outer(f, f) / f.sum() ** 2
-  return jnp.asarray(np.tile(f[:, :, None, None], (1, 1, 1, channels)), dtype)
+def resample_matrix(taps: Sequence[int], size: int, up: bool,
+                    padding: int | None = None) -> np.ndarray:
+  """EDM's resampling along one axis of `size` pixels as a [size_out, size] matrix (float64).
+
+  f = taps / sum(taps). Down (size_out = (size + 2 padding - k) // 2 + 1, k = len(taps),
+  padding (k - 1) // 2 by default): output i = sum_k f[k] x[2i + k - padding], zero outside.
+  Up (size_out = 2 size): zero insertion, padding k - 1 - (k - 1) // 2, then the filter 2 f, so
+  output i = sum_k 2 f[k] u[i + k - padding] with u[2j] = x[j] and zeros between. The 2D filter
+  is outer(f, f) (x4 up): the same matrix along H and W.
+  """
+  f = np.asarray(taps, np.float64) / np.sum(taps)
+  k = len(f)
+  if up:
+    pad = k - 1 - (k - 1) // 2
+    matrix = np.zeros((2 * size, size))
+    for i in range(2 * size):
+      for tap in range(k):
+        u = i + tap - pad
+        if u % 2 == 0 and 0 <= u // 2 < size:
+          matrix[i, u // 2] += 2 * f[tap]
+    return matrix
+  pad = (k - 1) // 2 if padding is None else padding
+  matrix = np.zeros(((size + 2 * pad - k) // 2 + 1, size))
+  for i in range(matrix.shape[0]):
+    for tap in range(k):
+      if 0 <= 2 * i + tap - pad < size:
+        matrix[i, 2 * i + tap - pad] += f[tap]
+  return matrix
+
+
+def _resample(x: jax.Array, taps: Sequence[int], up: bool, padding: int | None) -> jax.Array:
+  """The separable resampling filter as a matmul along H, then along W (full float32 precision).
+
+  Replaces EDM's (transposed) depthwise convolution with stride 2: the same sums in another
+  order, equal to float rounding, and on XLA:CPU 5-20x cheaper with its gradient.
+  """
+  rows = resample_matrix(taps, x.shape[1], up, padding)
+  cols = resample_matrix(taps, x.shape[2], up, padding)
+  highest = jax.lax.Precision.HIGHEST
+  x = jnp.einsum("ih,bhwc->biwc", jnp.asarray(rows, x.dtype), x, precision=highest)
+  return jnp.einsum("jw,bhwc->bhjc", jnp.asarray(cols, x.dtype), x, precision=highest)
 
 
 def downsample(x: jax.Array, taps: Sequence[int], padding: int | None = None) -> jax.Array:
-  """Filter then keep every second pixel: [B, H, W, C] -> [B, H/2, W/2, C].
+  """Filter with outer(taps, taps) / sum(taps)^2, then keep every second pixel:
+  [B, H, W, C] -> [B, (H + 2 padding - k) // 2 + 1, (same for W), C], k = len(taps).
 
-  padding: pixels of zero padding on each side; (len(taps) - 1) // 2 by default.
+  padding: pixels of zero padding on each side; (len(taps) - 1) // 2 by default. The box filter
+  (1, 1) is a 2x2 mean; other filters go through `resample_matrix`.
   """
-  channels = x.shape[-1]
   pad = (len(taps) - 1) // 2 if padding is None else padding
-  return jax.lax.conv_general_dilated(
-      x, resample_kernel(taps, channels, x.dtype), window_strides=(2, 2),
-      padding=((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=channels)
+  batch, height, width, channels = x.shape
+  if tuple(taps) == (1, 1) and pad == 0 and height % 2 == 0 and width % 2 == 0:
+    return x.reshape(batch, height // 2, 2, width // 2, 2, channels).mean(axis=(2, 4))
+  return _resample(x, taps, up=False, padding=pad)
 
 
 def upsample(x: jax.Array, taps: Sequence[int]) -> jax.Array:
   """Zero-insertion upsampling by 2 followed by the filter (x4 to keep the mean):
-  [B, H, W, C] -> [B, 2H, 2W, C]; a transposed convolution with stride 2."""
-  channels = x.shape[-1]
-  k = len(taps)
-  pad = k - 1 - (k - 1) // 2
-  return jax.lax.conv_general_dilated(
-      x, 4 * resample_kernel(taps, channels, x.dtype), window_strides=(1, 1),
-      padding=((pad, pad), (pad, pad)), lhs_dilation=(2, 2),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+  [B, H, W, C] -> [B, 2H, 2W, C], EDM's transposed depthwise convolution with stride 2.
+
+  The box filter (1, 1) repeats every pixel 2x2 (exactly); other filters go through
+  `resample_matrix`.
+  """
+  if tuple(taps) == (1, 1):
+    batch, height, width, channels = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
+    return x.reshape(batch, 2 * height, 2 * width, channels)
+  return _resample(x, taps, up=True, padding=None)
 
 
 def conv(features: int, kernel: int, names: tuple[str | None, str | None], *,
@@ -132,12 +171,42 @@ def conv(features: int, kernel: int, names: tuple[str | None, str | None], *,
       name=name)
 
 
-def group_norm(channels: int, *, dtype, param_dtype, name: str) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+  """flax's nn.GroupNorm on [B, H, W, C] (the same parameters 'scale' and 'bias' [C], statistics
+  in float32, var = max(E[x^2] - E[x]^2, 0), y = (x - mean) * rsqrt(var + eps) * scale + bias),
+  with the group sums taken in two stages: over H and W per channel, then over the channels of
+  each group. The same sums in another order, equal to float rounding; on XLA:CPU the forward
+  pass takes 0.4x the time of flax's single reduction over [H, W, C / groups] and forward plus
+  backward 0.8x ([16, 32, 32, 64], 16 groups)."""
+  num_groups: int
+  epsilon: float = 1e-6
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, height, width, channels = x.shape
+    per_group = channels // self.num_groups
+    init = lambda f: nn.with_logical_partitioning(f, ("embed",))
+    scale = self.param("scale", init(nn.initializers.ones), (channels,), self.param_dtype)
+    bias = self.param("bias", init(nn.initializers.zeros), (channels,), self.param_dtype)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    count = height * width * per_group
+
+    def group_mean(values):  # [B, H, W, C] -> [B, 1, 1, C], each channel its group's mean
+      sums = jnp.sum(values, axis=(1, 2)).reshape(batch, self.num_groups, per_group).sum(-1)
+      return jnp.repeat(sums / count, per_group, axis=1)[:, None, None, :]
+
+    mean = group_mean(xf)
+    var = jnp.maximum(group_mean(xf * xf) - mean * mean, 0.0)
+    y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
+
+
+def group_norm(channels: int, *, dtype, param_dtype, name: str) -> GroupNorm:
   """EDM's GroupNorm: min(32, channels // 4) groups, eps 1e-6, per-channel scale and bias."""
-  return nn.GroupNorm(
-      num_groups=min(32, channels // 4), epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name=name)
+  return GroupNorm(num_groups=min(32, channels // 4), epsilon=1e-6, dtype=dtype,
+                   param_dtype=param_dtype, name=name)
 
 
 def positional_embedding(x: jax.Array, channels: int) -> jax.Array:
