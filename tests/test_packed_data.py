@@ -17,7 +17,7 @@ import pytest
 from flowjax import config as config_lib, data, train
 from flowjax.data import packed, prepare
 from test_own_data import (ROOT, assert_batches_equal, assert_process_slices_partition,
-                           make_config, mnist_like, take, write_idx)
+                           assert_resume_is_exact, make_config, mnist_like, take, write_idx)
 
 
 @pytest.fixture(scope="module")
@@ -166,16 +166,7 @@ def test_process_slices_partition_the_global_batch(sharding, packed_folder):
 
 def test_resume_is_exact(sharding, packed_folder):
   config = make_config(packed_folder, conditional=True, random_flip=True, prefetch=2)
-  build = lambda: data.build(config, split="train", global_batch_size=8, seed=3,
-                             sharding=sharding)
-  batches = build()
-  take(batches, 2)
-  state = json.loads(json.dumps(batches.get_state()))
-  continued = take(batches, 3)
-  batches.close()
-  resumed = build()
-  resumed.set_state(state)
-  assert_batches_equal(continued, take(resumed, 3))
+  continued, resumed = assert_resume_is_exact(config, sharding)
   # Worker processes (data.num_workers > 0) receive the batch function pickled.
   copy = pickle.loads(pickle.dumps(resumed._local_batch_fn))
   assert_batches_equal([resumed._local_batch(4)], [copy(4)])
