@@ -15,8 +15,9 @@ the model's compute dtype and train.matmul_precision) or, on CPU, measured: the 
 CPU_PROBE_REPEATS runs of a jitted CPU_PROBE_SIZE x CPU_PROBE_SIZE matmul in the compute dtype on
 the cores the process has, an attainable rather than a datasheet peak (`cpu_matmul_peak`).
 
-On CPU the bench starts XLA with CPU_XLA_FLAGS added to XLA_FLAGS (unless XLA_FLAGS already sets
-them, or this jaxlib rejects them): see `use_cpu_xla_flags`.
+On CPU the bench starts XLA with sharding.CPU_XLA_FLAGS added to XLA_FLAGS, as flowjax.main does
+(unless XLA_FLAGS already sets them, or this jaxlib rejects them): see
+`sharding.use_cpu_xla_flags`.
 
 python -m flowjax.bench --data_loading [--data_workers=0,2] [--out=FILE.json]
 
@@ -68,12 +69,6 @@ _ARRAY_IMAGES = flags.DEFINE_integer("array_images", 50_000, "With --data_loadin
                                      "images in the generated .npy and .npz.")
 
 
-# XLA:CPU options. jaxlib 0.10 hands convolutions to YNNPACK by default; its kernel-gradient
-# convolutions (a 32x32 window over [C, 32, 32, B] transposed activations) run 3x slower than
-# XLA's own Eigen convolutions, and the forward ones no faster: without them the tiny IMM and
-# MeanFlow U-Net train steps take 0.64x and 0.69x the time (README "Performance").
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
-
 # Dense (no sparsity) peak FLOP/s per device: (device_kind prefix, {precision: FLOP/s}). The
 # first matching prefix wins, so the longer names come first. NVIDIA datasheets (SXM unless
 # named); TPUs: bf16 MXU peak (float32 matmuls at default precision run as bf16 passes).
@@ -93,28 +88,6 @@ PEAK_FLOPS = (
 )
 CPU_PROBE_SIZE = 2048
 CPU_PROBE_REPEATS = 10
-
-
-def use_cpu_xla_flags(flags=CPU_XLA_FLAGS) -> list[str]:
-  """Adds `flags` to the XLA_FLAGS environment variable; call before JAX starts its backend.
-
-  A flag is left out when XLA_FLAGS already names it (the user's value wins) or when this jaxlib
-  does not know it (XLA aborts the process on an unknown flag, so a child process tries them
-  first, in about a second). They are XLA:CPU compiler options: accelerator programs ignore
-  them. Returns the flags added.
-  """
-  current = os.environ.get("XLA_FLAGS", "")
-  wanted = [f for f in flags if f.split("=")[0] not in current]
-  if not wanted:
-    return []
-  env = dict(os.environ, XLA_FLAGS=" ".join([current] + wanted).strip(), JAX_PLATFORMS="cpu")
-  probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0)"],
-                         env=env, capture_output=True)
-  if probe.returncode:
-    logging.warning("XLA rejected %s; running without them.", wanted)
-    return []
-  os.environ["XLA_FLAGS"] = env["XLA_FLAGS"]
-  return wanted
 
 
 def compiled_flops(compiled) -> tuple[float, bool]:
@@ -486,7 +459,7 @@ def main(argv):
     return
   if _CONFIG.value is None:
     raise app.UsageError("Give --config=experiments/X.py (or --data_loading).")
-  added = use_cpu_xla_flags() if _CPU_XLA_FLAGS.value else []
+  added = sharding.use_cpu_xla_flags() if _CPU_XLA_FLAGS.value else []
   sharding.start_runtime(_NUM_CPU_DEVICES.value)
   provenance = {"command": " ".join(["python -m flowjax.bench"] + sys.argv[1:]), **_commit(),
                 "date": time.strftime("%Y-%m-%d %H:%M"), "seed": _CONFIG.value.seed,

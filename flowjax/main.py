@@ -33,6 +33,10 @@ _PROCESS_ID = flags.DEFINE_integer(
     "This process's index (or FLOWJAX_PROCESS_ID).")
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", None, "Fake CPU devices for this process (testing multi-device runs).")
+_CPU_XLA_FLAGS = flags.DEFINE_bool(
+    "cpu_xla_flags", True, "Start XLA with flowjax.sharding.CPU_XLA_FLAGS (XLA:CPU options that "
+    "make U-Net training steps about 1.5x faster on CPU; ignored by accelerators). "
+    "--nocpu_xla_flags keeps XLA's defaults; a value in XLA_FLAGS always wins.")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -64,6 +68,8 @@ def main(argv):
   config = load_config()
   import jax
   from flowjax import sharding
+  if _CPU_XLA_FLAGS.value and sharding.use_cpu_xla_flags():
+    logging.info("XLA_FLAGS=%s", os.environ["XLA_FLAGS"])
   sharding.start_runtime(_NUM_CPU_DEVICES.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)
   logging.info("flowjax: process %d of %d, %d local / %d global devices (%s).",

@@ -1,8 +1,12 @@
 """Meshes, logical-axis rules and shardings: the only module that knows about physical devices."""
 
 import contextlib
+import json
+import logging
 import math
 import os
+import subprocess
+import sys
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -50,6 +54,67 @@ def start_runtime(num_cpu_devices: int | None = None, coordinator_address: str |
           f"jax.distributed.initialize() could not auto-detect it ({e}). Start every process "
           "with the launcher (launch/tpu_pod.sh, launch/gpu_multinode.sh), or pass "
           "--coordinator_address/--num_processes/--process_id.") from e
+
+
+# XLA:CPU compiler options flowjax starts CPU runs with. jaxlib 0.10 hands convolutions to YNNPACK,
+# whose kernel gradients (large-window convolutions over transposed activations) run about 3x
+# slower than XLA's own convolutions: a U-Net train step takes 0.5-0.7x the time without it
+# (python -m flowjax.bench, README "Performance"). Accelerator programs ignore these options.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+
+
+def _flag_cache_path() -> str:
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "flowjax", "xla_flags.json")
+
+
+def _jaxlib_version() -> str:
+  import jaxlib
+  return getattr(jaxlib, "__version__", "unknown")
+
+
+def use_cpu_xla_flags(flags: Sequence[str] = CPU_XLA_FLAGS) -> list[str]:
+  """Adds `flags` to the XLA_FLAGS environment variable; call before JAX starts its backend
+  (XLA reads XLA_FLAGS once, when the first device is used). Returns the flags added.
+
+  A flag is left out when XLA_FLAGS already names it (the user's value wins, and
+  `--xla_cpu_experimental_ynn_fusion_type=` with no value restores XLA's default) or when this
+  jaxlib does not know it: XLA aborts the process on an unknown flag, so a child process tries
+  them first (about two seconds) and the answer is cached per jaxlib version in
+  $XDG_CACHE_HOME/flowjax/xla_flags.json (~/.cache when unset).
+  """
+  current = os.environ.get("XLA_FLAGS", "")
+  names = current.replace("=", " ").split()
+  wanted = [f for f in flags if f.split("=")[0] not in names]
+  if not wanted:
+    return []
+  key = f"jaxlib {_jaxlib_version()}: {' '.join(wanted)}"
+  path = _flag_cache_path()
+  try:
+    with open(path) as f:
+      cache = json.load(f)
+  except (OSError, ValueError):
+    cache = {}
+  combined = " ".join([current] + wanted).strip()
+  known = cache.get(key)
+  if known is None:
+    env = dict(os.environ, XLA_FLAGS=combined, JAX_PLATFORMS="cpu")
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0)"],
+                           env=env, capture_output=True)
+    known = probe.returncode == 0
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      temporary = f"{path}.{os.getpid()}.tmp"
+      with open(temporary, "w") as f:
+        json.dump(dict(cache, **{key: known}), f)
+      os.replace(temporary, path)
+    except OSError:
+      pass  # a read-only home: probe again next time
+  if not known:
+    logging.warning("XLA rejected %s; running without them.", wanted)
+    return []
+  os.environ["XLA_FLAGS"] = combined
+  return wanted
 
 
 def _detect_cluster(environ: Mapping[str, str]) -> str | None:

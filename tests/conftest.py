@@ -25,4 +25,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
+from flowjax import sharding  # noqa: E402
+
+# The XLA:CPU options flowjax.main starts with, so that runs in the test process and in the
+# subprocesses the tests start compile the same programs.
+sharding.use_cpu_xla_flags()
 jax.config.update("jax_threefry_partitionable", True)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from flowjax import bench, train
+from flowjax import bench, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,17 +73,6 @@ def test_the_cpu_probe_times_a_matmul():
   assert 1e8 < peak < 1e14  # a CPU between 0.1 GFLOP/s and 100 TFLOP/s
 
 
-def test_cpu_xla_flags_keep_the_users_value_and_skip_unknown_flags(monkeypatch):
-  flag = bench.CPU_XLA_FLAGS[0]
-  name = flag.split("=")[0]
-  monkeypatch.setenv("XLA_FLAGS", f"{name}=")
-  assert bench.use_cpu_xla_flags() == [] and os.environ["XLA_FLAGS"] == f"{name}="
-  monkeypatch.setenv("XLA_FLAGS", "")
-  assert bench.use_cpu_xla_flags(("--xla_cpu_no_such_flag=1",)) == []
-  assert os.environ["XLA_FLAGS"] == ""
-  assert bench.use_cpu_xla_flags() == [flag] and os.environ["XLA_FLAGS"] == flag
-
-
 def test_starflow_bench_preset_is_the_tiny_pixel_model_of_the_pytorch_comparison():
   """32x32x3, patch 2, width 128, 2 heads of 64, blocks of 1, 1, 1 and 4 layers, unconditional:
   1,407,504 parameters, of which 1,792 are LayerNorm biases (14 per-layer norms of width 128)."""
@@ -116,7 +105,7 @@ def test_the_bench_reports_flops_and_mfu_of_the_step_and_the_sampler(tmp_path):
   result = json.loads(out.read_text())
   assert result["command"].startswith("python -m flowjax.bench --config=experiments/fm_toy2d.py")
   assert len(result["commit"]) == 40 and result["seed"] == 0
-  assert result["xla_flags_added_by_bench"] == list(bench.CPU_XLA_FLAGS)
+  assert result["xla_flags_added_by_bench"] == list(sharding.CPU_XLA_FLAGS)
   assert result["peak_source"].startswith("measured") and result["peak_flops_per_sec"] > 0
   step = result["step_utilisation"]
   assert step["flops"] == result["step_flops"] > 0 and step["flops_exact"]

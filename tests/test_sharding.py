@@ -3,7 +3,11 @@ accumulation (8 fake CPU devices from conftest). That every mesh layout computes
 gradients and losses is tests/test_mesh_equivalence.py."""
 
 import functools
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -328,3 +332,44 @@ def test_analytic_state_bytes_equal_the_compiled_arguments():
   # 8x8 images in 2x2 patches: 16 tokens of width 32, 2 heads, 1 block, float32.
   blocks, s, h, a = 1, 16, 32, 2
   assert plan["activations_mib"] == round(8 * 4 * (18 * s * h + a * s * s) * blocks / 2**20, 1)
+
+
+def test_cpu_xla_flags_keep_the_users_value_skip_unknown_flags_and_cache_the_probe(
+    monkeypatch, tmp_path):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  flag = sharding.CPU_XLA_FLAGS[0]
+  name = flag.split("=")[0]
+  monkeypatch.setenv("XLA_FLAGS", f"{name}=")
+  assert sharding.use_cpu_xla_flags() == [] and os.environ["XLA_FLAGS"] == f"{name}="
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert sharding.use_cpu_xla_flags(("--xla_cpu_no_such_flag=1",)) == []
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+  assert sharding.use_cpu_xla_flags() == [flag]
+  assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {flag}"
+  # Both answers are cached: no second probe, the same answers.
+  with open(tmp_path / "flowjax" / "xla_flags.json") as f:
+    cached = json.load(f)
+  assert sorted(cached.values()) == [False, True]
+
+  def no_probe(*args, **kwargs):
+    raise AssertionError("probed again despite the cache")
+
+  monkeypatch.setattr(subprocess, "run", no_probe)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert sharding.use_cpu_xla_flags(("--xla_cpu_no_such_flag=1",)) == []
+  assert sharding.use_cpu_xla_flags() == [flag] and os.environ["XLA_FLAGS"] == flag
+
+
+@pytest.mark.parametrize("extra, added", [([], True), (["--nocpu_xla_flags"], False)])
+def test_main_starts_cpu_runs_with_the_xla_flags(tmp_path, extra, added):
+  """python -m flowjax.main adds CPU_XLA_FLAGS before XLA starts (a config error after start-up
+  ends the run cheaply)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, "-m", "flowjax.main", "--config=experiments/fm_toy2d.py:tiny",
+       f"--workdir={tmp_path / 'w'}", "--num_cpu_devices=1", "--config.sample.method=eulr"]
+      + extra, cwd=root, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", XDG_CACHE_HOME=str(tmp_path)))
+  assert done.returncode == 1 and "Unknown ODE method" in done.stderr, done.stderr[-3000:]
+  assert "flowjax: process 0 of 1" in done.stderr
+  assert (f"XLA_FLAGS={sharding.CPU_XLA_FLAGS[0]}" in done.stderr) == added, done.stderr[-3000:]
