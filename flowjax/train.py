@@ -5,6 +5,7 @@ Nothing here knows about a particular method or model: objectives and backbones 
 name from the config.
 """
 
+import collections
 import contextlib
 import inspect
 import json
@@ -190,9 +191,29 @@ def timed_objectives() -> list[str]:
           if "times" in inspect.signature(registry.get(name).sample).parameters]
 
 
+# The jitted samplers built so far: (id(setup), num, sampler args) -> (setup, function). Periodic
+# sample grids and evaluations reuse one function, so the sampler is traced and compiled once
+# per run rather than at every grid. The setup is held to keep its id from being reused.
+_SAMPLERS: "collections.OrderedDict[tuple, tuple[Setup, Any]]" = collections.OrderedDict()
+_MAX_SAMPLERS = 16
+
+
 def sample_fn(setup: Setup, num: int, **sampler_args):
   """jitted (params, rng, cond) -> [num, ...] samples of the objective, the parameters gathered
-  to their compute shardings as in the train step."""
+  to their compute shardings as in the train step; one function per setup and arguments."""
+  key = (id(setup), int(num), repr(sorted(sampler_args.items())))
+  cached = _SAMPLERS.get(key)
+  if cached is not None and cached[0] is setup:
+    _SAMPLERS.move_to_end(key)
+    return cached[1]
+  function = _new_sample_fn(setup, num, **sampler_args)
+  _SAMPLERS[key] = (setup, function)
+  while len(_SAMPLERS) > _MAX_SAMPLERS:
+    _SAMPLERS.popitem(last=False)
+  return function
+
+
+def _new_sample_fn(setup: Setup, num: int, **sampler_args):
   shardings = setup.state_shardings.params
   if "times" in sampler_args and (
       "times" not in inspect.signature(setup.objective.sample).parameters):

@@ -395,3 +395,22 @@ def test_a_fresh_start_over_logged_steps_says_so(tmp_path, caplog):
   assert ("has no checkpoint but logged steps up to 4 (its checkpoints were deleted or never "
           "written)") in caplog.text
   assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2, 3, 4]
+
+
+def test_periodic_samples_and_evaluations_trace_the_sampler_once_per_size(tmp_path, monkeypatch):
+  """Sample grids every 2 steps and evaluations every 3 reuse one jitted sampler per sample
+  count: the objective's sampler is traced once per count, not once per grid."""
+  config = toy_config(**{"sample.every_steps": 2, "eval.every_steps": 3, "eval.num_batches": 1})
+  objective_class = type(train.build(config).objective)
+  traced = []
+  original = objective_class.sample
+
+  def counting(self, params, rng, num, *args, **kwargs):
+    traced.append(num)
+    return original(self, params, rng, num, *args, **kwargs)
+
+  monkeypatch.setattr(objective_class, "sample", counting)
+  train.run(config, str(tmp_path))
+  grids = sorted(os.listdir(tmp_path / "samples"))
+  assert len([name for name in grids if name.startswith("step_")]) >= 3, grids
+  assert {num: traced.count(num) for num in set(traced)} == {num: 1 for num in set(traced)}, traced
