@@ -28,17 +28,17 @@ Examples/s of the sources that read your own images (folder:, arrays: .npy memor
 
 import json
 import os
-import platform
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from flowjax import provenance
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -376,24 +376,9 @@ def _examples_per_sec(data_config, seconds: float) -> dict:
 
 
 def _machine() -> dict:
+  """provenance.machine() with grain's version (the data-loading results depend on it)."""
   import grain
-  import jax
-  cpu = platform.processor()
-  if os.path.isfile("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    cpu = names[0] if names else cpu
-  return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-          "python": platform.python_version(), "jax": jax.__version__,
-          "grain": getattr(grain, "__version__", "")}
-
-
-def _commit() -> dict:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  run = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True,
-                                     text=True).stdout.strip()
-  return {"commit": run("rev-parse", "HEAD"), "uncommitted_changes": bool(run("status",
-                                                                              "--porcelain"))}
+  return dict(provenance.machine(), grain=getattr(grain, "__version__", ""))
 
 
 def data_loading(workers: list[int], seconds: float, folder_images: int, array_images: int,
@@ -441,7 +426,7 @@ def _data_loading_result() -> dict:
   workers = [int(value) for value in _DATA_WORKERS.value]
   result = {"benchmark": "data_loading",
             "command": " ".join(["python -m flowjax.bench"] + sys.argv[1:]),
-            **_commit(), "date": time.strftime("%Y-%m-%d"),
+            **provenance.commit(), "date": time.strftime("%Y-%m-%d"),
             "seeds": {"generated_data": DATA_SEED, "order_and_flips": DATA_SEED},
             "machine": _machine(), "batch_size": DATA_BATCH_SIZE,
             "folder_images": _FOLDER_IMAGES.value, "array_images": _ARRAY_IMAGES.value}
@@ -461,11 +446,11 @@ def main(argv):
     raise app.UsageError("Give --config=experiments/X.py (or --data_loading).")
   added = sharding.use_cpu_xla_flags() if _CPU_XLA_FLAGS.value else []
   sharding.start_runtime(_NUM_CPU_DEVICES.value)
-  provenance = {"command": " ".join(["python -m flowjax.bench"] + sys.argv[1:]), **_commit(),
-                "date": time.strftime("%Y-%m-%d %H:%M"), "seed": _CONFIG.value.seed,
-                "machine": _machine(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                "xla_flags_added_by_bench": added,
-                "load_average_1min_before": round(os.getloadavg()[0], 2)}
+  record = {"command": " ".join(["python -m flowjax.bench"] + sys.argv[1:]),
+            **provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "seed": _CONFIG.value.seed, "machine": _machine(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "xla_flags_added_by_bench": added,
+            "load_average_1min_before": round(os.getloadavg()[0], 2)}
   if _AR_METHODS.value:
     result = autoregressive_sampling(_CONFIG.value, _AR_METHODS.value, _WORKDIR.value,
                                      max(_SAMPLE_REPEATS.value, 1))
@@ -478,7 +463,7 @@ def main(argv):
       if explained is None:
         raise
       raise explained from error
-  _write_result({**provenance, "load_average_1min_after": round(os.getloadavg()[0], 2),
+  _write_result({**record, "load_average_1min_after": round(os.getloadavg()[0], 2),
                  **result})
 
 
