@@ -26,7 +26,6 @@ autoencoder's scaling_factor (0.18215 for the SD-VAE), 'none' serves the raw lat
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable
 
@@ -67,11 +66,6 @@ def decode_record(record: bytes, latent_shape: tuple[int, ...]) -> tuple[np.ndar
   return values.reshape(latent_shape), label
 
 
-def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
 def read_split(root: str, split: str) -> tuple[dict, dict]:
   """(cache.json, stats.json) of a complete cached split; a clear error otherwise."""
   spec_path = os.path.join(root, split, SPEC_FILE)
@@ -84,11 +78,11 @@ def read_split(root: str, split: str) -> tuple[dict, dict]:
   if not os.path.isfile(stats_path):
     raise FileNotFoundError(f"The latents of split {split!r} in {root} are incomplete (no "
                             f"{STATS_FILE}); rerun the same command to finish them: {command}")
-  spec = _read_json(spec_path)
+  spec = pipeline.read_json(spec_path)
   if spec.get("format") != FORMAT:
     raise ValueError(f"{spec_path} has format {spec.get('format')!r}, not {FORMAT!r}; rewrite "
                      f"the cache with: {command}")
-  return spec, _read_json(stats_path)
+  return spec, pipeline.read_json(stats_path)
 
 
 def scaling_of(root: str, split: str, scaling: str) -> tuple[np.ndarray, np.ndarray]:
@@ -112,29 +106,13 @@ def scaling_of(root: str, split: str, scaling: str) -> tuple[np.ndarray, np.ndar
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Source:
-  """Random access to a cached split: i -> {'image': [h, w, c] float32 scaled, 'label': int}."""
-  paths: tuple[str, ...]
-  latent_shape: tuple[int, ...]
-  offset: np.ndarray
-  multiplier: np.ndarray
+class _Source(pipeline.ArrayRecordSource):
+  """A cached split: i -> {'image': [h, w, c] float32 scaled, 'label': int}."""
+  latent_shape: tuple[int, ...] = ()
+  offset: np.ndarray | float = 0.0
+  multiplier: np.ndarray | float = 1.0
 
-  @functools.cached_property
-  def _records(self):
-    import grain
-    return grain.sources.ArrayRecordDataSource(list(self.paths))
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    latent, label = decode_record(self._records[index], self.latent_shape)
-    return {"image": (latent - self.offset) * self.multiplier, "label": label}
-
-  def _getitems(self, indices) -> list[dict[str, Any]]:
-    """Batched read (grain calls it for a batch of indices): one array_record read and one
-    vectorised decode and scaling for all of them."""
-    records = self._records.__getitems__(list(indices))
+  def decode(self, records: list[bytes]) -> list[dict[str, Any]]:
     size = int(np.prod(self.latent_shape))
     rows = np.frombuffer(b"".join(records), "<f4").reshape(len(records), size + 1)
     images = (rows[:, :size].reshape((len(records),) + self.latent_shape) - self.offset)
@@ -236,7 +214,7 @@ def decode_workdir_samples(workdir: str, name: str = "final") -> str:
   import ml_collections
 
   from flowjax import metrics
-  config = _read_json(os.path.join(workdir, "config.json"))
+  config = pipeline.read_json(os.path.join(workdir, "config.json"))
   data_config = ml_collections.ConfigDict(config["data"])
   if not str(data_config.name).startswith(PREFIX):
     raise ValueError(f"{workdir} trained on data.name={data_config.name!r}, not on cached "

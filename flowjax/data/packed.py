@@ -22,8 +22,6 @@ one, or data.num_classes when that is set and not smaller.
 """
 
 import dataclasses
-import functools
-import json
 import os
 from typing import Any
 
@@ -77,11 +75,6 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32)
 
 
-def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
 def _prepare_command(root: str, split: str, spec: dict | None) -> str:
   source = spec["source"] if spec else "<folder:DIR or arrays:PATH>"
   size = spec["image_size"] if spec else "<S>"
@@ -106,7 +99,7 @@ def read_spec(data_name: str, split: str) -> dict:
         f"it first: {_prepare_command(root, split, None)}")
   spec_path = os.path.join(root, split, SPEC_FILE)
   if os.path.isfile(spec_path):
-    spec = _read_json(spec_path)
+    spec = pipeline.read_json(spec_path)
     if spec.get("format") != FORMAT:
       raise ValueError(f"{spec_path} has format {spec.get('format')!r}, not {FORMAT!r}; delete "
                        f"{os.path.join(root, split)} and pack the split again with this version "
@@ -114,13 +107,13 @@ def read_spec(data_name: str, split: str) -> dict:
     return spec
   pending_path = os.path.join(root, split, PENDING_FILE)
   if os.path.isdir(os.path.join(root, split)):
-    pending = _read_json(pending_path) if os.path.isfile(pending_path) else None
+    pending = pipeline.read_json(pending_path) if os.path.isfile(pending_path) else None
     raise FileNotFoundError(
         f"data.name={data_name!r}: the packed split {split!r} in {root} is incomplete (no "
         f"{SPEC_FILE}: prepare was interrupted or is still running); finish it by running the "
         f"same command again: {_prepare_command(root, split, pending)}")
   packed = packed_splits(root)
-  other = _read_json(os.path.join(root, packed[0], SPEC_FILE)) if packed else None
+  other = pipeline.read_json(os.path.join(root, packed[0], SPEC_FILE)) if packed else None
   raise ValueError(
       f"data.name={data_name!r} has no split {split!r}: {root} holds the packed splits "
       f"{list(packed)}. Pack it with {_prepare_command(root, split, other)}"
@@ -178,31 +171,13 @@ def info(data_config, split: str) -> pipeline.DataInfo:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Source:
-  """Random access to a packed split: i -> {'image': [S, S, C] float32 in [-1, 1], 'label': int}.
+class _Source(pipeline.ArrayRecordSource):
+  """A packed split: i -> {'image': [S, S, C] float32 in [-1, 1], 'label': int}."""
+  image_shape: tuple[int, ...] = ()
+  dtype: str = "uint8"
 
-  Holds the shard paths; the array_record readers open on first use (also in worker processes).
-  """
-  paths: tuple[str, ...]
-  image_shape: tuple[int, ...]
-  dtype: str
-
-  @functools.cached_property
-  def _records(self):
-    import grain
-    return grain.sources.ArrayRecordDataSource(list(self.paths))
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._getitems([index])[0]
-
-  def _getitems(self, indices) -> list[dict[str, Any]]:
-    """Batched read (grain calls it for a batch of indices): one array_record read and one
-    vectorised decode for all of them."""
-    stored, labels = decode_records(self._records.__getitems__(list(indices)), self.image_shape,
-                                    self.dtype)
+  def decode(self, records: list[bytes]) -> list[dict[str, Any]]:
+    stored, labels = decode_records(records, self.image_shape, self.dtype)
     images = to_unit_range(stored)
     return [{"image": image, "label": int(label)} for image, label in zip(images, labels)]
 

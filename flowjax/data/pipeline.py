@@ -9,6 +9,8 @@ random preprocessing is keyed by (seed, stream position). So the global batches 
 """
 
 import dataclasses
+import functools
+import json
 import math
 import sys
 from typing import Any, Callable
@@ -36,6 +38,37 @@ class DataInfo:
   image_shape: tuple[int, ...]
   num_classes: int
   num_examples: int | None
+
+
+def read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArrayRecordSource:
+  """Random access to array_record shards: i -> the example dict `decode` makes of record i.
+
+  Holds the shard paths; the readers open on first use (also in worker processes). grain reads
+  a batch of indices through `_getitems`: one array_record read and one vectorised decode.
+  """
+  paths: tuple[str, ...]
+
+  @functools.cached_property
+  def _records(self):
+    return grain.sources.ArrayRecordDataSource(list(self.paths))
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._getitems([index])[0]
+
+  def _getitems(self, indices) -> list[dict[str, Any]]:
+    return self.decode(self._records.__getitems__(list(indices)))
+
+  def decode(self, records: list[bytes]) -> list[dict[str, Any]]:
+    raise NotImplementedError
 
 
 def check_positive_int(value: Any, key: str) -> int:
