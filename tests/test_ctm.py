@@ -375,3 +375,175 @@ def test_distances_by_hand():
                              [0.0, np.sqrt(9.0 + c * c) - c], rtol=1e-6)
   np.testing.assert_allclose(make_ctm(distance="pseudo_huber", huber_c=0.5).distance_fn(a, b),
                              [0.0, np.sqrt(9.25) - 0.5], rtol=1e-6)
+
+
+# Conditional CTM: class labels for the student, and a classifier-free guided teacher.
+
+NUM_CLASSES = 3
+
+
+class LabelledBackbone(nn.Module):
+  """TinyBackbone with a one-hot class label among its inputs (cond None and the null label
+  num_classes both give the null class)."""
+  num_classes: int = NUM_CLASSES
+
+  @nn.compact
+  def __call__(self, x, times, cond, *, train):
+    del train
+    labels = jnp.full(x.shape[:1], self.num_classes) if cond is None else cond
+    features = jnp.concatenate([x] + [t[:, None] for t in times]
+                               + [3.0 * jax.nn.one_hot(labels, self.num_classes + 1)], axis=-1)
+    h = jnp.tanh(nn.Dense(16, name="hidden")(features))
+    return nn.Dense(x.shape[-1], name="out")(h)
+
+
+def make_conditional_ctm(**overrides):
+  settings = dict(num_scales=8, max_heun_steps=3, heun_step_strategy="uniform",
+                  teacher_guidance=2.5)
+  settings.update(overrides)
+  return ctm.CTM(model=LabelledBackbone(), image_shape=(DIM,), num_classes=NUM_CLASSES,
+                 teacher_model=LabelledBackbone(), **settings)
+
+
+def init_conditional_params(objective, seed=0):
+  """(student params, teacher params), unboxed, for labelled batches."""
+  batch = {"image": jnp.zeros((1, DIM)), "label": jnp.zeros((1,), jnp.int32)}
+  init = jax.jit(lambda key: nn.meta.unbox(objective.init(key, batch)))
+  params, extra = init(jax.random.key(seed))
+  return params, extra["teacher"]
+
+
+def karras_sigma(objective, n):
+  """sigma_n of the Karras grid, in float64 from the class docstring's formula."""
+  high, low = objective.sigma_max ** (1 / objective.rho), objective.sigma_min ** (1 / objective.rho)
+  return (high + np.asarray(n, np.float64) / (objective.num_scales - 1) * (low - high)) ** (
+      objective.rho)
+
+
+def test_teacher_guidance_in_the_target_is_the_guided_teacher_network():
+  """The teacher's velocity is v_u + w (v_c - v_u) (w = teacher_guidance) of the teacher
+  network's outputs for the true labels (v_c) and for the null label num_classes (v_u); its Heun
+  steps in sigma space follow dx / dsigma = (x + v(x / (1 + sigma), sigma / (1 + sigma))) /
+  (1 + sigma); and the target G^-(G^-(x_u, u, s), s, sigma_min) applies the EMA student to the
+  student's labels (here some null) while the teacher sees the true labels. All rebuilt by hand
+  from the teacher network."""
+  guidance = 2.5
+  objective = make_conditional_ctm(teacher_guidance=guidance)
+  params, teacher = init_conditional_params(objective, 0)
+  ema = jax.tree.map(lambda p: p + 0.05, params)
+  x_t, n_t, k, n_s = target_inputs(objective)
+  labels = jnp.arange(16, dtype=jnp.int32) % NUM_CLASSES
+  cond = jnp.where(jnp.arange(16) % 4 == 0, NUM_CLASSES, labels)
+  null = jnp.full_like(labels, NUM_CLASSES)
+  teacher_net = jax.jit(lambda x, t, c: objective.teacher_model.apply(
+      {"params": teacher}, x, (t,), c, train=False))
+
+  def velocity(x, t, w):
+    v_c = np.asarray(teacher_net(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
+                                 labels), np.float64)
+    v_u = np.asarray(teacher_net(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
+                                 null), np.float64)
+    return v_u + w * (v_c - v_u)
+
+  def derivative(x, sigma, w):
+    one_plus = (1.0 + sigma)[:, None]
+    return (x + velocity(x / one_plus, sigma / (1.0 + sigma), w)) / one_plus
+
+  def heun(w):
+    x = np.asarray(x_t, np.float64)
+    for m in range(k):
+      sigma, sigma_next = karras_sigma(objective, n_t + m), karras_sigma(objective, n_t + m + 1)
+      h = (sigma_next - sigma)[:, None]
+      d = derivative(x, sigma, w)
+      x = x + 0.5 * h * (d + derivative(x + h * d, sigma_next, w))
+    return x
+
+  # The guided velocity itself.
+  t = jnp.linspace(0.05, 0.95, 16)
+  guided = jax.jit(lambda x, t: objective.teacher_velocity(teacher, labels)(x, t))(x_t, t)
+  np.testing.assert_allclose(guided, velocity(x_t, t, guidance), rtol=1e-5, atol=1e-5)
+  assert np.max(np.abs(velocity(x_t, t, guidance) - velocity(x_t, t, 1.0))) > 1e-2
+  # The teacher's Heun steps along the grid.
+  solve = jax.jit(lambda x: objective.teacher_solve(teacher, x, n_t, k, labels))
+  x_u = heun(guidance)
+  np.testing.assert_allclose(solve(x_t), x_u, rtol=1e-4, atol=1e-4)
+  assert np.max(np.abs(x_u - heun(1.0))) > 1e-2
+  # The target: the EMA student's two jumps with the student's labels from the teacher's x_u.
+  target = jax.jit(lambda: objective.targets(params, ema, teacher, x_t, n_t, k, n_s, cond,
+                                             labels))()
+  sigma_u = jnp.asarray(karras_sigma(objective, n_t + k), jnp.float32)
+  sigma_s = jnp.asarray(karras_sigma(objective, n_s), jnp.float32)
+  G = jax.jit(lambda x, t, s, c: objective.trajectory_map(ema, x, t, s, c))
+  y = G(jnp.asarray(x_u, jnp.float32), sigma_u, sigma_s, cond)
+  expected = G(y, sigma_s, jnp.full_like(sigma_s, objective.sigma_min), cond)
+  np.testing.assert_allclose(target, expected, rtol=1e-4, atol=1e-4)
+  # teacher_guidance = 1 is the conditional teacher alone.
+  plain = make_conditional_ctm(teacher_guidance=1.0)
+  np.testing.assert_allclose(
+      jax.jit(lambda x: plain.teacher_solve(teacher, x, n_t, k, labels))(x_t), heun(1.0),
+      rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("label_dropout", [0.0, 0.5])
+def test_conditional_loss_gives_the_student_dropped_labels_and_the_teacher_true_ones(
+    label_dropout):
+  """The conditional loss, rebuilt from its draws: each student label is the null label
+  num_classes with probability label_dropout (none at 0) and the student, its EMA target maps
+  and its DSM term see those labels, while the guided teacher sees the true labels. Giving the
+  teacher the dropped labels, or the student the true ones, changes the loss."""
+  objective = make_conditional_ctm(label_dropout=label_dropout, dsm_balance="fixed",
+                                   dsm_weight=0.5)
+  params, teacher = init_conditional_params(objective, 2)
+  ema = jax.tree.map(lambda p: p - 0.05, params)
+  batch_size = 64
+  keys = jax.random.split(jax.random.key(20), 2)
+  labels = jax.random.randint(keys[0], (batch_size,), 0, NUM_CLASSES)
+  batch = {"image": jax.random.normal(keys[1], (batch_size, DIM)), "label": labels}
+  view = {"ema": {"0.999": ema}, "extra": {"teacher": teacher}, "step": 0}
+  rng = jax.random.key(21)
+  loss, metrics = jax.jit(objective.loss)(params, batch, rng, 0, view)
+
+  heun_key, index_key, noise_key, dsm_key, drop_key, model_key = jax.random.split(rng, 6)
+  num_steps = int(objective.sample_heun_steps(heun_key))
+  n_t, n_s = objective.sample_indices(index_key, batch_size, num_steps)
+  eps = jax.random.normal(noise_key, (batch_size, DIM))
+  dropped = np.asarray(jax.random.bernoulli(drop_key, label_dropout, (batch_size,)))
+  cond = jnp.where(dropped, NUM_CLASSES, labels)
+  if label_dropout == 0.0:
+    assert not dropped.any()
+  else:
+    assert 0.3 < dropped.mean() < 0.7
+
+  @jax.jit
+  def by_hand(student_cond, teacher_cond):
+    """(ctm, dsm) terms from the documented formulas, with the given labels."""
+    sigma_t, sigma_s = objective.noise_level(n_t), objective.noise_level(n_s)
+    x = batch["image"]
+    x_t = x + sigma_t[:, None] * eps
+    target = objective.targets(params, ema, teacher, x_t, n_t, num_steps, n_s, student_cond,
+                               teacher_cond)
+    estimate = objective.trajectory_map(params, x_t, sigma_t, sigma_s, student_cond)
+    estimate = objective.trajectory_map(ema, estimate, sigma_s,
+                                        jnp.full_like(sigma_s, objective.sigma_min),
+                                        student_cond)
+    ctm_term = jnp.mean(jnp.square(estimate - target))
+    sigma_key, dsm_noise_key = jax.random.split(dsm_key)
+    sigma = objective.dsm_noise_levels(sigma_key, batch_size)
+    x_dsm = x + sigma[:, None] * jax.random.normal(dsm_noise_key, x.shape)
+    weight = (sigma ** 2 + objective.sigma_data ** 2) / (sigma * objective.sigma_data) ** 2
+    denoised = objective.g_fn(params, x_dsm, sigma, sigma, student_cond)
+    dsm_term = jnp.mean(weight * jnp.mean(jnp.square(denoised - x), axis=1))
+    return ctm_term, dsm_term
+
+  ctm_term, dsm_term = by_hand(cond, labels)
+  np.testing.assert_allclose(metrics["ctm"], ctm_term, rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(metrics["dsm"], dsm_term, rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(loss, ctm_term + 0.5 * dsm_term, rtol=1e-5, atol=1e-8)
+  total = lambda student_cond, teacher_cond: float(
+      jnp.dot(jnp.asarray([1.0, 0.5]), jnp.asarray(by_hand(student_cond, teacher_cond))))
+  differs = lambda value: abs(value - float(loss)) > 1e-3 * float(loss)
+  # The labels matter: null labels everywhere give another loss.
+  null = jnp.full_like(labels, NUM_CLASSES)
+  assert differs(total(null, null)) and differs(total(cond, null))
+  if label_dropout > 0:
+    assert differs(total(cond, cond)) and differs(total(labels, labels))
