@@ -3,6 +3,7 @@ inversion by every decoder, the log-determinant against autodiff, autoregressive
 at initialisation, the guidance rules, Tweedie denoising, bits/dim, and skipped non-finite
 updates."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -209,6 +210,124 @@ def test_guided_sampling_with_zero_weight_is_the_conditional_model(flow):
   strong, _ = run(params, z, cond, 2.0)
   assert float(jnp.max(jnp.abs(strong[:2] - plain[:2]))) > 1e-3
 
+
+GUIDANCE = 1.5
+# Every rule with annealed weights (a per-token weight that a misplaced index moves), and the
+# constant weight once.
+GUIDED = [(rule, True) for rule in autoregressive.RULES] + [("starflow", False)]
+
+
+def numpy_guidance(rule, mu_c, sigma_c, mu_u, sigma_u, w):
+  """The per-token guidance rules in float64: STARFlow's normalised p_c^(1 + w) / p_u^w (the
+  precision ratio q clipped at 1), TarFlow's extrapolation of mu and log sigma, and of mu only."""
+  shift = mu_c + w * (mu_c - mu_u)
+  if rule == "starflow":
+    q = np.minimum(sigma_c / sigma_u, 1.0) ** 2
+    precision = 1.0 + w - w * q
+    return ((1.0 + w) * mu_c - w * q * mu_u) / precision, sigma_c / np.sqrt(precision)
+  if rule == "tarflow":
+    return shift, sigma_c * (sigma_c / sigma_u) ** w
+  if rule == "tarflow_shift":
+    return shift, sigma_c
+  raise NotImplementedError(rule)
+
+
+@pytest.fixture(scope="module")
+def guided_decodings(flow):
+  """(z = forward(x), decode, sequence): decode(rule, anneal) -> {method: samples} decodes z with
+  guidance w = GUIDANCE by every decoder (exact Jacobi), once per rule and anneal; sequence(block,
+  tokens, labels) -> (mu, sigma) in float64 is the block's causal pass without a cache."""
+  model, params, x, cond, forward = flow
+  z, _, _ = forward(params, x, cond)
+  run = jax.jit(lambda p, z, c, method, rule, anneal: autoregressive.invert(
+      model, p, z, c, method=method, guidance=GUIDANCE, rule=rule, anneal=anneal,
+      null_label=NUM_CLASSES, chunk_size=4, tolerance=1e-30, max_iterations=32)[0],
+      static_argnums=(3, 4, 5))
+
+  @functools.cache
+  def decode(rule, anneal):
+    return {method: np.asarray(run(params, z, cond, method, rule, anneal))
+            for method in autoregressive.METHODS}
+
+  block_sequence = jax.jit(lambda p, index, tokens, labels: model.apply(
+      {"params": p}, index, tokens, labels, method="block_sequence"), static_argnums=1)
+
+  def sequence(index, tokens, labels):
+    mu, sigma = block_sequence(params, index, jnp.asarray(tokens, jnp.float32), labels)
+    return np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+
+  return z, decode, sequence
+
+
+@pytest.mark.parametrize("rule, anneal", GUIDED)
+def test_guided_decoders_agree(flow, guided_decodings, rule, anneal):
+  """With guidance (w = 1.5, every rule, constant or annealed weights) the KV-cached, naive and
+  exact-Jacobi decoders give the same samples to float32 rounding."""
+  decoded = guided_decodings[1](rule, anneal)
+  assert set(decoded) == {"kv_cache", "naive", "jacobi"}
+  cached = decoded["kv_cache"]
+  scale = float(np.abs(cached).max())
+  for method in ("naive", "jacobi"):
+    np.testing.assert_allclose(decoded[method], cached, rtol=0, atol=1e-4 * scale,
+                               err_msg=method)
+
+
+@pytest.mark.parametrize("rule, anneal", GUIDED)
+def test_guided_decoding_applies_the_rule_per_token(flow, guided_decodings, rule, anneal):
+  """Teacher forcing: every block's conditional and null-label causal passes over the decoded
+  tokens give each token's (mu_c, sigma_c, mu_u, sigma_u), which the rule combines with the
+  token's weight (w, or annealed w (t + 1 - t0) / (L - t0) at position t of the block's order,
+  t0 = 0 with a start token, 1 without); the guided maps (x - mu) / sigma of the blocks in turn
+  take every decoder's samples back to their noise, token by token. Blocks that do not read the
+  label have equal passes, which any rule leaves unchanged. With w = 0 instead (the conditional
+  model) the labelled rows miss their noise."""
+  model, _, _, cond, _ = flow
+  z, decode, sequence = guided_decodings
+  length, _ = model.token_shape
+  positions = np.arange(length)
+  if anneal:
+    first = 0 if model.start_token else 1
+    weights = GUIDANCE * np.clip((positions + 1 - first) / (length - first), 0.0, 1.0)
+  else:
+    weights = np.full(length, GUIDANCE)
+  null = jnp.full_like(cond, NUM_CLASSES)
+
+  def guided_forward(samples, weights):
+    tokens = np.asarray(model.to_tokens(jnp.asarray(samples)), np.float64)
+    for index in range(model.num_blocks):
+      tokens = np.asarray(model.permute(index, tokens))  # block order
+      mu, sigma = numpy_guidance(rule, *sequence(index, tokens, cond),
+                                 *sequence(index, tokens, null), weights[None, :, None])
+      tokens = np.asarray(model.permute(index, (tokens - mu) / sigma))
+    return tokens
+
+  noise = np.asarray(model.to_tokens(z), np.float64)
+  scale = float(np.abs(noise).max())
+  for method, samples in decode(rule, anneal).items():
+    np.testing.assert_allclose(guided_forward(samples, weights), noise, rtol=0,
+                               atol=2e-5 * scale, err_msg=method)
+  conditional = guided_forward(decode(rule, anneal)["kv_cache"], 0.0 * weights)
+  missed = float(np.abs(conditional - noise)[np.asarray(cond) != NUM_CLASSES].max())
+  assert missed > 1e-2, missed
+
+
+@pytest.mark.parametrize("rule, anneal", GUIDED)
+def test_guided_null_label_rows_are_the_unconditional_model(flow, guided_decodings, rule,
+                                                              anneal):
+  """A row labelled with the null label has equal conditional and null-label halves, so every
+  rule with any weight decodes it as the unguided null-label model (which inverts the forward
+  map exactly): its guided sample is the x that z = forward(x, null) came from, by every
+  decoder, while the labelled rows of the same batch move."""
+  _, _, x, cond, _ = flow
+  x = np.asarray(x)
+  null_rows = np.asarray(cond) == NUM_CLASSES
+  assert 0 < null_rows.sum() < len(null_rows)
+  scale = float(np.abs(x).max())
+  for method, samples in guided_decodings[1](rule, anneal).items():
+    np.testing.assert_allclose(samples[null_rows], x[null_rows], rtol=0, atol=1e-5 * scale,
+                               err_msg=method)
+    moved = float(np.abs(samples[~null_rows] - x[~null_rows]).max())
+    assert moved > 1e-2, (method, moved)
 
 def test_tweedie_step_on_gaussian_data_is_the_posterior_mean():
   """Data N(0, s^2), noise sigma_n: the exact flow of the noisy data is z = y / sqrt(s^2 +
