@@ -7,7 +7,8 @@ N seeds, evaluates each at its natural step counts, and writes DIR/arena.json (t
 the commands, commit and machine that produced it, the real-data floor at several evaluation
 seeds and one record per method, step count and seed), DIR/arena.md (its tables: mean ± std over
 seeds, flowjax.arena_report), DIR/arena.png (metric against network evaluations per sample, one
-line per method, the range over seeds shaded) and DIR/arena_samples.png (seed 0's samples).
+line per method, the range over seeds shaded), DIR/arena_samples.png (seed 0's samples) and
+DIR/arena_error.png (seed 0's unweighted training error of every method against steps).
 
 Seed k trains with config.seed = k, samples with key 1234 + k and evaluates with the suite's
 evaluation seed + k. Seed 0 trains in DIR/<method>/ and seed k > 0 in DIR/seed_<k>/<method>/
@@ -254,6 +255,38 @@ def write_report(workdir: str, record: dict) -> None:
     if r["seed"] == 0:
       seed_zero.setdefault(r["method"], {})[r["num_steps"]] = r
   samples_figure(storage.join(workdir, "arena_samples.png"), workdir, seed_zero, record["metric"])
+  error_figure(storage.join(workdir, "arena_error.png"), workdir, list(seed_zero))
+
+
+def error_curves(workdir: str, methods) -> dict[str, list[tuple[float, float]]]:
+  """{method label: [(step, error), ...]}: the unweighted error each method logs as `error`
+  (flow matching's MSE, IMM's MMD, MeanFlow's and consistency's MSE, CTM's distance, STARFlow's
+  NLL), from seed 0's DIR/<method>/metrics.jsonl."""
+  from flowjax import metrics, plot as plot_lib
+  curves = {}
+  for method in methods:
+    records = metrics.read_metrics(storage.join(workdir, method))
+    series = plot_lib.metric_series(records, keys=None).get("error", [])
+    if series:
+      curves[arena_report.LABELS.get(method, method)] = series
+  return curves
+
+
+def error_figure(path: str, workdir: str, methods) -> None:
+  """DIR/arena_error.png: every method's unweighted error against training steps (seed 0), on
+  a log scale: a run that diverges under a falling weighted loss shows here."""
+  from flowjax import plot as plot_lib
+  curves = error_curves(workdir, methods)
+  if not curves:
+    return
+  plt = plot_lib.pyplot()
+  fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+  plot_lib.line_chart(ax, curves, xlabel="training step", ylabel="unweighted error (each "
+                      "method's own)", title="flowjax arena: error while training, seed 0",
+                      log_y=True, markers=True)
+  fig.tight_layout()
+  _save_figure(fig, path)
+  plt.close(fig)
 
 
 def samples_figure(path: str, workdir: str, by_method: dict, metric: str) -> None:

@@ -6,7 +6,7 @@ import json
 import pathlib
 import re
 
-from flowjax import arena, arena_report
+from flowjax import arena, arena_report, metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = "experiments/results/arena_toy2d_smoke.json"
@@ -28,7 +28,7 @@ def test_toy2d_arena_writes_table_and_plot(tmp_path, monkeypatch):
   suite["methods"]["starflow"] = suite["methods"]["starflow"][:3] + (
       {"model.hidden_size": 16, "model.num_blocks": 2},)
   suite["overrides"] = dict(suite["overrides"], **{"model.hidden_size": 32, "model.depth": 1,
-                                                  "train.batch_size": 64})
+                                                  "train.batch_size": 64, "train.log_every": 1})
   suite["num_samples"] = 256
   monkeypatch.setitem(arena.SUITES, "toy2d", suite)
   results = arena.run("toy2d", str(tmp_path), budget=2)
@@ -41,6 +41,12 @@ def test_toy2d_arena_writes_table_and_plot(tmp_path, monkeypatch):
   assert "| 1 step | 4 calls |" in table
   assert (tmp_path / "arena.png").stat().st_size > 1000
   assert (tmp_path / "arena_samples.png").stat().st_size > 1000
+  assert (tmp_path / "arena_error.png").stat().st_size > 1000
+  # The error curves are each method's logged unweighted error, step by step.
+  curves = arena.error_curves(str(tmp_path), suite["methods"])
+  for method in suite["methods"]:
+    logged = [(r["step"], r["error"]) for r in metrics.read_metrics(str(tmp_path / method))]
+    assert curves[arena_report.LABELS[method]] == logged and logged
   record = json.loads((tmp_path / "arena.json").read_text())
   assert all(r["metrics"]["energy_distance"] >= 0 for r in record["results"])
   (run,) = record["runs"]
