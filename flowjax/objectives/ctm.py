@@ -70,7 +70,7 @@ def _check_choice(key: str, value: str, allowed) -> None:
 
 
 def teacher_command() -> str:
-  """The commands that train a teacher and hand it to CTM, for error messages."""
+  """The commands that train a teacher and hand it to the distilling objective, for errors."""
   return ("`python -m flowjax.main --config=experiments/<the flow-matching experiment of this "
           "data: fm_toy2d.py for toy2d, quickstart.py for digits> --workdir=TEACHER_DIR`, then "
           "pass --config.objective.teacher_workdir=TEACHER_DIR")
@@ -102,15 +102,16 @@ def heun_step(derivative, x, sigma, sigma_next):
   return x + 0.5 * h * (d + derivative(x_euler, sigma_next))
 
 
-def read_teacher(workdir: str, info, weights: str):
-  """(teacher backbone, state key of its weights) from a flowjax flow-matching workdir.
+def read_teacher(workdir: str, info, weights: str, method: str = "CTM"):
+  """(teacher backbone, state key of its weights) from a flowjax flow-matching workdir; `method`
+  names the distilling objective in the errors.
 
   Raises TeacherError naming the command that trains the teacher when `workdir` is empty or is
   not a trained flow-matching run, and naming the mismatch when its data differ from `info`.
   """
   if not workdir:
-    raise TeacherError("objective.teacher_workdir is empty: CTM distils a flow-matching teacher "
-                       "trained by flowjax. Train one with " + teacher_command() + ".")
+    raise TeacherError(f"objective.teacher_workdir is empty: {method} distils a flow-matching "
+                       "teacher trained by flowjax. Train one with " + teacher_command() + ".")
   config_path = os.path.join(workdir, "config.json")
   checkpoints = os.path.join(workdir, "checkpoints")
   if not os.path.isfile(config_path) or not os.path.isdir(checkpoints):
@@ -122,8 +123,8 @@ def read_teacher(workdir: str, info, weights: str):
   objective = teacher.get("objective", {})
   if objective.get("name") != "flow_matching" or objective.get("path", "ot") != "ot":
     raise TeacherError(f"objective.teacher_workdir={workdir!r} was trained with objective "
-                       f"{objective.get('name')!r} (path {objective.get('path')!r}); CTM needs a "
-                       "flow_matching teacher on the 'ot' path. Train one with "
+                       f"{objective.get('name')!r} (path {objective.get('path')!r}); {method} "
+                       "needs a flow_matching teacher on the 'ot' path. Train one with "
                        + teacher_command() + ".")
   teacher_info = data.data_info(ml_collections.ConfigDict(teacher["data"]), split="train")
   if (tuple(teacher_info.image_shape) != tuple(info.image_shape)
