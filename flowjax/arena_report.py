@@ -19,7 +19,8 @@ import numpy as np
 LABELS = {"flow_matching": "flow matching (Euler)", "imm": "IMM (pushforward)",
           "meanflow": "MeanFlow", "shortcut": "Shortcut",
           "consistency": "consistency training (iCT)", "ctm": "CTM (gamma = 0)",
-          "starflow": "STARFlow (one exact pass)"}
+          "starflow": "STARFlow (one exact pass)", "sct": "sCT (TrigFlow)",
+          "scd": "sCD (TrigFlow, from flow matching)"}
 # Two entries whose means differ by more than this many times the larger of their standard
 # deviations over seeds are told apart by the table; closer ones are not.
 RESOLVED_STDS = 2.0
