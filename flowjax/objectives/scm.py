@@ -207,9 +207,9 @@ class SCM:
   label_dropout: probability of the null label for the student (the teacher sees true labels).
   """
   # The unweighted error the trainer logs as "error": the mean norm of the tangent g before its
-  # normalisation, cos(t) times the distance of df^-/dt from the trajectory's (zero for the exact
-  # consistency function). The loss and its "mse" (of the normalised tangent, below 1 / D) cannot
-  # show a run that drifts away; the raw tangent grows with it.
+  # normalisation, cos(t) df^-/dt (zero at the exact consistency function under sCD; under sCT
+  # the one-sample velocity keeps it at the data's spread). The loss and its "mse" (of the
+  # normalised tangent, below 1 / D) cannot show a run that drifts away; the raw tangent grows.
   ERROR_METRIC: ClassVar[str] = "tangent_norm"
   model: nn.Module
   image_shape: tuple
