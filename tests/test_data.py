@@ -1,7 +1,9 @@
 """Tests of flowjax.data: sources, global order, per-process slices and exact resume."""
 
+import contextlib
 import json
 import multiprocessing
+import re
 import threading
 
 import jax
@@ -12,6 +14,7 @@ from sklearn import datasets as sklearn_datasets
 import tensorflow_datasets as tfds
 
 from flowjax import data
+from flowjax import sharding as sharding_lib
 from flowjax.data import digits
 from flowjax.data import pipeline
 from flowjax.data import tfds as tfds_source
@@ -49,6 +52,11 @@ def one_device_sharding():
 def take(batches, n):
   """n batches as NumPy dicts."""
   return [{key: np.asarray(value) for key, value in next(batches).items()} for _ in range(n)]
+
+
+def take_arrays(batches, n):
+  """n batches as the global jax.Arrays the iterator yields."""
+  return [next(batches) for _ in range(n)]
 
 
 def assert_batches_equal(expected, actual):
@@ -236,6 +244,111 @@ def test_process_slices_partition_the_global_batch(sharding, name, process_count
           global_batch["image"])
   with pytest.raises(ValueError, match="cannot assemble global arrays"):
     next(per_process[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# (data, fsdp) meshes whose batch axes span processes
+
+
+@contextlib.contextmanager
+def process_holding(devices):
+  """NamedShardings address only `devices` inside, as on the process that holds them."""
+  held = set(devices)
+
+  def addressable_devices_indices_map(self, global_shape):
+    return {device: index for device, index in self.devices_indices_map(global_shape).items()
+            if device in held}
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax.sharding.NamedSharding, "addressable_devices_indices_map",
+                  addressable_devices_indices_map)
+    yield
+
+
+def batch_sharding_of(shape, order):
+  """The batch sharding of a (data, fsdp, tensor) mesh made from jax.devices() in `order`."""
+  devices = jax.devices()
+  mesh_config = ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), shape)))
+  return sharding_lib.batch_sharding(
+      sharding_lib.make_mesh(mesh_config, [devices[i] for i in order]))
+
+
+def local_rows_on(device, held, index_map, local_length, global_length):
+  """The rows of a process's local data that jax.make_array_from_process_local_data puts on
+  `device`: the distinct row blocks of the process's devices, in increasing order, take
+  consecutive pieces of the local data, or the local data is the whole global array when it is
+  as long."""
+  start, stop, _ = index_map[device][0].indices(global_length)
+  if local_length == global_length:
+    return slice(start, stop)
+  starts = sorted({index_map[d][0].indices(global_length)[0] for d in held})
+  offset = starts.index(start) * (stop - start)
+  return slice(offset, offset + stop - start)
+
+
+# Two processes x four devices: process p holds jax.devices()[4 p: 4 p + 4] (jax.devices() of a
+# two-process CPU run lists process 0's devices, then process 1's), and the mesh is made from
+# jax.devices() in the given order.
+PROCESS_MAJOR = tuple(range(8))
+TWO_PROCESS_LAYOUTS = {
+    "data2_fsdp4": ((2, 4, 1), PROCESS_MAJOR),
+    "data4_fsdp2": ((4, 2, 1), PROCESS_MAJOR),
+    "data2_fsdp4_reversed_within_processes": ((2, 4, 1), (3, 2, 1, 0, 7, 6, 5, 4)),
+    "data4_fsdp2_processes_swapped": ((4, 2, 1), (4, 5, 6, 7, 0, 1, 2, 3)),
+    "data2_fsdp2_tensor_across_processes": ((2, 2, 2), (0, 4, 1, 5, 2, 6, 3, 7)),
+}
+
+
+@pytest.mark.parametrize("layout", list(TWO_PROCESS_LAYOUTS))
+def test_processes_of_a_data_fsdp_mesh_assemble_the_single_process_batch(layout):
+  """Each of two processes reads exactly the rows of the global batch that its devices hold,
+  and placing them as jax.make_array_from_process_local_data does gives every device the
+  shard of the single-process global batch, row for row, labels and random flips included."""
+  shape, order = TWO_PROCESS_LAYOUTS[layout]
+  devices = jax.devices()
+  sharding = batch_sharding_of(shape, order)
+  config = make_config(conditional=True, random_flip=True)
+  build = lambda: data.build(config, split="train", global_batch_size=32, seed=5,
+                             sharding=sharding)
+  global_batches = take_arrays(build(), 2)
+  index_map = sharding.devices_indices_map((32,))
+  for p in range(2):
+    held = devices[4 * p:4 * (p + 1)]
+    with process_holding(held):
+      local = build()
+    held_rows = set()
+    for device in held:
+      held_rows.update(range(*index_map[device][0].indices(32)[:2]))
+    assert set(range(*local._rows)) == held_rows
+    if order == PROCESS_MAJOR:
+      assert local._rows == pipeline.process_rows(sharding, 32, p, 2) == (16 * p, 16 * (p + 1))
+    for k, global_batch in enumerate(global_batches):
+      rows = local._local_batch(k)
+      for key, array in global_batch.items():
+        assert len(rows[key]) == len(held_rows)
+        shards = [shard for shard in array.addressable_shards if shard.device in held]
+        assert len(shards) == 4
+        for shard in shards:
+          placed = local_rows_on(shard.device, held, index_map, len(rows[key]), 32)
+          np.testing.assert_array_equal(rows[key][placed], np.asarray(shard.data))
+
+
+def test_batch_rows_that_no_process_can_read_in_one_block_are_rejected():
+  """A batch size that the data x fsdp shards do not divide (though each axis alone does), and
+  a mesh that gives a process row blocks with gaps between them, fail with the fix."""
+  for shape in ((2, 4, 1), (4, 2, 1)):
+    with pytest.raises(ValueError, match=r"global_batch_size=12 cannot be split over the 8 "
+                                         r"devices .* divisible by 8"):
+      pipeline.process_rows(batch_sharding_of(shape, PROCESS_MAJOR), 12)
+  interleaved = batch_sharding_of((2, 4, 1), (0, 4, 1, 5, 2, 6, 3, 7))
+  devices = jax.devices()
+  for p, spans in ((0, "[(0, 4), (8, 12), (16, 20), (24, 28)]"),
+                   (1, "[(4, 8), (12, 16), (20, 24), (28, 32)]")):
+    with process_holding(devices[4 * p:4 * (p + 1)]):
+      with pytest.raises(ValueError, match=r"non-contiguous rows " + re.escape(spans) +
+                         r"; order the mesh devices by process"):
+        data.build(make_config(), split="train", global_batch_size=32, seed=0,
+                   sharding=interleaved)
 
 
 # ----------------------------------------------------------------------------------------------
