@@ -19,3 +19,30 @@ def random_autoencoder_params(model, image_shape, seed=0):
 
   shapes = autoencoder.abstract_params(model, image_shape)
   return jax.tree_util.tree_map_with_path(lambda p, s: draw(p, s).astype(np.float32), shapes)
+
+
+def run_batch_errors(config, states):
+  """(losses, errors) of the objective on each global batch of a `config` run, with the key and
+  step index its train step used, at each state of `states` (None = the run's initial state);
+  each [len(states), config.train.steps]. errors are what the run logs as `error` (the loss
+  before any reweighting). Computed on one device."""
+  from flowjax import data, sharding, step as step_lib, train
+  assert config.train.grad_accum_steps == 1
+  setup = train.build(config, jax.devices()[:1])
+  batches = data.build(config.data, split="train", global_batch_size=config.train.batch_size,
+                       seed=config.seed, sharding=sharding.batch_sharding(setup.mesh))
+  batches = [next(batches) for _ in range(config.train.steps)]
+
+  @jax.jit
+  def loss_and_error(state, batch, index):
+    loss, metrics = setup.objective.loss(state.params, batch,
+                                         jax.random.fold_in(setup.step_rng, index), index,
+                                         step_lib.view_of(state))
+    return loss, step_lib.error_of(setup.objective, loss, metrics)
+
+  with train.context(setup):
+    initial = setup.init_fn()
+    results = [[loss_and_error(initial if state is None else jax.device_get(state), batch, k)
+                for k, batch in enumerate(batches)] for state in states]
+  return tuple(np.asarray([[float(pair[i]) for pair in row] for row in results])
+               for i in (0, 1))

@@ -109,12 +109,25 @@ def random_points(seed, n=16, scale=1.0):
 
 
 def test_trajectory_map_is_the_identity_at_s_equals_t():
+  """G(x, t, t) = x exactly, and G reaches x continuously as s rises to t: at the float32
+  just below t (where the s == t guard does not apply) G is x to float32 rounding, and below
+  that (G(x, t, s) - x) / (1 - s / t) = g(x, t, s) - x, the slope of G = (s / t) x +
+  (1 - s / t) g."""
   objective = make_ctm()
   params, _ = init_params(objective)
   x = random_points(0, scale=5.0)
   t = jnp.exp(jax.random.uniform(jax.random.key(1), (16,), minval=-6.0, maxval=4.3))
-  G = jax.jit(lambda p, x, t: objective.trajectory_map(p, x, t, t, None))
-  np.testing.assert_array_equal(G(params, x, t), x)
+  G = jax.jit(lambda p, x, t, s: objective.trajectory_map(p, x, t, s, None))
+  g = jax.jit(lambda p, x, t, s: objective.g_fn(p, x, t, s, None))
+  np.testing.assert_array_equal(G(params, x, t, t), x)
+  below = jnp.nextafter(t, 0.0)
+  assert np.all(np.asarray(below) < np.asarray(t))
+  scale = np.abs(np.asarray(x)) + np.abs(np.asarray(g(params, x, t, below)))
+  assert np.all(np.abs(np.asarray(G(params, x, t, below) - x)) <= 1e-6 * scale)
+  for gap in (1e-2, 1e-3):
+    s = t * (1.0 - gap)
+    slope = (G(params, x, t, s) - x) / (1.0 - s / t)[:, None]
+    np.testing.assert_allclose(slope, g(params, x, t, s) - x, rtol=1e-3, atol=5e-3)
 
 
 def test_exact_g_in_the_parameterisation_is_the_gaussian_map_and_a_semigroup():
