@@ -73,7 +73,9 @@ SUITES = {
 # resize back to 8x8, against a floor of real images taken through the same round trip.
 SUITES["digits28"] = dict(
     SUITES["digits"], overrides=dict(SUITES["digits"]["overrides"], **{
-        "data.image_size": 28, "model.patch_size": 4, "train.batch_size": 64}))
+        "data.image_size": 28, "model.patch_size": 4, "train.batch_size": 64}),
+    methods=dict(SUITES["digits"]["methods"], imm_by_label=(
+        "imm_digits.py", [1, 2, 4, 8], "uniform", {"objective.label_groups": "by_label"})))
 # A smoke-size arena (two methods on a small MLP; committed with --seeds=2, about a minute on 2
 # CPU cores) whose result file tests/test_arena.py reruns, so that a change which moves training
 # or evaluation numbers fails a test before a README table is left behind.

@@ -651,3 +651,48 @@ def test_loss_of_the_exact_flow_map_of_gaussian_data_vanishes(var, overshoot):
   for kind in kinds[1:]:
     wrong_mean, wrong_error, _ = debiased(kind)
     assert wrong_mean > 8 * max(wrong_error, error), (kind, wrong_mean, wrong_error, error)
+
+
+def test_same_label_pairs_give_the_per_label_mmds_weighted_by_their_pair_counts():
+  """With a same-label pair mask the group MMD^2 is sum_c n_c^2 MMD^2_c / sum_c n_c^2, each
+  label's V-statistic computed alone; an all-true mask is the plain estimator."""
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(2, 3, 6, 5)).astype(np.float32)
+  labels = np.array([[0, 1, 0, 2, 1, 0], [4, 4, 4, 4, 4, 4], [0, 1, 2, 3, 5, 6]])
+  bandwidth = np.array([0.7, 1.3, 2.0], np.float32)
+  pairs = labels[:, :, None] == labels[:, None, :]
+  got = np.asarray(imm.mmd2(jnp.asarray(a), jnp.asarray(b), jnp.asarray(bandwidth), "laplace",
+                            jnp.asarray(pairs)))
+  for g in range(3):
+    total, weight = 0.0, 0
+    for c in np.unique(labels[g]):
+      members = labels[g] == c
+      n = int(members.sum())
+      one = np.asarray(imm.mmd2(jnp.asarray(a[g:g + 1, members]), jnp.asarray(b[g:g + 1, members]),
+                                jnp.asarray(bandwidth[g:g + 1])))[0]
+      total, weight = total + n * n * one, weight + n * n
+    np.testing.assert_allclose(got[g], total / weight, rtol=1e-5)
+  plain = np.asarray(imm.mmd2(jnp.asarray(a), jnp.asarray(b), jnp.asarray(bandwidth)))
+  np.testing.assert_allclose(got[1], plain[1], rtol=1e-6)  # one label: every pair
+  assert abs(got[0] - plain[0]) > 1e-3
+
+
+def test_label_groups_sort_the_batch_by_label_before_grouping():
+  """label_groups='by_label' equals the mixed loss of the batch sorted by label (stable) when that
+  sort leaves one label per group, and differs from the mixed loss of the unsorted batch."""
+  num_classes = 3
+  by_label = make_objective(num_classes=num_classes, label_dropout=0.0, label_groups="by_label")
+  mixed = make_objective(num_classes=num_classes, label_dropout=0.0)
+  params = random_params(mixed, seed=1)
+  rng = np.random.default_rng(2)
+  labels = np.array([2, 0, 1, 2, 0, 1, 1, 0, 2, 0, 1, 2], np.int32)  # 4 of each label
+  x = rng.normal(size=(12,) + SHAPE).astype(np.float32)
+  order = np.argsort(labels, kind="stable")
+  key = jax.random.key(3)
+  loss = lambda objective, x, y: objective.loss(
+      params, {"image": jnp.asarray(x), "label": jnp.asarray(y)}, key, 0, {})[0]
+  sorted_loss = float(loss(mixed, x[order], labels[order]))
+  np.testing.assert_allclose(float(loss(by_label, x, labels)), sorted_loss, rtol=1e-6)
+  assert abs(float(loss(mixed, x, labels)) - sorted_loss) > 1e-4 * abs(sorted_loss)
+  with pytest.raises(ValueError, match="label_groups"):
+    make_objective(label_groups="sorted")

@@ -26,6 +26,12 @@ TIME_EMBEDDINGS = ("identity", "stride")
 TIME_SAMPLERS = ("uniform", "lognormal_eta")
 KERNELS = ("laplace", "rbf")
 WEIGHTINGS = ("sigmoid", "none")
+# How a class-conditional batch forms its groups of particles. "mixed": consecutive examples, so a
+# group mixes labels and its MMD matches the groups' label mixtures (the unconditional estimator
+# applied to conditional data). "by_label": the batch is sorted by its (dropped) labels before
+# grouping and only pairs of particles with equal labels enter the MMD, so each group matches
+# each label's conditional distribution; a particle alone with its label keeps its own term.
+LABEL_GROUPS = ("mixed", "by_label")
 SAMPLE_METHODS = ("uniform", "edm", "restart", "restart_edm")
 
 # Floor of the Laplace kernel's distance: sqrt is not differentiable at 0, which every diagonal
@@ -55,16 +61,23 @@ def kernel_matrix(a, b, bandwidth, kernel: str = "laplace"):
   raise ValueError(unknown_name_message("kernel", kernel, list(KERNELS)))
 
 
-def mmd2(y_a, y_b, bandwidth, kernel: str = "laplace"):
+def mmd2(y_a, y_b, bandwidth, kernel: str = "laplace", pairs=None):
   """V-statistic MMD^2 per group, diagonals included (Zhou et al., arXiv:2503.07565).
 
   mean_ij [k(a_i, a_j) + k(b_i, b_j) - 2 k(a_i, b_j)]; y_a, y_b: [G, M, D]; bandwidth: [G].
-  Returns [G] >= 0 for a positive-definite kernel.
+  pairs: None (every pair), or [G, M, M] bool with a true diagonal: the mean is over the pairs
+  marked, which for a same-label mask is the average of the per-label V-statistics weighted by
+  n_c^2 (zero if and only if every label's distributions match). Returns [G] >= 0 for a
+  positive-definite kernel.
   """
   k_aa = kernel_matrix(y_a, y_a, bandwidth, kernel)
   k_bb = kernel_matrix(y_b, y_b, bandwidth, kernel)
   k_ab = kernel_matrix(y_a, y_b, bandwidth, kernel)
-  return jnp.mean(k_aa + k_bb - 2.0 * k_ab, axis=(1, 2))
+  terms = k_aa + k_bb - 2.0 * k_ab
+  if pairs is None:
+    return jnp.mean(terms, axis=(1, 2))
+  pairs = pairs.astype(terms.dtype)
+  return jnp.sum(terms * pairs, axis=(1, 2)) / jnp.sum(pairs, axis=(1, 2))
 
 
 def _check_choice(key: str, value: str, allowed) -> None:
@@ -103,12 +116,14 @@ class IMM:
   weight_a: float = 2.0
   weight_b: float = 4.0
   label_dropout: float = 0.1
+  label_groups: str = "mixed"
 
   DEFAULTS: ClassVar[dict] = dict(
       path="ot", f_type="euler_fm", time_embedding="stride", sigma_d=0.5, t_max=0.994,
       t_min=1e-3, time_sampler="uniform", eta_mean=-1.1, eta_std=2.0, mapping_k=12,
       mapping_eta_max=-1.0, mapping_eta_min=-1.0, mapping_min_gap=0.0, group_size=4,
-      kernel="laplace", weighting="sigmoid", weight_a=2.0, weight_b=4.0, label_dropout=0.1)
+      kernel="laplace", weighting="sigmoid", weight_a=2.0, weight_b=4.0, label_dropout=0.1,
+      label_groups="mixed")
 
   def __post_init__(self):
     _check_choice("path", self.path, paths.PATHS)
@@ -117,6 +132,7 @@ class IMM:
     _check_choice("time_sampler", self.time_sampler, TIME_SAMPLERS)
     _check_choice("kernel", self.kernel, KERNELS)
     _check_choice("weighting", self.weighting, WEIGHTINGS)
+    _check_choice("label_groups", self.label_groups, LABEL_GROUPS)
     if self.f_type == "euler_fm" and self.path != "ot":
       raise ValueError(f"objective.f_type='euler_fm' is the Euler step of the OT path but "
                        f"objective.path={self.path!r}; use path='ot' or f_type='simple_edm'.")
@@ -301,6 +317,9 @@ class IMM:
     eps = self.sigma_d * jax.random.normal(noise_key, x.shape, jnp.float32)
     cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
                               self.label_dropout, self.num_classes)
+    if self.label_groups == "by_label" and cond is not None:
+      order = jnp.argsort(cond, stable=True)
+      x, cond = x[order], cond[order]
     return self.loss_at(params, x, cond, t, r, s, eps, model_key)
 
   def loss_at(self, params, x, cond, t, r, s, eps, rng):
@@ -320,7 +339,11 @@ class IMM:
     y_st = self.flow_map(params, x_t, t_b, s_b, cond, rng, train=True)
     y_sr = jax.lax.stop_gradient(self.flow_map(params, x_r, r_b, s_b, cond, rng, train=True))
     grouped = lambda y: y.reshape(num_groups, self.group_size, -1)
-    mmd = mmd2(grouped(y_st), grouped(y_sr), self.kernel_bandwidth(t, s), self.kernel)
+    pairs = None
+    if self.label_groups == "by_label" and cond is not None:
+      labels = cond.reshape(num_groups, self.group_size)
+      pairs = labels[:, :, None] == labels[:, None, :]
+    mmd = mmd2(grouped(y_st), grouped(y_sr), self.kernel_bandwidth(t, s), self.kernel, pairs)
     weight = self.loss_weight(t)
     metrics = {"mmd": jnp.mean(mmd), "weight_mean": jnp.mean(weight), "t_mean": jnp.mean(t),
                "s_mean": jnp.mean(s), "t_minus_r": jnp.mean(t - r)}
