@@ -8,8 +8,15 @@ import time
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Where result files and pictures are committed: writing one is not a change to the code that
+# produced the next.
+_OUTPUTS = ("experiments/results", "experiments/gallery")
+
+
 def commit() -> dict:
-  """{"commit": HEAD of the flowjax checkout ("" outside git), "uncommitted_changes": bool}."""
+  """{"commit": HEAD of the flowjax checkout ("" outside git), "uncommitted_changes": whether
+  files other than committed results and pictures (experiments/results, experiments/gallery)
+  differ from HEAD}."""
   def git(*args):
     try:
       return subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True,
@@ -17,7 +24,8 @@ def commit() -> dict:
     except (OSError, subprocess.SubprocessError):
       return ""
   return {"commit": git("rev-parse", "HEAD"),
-          "uncommitted_changes": bool(git("status", "--porcelain"))}
+          "uncommitted_changes": bool(git("status", "--porcelain", "--", ".",
+                                          *(f":(exclude){path}" for path in _OUTPUTS)))}
 
 
 def machine() -> dict:

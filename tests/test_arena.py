@@ -166,3 +166,34 @@ def test_report_prints_a_result_file_and_rewrites_its_readme_block(tmp_path, cap
   arena.main([f"--report={SMOKE}", f"--readme={readme}"])
   assert readme.read_text() == f"intro\n{arena_report.readme_block(SMOKE, text)}\nend\n"
   assert arena_report.readme_mismatches(readme.read_text(), str(ROOT)) == []
+
+
+def test_provenance_counts_code_changes_but_not_written_results(tmp_path, monkeypatch):
+  """A result file or picture written into experiments/ does not mark the tree as changed (the
+  next bench of a series runs the same code); any other change does."""
+  import subprocess
+
+  from flowjax import provenance
+
+  def git(*args):
+    subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+  git("init", "-q")
+  (tmp_path / "code.py").write_text("x = 1\n")
+  for folder in ("experiments/results", "experiments/gallery"):
+    (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / folder / "old").write_text("0\n")
+  git("add", "-A")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+  monkeypatch.setattr(provenance, "_ROOT", str(tmp_path))
+  assert provenance.commit()["uncommitted_changes"] is False
+  (tmp_path / "experiments" / "results" / "old").write_text("1\n")
+  (tmp_path / "experiments" / "results" / "new.json").write_text("{}\n")
+  (tmp_path / "experiments" / "gallery" / "new.png").write_bytes(b"png")
+  state = provenance.commit()
+  assert state["uncommitted_changes"] is False and len(state["commit"]) == 40
+  (tmp_path / "experiments" / "notes.txt").write_text("a change\n")
+  assert provenance.commit()["uncommitted_changes"] is True
+  (tmp_path / "experiments" / "notes.txt").unlink()
+  (tmp_path / "code.py").write_text("x = 2\n")
+  assert provenance.commit()["uncommitted_changes"] is True
