@@ -48,7 +48,6 @@ def test_toy2d_arena_writes_table_and_plot(tmp_path, monkeypatch):
     logged = [(r["step"], r["error"]) for r in metrics.read_metrics(str(tmp_path / method))]
     assert curves[arena_report.LABELS[method]] == logged and logged
   record = json.loads((tmp_path / "arena.json").read_text())
-  assert all(r["metrics"]["energy_distance"] >= 0 for r in record["results"])
   (run,) = record["runs"]
   assert run["seeds"] == [0] and "commit" in run and run["machine"]["cpu_count"] >= 1
   assert len(record["floor"]["values"]) == arena.FLOOR_SEEDS

@@ -458,7 +458,7 @@ def test_toy2d_tiny_trains_end_to_end_and_eight_devices_match_one(tmp_path):
   with open(tmp_path / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   assert [r["step"] for r in records] == list(range(1, config.train.steps + 1))
-  assert all(np.isfinite(r["loss"]) and r["mmd"] >= 0 for r in records)
+  assert all(np.isfinite(r["loss"]) for r in records)
   assert (tmp_path / "samples" / f"step_{config.train.steps}.png").exists()
 
   with config.unlocked():
