@@ -46,3 +46,28 @@ def run_batch_errors(config, states):
                 for k, batch in enumerate(batches)] for state in states]
   return tuple(np.asarray([[float(pair[i]) for pair in row] for row in results])
                for i in (0, 1))
+
+
+def interrupt_while_reading(patch, batch: int, sig):
+  """Makes every data.build of the run send `sig` to this process while global batch `batch`
+  (1-based) is read, so the run finishes that step, saves it and returns. `patch` is a pytest
+  monkeypatch (or its context)."""
+  import os
+
+  from flowjax import data
+  build = data.build
+
+  class Interrupting:
+    def __init__(self, inner):
+      self.inner, self.count = inner, 0
+
+    def __next__(self):
+      self.count += 1
+      if self.count == batch:
+        os.kill(os.getpid(), sig)
+      return next(self.inner)
+
+    def __getattr__(self, attribute):
+      return getattr(self.inner, attribute)
+
+  patch.setattr(data, "build", lambda *a, **k: Interrupting(build(*a, **k)))

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from flowjax import config as config_lib, data, metrics, train
+from flowjax import config as config_lib, metrics, train
+import helpers
 
 STEPS = 12
 WARMUP = 4
@@ -74,23 +75,8 @@ def references(tmp_path_factory, teacher):
 def run_stopped_after(config, workdir, step, monkeypatch, devices=None):
   """train.run with a SIGTERM that arrives while batch `step` is read: the run finishes that
   step, saves it and returns."""
-  build = data.build
-
-  class Interrupting:
-    def __init__(self, inner):
-      self.inner, self.count = inner, 0
-
-    def __next__(self):
-      self.count += 1
-      if self.count == step:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return next(self.inner)
-
-    def __getattr__(self, attribute):
-      return getattr(self.inner, attribute)
-
   with monkeypatch.context() as patch:
-    patch.setattr(data, "build", lambda *a, **k: Interrupting(build(*a, **k)))
+    helpers.interrupt_while_reading(patch, step, signal.SIGTERM)
     state = train.run(config, workdir, devices=devices)
   assert int(state.step) == step
   return state

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from flowjax import checkpoint, config as config_lib, data, metrics, sharding, train
+import helpers
 
 
 def toy_config(**overrides):
@@ -222,21 +223,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
 def test_sigint_and_preemption_notice_save_and_stop_cleanly(tmp_path, monkeypatch):
   # SIGINT arrives while the third batch is read: the run finishes that step, saves, returns.
   build = data.build
-
-  class Interrupting:
-    def __init__(self, inner):
-      self.inner, self.count = inner, 0
-
-    def __next__(self):
-      self.count += 1
-      if self.count == 3:
-        os.kill(os.getpid(), signal.SIGINT)
-      return next(self.inner)
-
-    def __getattr__(self, name):
-      return getattr(self.inner, name)
-
-  monkeypatch.setattr(data, "build", lambda *a, **k: Interrupting(build(*a, **k)))
+  helpers.interrupt_while_reading(monkeypatch, 3, signal.SIGINT)
   config = toy_config(**{"train.steps": 50, "ckpt.every_steps": 100})
   state = train.run(config, str(tmp_path / "sigint"))
   assert int(state.step) == 3

@@ -8,6 +8,7 @@ random preprocessing is keyed by (seed, stream position). So the global batches 
 (seed, B, dataset, split) and not on how many processes read them.
 """
 
+import abc
 import dataclasses
 import functools
 import json
@@ -46,7 +47,7 @@ def read_json(path: str) -> dict:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ArrayRecordSource:
+class ArrayRecordSource(abc.ABC):
   """Random access to array_record shards: i -> the example dict `decode` makes of record i.
 
   Holds the shard paths; the readers open on first use (also in worker processes). grain reads
@@ -67,8 +68,9 @@ class ArrayRecordSource:
   def _getitems(self, indices) -> list[dict[str, Any]]:
     return self.decode(self._records.__getitems__(list(indices)))
 
+  @abc.abstractmethod
   def decode(self, records: list[bytes]) -> list[dict[str, Any]]:
-    raise NotImplementedError
+    """The example dicts of n records (one vectorised decode)."""
 
 
 def check_positive_int(value: Any, key: str) -> int:

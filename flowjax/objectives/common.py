@@ -43,3 +43,15 @@ def sample_time(rng, shape, sampler: str, mean: float = 0.0, std: float = 1.0):
 def mean_per_example(x):
   """[B, ...] -> [B] mean over all but the first axis."""
   return jnp.mean(jnp.reshape(x, (x.shape[0], -1)), axis=1)
+
+
+def grid_times(times, num_steps: int, end: str) -> tuple[float, ...]:
+  """sample.times checked for a sampler that ends on the data: num_steps + 1 strictly decreasing
+  flowjax times in [0, 1] whose last is 0 (`end` says what 0 means to the sampler). Returns them
+  as floats; raises ValueError naming the rule otherwise."""
+  times = tuple(float(u) for u in times)
+  if (len(times) != num_steps + 1 or times[-1] != 0.0 or times[0] > 1.0
+      or not all(a > b for a, b in zip(times, times[1:]))):
+    raise ValueError(f"sample.times={times}: give num_steps + 1 = {num_steps + 1} decreasing "
+                     f"times in [0, 1] ending at 0 ({end}).")
+  return times

@@ -261,11 +261,7 @@ class Consistency:
       raise ValueError(f"sample.num_steps={num_steps}: consistency sampling takes at least one "
                        "step.")
     if times:
-      times = tuple(float(t) for t in times)
-      if (len(times) != num_steps + 1 or times[-1] != 0.0 or times[0] > 1.0
-          or not all(a > b for a, b in zip(times, times[1:]))):
-        raise ValueError(f"sample.times={times}: give num_steps + 1 = {num_steps + 1} "
-                         "decreasing times in [0, 1] ending at 0 (sigma_min).")
+      times = common.grid_times(times, num_steps, "sigma_min")
       sigmas = self.sigma_of_time(jnp.asarray(times[:-1], jnp.float32))
       start_sigma = sigmas[0]
     else:

@@ -448,11 +448,7 @@ class SCM:
     num_steps - 1 times evenly spaced from mid_time down (exclusive of 0): two steps are
     (t_max, 1.1)."""
     if times:
-      times = tuple(float(u) for u in times)
-      if (len(times) != num_steps + 1 or times[-1] != 0.0 or times[0] > 1.0
-          or not all(a > b for a, b in zip(times, times[1:]))):
-        raise ValueError(f"sample.times={times}: give num_steps + 1 = {num_steps + 1} "
-                         "decreasing times in [0, 1] ending at 0 (u = t / (pi/2)).")
+      times = common.grid_times(times, num_steps, "u = t / (pi/2)")
       return [HALF_PI * u for u in times[:-1]]
     rest = [self.mid_time * (num_steps - 1 - i) / (num_steps - 1) for i in range(num_steps - 1)]
     return [self.t_max] + rest
