@@ -8,6 +8,7 @@ it (tensorstore for orbax's arrays, gcsfs for everything else). Nothing leaves t
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -139,8 +140,10 @@ def test_train_kill_resume_and_sample_in_a_bucket(emulator, tmp_path):
   assert not any(name.startswith("gs:") for name in os.listdir(ROOT))  # no local ./gs:/ folder
   # The killed run may have committed later checkpoints before the kill landed (a fast machine
   # trains several steps per poll): resume from the newest and train 4 steps past it.
+  # A step is committed once its own checkpoints/N/commit_success.txt exists; its items' markers
+  # (checkpoints/N/ITEM/commit_success.txt) are written earlier, so a kill can leave those alone.
   committed = [int(name.split("/")[1]) for name in listing["files"]
-               if name.startswith("checkpoints/") and name.endswith("/commit_success.txt")]
+               if re.fullmatch(r"checkpoints/\d+/commit_success\.txt", name)]
   newest = max(committed)
   assert newest >= 4, committed
   last = newest + 4
