@@ -313,14 +313,17 @@ def test_exact_consistency_function_is_a_fixed_point_of_sct_in_expectation():
 # Sampling.
 
 CALLS = []
+TRACES = []
 
 
 class CountingEcho(nn.Module):
-  """Records the backbone time of every call in CALLS and returns zeros (so f = cos(t) x_t)."""
+  """Records the backbone time of every executed call in CALLS (inside compiled loops too) and
+  every trace in TRACES, and returns zeros (so f = cos(t) x_t)."""
 
   @nn.compact
   def __call__(self, x, times, cond, *, train):
-    CALLS.append(np.asarray(times[0]))
+    TRACES.append(1)
+    jax.debug.callback(lambda t: CALLS.append(np.asarray(t)), times[0], ordered=True)
     return jnp.zeros_like(x)
 
 
@@ -343,6 +346,27 @@ def test_one_step_is_one_call_at_t_max_and_two_steps_go_through_t_mid():
   np.testing.assert_allclose([c[0] for c in calls], [1.0, 0.5], rtol=1e-6)
   with pytest.raises(ValueError, match="guidance"):
     objective.sample({}, jax.random.key(11), 8, None, guidance=2.0)
+
+
+def test_later_steps_are_one_fused_loop():
+  """Four steps trace the network twice (the first step and the scan body), not once per step,
+  and still run it at each time of the grid, in order."""
+  objective = make_scm(CountingEcho(), weighting="none", sigma_data=0.5)
+  CALLS.clear()
+  TRACES.clear()
+  x = jax.jit(lambda k: objective.sample({}, k, 8, None, num_steps=4))(jax.random.key(3))
+  jax.effects_barrier()
+  assert len(TRACES) == 2
+  np.testing.assert_allclose([np.ravel(c)[0] for c in CALLS],
+                             np.asarray(objective.sampling_times(4)) / HALF_PI, rtol=1e-6)
+  # f = cos(t) x_t at every step: the last step's output is cos(t_3) times its input.
+  keys = jax.random.split(jax.random.key(3), 4)
+  expected = None
+  for key, t in zip(keys, objective.sampling_times(4)):
+    noise = 0.5 * jax.random.normal(key, (8, DIM))
+    x_t = noise if expected is None else math.cos(t) * expected + math.sin(t) * noise
+    expected = math.cos(t) * x_t
+  np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_two_step_sampling_of_the_exact_map_reproduces_the_data_law():

@@ -469,9 +469,13 @@ class SCM:
       raise ValueError(f"sample.num_steps={num_steps}: sCM sampling takes at least one step.")
     shape = (num,) + self.image_shape
     keys = jax.random.split(rng, num_steps)
-    x = None
-    for i, t in enumerate(self.sampling_times(num_steps, times)):
-      noise = self.sigma_data * jax.random.normal(keys[i], shape, jnp.float32)
-      x_t = noise if x is None else math.cos(t) * x + math.sin(t) * noise
-      x = self.consistency_fn(params, x_t, jnp.full((num,), t, jnp.float32), cond)
-    return x
+    t = jnp.asarray(self.sampling_times(num_steps, times), jnp.float32)
+    noise = lambda key: self.sigma_data * jax.random.normal(key, shape, jnp.float32)
+    x = self.consistency_fn(params, noise(keys[0]), jnp.full((num,), t[0]), cond)
+
+    def step(x, key_and_time):  # the later steps: one compiled network call in a scan
+      key, t_i = key_and_time
+      x_t = jnp.cos(t_i) * x + jnp.sin(t_i) * noise(key)
+      return self.consistency_fn(params, x_t, jnp.full((num,), t_i), cond), None
+
+    return jax.lax.scan(step, x, (keys[1:], t[1:]))[0]
