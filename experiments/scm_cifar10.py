@@ -1,16 +1,21 @@
 """Unconditional continuous-time consistency training (sCT) on CIFAR-10, the paper's setting.
 
-Lu and Song, arXiv:2410.11081: TrigFlow with sigma_d = 0.5, c_noise(t) = t (Sec. 4.1), the
-proposal tan(t) = e^tau / sigma_d with tau ~ N(-1.0, 1.4^2), tangent warm-up over 10k
-iterations, tangent normalisation with c = 0.1 and the adaptive weight w_phi (Sec. 4.2,
-Algorithm 1); EDM's NCSN++ network; 2-step sampling through t_mid = 1.1 (the paper's 2-step FID).
-flowjax's NCSN++ lacks the paper's adaptive double normalisation; its Fourier time embedding
-reads u = t / (pi/2) times model.time_scale = pi/2, that is c_noise = t. Every value and its
-source: BUILD.md, "Paper presets". sCD distils a flowjax flow-matching run instead:
---config.objective.mode=scd --config.objective.teacher_workdir=DIR.
+Lu and Song, arXiv:2410.11081 (App. G.1, G.2): TrigFlow with sigma_d = 0.5 and c_noise(t) = t
+(Sec. 4.1); the DDPM++ network of Score SDE (EDM's CIFAR-10 configuration) with positional time
+embeddings; the proposal tan(t) = e^tau / sigma_d with tau ~ N(-1.0, 1.4^2), tangent warm-up
+over 10k iterations, tangent normalisation with c = 0.1 and the adaptive weight w_phi (Sec. 4.2,
+Algorithm 1); RAdam at a constant 1e-4 with betas (0.9, 0.99) and eps 1e-8, batch 512, dropout
+0.20, EMA half-life 0.5 Mimg (a per-step decay of 0.5^(512 / 500000) at batch 512: recompute
+it when changing train.batch_size); 2-step sampling through t_mid = 1.1. flowjax's DDPM++ lacks
+the paper's adaptive double normalisation, and it trains from a random initialisation where
+the paper starts both sCT and sCD from a TrigFlow teacher's EMA weights. Its positional
+embedding reads u = t / (pi/2) times model.time_scale = pi/2, that is c_noise = t. Every value
+and its source: BUILD.md, "Paper presets".
 Prepare the data once (tfds build cifar10 --file_format=array_record), then
 python -m flowjax.main --config=experiments/scm_cifar10.py --workdir=DIR
-Presets: :one_step; :tiny (a one-level U-Net of width 16 on synthetic 8x8x3 data, a few CPU steps).
+Presets: :one_step; :scd (distils a flowjax flow-matching run, without dropout as the paper's
+sCD; also pass --config.objective.teacher_workdir=DIR); :tiny (a one-level U-Net of width 16 on
+synthetic 8x8x3 data, a few CPU steps).
 """
 
 import math
@@ -18,6 +23,9 @@ import math
 from flowjax import config as config_lib
 from flowjax import models, objectives
 from flowjax.models import unet
+
+# The paper's EMA half-life, 0.5 Mimg (App. G.2, after EDM).
+EMA_HALFLIFE_IMAGES = 500_000
 
 
 def get_config(arg=None):
@@ -28,15 +36,16 @@ def get_config(arg=None):
                           tangent_norm_c=0.1, weighting="adaptive", prior_weighting="none",
                           jvp="autodiff", sigma_max=80.0, mid_time=1.1, label_dropout=0.0))
   c.model = models.default_config("unet")
-  c.model.update(unet.UNET_PRESETS["ncsnpp_cifar10"])
-  c.model.update(dict(augment_dim=0, dropout=0.2, fourier_scale=0.02, time_scale=math.pi / 2,
-                      dtype="bfloat16", attention_impl="xla"))
+  c.model.update(unet.UNET_PRESETS["ddpmpp_cifar10"])
+  c.model.update(dict(augment_dim=0, dropout=0.2, time_scale=math.pi / 2, dtype="bfloat16",
+                      attention_impl="xla"))
   c.data.update(dict(name="tfds:cifar10", image_size=32, channels=3, conditional=False,
                      random_flip=True))
-  c.optim.update(dict(name="radam", lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.0,
+  batch_size = 512
+  c.optim.update(dict(name="radam", lr=1e-4, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
                       schedule="constant", warmup_steps=0, grad_clip=0.0,
-                      ema_decays=(0.9999,)))
-  c.train.update(dict(steps=400_000, batch_size=512, log_every=100))
+                      ema_decays=(0.5 ** (batch_size / EMA_HALFLIFE_IMAGES),)))
+  c.train.update(dict(steps=400_000, batch_size=batch_size, log_every=100))
   c.ckpt.update(dict(every_steps=5000, max_to_keep=3))
   c.sample.update(dict(every_steps=20_000, num=64, num_steps=2, method="trigflow",
                        guidance=1.0))
@@ -46,6 +55,7 @@ def get_config(arg=None):
 
 PRESETS = {
     "one_step": {"sample.num_steps": 1},
+    "scd": {"objective.mode": "scd", "model.dropout": 0.0},
     "tiny": {"model.model_channels": 16, "model.channel_mult": (1,), "model.num_blocks": 1,
              "model.attn_resolutions": (8,), "model.dtype": "float32",
              "data.name": "synthetic", "data.image_size": 8, "data.random_flip": False,
