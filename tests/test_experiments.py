@@ -81,8 +81,10 @@ def test_unknown_preset_is_an_error_naming_the_choices():
 def stand_in_data(config):
   """The config on `synthetic` data of the same shape: its dataset (tfds:, latents:) is not
   prepared in tests."""
-  if config.data.name.startswith("tfds:"):  # images: 3 channels
-    config.data.update(dict(name="synthetic", channels=3))
+  if config.data.name.startswith("tfds:"):  # images: 3 channels, the dataset's classes
+    classes = {"tfds:imagenet2012": 1000, "tfds:cifar10": 10}[config.data.name]
+    config.data.update(dict(name="synthetic", channels=3,
+                            num_classes=config.data.num_classes or classes))
   elif config.data.name.startswith("latents:"):  # the experiment states the latents' shape
     config.data.name = "synthetic"
 
@@ -227,7 +229,8 @@ def test_dry_run_compiles_and_allocates_nothing(tmp_path, monkeypatch):
 # The other paper-scale presets: full shapes and shardings by eval_shape, and a compile of a
 # reduced-depth version of the same width, batch and mesh.
 
-@pytest.mark.parametrize("name", ["imm_imagenet", "imm_cifar10"])
+@pytest.mark.parametrize("name", ["imm_imagenet", "imm_cifar10", "scm_cifar10",
+                                  "scm_imagenet64"])
 def test_paper_scale_preset_shapes_and_reduced_depth_compile(name):
   config = load(name).get_config(None)
   with config.unlocked():
