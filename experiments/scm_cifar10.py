@@ -7,15 +7,20 @@ over 10k iterations, tangent normalisation with c = 0.1 and the adaptive weight 
 Algorithm 1); RAdam at a constant 1e-4 with betas (0.9, 0.99) and eps 1e-8, batch 512, dropout
 0.20, EMA half-life 0.5 Mimg (a per-step decay of 0.5^(512 / 500000) at batch 512: recompute
 it when changing train.batch_size); 2-step sampling through t_mid = 1.1. flowjax's DDPM++ lacks
-the paper's adaptive double normalisation, and it trains from a random initialisation where
-the paper starts both sCT and sCD from a TrigFlow teacher's EMA weights. Its positional
-embedding reads u = t / (pi/2) times model.time_scale = pi/2, that is c_noise = t. Every value
+the paper's adaptive double normalisation. Its positional embedding reads u = t / (pi/2) times
+model.time_scale = pi/2, that is c_noise = t. The paper starts both sCT and sCD from its
+teacher's EMA weights: :scd does so (objective.init_from_teacher=True: the U-Net runs as the
+teacher's OT velocity network, its output converted to TrigFlow's F, and starts from the
+teacher's first EMA), while sCT here starts from random weights unless given a teacher with
+--config.objective.init_from_teacher=True --config.objective.teacher_workdir=DIR. Every value
 and its source: BUILD.md, "Paper presets".
 Prepare the data once (tfds build cifar10 --file_format=array_record), then
 python -m flowjax.main --config=experiments/scm_cifar10.py --workdir=DIR
-Presets: :one_step; :scd (distils a flowjax flow-matching run, without dropout as the paper's
-sCD; also pass --config.objective.teacher_workdir=DIR); :tiny (a one-level U-Net of width 16 on
-synthetic 8x8x3 data, a few CPU steps).
+Presets: :one_step; :scd (distils a flowjax flow-matching run and starts from its weights,
+without dropout as the paper's sCD; also pass --config.objective.teacher_workdir=DIR; the
+teacher must be a flow_matching run on tfds:cifar10 with this file's model section, where
+model.dropout may differ and any other differing model key is refused by name); :tiny (a
+one-level U-Net of width 16 on synthetic 8x8x3 data, a few CPU steps).
 """
 
 import math
@@ -55,7 +60,7 @@ def get_config(arg=None):
 
 PRESETS = {
     "one_step": {"sample.num_steps": 1},
-    "scd": {"objective.mode": "scd", "model.dropout": 0.0},
+    "scd": {"objective.mode": "scd", "model.dropout": 0.0, "objective.init_from_teacher": True},
     "tiny": {"model.model_channels": 16, "model.channel_mult": (1,), "model.num_blocks": 1,
              "model.attn_resolutions": (8,), "model.dtype": "float32",
              "data.name": "synthetic", "data.image_size": 8, "data.random_flip": False,

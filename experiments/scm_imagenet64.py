@@ -12,9 +12,14 @@ embeddings of c_noise = t (model.time_scale = pi/2 on u = t / (pi/2)). What flow
 this preset therefore approximates: EDM2's inverse-square-root learning-rate decay (a constant
 1e-4 = the paper's alpha_ref here), the power-function EMA (sigma_rel = 0.05; a constant decay
 of 0.99995 has the same averaging width at step 400k), dropout restricted to resolutions <= 16
-(45% for sCT; off here), and the initialisation from the teacher's EMA weights. Every value and
-its source: BUILD.md, "Paper presets". :scd distils a flowjax flow-matching run on the same
-data (it also needs --config.objective.teacher_workdir=DIR).
+(45% for sCT; off here), and, for sCT, the initialisation from the teacher's EMA weights (pass
+--config.objective.init_from_teacher=True --config.objective.teacher_workdir=DIR to start from a
+teacher). Every value and its source: BUILD.md, "Paper presets". :scd distils a flowjax
+flow-matching run on the same data and starts from its first EMA weights as the paper does
+(objective.init_from_teacher: the U-Net runs as the teacher's OT velocity network, its output
+converted to TrigFlow's F); the teacher must be a flow_matching run of this file's model section
+(model.dropout may differ; any other differing model key is refused by name), and the run needs
+--config.objective.teacher_workdir=DIR.
 Prepare the data once (tfds build imagenet2012 --file_format=array_record), then
 python -m flowjax.main --config=experiments/scm_imagenet64.py --workdir=DIR
 Presets: :scd; :tiny (synthetic 8x8x3 data of 10 classes, a one-level U-Net, a few CPU steps).
@@ -54,7 +59,7 @@ def get_config(arg=None):
 
 
 PRESETS = {
-    "scd": {"objective.mode": "scd", "model.dropout": 0.0},
+    "scd": {"objective.mode": "scd", "model.dropout": 0.0, "objective.init_from_teacher": True},
     "tiny": {"model.model_channels": 16, "model.channel_mult": (1,), "model.num_blocks": 1,
              "model.attn_resolutions": (8,), "model.dtype": "float32",
              "data.name": "synthetic", "data.image_size": 8, "data.num_classes": 10,

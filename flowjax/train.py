@@ -388,7 +388,8 @@ class _StopSignal:
 
 def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool = False):
   """(state, data_state or None, start_step): the latest good checkpoint, else a fresh state
-  (with parameters from ckpt.init_from when set). A checkpoint written by a different config
+  (with the objective's `load_extra` and `initial_params` applied when it has them, and
+  parameters from ckpt.init_from when set). A checkpoint written by a different config
   (beyond the resumable keys) is refused unless allow_config_change."""
   config = setup.config
 
@@ -416,6 +417,14 @@ def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool 
   load_extra = getattr(setup.objective, "load_extra", None)
   if load_extra is not None:
     state = state.replace(extra=load_extra(setup.abstract_state.extra))
+  # Parameters an objective sets on a fresh start, from disk or from `extra` (sCM's
+  # objective.init_from_teacher starts the student as its teacher): params and every EMA. A
+  # resumed run keeps its trained ones. ckpt.init_from, below, still overrides them.
+  initial_params = getattr(setup.objective, "initial_params", None)
+  if initial_params is not None:
+    params = initial_params(state.params, state.extra)
+    if params is not state.params:
+      state = state.replace(params=params, ema=optim.init_ema(params, config.optim.ema_decays))
   if config.ckpt.init_from:
     params, from_step = checkpoint.restore_params(config.ckpt.init_from,
                                                   setup.abstract_state.params)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flowjax import checkpoint, objectives, train
 from flowjax import config as config_lib
-from flowjax import objectives, train
 from flowjax.data import pipeline
 from flowjax.objectives import ctm, scm
 
@@ -444,6 +444,8 @@ PAPER_VALUES = {
         "objective.tangent_normalization": "norm", "objective.tangent_norm_c": 0.1,
         "objective.weighting": "adaptive", "objective.prior_weighting": "none",
         "objective.jvp": "autodiff", "objective.sigma_max": 80.0, "objective.mid_time": 1.1,
+        # sCT without a teacher starts from random weights (the paper: the teacher's, App. G.2).
+        "objective.init_from_teacher": False,
         # DDPM++ (App. G.1) at EDM's CIFAR-10 widths, positional embeddings of c_noise = t.
         "model.model_channels": 128, "model.channel_mult": (2, 2, 2), "model.num_blocks": 4,
         "model.attn_resolutions": (16,), "model.channel_mult_noise": 1,
@@ -457,13 +459,15 @@ PAPER_VALUES = {
         "optim.ema_decays": (0.5 ** (512 / 500_000),),
         "train.batch_size": 512, "train.steps": 400_000, "data.random_flip": True,
         "sample.num_steps": 2},
-    ("scm_cifar10", "scd"): {"objective.mode": "scd", "model.dropout": 0.0},
+    ("scm_cifar10", "scd"): {"objective.mode": "scd", "model.dropout": 0.0,
+                             "objective.init_from_teacher": True},
     ("scm_imagenet64", None): {
         "objective.mode": "sct", "objective.sigma_data": 0.5, "objective.p_mean": -1.0,
         "objective.p_std": 1.6, "objective.tangent_warmup_steps": 10_000,
         "objective.tangent_normalization": "norm", "objective.tangent_norm_c": 0.1,
         "objective.weighting": "adaptive", "objective.prior_weighting": "none",
         "objective.sigma_max": 80.0, "objective.mid_time": 1.1, "objective.label_dropout": 0.0,
+        "objective.init_from_teacher": False,
         "model.model_channels": 192, "model.channel_mult": (1, 2, 3, 4), "model.num_blocks": 3,
         "model.attn_resolutions": (16, 8), "model.embedding_type": "positional",
         "model.time_scale": HALF_PI_SCALE, "model.dropout": 0.0, "data.random_flip": False,
@@ -474,7 +478,8 @@ PAPER_VALUES = {
         "optim.ema_decays": (0.99995,),
         "train.batch_size": 2048, "train.steps": 400_000, "sample.num_steps": 2},
     ("scm_imagenet64", "scd"): {"objective.mode": "scd", "model.dropout": 0.0,
-                                "objective.teacher_guidance": 1.0},
+                                "objective.teacher_guidance": 1.0,
+                                "objective.init_from_teacher": True},
 }
 
 
@@ -527,17 +532,24 @@ RUN = {"train.steps": 40, "train.log_every": 10, "ckpt.every_steps": 40, "sample
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("scm")
-  devices = jax.devices()[:1]
+def teacher_dir(tmp_path_factory):
+  """The workdir of fm_toy2d:tiny trained for 40 steps: the flow-matching teacher."""
+  root = tmp_path_factory.mktemp("scm_teacher")
   fm = config_lib.load_experiment("experiments/fm_toy2d.py", "tiny",
                                   **{"train.steps": 40, "sample.num": 16})
-  train.run(fm, str(root / "teacher"), devices=devices)
+  train.run(fm, str(root), devices=jax.devices()[:1])
+  return str(root)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, teacher_dir):
+  root = tmp_path_factory.mktemp("scm")
+  devices = jax.devices()[:1]
   out = {}
   for mode, preset in (("sct", "tiny"), ("scd", "tiny_scd")):
     overrides = dict(RUN)
     if mode == "scd":
-      overrides["objective.teacher_workdir"] = str(root / "teacher")
+      overrides["objective.teacher_workdir"] = teacher_dir
     config = config_lib.load_experiment("experiments/scm_toy2d.py", preset, **overrides)
     state = train.run(config, str(root / mode), devices=devices)
     lines = (root / mode / "metrics.jsonl").read_text().splitlines()
@@ -562,3 +574,143 @@ def test_tiny_runs_train_end_to_end(runs, mode):
   assert (root / mode / "samples" / f"step_{config.train.steps}.png").is_file()
   if mode == "scd":
     assert set(state.extra) == {"teacher"}
+
+
+# Initialisation from the teacher (objective.init_from_teacher; arXiv:2410.11081, App. G.2): the
+# student runs as the teacher (its OT velocity network through ot_velocity_to_trigflow) and
+# starts from its weights. fm_toy2d:tiny (MLP, time_scale 1000) teaches scm_toy2d:tiny with the
+# teacher's time_scale.
+
+def init_config(mode, teacher_dir, **overrides):
+  preset = "tiny_scd" if mode == "scd" else "tiny"
+  return config_lib.load_experiment("experiments/scm_toy2d.py", preset, **{
+      "objective.init_from_teacher": True, "objective.teacher_workdir": teacher_dir,
+      "model.time_scale": 1000.0, **overrides})
+
+
+def fresh_start(config, workdir):
+  setup = train.build(config, jax.devices()[:1])
+  state, _, start = train.restore_or_init(setup, checkpoint.manager(workdir, config.ckpt),
+                                          workdir)
+  return setup, state, start
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("mode", ["scd", "sct"])
+def test_init_from_teacher_starts_the_student_as_the_teacher(teacher_dir, tmp_path, mode):
+  """A fresh start through train.restore_or_init: the backbone holds the teacher's (EMA) weights
+  and w_phi its fresh ones, every EMA equals the parameters, the student's F is the teacher's
+  unguided TrigFlow F, and its one-step sample is the teacher's one-step map (for the OT path
+  x_ot - s v(x_ot, s), the Euler jump from s(t_max) to the data)."""
+  config = init_config(mode, teacher_dir)
+  setup, state, start = fresh_start(config, str(tmp_path / "student"))
+  objective = setup.objective
+  assert start == 0 and objective.init_from_teacher and objective.mode == mode
+  assert objective.teacher_key == ("ema", "0.999")
+  teacher, _ = checkpoint.restore_params(
+      teacher_dir, objective.backbone_params(setup.abstract_state.params),
+      key=objective.teacher_key)
+  if mode == "scd":
+    assert_trees_equal(state.extra["teacher"], teacher)
+  else:
+    assert state.extra == {}
+  assert_trees_equal(objective.backbone_params(state.params), teacher)
+  fresh = setup.init_fn().params
+  assert_trees_equal(state.params[scm.WEIGHTING_KEY], fresh[scm.WEIGHTING_KEY])
+  assert set(state.ema) == {"0.999"}
+  for ema in state.ema.values():
+    assert_trees_equal(ema, state.params)
+  assert jax.tree.leaves(state.ema)[0] is not jax.tree.leaves(state.params)[0]
+
+  sigma_d = objective.sigma_data
+  n = 64
+  keys = jax.random.split(jax.random.key(21), 2)
+  x_t = 2.0 * jax.random.normal(keys[0], (n, DIM))
+  t = jnp.concatenate([jnp.asarray([0.0, HALF_PI]),
+                       jax.random.uniform(keys[1], (n - 2,), maxval=HALF_PI)])
+  F = jax.jit(lambda p: objective.network(p, x_t / sigma_d, t, None))
+  F_teacher = objective.teacher_trigflow(teacher, x_t, t, None)
+  assert float(jnp.max(jnp.abs(F_teacher))) > 0.1
+  np.testing.assert_allclose(F(state.params), F_teacher, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(F(state.ema["0.999"]), F_teacher, rtol=1e-5, atol=1e-5)
+
+  key = jax.random.key(22)
+  x = jax.jit(lambda p: objective.sample(p, key, n, None, num_steps=1))(state.params)
+  z = sigma_d * jax.random.normal(jax.random.split(key, 1)[0], (n, DIM))
+  t_max = jnp.full((n,), objective.t_max)
+  trigflow_map = (jnp.cos(t_max)[:, None] * z - jnp.sin(t_max)[:, None] * sigma_d
+                  * objective.teacher_trigflow(teacher, z, t_max, None))
+  np.testing.assert_allclose(x, trigflow_map, rtol=1e-5, atol=1e-5)
+  s = scm.ot_time(t_max, sigma_d)
+  x_ot = scm.ot_point(z, t_max, sigma_d)
+  v = objective.teacher_model.apply({"params": teacher}, x_ot, (s,), None, train=False)
+  np.testing.assert_allclose(x, x_ot - s[:, None] * v, rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_teacher_keeps_the_boundary_condition_exact():
+  """f(x, 0) = x exactly with the student run as a velocity network, for any weights."""
+  objective = make_scm(sigma_data=0.7, mode="scd", teacher_model=TinyBackbone(),
+                       init_from_teacher=True)
+  params = init_params(objective)
+  x = 3.0 * jax.random.normal(jax.random.key(23), (16, DIM))
+  f = jax.jit(lambda x, t: objective.consistency_fn(params, x, t, None))
+  np.testing.assert_array_equal(f(x, jnp.zeros(16)), x)
+  # The option is in effect: F is the velocity network's output through the OT conversion.
+  t = jnp.linspace(0.0, HALF_PI, 16)
+  v = TinyBackbone().apply({"params": objective.backbone_params(params)},
+                           scm.ot_point(x, t, 0.7), (scm.ot_time(t, 0.7),), None, train=False)
+  np.testing.assert_allclose(objective.network(params, x / 0.7, t, None),
+                             scm.ot_velocity_to_trigflow(v, x, t, 0.7), rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_teacher_is_not_repeated_on_resume(teacher_dir, tmp_path):
+  """A run resumed from its checkpoint keeps its trained parameters and EMA: the teacher's
+  weights are copied on the fresh start only."""
+  config = init_config("scd", teacher_dir, **{"train.steps": 2, "ckpt.every_steps": 2})
+  workdir = str(tmp_path / "student")
+  trained = train.run(config, workdir, devices=jax.devices()[:1])
+  setup, state, start = fresh_start(config, workdir)
+  assert start == 2
+  assert_trees_equal(state.params, trained.params)
+  assert_trees_equal(state.ema, trained.ema)
+  teacher = state.extra["teacher"]
+  moved = jax.tree.map(lambda p, w: float(jnp.max(jnp.abs(p - w))),
+                       setup.objective.backbone_params(state.params), teacher)
+  assert max(jax.tree.leaves(moved)) > 1e-5
+
+
+def test_init_from_teacher_refuses_another_architecture(teacher_dir):
+  """A config.model that differs from the teacher's is one config error naming every differing
+  key with both values and the fix; attention_impl, remat and dropout may differ; a missing
+  teacher names the command that trains one."""
+  config = config_lib.load_experiment("experiments/scm_toy2d.py", "tiny", **{
+      "objective.init_from_teacher": True, "objective.teacher_workdir": teacher_dir,
+      "model.hidden_size": 16})
+  with pytest.raises(config_lib.ConfigError) as error:
+    train.build(config, jax.devices()[:1])
+  message = str(error.value)
+  assert "model.hidden_size: 16 -> 32" in message
+  assert f"model.time_scale: {math.pi / 2!r} -> 1000.0" in message
+  assert "model.depth" not in message
+  assert "objective.init_from_teacher=False" in message and "teacher's values" in message
+  # Without the option the same student builds.
+  with config.unlocked():
+    config.objective.init_from_teacher = False
+  train.build(config, jax.devices()[:1])
+  from flowjax.models import dit
+  a = dit.DiT(patch_size=2, hidden_size=8, depth=1, num_heads=2, num_classes=0,
+              attention_impl="cudnn", remat="full")
+  assert scm.architecture_differences(
+      a, a.clone(attention_impl="xla", remat="none", dropout=0.1)) == []
+  assert scm.architecture_differences(a, a.clone(dtype=jnp.bfloat16)) == [
+      "model.dtype: 'float32' -> 'bfloat16'"]
+  info = pipeline.DataInfo(image_shape=(2,), num_classes=0, num_examples=None)
+  with config.unlocked():
+    config.objective.update(dict(init_from_teacher=True, teacher_workdir=""))
+  with pytest.raises(ctm.TeacherError, match=r"init_from_teacher.*python -m flowjax\.main"):
+    objectives.build(config.objective, TinyBackbone(), info)

@@ -2,7 +2,10 @@
 
 An objective is a frozen dataclass with `init(rng, batch) -> (params, extra)`,
 `loss(params, batch, rng, step, view) -> (scalar, metrics)` and
-`sample(params, rng, num, cond, **sampler_args) -> x`, all pure and jittable.
+`sample(params, rng, num, cond, **sampler_args) -> x`, all pure and jittable. Optional, on
+fresh starts only (train.restore_or_init): `load_extra(abstract_extra) -> extra` (state read from
+disk, e.g. a teacher's weights), then `initial_params(params, extra) -> params` (parameters set
+from it; every EMA is re-copied from the result; returning `params` itself changes nothing).
 """
 
 import ml_collections

@@ -44,6 +44,21 @@ and the teacher's TrigFlow output is
 v_u + w (v_c - v_u) of the teacher network (objective.teacher_guidance), so the student learns the
 guided flow and samples without guidance.
 
+Initialisation from the teacher (objective.init_from_teacher; arXiv:2410.11081, App. G.2: the
+paper starts sCT and sCD from the pretrained diffusion model's EMA weights). The student's
+backbone is then the teacher's architecture run as the teacher runs it: a velocity network
+v_theta on the OT path, converted exactly as the teacher's is,
+  F_theta(x_t / sigma_d, t) = ot_velocity_to_trigflow(v_theta(x_ot, s, cond), x_t, t, sigma_d)
+with x_ot = ot_point(x_t, t) and s = ot_time(t) (`SCM.network`, the one place F_theta is
+computed for the loss, its JVP or finite differences, `consistency_fn` and the sampler), and on
+a fresh start `SCM.initial_params` sets v_theta's weights to the teacher's (train.py re-copies
+every EMA from them; w_phi stays freshly initialised; a resumed run keeps its trained weights).
+At initialisation the student's F is the teacher's unguided TrigFlow F, and its one-step map
+f(x_t, t) = x_ot - s v(x_ot, s) is the teacher's one-step Euler jump to the data; f(x, 0) = x
+still holds exactly. config.model must equal the teacher's model section, except
+model.attention_impl, model.remat and model.dropout (NON_ARCHITECTURE_FIELDS: they change
+neither the weights nor the function outside training).
+
 Sampling (arXiv:2410.11081, Sec. 5): x = f(sigma_d z, t_max) with t_max = arctan(sigma_max /
 sigma_d) (sigma_max = 80); each further step re-noises x_t = cos(t) x + sin(t) sigma_d z' and
 applies f(x_t, t); two steps go through t_mid = 1.1.
@@ -76,11 +91,44 @@ SAMPLE_METHODS = ("trigflow",)
 # The parameter subtree of the adaptive weight w_phi, beside the backbone's parameters.
 WEIGHTING_KEY = "scm_weighting"
 HALF_PI = 0.5 * math.pi
+# Backbone fields that change neither the parameters nor the function the network computes
+# outside training (how attention runs, rematerialisation, the dropout rate): they may differ
+# between the teacher and a student initialised from it (the paper's sCD drops the teacher's
+# dropout; sCM's JVP needs attention_impl='xla' where a teacher may have trained with cuDNN).
+NON_ARCHITECTURE_FIELDS = ("attention_impl", "remat", "dropout")
 
 
 def _check_choice(key: str, value: str, allowed) -> None:
   if value not in allowed:
     raise ValueError(f"objective.{key}: " + unknown_name_message(key, value, list(allowed)))
+
+
+def _field_text(value) -> str:
+  """A backbone field for messages: dtypes by name, the rest as repr."""
+  try:
+    if isinstance(value, type) or isinstance(value, jnp.dtype):
+      return repr(jnp.dtype(value).name)
+  except TypeError:
+    pass
+  return repr(value)
+
+
+def architecture_differences(model, teacher_model) -> list[str]:
+  """["model.KEY: this run's value -> the teacher's", ...] for the backbone fields (the
+  config.model keys) in which `model` differs from `teacher_model`, NON_ARCHITECTURE_FIELDS aside;
+  [] when they are the same network."""
+  if type(model) is not type(teacher_model):
+    return [f"model.name: {type(model).__name__} -> {type(teacher_model).__name__} (the "
+            "backbone)"]
+  out = []
+  for field in dataclasses.fields(model):
+    name = field.name
+    if name in ("parent", "name") + NON_ARCHITECTURE_FIELDS:
+      continue
+    mine, theirs = getattr(model, name, None), getattr(teacher_model, name, None)
+    if mine != theirs:
+      out.append(f"model.{name}: {_field_text(mine)} -> {_field_text(theirs)}")
+  return out
 
 
 # TrigFlow <-> flowjax's OT path (data x_0 as they are, eps ~ N(0, I), z = sigma_d eps).
@@ -182,15 +230,22 @@ class AdaptiveWeight(nn.Module):
 @OBJECTIVES.register("scm")
 @dataclasses.dataclass(frozen=True)
 class SCM:
-  """model: backbone F_theta(x_t / sigma_d, (t / (pi/2),), cond); image_shape: per-example shape;
-  num_classes: 0 for unconditional models; teacher_model, teacher_key: the flow-matching
-  teacher's backbone and the subtree of its saved state to load (sCD only). The other fields are
-  the `objective` config keys:
+  """model: backbone F_theta(x_t / sigma_d, (t / (pi/2),), cond), or with init_from_teacher the
+  velocity v_theta(x_ot, (s,), cond) of `network`; image_shape: per-example shape; num_classes: 0
+  for unconditional models; teacher_model, teacher_key: the flow-matching teacher's backbone and
+  the subtree of its saved state to load (sCD, or init_from_teacher). The other fields are the
+  `objective` config keys:
 
   mode: "sct" (consistency training: dx_t/dt from the data) or "scd" (distillation from the
     flow-matching run objective.teacher_workdir);
   teacher_workdir, teacher_weights ("ema": its first EMA, or "params"), teacher_guidance: the
     sCD teacher and the classifier-free guidance scale of its velocity (1 = none);
+  init_from_teacher: False (default) starts from random weights; True runs the student as the
+    teacher (its velocity network through the OT -> TrigFlow conversion, see the module
+    docstring) and starts it, on a fresh start only, from the teacher's weights
+    (teacher_weights: its EMA or params), as the paper does (App. G.2). config.model must equal
+    the teacher's model section (model.attention_impl, remat and dropout aside). sCD and sCT both
+    take it; under sCT the teacher_workdir then serves only this initialisation;
   sigma_data: sigma_d, the noise scale (0.5 for images in [-1, 1]);
   p_mean, p_std: tan(t) = e^tau / sigma_d with tau ~ N(p_mean, p_std^2);
   tangent_warmup_steps: H of the warm-up r = min(1, step / H) (0: r = 1 from the start);
@@ -220,6 +275,7 @@ class SCM:
   teacher_workdir: str = ""
   teacher_weights: str = "ema"
   teacher_guidance: float = 1.0
+  init_from_teacher: bool = False
   sigma_data: float = 0.5
   p_mean: float = -1.0
   p_std: float = 1.4
@@ -238,7 +294,7 @@ class SCM:
 
   DEFAULTS: ClassVar[dict] = dict(
       mode="sct", teacher_workdir="", teacher_weights="ema", teacher_guidance=1.0,
-      sigma_data=0.5, p_mean=-1.0, p_std=1.4, tangent_warmup_steps=10_000,
+      init_from_teacher=False, sigma_data=0.5, p_mean=-1.0, p_std=1.4, tangent_warmup_steps=10_000,
       tangent_normalization="norm", tangent_norm_c=0.1, weighting="adaptive",
       weighting_hidden=128, prior_weighting="none", jvp="autodiff", jvp_step=1e-3,
       jvp_precision="float32", sigma_max=80.0, mid_time=1.1, label_dropout=0.0)
@@ -269,6 +325,18 @@ class SCM:
     if self.teacher_guidance != 1.0 and self.num_classes <= 0:
       raise ValueError(f"objective.teacher_guidance={self.teacher_guidance} needs class labels "
                        "(data.conditional=True); use teacher_guidance=1.0.")
+    if self.init_from_teacher and self.teacher_model is not None:
+      differences = architecture_differences(self.model, self.teacher_model)
+      if differences:
+        raise ValueError(
+            "objective.init_from_teacher=True runs the student as the teacher's network and "
+            "starts it from the teacher's weights, so config.model must equal the teacher's "
+            "model section (objective.teacher_workdir's config.json; model.attention_impl, "
+            "model.remat and model.dropout may differ). These keys differ (this run -> the "
+            "teacher):\n  "
+            + "\n  ".join(differences) + "\nSet them to the teacher's values (e.g. "
+            "--config.model.KEY=VALUE), or set objective.init_from_teacher=False to train the "
+            "student from random weights.")
     if getattr(self.model, "attention_impl", "xla") == "cudnn" and self.jvp == "autodiff":
       raise ValueError("objective 'scm' differentiates the backbone with jax.jvp, and "
                        "model.attention_impl='cudnn' has no JVP rule; set "
@@ -278,12 +346,14 @@ class SCM:
   def build(cls, config, model, info):
     keys = {key: config[key] for key in cls.DEFAULTS}
     teacher_model, teacher_key = None, ("params",)
-    if config.mode == "scd":
+    if config.mode == "scd" or config.init_from_teacher:
+      method = "sCD" if config.mode == "scd" else "objective.init_from_teacher"
       teacher_model, teacher_key = ctm.read_teacher(config.teacher_workdir, info,
-                                                    config.teacher_weights, method="sCD")
+                                                    config.teacher_weights, method=method)
     elif config.teacher_workdir:
       logging.warning("objective.teacher_workdir=%r is unused: objective.mode='sct' trains "
-                      "without a teacher.", config.teacher_workdir)
+                      "without a teacher (objective.init_from_teacher=True would start from "
+                      "it).", config.teacher_workdir)
     return cls(model=model, image_shape=tuple(info.image_shape), num_classes=info.num_classes,
                teacher_model=teacher_model, teacher_key=teacher_key, **keys)
 
@@ -297,9 +367,11 @@ class SCM:
   def init(self, rng, batch):
     """(params, extra): params are the backbone's with w_phi's under WEIGHTING_KEY (when
     objective.weighting='adaptive'); extra is {"teacher": placeholders} for sCD, filled by
-    `load_extra` from objective.teacher_workdir, else {}."""
-    if self.mode == "scd" and self.teacher_model is None:
-      raise ctm.TeacherError("objective.mode='scd' has no teacher model; build the objective "
+    `load_extra` from objective.teacher_workdir, else {}. With init_from_teacher,
+    `initial_params` then replaces the backbone's random weights by the teacher's."""
+    if (self.mode == "scd" or self.init_from_teacher) and self.teacher_model is None:
+      why = "objective.mode='scd'" if self.mode == "scd" else "objective.init_from_teacher=True"
+      raise ctm.TeacherError(f"{why} has no teacher model; build the objective "
                              "with flowjax.objectives.build from a config whose "
                              "objective.teacher_workdir names a flow-matching run.")
     x = batch["image"][:1]
@@ -329,6 +401,37 @@ class SCM:
                  self.teacher_workdir, step)
     return {"teacher": teacher}
 
+  def initial_params(self, params, extra):
+    """The parameters of a fresh start: `params` unchanged, or with objective.init_from_teacher
+    the backbone's replaced by the teacher's weights (sCD: the ones `load_extra` put in
+    extra["teacher"]; sCT: read from objective.teacher_workdir), w_phi's kept as initialised.
+    New arrays with `params`' shardings. train.restore_or_init calls this after `load_extra` on
+    fresh starts only (a resumed run keeps its trained weights) and copies the result into every
+    EMA."""
+    if not self.init_from_teacher:
+      return params
+    backbone = self.backbone_params(params)
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, backbone)
+    if self.mode == "scd":
+      teacher, where = extra["teacher"], "the loaded sCD teacher"
+    else:
+      abstract = jax.tree.map(
+          lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding),
+          backbone)
+      teacher, step = checkpoint.restore_params(self.teacher_workdir, abstract,
+                                                key=self.teacher_key,
+                                                source="objective.teacher_workdir")
+      where = f"step {step}"
+    describe = lambda tree: jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)), tree)
+    if describe(teacher) != describe(backbone):
+      raise ValueError("objective.init_from_teacher: the teacher's parameters (from "
+                       f"{self.teacher_workdir!r}) do not have the student backbone's names, "
+                       "shapes and dtypes; use a teacher of this run's config.model.")
+    copied = jax.device_put(teacher, shardings, may_alias=False)
+    logging.info("Initialised the sCM student from the teacher's %s in %s (%s).",
+                 "/".join(self.teacher_key), self.teacher_workdir, where)
+    return {**copied, **{k: v for k, v in params.items() if k == WEIGHTING_KEY}}
+
   def weight_module(self) -> AdaptiveWeight:
     return AdaptiveWeight(hidden_size=self.weighting_hidden)
 
@@ -347,10 +450,18 @@ class SCM:
 
   def network(self, params, x_scaled, t, cond, rng=None, train=False):
     """F_theta(x_t / sigma_d, t): [B, ...] float32; x_scaled = x_t / sigma_d: [B, ...]; t: [B] in
-    [0, pi/2], handed to the backbone as u = t / (pi/2)."""
-    out = common.apply_model(self.model, self.backbone_params(params), x_scaled,
-                             (t / HALF_PI,), cond, rng, train)
-    return out.astype(jnp.float32)
+    [0, pi/2], handed to the backbone as u = t / (pi/2). With objective.init_from_teacher the
+    backbone is a velocity network run as the teacher is, on (ot_point(x_t, t), ot_time(t)),
+    and F is its velocity through `ot_velocity_to_trigflow`. Every F_theta of the loss, its
+    tangent, `consistency_fn` and the sampler comes from here."""
+    backbone = self.backbone_params(params)
+    if not self.init_from_teacher:
+      out = common.apply_model(self.model, backbone, x_scaled, (t / HALF_PI,), cond, rng, train)
+      return out.astype(jnp.float32)
+    x_t = self.sigma_data * jnp.asarray(x_scaled, jnp.float32)
+    v = common.apply_model(self.model, backbone, ot_point(x_t, t, self.sigma_data),
+                           (ot_time(t, self.sigma_data),), cond, rng, train)
+    return ot_velocity_to_trigflow(v.astype(jnp.float32), x_t, t, self.sigma_data)
 
   def parameterize(self, x_t, F, t):
     """f = cos(t) x_t - sin(t) sigma_d F: [B, ...]; f(x, 0) = x exactly."""
