@@ -23,9 +23,10 @@ def random_autoencoder_params(model, image_shape, seed=0):
 
 def run_batch_errors(config, states):
   """(losses, errors) of the objective on each global batch of a `config` run, with the key and
-  step index its train step used, at each state of `states` (None = the run's initial state);
-  each [len(states), config.train.steps]. errors are what the run logs as `error` (the loss
-  before any reweighting). Computed on one device."""
+  step index its train step used, at each state of `states` (None = the run's initial state,
+  with what the objective loads from disk, e.g. CTM's teacher); each [len(states),
+  config.train.steps]. errors are what the run logs as `error` (the loss before any
+  reweighting). Computed on one device."""
   from flowjax import data, sharding, step as step_lib, train
   assert config.train.grad_accum_steps == 1
   setup = train.build(config, jax.devices()[:1])
@@ -42,8 +43,14 @@ def run_batch_errors(config, states):
 
   with train.context(setup):
     initial = setup.init_fn()
-    results = [[loss_and_error(initial if state is None else jax.device_get(state), batch, k)
-                for k, batch in enumerate(batches)] for state in states]
+    load_extra = getattr(setup.objective, "load_extra", None)  # as train.restore_or_init does
+    if load_extra is not None:
+      initial = initial.replace(extra=load_extra(setup.abstract_state.extra))
+    # Every state on the host, so that one executable serves them all (the initial state's
+    # shardings would compile it again).
+    states = [jax.device_get(initial if state is None else state) for state in states]
+    results = [[loss_and_error(state, batch, k) for k, batch in enumerate(batches)]
+               for state in states]
   return tuple(np.asarray([[float(pair[i]) for pair in row] for row in results])
                for i in (0, 1))
 

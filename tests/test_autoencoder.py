@@ -198,6 +198,10 @@ def test_gaussian_kl_matches_numerical_integration():
 
 
 def test_autoencoder_objective_trains_and_samples_images():
+  """The objective's loss is the L1 reconstruction of the batch through a posterior draw plus
+  1e-3 times the mean KL, by hand from the encoder and decoder with the same key (at the initial
+  parameters); 15 Adam steps lower that loss on the batch with a fixed key by over 20%; samples
+  decode N(0, I) latents drawn with the sampler's key."""
   config = ml_collections.ConfigDict(dict(name="autoencoder", reconstruction="l1",
                                           kl_weight=1e-3))
   model_config = ml_collections.ConfigDict(dict(
@@ -222,17 +226,32 @@ def test_autoencoder_objective_trains_and_samples_images():
     updates, opt_state = tx.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state, loss, metrics
 
+  @jax.jit
+  def by_hand(params, rng):
+    """(loss, reconstruction error) of the batch with posterior draws from `rng`, and 5 images
+    decoded from N(0, I) latents drawn with `rng`."""
+    decode = lambda z: model.apply({"params": params}, z, method=model.decode)
+    mean, logvar = model.apply({"params": params}, images, method=model.encode)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+    rec = jnp.mean(jnp.abs(decode(z) - images))
+    kl = jnp.mean(0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar))
+    return rec + 1e-3 * kl, rec, decode(jax.random.normal(rng, (5, 4, 4, 2)))
+
   opt_state = tx.init(params)
-  losses = []
-  for i in range(30):
+  before, rec_before, _ = by_hand(params, jax.random.key(0))
+  for i in range(15):
     params, opt_state, loss, metrics = step(params, opt_state, jax.random.key(i))
-    losses.append(float(loss))
+    if i == 0:
+      np.testing.assert_allclose(loss, before, rtol=1e-5)
+      np.testing.assert_allclose(metrics["reconstruction"], rec_before, rtol=1e-5)
     assert loss == pytest.approx(float(metrics["reconstruction"] + 1e-3 * metrics["kl"]),
                                  rel=1e-5)
-  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+  after, _, expected = by_hand(params, jax.random.key(0))
+  assert after < 0.8 * before, (before, after)
   sample = jax.jit(lambda params, rng: objective.sample(params, rng, 5, None, num_steps=1))
-  samples = sample(params, jax.random.key(3))
-  assert samples.shape == (5, 8, 8, 1) and bool(jnp.all(jnp.isfinite(samples)))
+  samples = sample(params, jax.random.key(0))
+  assert samples.shape == (5, 8, 8, 1)
+  np.testing.assert_allclose(samples, expected, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="reconstruction"):
     autoencoder_objective.Autoencoder.build(
         ml_collections.ConfigDict(dict(reconstruction="l3", kl_weight=0.0)), model, info)
