@@ -38,14 +38,15 @@ def parse(text: str) -> dict:
   return tables
 
 
-def same(expected, actual) -> bool:
+def same(expected, actual, rel_tol: float = 1e-4) -> bool:
   """Equality with float tolerance (tables print rounded fractions) and tuples for lists."""
   if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)):
-    return len(expected) == len(actual) and all(map(same, expected, actual))
+    return len(expected) == len(actual) and all(same(e, a, rel_tol)
+                                                for e, a in zip(expected, actual))
   if isinstance(expected, bool) or isinstance(actual, bool):
     return expected is actual
   if isinstance(expected, (int, float)) and isinstance(actual, (int, float)):
-    return math.isclose(expected, actual, rel_tol=1e-4, abs_tol=1e-12)
+    return math.isclose(expected, actual, rel_tol=rel_tol, abs_tol=1e-12)
   return expected == actual
 
 

@@ -19,6 +19,7 @@ from flowjax import checkpoint, objectives, train
 from flowjax import config as config_lib
 from flowjax.data import pipeline
 from flowjax.objectives import ctm, scm
+from test_preset_sources import lookup, same
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 2
@@ -488,28 +489,12 @@ def _paper_value_cases():
           for key, value in values.items()]
 
 
-def _lookup(config, key):
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  return node
-
-
-def _same(expected, actual):
-  if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)):
-    return len(expected) == len(actual) and all(map(_same, expected, actual))
-  if isinstance(expected, bool) or isinstance(actual, bool):
-    return expected is actual
-  if isinstance(expected, (int, float)) and isinstance(actual, (int, float)):
-    return math.isclose(expected, actual, rel_tol=1e-9, abs_tol=1e-15)
-  return expected == actual
-
-
 @pytest.mark.parametrize("name, preset, key, expected", _paper_value_cases())
 def test_preset_holds_the_paper_value(name, preset, key, expected):
   config = config_lib.load_experiment(os.path.join(REPO, "experiments", f"{name}.py"), preset)
-  actual = _lookup(config, key)
-  assert _same(expected, actual), f"{name}:{preset} {key}: paper {expected!r}, preset {actual!r}"
+  actual = lookup(config, key)
+  assert same(expected, actual, rel_tol=1e-9), (
+      f"{name}:{preset} {key}: paper {expected!r}, preset {actual!r}")
 
 
 def test_paper_values_and_build_tables_name_the_same_keys():
