@@ -191,11 +191,39 @@ def fingerprint(config) -> str:
   return hashlib.sha256(json.dumps(identity(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def default_value(key: str, flat: dict[str, Any]):
+  """The value flowjax gives `key` when a config does not set it, as JSON would write it, for
+  the model and objective that the flattened config `flat` names (model.* and objective.* keys
+  from their registries' defaults, every other key from base_config); None when there is none."""
+  section, _, name = key.partition(".")
+  if section == "model":
+    from flowjax import models
+    defaults = models.DEFAULTS.get(flat.get("model.name"), {})
+  elif section == "objective":
+    from flowjax.registry import OBJECTIVES
+    from flowjax import objectives  # noqa: F401  (registers)
+    try:
+      defaults = OBJECTIVES.get(flat.get("objective.name")).DEFAULTS
+    except KeyError:
+      defaults = {}
+  else:
+    defaults, name = flatten(base_config()), key
+  if name not in defaults:
+    return None
+  return json.loads(json.dumps(_jsonable(defaults[name])))
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """"key: old -> new" for every flattened key whose value differs. A key that `old` lacks and
+  `new` holds at its default (`default_value`) is no difference: it was added to flowjax after
+  `old` was written, and its default keeps what the older code did."""
   keys = sorted(set(old) | set(new))
   missing = object()
+  new_json = json.loads(json.dumps(_jsonable(new)))
+  added_at_default = {k for k in set(new) - set(old)
+                      if new_json[k] is not None and new_json[k] == default_value(k, new)}
   return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys
-          if old.get(k, missing) != new.get(k, missing)]
+          if k not in added_at_default and old.get(k, missing) != new.get(k, missing)]
 
 
 class ConfigError(ValueError):

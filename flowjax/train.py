@@ -397,6 +397,8 @@ def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool 
     if meta.get("fingerprint") == config_lib.fingerprint(config):
       return
     diff = config_lib.differences(meta.get("identity", {}), config_lib.identity(config))
+    if not diff:
+      return
     if not allow_config_change:
       raise WorkdirError(
           f"The checkpoint at step {step} in {mngr.directory} was written by a different "

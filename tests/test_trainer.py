@@ -202,6 +202,33 @@ def test_workdir_of_another_config_is_refused_unless_allowed(tmp_path):
     train.run(toy_config(**{"train.steps": 10, "model.hidden_size": 64}), str(tmp_path))
 
 
+def test_workdir_from_before_a_key_existed_resumes_at_its_default(tmp_path):
+  """A workdir written before flowjax had a config key (absent from its config.json and its
+  checkpoints' identity) resumes when the new config leaves the key at its default, and is
+  refused when the key is set to anything else."""
+  train.run(toy_config(), str(tmp_path))
+  path = tmp_path / "config.json"
+  saved = json.loads(path.read_text())
+  del saved["model"]["dropout"], saved["optim"]["b2"]
+  path.write_text(json.dumps(saved))
+  for meta_file in tmp_path.glob("checkpoints/*/meta/metadata"):
+    meta = json.loads(meta_file.read_text())
+    del meta["identity"]["model.dropout"], meta["identity"]["optim.b2"]
+    meta["fingerprint"] = "written-before-model.dropout-and-optim.b2"
+    meta_file.write_text(json.dumps(meta))
+  assert config_lib.default_value("model.dropout", {"model.name": "mlp"}) == 0.0
+  assert config_lib.default_value("optim.b2", {}) == config_lib.base_config().optim.b2
+  with pytest.raises(train.WorkdirError, match=r"model.dropout: '<absent>' -> 0.1"):
+    train.run(toy_config(**{"train.steps": 8, "model.dropout": 0.1}), str(tmp_path))
+  path.unlink()
+  with pytest.raises(train.WorkdirError,
+                     match=r"(?s)checkpoint at step 6 .*optim.b2: '<absent>' -> 0.9"):
+    train.run(toy_config(**{"train.steps": 8, "optim.b2": 0.9}), str(tmp_path))
+  path.write_text(json.dumps(saved))
+  state = train.run(toy_config(**{"train.steps": 8}), str(tmp_path))
+  assert int(state.step) == 8
+
+
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
   config = toy_config(**{"ckpt.max_to_keep": 5})
   train.run(config, str(tmp_path))
