@@ -5,12 +5,13 @@ import ml_collections
 
 from flowjax.models import autoencoder
 from flowjax.models import dit
+from flowjax.models import imf_dit
 from flowjax.models import mlp
 from flowjax.models import tarflow
 from flowjax.models import unet
 from flowjax.registry import MODELS
 
-__all__ = ["autoencoder", "build", "dit", "mlp", "tarflow", "unet"]
+__all__ = ["autoencoder", "build", "dit", "imf_dit", "mlp", "tarflow", "unet"]
 
 
 def build(model_config: ml_collections.ConfigDict, info) -> nn.Module:
@@ -29,7 +30,12 @@ DEFAULTS = {
                 param_dtype="float32"),
     "dit": dict(patch_size=2, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0,
                 time_scale=1000.0, dropout=0.0, attention_impl="xla", remat="none",
-                dtype="float32", param_dtype="float32"),
+                dtype="float32", param_dtype="float32", norm="layer", qk_norm=False,
+                modulation_norm=False, linear_init="xavier", time_init="normal"),
+    "imf_dit": dict(patch_size=2, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                    time_scale=1.0, time_tokens=(4, 4), label_tokens=8, aux_head_depth=0,
+                    dropout=0.0, attention_impl="xla", remat="none", dtype="float32",
+                    param_dtype="float32"),
     "unet": dict(model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4,
                  channel_mult_noise=1, num_blocks=4, attn_resolutions=(16,), dropout=0.1,
                  embedding_type="positional", fourier_scale=16.0, encoder_type="standard",

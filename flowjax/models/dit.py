@@ -4,6 +4,16 @@ patchify -> linear embed + fixed 2D sin-cos positions -> depth x DiTBlock -> fin
 layer -> unpatchify. The conditioning vector c is the sum of one timestep embedding per
 time input and the label embedding. The residual stream and the conditioning path stay in
 float32; the token matmuls and attention run in the compute dtype.
+
+Options for Lipschitz control (Terminal Velocity Matching, Zhou et al., arXiv:2511.19797 Sec. 4,
+App. B.2 and Table 6; all off by default, which is DiT): norm='rms' replaces every LayerNorm by
+RMSNorm without learned parameters; qk_norm adds RMSNorm with a learned scale to each head's
+queries and keys; modulation_norm passes every adaLN modulation vector (shift, scale and gate of
+the blocks, shift and scale of the final layer) through RMSNorm without parameters, so that
+x <- x + RMSNorm(gate) * Attn(RMSNorm(x) * (1 + RMSNorm(scale)) + RMSNorm(shift)) (Eq. 16 as
+lumalabs/tvm implements it, with DiT's 1 + scale); linear_init='spectral' starts the patch
+embedding, attention and MLP kernels with spectral norm 1 (`layers.spectral_normal`),
+time_init='spectral' the time embedders' kernels too.
 """
 
 import flax.linen as nn
@@ -36,6 +46,26 @@ REMAT_POLICIES = {
 }
 
 TOKENS = ("batch", "length", "embed")
+NORMS = ("layer", "rms")
+INITS = ("xavier", "spectral")
+
+
+def normalize(x: jax.Array, norm: str, dtype, name: str) -> jax.Array:
+  """The parameter-free normalisation of a block input: LayerNorm ("layer") or RMSNorm ("rms")
+  over the last axis, in `dtype`."""
+  if norm == "rms":
+    return layers.rms_norm(x).astype(dtype)
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)(x)
+
+
+def modulation(c: jax.Array, count: int, normalized: bool, param_dtype, name: str):
+  """`count` adaLN modulation vectors [B, D] from Dense_{count D}(SiLU(c)) (zero-initialised),
+  each passed through RMSNorm without parameters when `normalized`."""
+  width = c.shape[-1]
+  out = layers.dense(count * width, ("embed", "mlp"), kernel_init=nn.initializers.zeros,
+                     param_dtype=param_dtype, name=name)(nn.silu(c))
+  parts = jnp.split(out, count, axis=-1)
+  return [layers.rms_norm(part) for part in parts] if normalized else parts
 
 
 def patchify(x: jax.Array, patch_size: int) -> jax.Array:
@@ -71,46 +101,48 @@ class DiTBlock(nn.Module):
   attention_impl: str = "xla"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  norm: str = "layer"
+  qk_norm: bool = False
+  modulation_norm: bool = False
+  spectral_init: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array, train: bool) -> jax.Array:
     """x: [B, L, D] float32 residual stream; c: [B, D] float32; train: static bool."""
     width = x.shape[-1]
-    modulation = layers.dense(6 * width, ("embed", "mlp"), kernel_init=nn.initializers.zeros,
-                              param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
-        modulation, 6, axis=-1)
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
-                                     dtype=self.dtype, name=name)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(
+        c, 6, self.modulation_norm, self.param_dtype, "adaLN_modulation")
+    norm = lambda name: lambda y: normalize(y, self.norm, self.dtype, name)
 
     h = layers.modulate(norm("norm1")(x), shift_msa, scale_msa)
     h = layers.Attention(self.num_heads, impl=self.attention_impl, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="attn")(h)
+                         param_dtype=self.param_dtype, qk_norm=self.qk_norm,
+                         spectral_init=self.spectral_init, name="attn")(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
     x = nn.with_logical_constraint(x, TOKENS)
 
     h = layers.modulate(norm("norm2")(x), shift_mlp, scale_mlp)
     h = layers.FeedForward(int(width * self.mlp_ratio), dropout=self.dropout, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name="mlp")(h, train)
+                           param_dtype=self.param_dtype, spectral_init=self.spectral_init,
+                           name="mlp")(h, train)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     x = x + gate_mlp[:, None, :] * h.astype(jnp.float32)
     return nn.with_logical_constraint(x, TOKENS)
 
 
 class FinalLayer(nn.Module):
-  """LN -> adaLN(shift, scale) -> zero-initialised Dense: [B, L, D] -> [B, L, out] float32."""
+  """LN (or RMSNorm) -> adaLN(shift, scale) -> zero-initialised Dense: [B, L, D] -> [B, L, out]
+  float32."""
   out_features: int
   param_dtype: layers.Dtype = jnp.float32
+  norm: str = "layer"
+  modulation_norm: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-    width = x.shape[-1]
-    modulation = layers.dense(2 * width, ("embed", "mlp"), kernel_init=nn.initializers.zeros,
-                              param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
-    shift, scale = jnp.split(modulation, 2, axis=-1)
-    x = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=jnp.float32,
-                     name="norm")(x)
+    shift, scale = modulation(c, 2, self.modulation_norm, self.param_dtype, "adaLN_modulation")
+    x = normalize(x, self.norm, jnp.float32, "norm")
     x = layers.modulate(x, shift, scale)
     return layers.dense(self.out_features, ("embed", "conv_out"),
                         kernel_init=nn.initializers.zeros, param_dtype=self.param_dtype,
@@ -133,6 +165,12 @@ class DiT(nn.Module):
     remat: 'none' | 'full' | 'dots' rematerialisation of each block.
     dtype: compute dtype of the token matmuls and attention.
     param_dtype: parameter dtype.
+    norm: 'layer' (LayerNorm, DiT) | 'rms' (RMSNorm without parameters).
+    qk_norm: RMSNorm with a learned scale on each head's queries and keys.
+    modulation_norm: RMSNorm without parameters on every adaLN modulation vector.
+    linear_init: 'xavier' (DiT) | 'spectral' (patch embedding, attention and MLP kernels with
+      spectral norm 1).
+    time_init: 'normal' (N(0, 0.02), DiT) | 'spectral' for the time embedders' kernels.
   """
   patch_size: int
   hidden_size: int
@@ -146,6 +184,11 @@ class DiT(nn.Module):
   remat: str = "none"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  norm: str = "layer"
+  qk_norm: bool = False
+  modulation_norm: bool = False
+  linear_init: str = "xavier"
+  time_init: str = "normal"
 
   @nn.compact
   def __call__(self, x: jax.Array, times: tuple[jax.Array, ...], cond: jax.Array | None, *,
@@ -154,7 +197,7 @@ class DiT(nn.Module):
 
     Args:
       x: [B, H, W, C] float.
-      times: tuple of 1 to 3 arrays [B] in [0, 1]; one embedder per element.
+      times: tuple of 1 to 5 arrays [B] in [0, 1]; one embedder per element.
       cond: int32 labels [B] (num_classes = null label) or None (all null).
       train: enables dropout (rng collection 'dropout').
     Returns:
@@ -169,14 +212,21 @@ class DiT(nn.Module):
                        f"pick a patch size that divides both.")
     if self.remat not in ("none", *REMAT_POLICIES):
       raise ValueError(f"model.remat={self.remat!r}; use 'none', 'full' or 'dots'.")
+    for key, value, allowed in (("norm", self.norm, NORMS),
+                                ("linear_init", self.linear_init, INITS),
+                                ("time_init", self.time_init, layers.TIME_INITS)):
+      if value not in allowed:
+        raise ValueError(f"model.{key}={value!r}; use one of {', '.join(map(repr, allowed))}.")
+    spectral = self.linear_init == "spectral"
 
     c = layers.embed_conditioning(times, cond, batch_size=batch, hidden_size=self.hidden_size,
                                   num_classes=self.num_classes, time_scale=self.time_scale,
-                                  param_dtype=self.param_dtype)
+                                  param_dtype=self.param_dtype, time_init=self.time_init)
 
     tokens = patchify(x.astype(self.dtype), p)
-    h = layers.dense(self.hidden_size, ("conv_in", "embed"), dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="x_embed")(tokens)
+    embed_init = layers.spectral_normal() if spectral else layers.xavier_uniform
+    h = layers.dense(self.hidden_size, ("conv_in", "embed"), kernel_init=embed_init,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="x_embed")(tokens)
     pos = layers.sincos_pos_embed_2d(self.hidden_size, height // p, width // p)
     h = h.astype(jnp.float32) + pos[None]
     h = nn.with_logical_constraint(h, TOKENS)
@@ -187,9 +237,12 @@ class DiT(nn.Module):
     for i in range(self.depth):
       h = block_cls(self.num_heads, mlp_ratio=self.mlp_ratio, dropout=self.dropout,
                     attention_impl=self.attention_impl, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=f"block_{i}")(h, c, train)
+                    param_dtype=self.param_dtype, norm=self.norm, qk_norm=self.qk_norm,
+                    modulation_norm=self.modulation_norm, spectral_init=spectral,
+                    name=f"block_{i}")(h, c, train)
 
-    out = FinalLayer(p * p * channels, param_dtype=self.param_dtype, name="final")(h, c)
+    out = FinalLayer(p * p * channels, param_dtype=self.param_dtype, norm=self.norm,
+                     modulation_norm=self.modulation_norm, name="final")(h, c)
     return unpatchify(out, p, height, width).astype(jnp.float32)
 
 
@@ -199,7 +252,8 @@ def build(model_config: ml_collections.ConfigDict, info) -> DiT:
 
   Keys: patch_size, hidden_size, depth, num_heads (required); mlp_ratio (4.0),
   time_scale (1000.0), dropout (0.0), attention_impl ('xla'), remat ('none'),
-  dtype ('float32'), param_dtype ('float32').
+  dtype ('float32'), param_dtype ('float32'), norm ('layer'), qk_norm (False),
+  modulation_norm (False), linear_init ('xavier'), time_init ('normal').
   """
   if len(info.image_shape) != 3:
     raise ValueError(f"model.name='dit' needs image data [H, W, C]; got per-example shape "
@@ -217,4 +271,9 @@ def build(model_config: ml_collections.ConfigDict, info) -> DiT:
       remat=str(model_config.get("remat", "none")),
       dtype=layers.dtype_from_name(model_config.get("dtype", "float32"), "dtype"),
       param_dtype=layers.dtype_from_name(model_config.get("param_dtype", "float32"),
-                                         "param_dtype"))
+                                         "param_dtype"),
+      norm=str(model_config.get("norm", "layer")),
+      qk_norm=bool(model_config.get("qk_norm", False)),
+      modulation_norm=bool(model_config.get("modulation_norm", False)),
+      linear_init=str(model_config.get("linear_init", "xavier")),
+      time_init=str(model_config.get("time_init", "normal")))

@@ -23,6 +23,38 @@ Initializer = Callable[..., jax.Array]
 
 xavier_uniform = nn.initializers.xavier_uniform()
 
+# Time-embedding kernels: N(0, 0.02) as DiT, or the Lipschitz initialisation (`spectral_normal`).
+TIME_INITS = ("normal", "spectral")
+
+
+def spectral_normal(fused_columns: int = 1, part: int = 0) -> Initializer:
+  """Lipschitz initialisation: a Xavier-normal [in, out] kernel (std sqrt(2 / (in + out)), not
+  truncated) divided by its largest singular value, so that its spectral norm is 1 (Qi et al.,
+  arXiv:2304.09856; TVM, arXiv:2511.19797 Sec. 4 and Table 6).
+
+  fused_columns > 1: draw one [in, fused_columns * out] kernel, normalise it as a whole and return
+  its column block `part` (0-based): the law of one third of a fused [D, 3D] query-key-value
+  kernel initialised so (lumalabs/tvm), spectral norm <= 1. Each caller draws its own fused
+  kernel from its own key.
+  """
+  draw = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+
+  def init(key, shape, dtype=jnp.float32):
+    rows, columns = shape
+    kernel = draw(key, (rows, fused_columns * columns), jnp.float32)
+    kernel = kernel / jnp.linalg.norm(kernel, ord=2)
+    return kernel[:, part * columns:(part + 1) * columns].astype(dtype)
+
+  return init
+
+
+def rms_norm(x: jax.Array, epsilon: float = 1e-6) -> jax.Array:
+  """x / sqrt(mean(x^2) + epsilon) over the last axis, with no learned scale (RMSNorm-, arXiv:
+  2511.19797 Sec. 4); computed in float32, returned in the dtype of x."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + epsilon)
+  return normed.astype(x.dtype)
+
 
 def dtype_from_name(name: str, key: str = "dtype") -> Dtype:
   """Maps a config string ('float32' | 'bfloat16') to a jnp dtype."""
@@ -125,11 +157,13 @@ class TimestepEmbedder(nn.Module):
   time_scale: float = 1000.0
   frequency_size: int = 256
   param_dtype: Dtype = jnp.float32
+  init: str = "normal"
 
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:
-    """t: [B] in [0, 1]. Returns [B, hidden_size] float32."""
-    init = nn.initializers.normal(0.02)
+    """t: [B] in [0, 1]. Returns [B, hidden_size] float32. init: "normal" (N(0, 0.02) kernels)
+    or "spectral" (`spectral_normal`)."""
+    init = spectral_normal() if self.init == "spectral" else nn.initializers.normal(0.02)
     h = timestep_embedding(self.time_scale * t.astype(jnp.float32), self.frequency_size)
     h = dense(self.hidden_size, (None, "mlp"), kernel_init=init, param_dtype=self.param_dtype,
               name="fc1")(h)
@@ -164,22 +198,30 @@ class LabelEmbedder(nn.Module):
     return table(labels)
 
 
+# Time-like inputs a backbone embeds, one embedder each: (t,), (t, s), (t, h), and with iMF's
+# guidance conditioning (t, h, 1 - 1/omega, t_min, t_max) (arXiv:2512.02012, Eq. 16).
+MAX_TIME_INPUTS = 5
+
+
 def embed_conditioning(times: Sequence[jax.Array], cond: jax.Array | None, *,
                        batch_size: int, hidden_size: int, num_classes: int,
-                       time_scale: float, param_dtype: Dtype) -> jax.Array:
+                       time_scale: float, param_dtype: Dtype,
+                       time_init: str = "normal") -> jax.Array:
   """Sum of one TimestepEmbedder per time input and the label embedding.
 
   Must be called inside a compact module: creates `time_embed_{i}` and
   `label_embed` in the calling module's scope.
 
   Args:
-    times: tuple of 1 to 3 arrays [B] in [0, 1], e.g. (t,), (t, s), (t, h).
+    times: tuple of 1 to MAX_TIME_INPUTS arrays [B], e.g. (t,), (t, s), (t, h).
     cond: int labels [B] (num_classes = null) or None.
+    time_init: the time embedders' kernel initialisation (TIME_INITS).
   Returns:
     c: [B, hidden_size] float32.
   """
-  if not isinstance(times, (tuple, list)) or not 1 <= len(times) <= 3:
-    raise ValueError(f"times must be a tuple of 1, 2 or 3 arrays of shape [B]; got {times!r}.")
+  if not isinstance(times, (tuple, list)) or not 1 <= len(times) <= MAX_TIME_INPUTS:
+    raise ValueError(f"times must be a tuple of 1 to {MAX_TIME_INPUTS} arrays of shape [B]; "
+                     f"got {times!r}.")
   for t in times:
     if jnp.shape(t) != (batch_size,):
       raise ValueError(f"every time input must have shape ({batch_size},); got "
@@ -188,7 +230,7 @@ def embed_conditioning(times: Sequence[jax.Array], cond: jax.Array | None, *,
     raise ValueError("This model is unconditional (num_classes=0) but received class labels "
                      "(cond is not None); pass cond=None or build it for a labelled dataset.")
   c = sum(TimestepEmbedder(hidden_size, time_scale=time_scale, param_dtype=param_dtype,
-                           name=f"time_embed_{i}")(jnp.asarray(t))
+                           init=time_init, name=f"time_embed_{i}")(jnp.asarray(t))
           for i, t in enumerate(times))
   if num_classes > 0:
     c = c + LabelEmbedder(num_classes, hidden_size, param_dtype=param_dtype,
@@ -201,11 +243,16 @@ class Attention(nn.Module):
 
   impl='xla' is the pure-XLA reference (supports forward-mode jax.jvp);
   impl='cudnn' is the fused cuDNN kernel (GPU, bfloat16/float16 only).
+  qk_norm: RMSNorm with a learned per-channel scale on each head's queries and keys (QK-norm,
+  arXiv:2511.19797 Sec. 4). spectral_init: the projections start from `spectral_normal`, the
+  query, key and value kernels each as one block of a fused [D, 3D] kernel.
   """
   num_heads: int
   impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  qk_norm: bool = False
+  spectral_init: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -221,10 +268,15 @@ class Attention(nn.Module):
     qkv_init = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform")
     batch, length, _ = x.shape
     projections = []
-    for name in ("query", "key", "value"):
-      y = dense(width, ("embed", "heads"), kernel_init=qkv_init, dtype=self.dtype,
+    for part, name in enumerate(("query", "key", "value")):
+      init = spectral_normal(3, part) if self.spectral_init else qkv_init
+      y = dense(width, ("embed", "heads"), kernel_init=init, dtype=self.dtype,
                 param_dtype=self.param_dtype, name=name)(x)
       y = y.reshape(batch, length, self.num_heads, head_dim)
+      if self.qk_norm and name != "value":
+        y = nn.RMSNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+                       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("kv",)),
+                       name=f"{name}_norm")(y)
       projections.append(nn.with_logical_constraint(y, ("batch", "length", "heads", "kv")))
     q, k, v = projections
     if self.impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -233,26 +285,30 @@ class Attention(nn.Module):
     y = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
     y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
     y = y.reshape(batch, length, width)
-    return dense(width, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="out")(y)
+    out_init = spectral_normal() if self.spectral_init else xavier_uniform
+    return dense(width, ("heads", "embed"), kernel_init=out_init, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="out")(y)
 
 
 class FeedForward(nn.Module):
   """Dense -> GELU -> dropout -> Dense: [B, L, D] -> [B, L, D]; the GELU is the tanh
-  approximation unless `exact_gelu` (the erf form)."""
+  approximation unless `exact_gelu` (the erf form); spectral_init: both kernels start from
+  `spectral_normal`."""
   hidden_features: int
   dropout: float = 0.0
   exact_gelu: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  spectral_init: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     width = x.shape[-1]
-    h = dense(self.hidden_features, ("embed", "mlp"), dtype=self.dtype,
+    init = spectral_normal() if self.spectral_init else xavier_uniform
+    h = dense(self.hidden_features, ("embed", "mlp"), kernel_init=init, dtype=self.dtype,
               param_dtype=self.param_dtype, name="fc1")(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.gelu(h, approximate=not self.exact_gelu)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    return dense(width, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="fc2")(h)
+    return dense(width, ("mlp", "embed"), kernel_init=init, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="fc2")(h)

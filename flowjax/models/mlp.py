@@ -74,7 +74,7 @@ class MLP(nn.Module):
 
     Args:
       x: [B, *shape] float, e.g. [B, 2] toy points.
-      times: tuple of 1 to 3 arrays [B] in [0, 1]; one embedder per element.
+      times: tuple of 1 to 5 arrays [B] in [0, 1]; one embedder per element.
       cond: int32 labels [B] (num_classes = null label) or None (all null).
       train: enables dropout (rng collection 'dropout').
     Returns:
