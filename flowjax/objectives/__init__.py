@@ -19,6 +19,7 @@ from flowjax.objectives import shortcut  # noqa: F401  (registers)
 from flowjax.objectives import starflow  # noqa: F401  (registers)
 from flowjax.objectives import consistency  # noqa: F401  (registers)
 from flowjax.objectives import scm  # noqa: F401  (registers)
+from flowjax.objectives import tvm  # noqa: F401  (registers)
 from flowjax.registry import OBJECTIVES
 
 
