@@ -300,7 +300,8 @@ def test_starflow_xl_reduced_depth_compiles():
 # Data sources: a paper experiment names its dataset, and the log names what a run trains on.
 
 @pytest.mark.parametrize("name", ["fm_imagenet", "imm_imagenet", "meanflow_imagenet",
-                                  "shortcut_imagenet", "starflow_imagenet"])
+                                  "imf_imagenet", "shortcut_imagenet", "starflow_imagenet",
+                                  "tvm_imagenet"])
 def test_latent_experiments_do_not_fall_back_to_stand_in_data(name):
   config = load(name).get_config(None)
   assert config.data.name == "latents:"

@@ -5,6 +5,10 @@ u(z_t, r, t) = 1 / (t - r) int_r^t v(z_tau, tau) dtau, which obeys the MeanFlow 
 u = v - (t - r) du/dt with du/dt = v . d_z u + d_t u (Geng et al., arXiv:2505.13447). Training
 regresses u_theta on stop_gradient(v_g - clip(t - r, 0, 1) du_theta/dt), with du_theta/dt from
 one forward-mode JVP (float32) along the tangent (v_g, 1, 0) of (z_t, t, r).
+objective.variant='imf' is improved MeanFlow (Geng, Lu, Wu, Shechtman, Kolter and He,
+arXiv:2512.02012): the same identity read as a regression on the velocity, the network's own
+velocity as the JVP tangent, and the guidance scale (and interval) as network inputs; see
+`MeanFlow` and `imf_prediction`.
 flowjax conventions: t = 0 is data, t = 1 is noise, z_t = (1 - t) x + t eps with
 eps ~ N(0, I), v = eps - x; times go to the backbone in [0, 1] (its time_scale applies 1000).
 """
@@ -27,11 +31,28 @@ TIME_SAMPLERS = ("logit_normal", "uniform")
 PAIR_SAMPLERS = ("sorted", "separate")
 ERROR_REDUCTIONS = ("mean", "sum")
 JVP_PRECISIONS = ("float32", "default")
+VARIANTS = ("meanflow", "imf")
+IMF_VELOCITIES = ("boundary", "head")
+# The keys only objective.variant='imf' reads, at their defaults.
+IMF_DEFAULTS = dict(imf_velocity="boundary", guidance_scale_max=1.0, guidance_scale_beta=1.0,
+                    guidance_interval=True)
+# iMF's training guidance intervals: t_min ~ U[0, 0.5], t_max ~ U[0.5, 1] (arXiv:2512.02012
+# App. A); examples with r = t keep [0, 1].
+GUIDANCE_T_MIN_RANGE = (0.0, 0.5)
+GUIDANCE_T_MAX_RANGE = (0.5, 1.0)
 
 
 def _check_choice(key: str, value: str, allowed) -> None:
   if value not in allowed:
     raise ValueError(f"objective.{key}: " + unknown_name_message(key, value, list(allowed)))
+
+
+def _jvp(fn, primals, tangents, precision: str, has_aux: bool = False):
+  """jax.jvp under the matmul precision `precision` ("default": the surrounding one)."""
+  with contextlib.ExitStack() as stack:
+    if precision != "default":
+      stack.enter_context(jax.default_matmul_precision(precision))
+    return jax.jvp(fn, primals, tangents, has_aux=has_aux)
 
 
 def meanflow_target(average_velocity, z_t, t, r, v_g, precision: str = "float32"):
@@ -47,19 +68,54 @@ def meanflow_target(average_velocity, z_t, t, r, v_g, precision: str = "float32"
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   z_t, t, r, v_g = f32(z_t), f32(t), f32(r), f32(v_g)
   u_fn = lambda z, t_, r_: f32(average_velocity(z, t_, r_))
-  with contextlib.ExitStack() as stack:
-    if precision != "default":
-      stack.enter_context(jax.default_matmul_precision(precision))
-    u, du_dt = jax.jvp(u_fn, (z_t, t, r), (v_g, jnp.ones_like(t), jnp.zeros_like(r)))
+  u, du_dt = _jvp(u_fn, (z_t, t, r), (v_g, jnp.ones_like(t), jnp.zeros_like(r)), precision)
   u_tgt = v_g - paths.expand(jnp.clip(t - r, 0.0, 1.0), z_t) * du_dt
   return u, jax.lax.stop_gradient(u_tgt)
+
+
+def imf_prediction(average_velocity, z_t, t, r, v_theta, precision: str = "float32",
+                   has_aux: bool = False):
+  """(V, aux): improved MeanFlow's compound velocity prediction, float32.
+
+  V = u(z_t, t, r) + (t - r) stop_gradient(du/dt) with (u, du/dt) = jvp(average_velocity,
+  (z_t, t, r), (v_theta, 1, 0)) (arXiv:2512.02012 Eq. 12): the MeanFlow identity solved for
+  the instantaneous velocity, v = u + (t - r) du/dt (Eq. 8), whose total derivative runs along
+  the network's own velocity v_theta(z_t) rather than the sample's e - x (Eq. 9), so V depends
+  on z_t alone. V carries gradients through u only.
+  average_velocity: (z: [B, ...], t: [B], r: [B]) -> [B, ...], or with has_aux ([B, ...], aux)
+  whose aux (at the primal point) is returned; z_t, v_theta: [B, ...]; t, r: [B], r <= t.
+  precision: as `meanflow_target`. Without has_aux, aux is None.
+  """
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  z_t, t, r = f32(z_t), f32(t), f32(r)
+  v_theta = jax.lax.stop_gradient(f32(v_theta))
+  if has_aux:
+    u_fn = lambda z, t_, r_: (lambda out: (f32(out[0]), out[1]))(average_velocity(z, t_, r_))
+  else:
+    u_fn = lambda z, t_, r_: (f32(average_velocity(z, t_, r_)), None)
+  u, du_dt, aux = _jvp(u_fn, (z_t, t, r), (v_theta, jnp.ones_like(t), jnp.zeros_like(r)),
+                       precision, has_aux=True)
+  return u + paths.expand(t - r, z_t) * jax.lax.stop_gradient(du_dt), aux
+
+
+def sample_guidance_scale(rng, shape, scale_max: float, beta: float):
+  """omega in [1, scale_max] with density proportional to omega^-beta (arXiv:2512.02012 App. A),
+  float32: the inverse CDF at u ~ U(0, 1), omega = scale_max^u for beta = 1 and
+  (1 + u (scale_max^(1 - beta) - 1))^(1 / (1 - beta)) otherwise."""
+  u = jax.random.uniform(rng, shape, jnp.float32)
+  if beta == 1.0:
+    return jnp.exp(u * jnp.log(jnp.float32(scale_max)))
+  exponent = 1.0 - beta
+  return (1.0 + u * (scale_max ** exponent - 1.0)) ** (1.0 / exponent)
 
 
 @OBJECTIVES.register("meanflow")
 @dataclasses.dataclass(frozen=True)
 class MeanFlow:
-  """model: backbone u_theta(z, (t, t - r), cond); image_shape: per-example shape; num_classes: 0
-  for unconditional models. The other fields are the `objective` config keys (see DEFAULTS):
+  """model: backbone u_theta(z, (t, t - r), cond), with iMF's guidance conditioning
+  u_theta(z, (t, t - r, 1 - 1/omega, t_min, t_max), cond) (arXiv:2512.02012 Eq. 16);
+  image_shape: per-example shape; num_classes: 0 for unconditional models. The other fields are
+  the `objective` config keys (see DEFAULTS):
 
   time_sampler, time_mean, time_std, pair_sampler, r_mean, r_std: "sorted" pairs (the paper's,
     py-meanflow's "v0") take t and r as the max and min of two draws of
@@ -67,7 +123,7 @@ class MeanFlow:
     (py-meanflow's "v1") draw t from that law and r_raw from sigmoid(r_mean + r_std n) (or
     U(0, 1)), r = min(t, r_raw);
   fraction_r_equals_t: the fraction of examples whose r is then set to t (plain flow matching
-    examples); 0.75 is the paper's ImageNet setting (CIFAR-10 uses 0.25);
+    examples); 0.75 is the paper's ImageNet setting (CIFAR-10 uses 0.25; iMF uses 0.5);
   error_reduction: the per-example error l is the "mean" (as in flow_matching, the default) or
     the "sum" (the paper) of (u - u_tgt)^2 over the example's D dims. The adaptive weight makes
     the two differ beyond scale: "mean" with adaptive_eps equals "sum" with D adaptive_eps;
@@ -75,14 +131,42 @@ class MeanFlow:
     is the plain squared error;
   guidance_w, guidance_kappa, guidance_t_min, guidance_t_max: training-time guidance,
     v_g = w v + (1 - w - kappa) u(z_t, t, 0, null) + kappa u(z_t, t, 0, y) for t in
-    [t_min, t_max] and kept labels (effective scale w / (1 - kappa)); w = 1, kappa = 0 is off;
+    [t_min, t_max] and kept labels (effective scale w / (1 - kappa)); w = 1, kappa = 0 is off.
+    With variant="imf", guidance_w and guidance_kappa stay 1 and 0, and [guidance_t_min,
+    guidance_t_max] is the guidance interval the sampler passes to the network (below);
   label_dropout: probability of the null label (index num_classes) during training;
   jvp_precision: matmul precision of the JVP pass (see `meanflow_target`; "float32" by default, so
     the target's derivative is float32 on GPUs and TPUs too; "default" follows
-    train.matmul_precision).
+    train.matmul_precision);
+  variant: "meanflow" (arXiv:2505.13447, the default) or "imf", improved MeanFlow
+    (arXiv:2512.02012). iMF regresses the compound prediction V = u + (t - r) sg(du/dt) on the
+    (guided) velocity, l = |V - v_g|^2 (Eqs. 8, 10, 12; see `imf_prediction`), with du/dt the
+    JVP along the network's own instantaneous velocity v_theta(z_t, t) instead of e - x. The
+    adaptive weight applies to l as above (App. A). u - u_tgt of MeanFlow is V - v_g with the
+    tangent v_g, so the logged "mse" means the same in both variants: the mean squared residual
+    of the MeanFlow identity against the velocity target, before any weight;
+  imf_velocity: where iMF's v_theta comes from: "boundary", the boundary condition
+    v_theta(z_t, t) = u_theta(z_t, t, t) (Sec. 4.1, Tab. 1a; no extra parameters), or "head",
+    the backbone's auxiliary velocity head (App. A; model.name='imf_dit' with
+    model.aux_head_depth > 0), itself trained by the same weighted loss on |v_theta - v_g|^2;
+  guidance_scale_max, guidance_scale_beta: iMF's guidance as a network input (Sec. 4.2, Eqs. 15,
+    16): with guidance_scale_max > 1 each example draws omega in [1, guidance_scale_max] with
+    density proportional to omega^-guidance_scale_beta (App. A: [1, 8], beta 1 or 2) and the
+    backbone receives 1 - 1/omega as an extra time-like input; the target is
+    v_g = v + (1 - 1/omega') (v_theta(z_t, t | y, omega') - v_theta(z_t, t | null, 1)), whose fixed
+    point is the guided field omega v(.|y) + (1 - omega) v(.), for kept labels (v for null ones),
+    where omega' = omega for t in the example's guidance interval and 1 outside it.
+    guidance_scale_max = 1 trains no guidance (the network gets no guidance input);
+  guidance_interval: with guidance_scale_max > 1, also draw the guidance interval, t_min ~
+    U[0, 0.5] and t_max ~ U[0.5, 1] ([0, 1] for examples with r = t), and pass t_min, t_max to
+    the backbone (the condition set Omega = {omega, t_min, t_max}, Sec. 4.2, App. A); False
+    conditions on omega alone (Tab. 1b, first row).
+  iMF samples with sample.guidance as omega and [guidance_t_min, guidance_t_max] as the interval,
+  both network inputs, still one network call per step.
   """
-  # The unweighted error the trainer logs as "error": the mean squared error of u against its
-  # target per dimension, before the adaptive weight.
+  # The unweighted error the trainer logs as "error": the mean squared error per dimension of
+  # the MeanFlow identity's residual u + (t - r) du/dt - v_g (u - u_tgt in MeanFlow's form, V - v_g
+  # in iMF's), before the adaptive weight.
   ERROR_METRIC: ClassVar[str] = "mse"
   model: nn.Module
   image_shape: tuple
@@ -103,19 +187,26 @@ class MeanFlow:
   guidance_t_max: float = 1.0
   label_dropout: float = 0.1
   jvp_precision: str = "float32"
+  variant: str = "meanflow"
+  imf_velocity: str = "boundary"
+  guidance_scale_max: float = 1.0
+  guidance_scale_beta: float = 1.0
+  guidance_interval: bool = True
 
   DEFAULTS: ClassVar[dict] = dict(
       time_sampler="logit_normal", time_mean=-0.4, time_std=1.0, pair_sampler="sorted",
       r_mean=-0.4, r_std=1.0, fraction_r_equals_t=0.75,
       error_reduction="mean", adaptive_p=1.0, adaptive_eps=0.01, guidance_w=1.0,
       guidance_kappa=0.0, guidance_t_min=0.0, guidance_t_max=1.0, label_dropout=0.1,
-      jvp_precision="float32")
+      jvp_precision="float32", variant="meanflow", **IMF_DEFAULTS)
 
   def __post_init__(self):
     _check_choice("time_sampler", self.time_sampler, TIME_SAMPLERS)
     _check_choice("pair_sampler", self.pair_sampler, PAIR_SAMPLERS)
     _check_choice("error_reduction", self.error_reduction, ERROR_REDUCTIONS)
     _check_choice("jvp_precision", self.jvp_precision, JVP_PRECISIONS)
+    _check_choice("variant", self.variant, VARIANTS)
+    _check_choice("imf_velocity", self.imf_velocity, IMF_VELOCITIES)
     if getattr(self.model, "time_scale", 1.0) > 10.0:
       logging.warning(
           "MeanFlow with model.time_scale=%g: the target's du/dt runs through the time "
@@ -148,6 +239,54 @@ class MeanFlow:
                        f"objective.guidance_kappa={self.guidance_kappa} ask for training-time "
                        "guidance, which needs class labels (data.conditional=True); use "
                        "guidance_w=1.0 and guidance_kappa=0.0 for an unconditional model.")
+    self._check_imf_keys()
+
+  def _check_imf_keys(self):
+    if not isinstance(self.guidance_interval, bool):
+      raise ValueError(f"objective.guidance_interval={self.guidance_interval!r} must be True or "
+                       "False.")
+    if not self.guidance_scale_max >= 1.0:
+      raise ValueError(f"objective.guidance_scale_max={self.guidance_scale_max} must be >= 1 "
+                       "(iMF draws omega in [1, guidance_scale_max]: 8.0 in the paper; 1.0 "
+                       "trains no guidance).")
+    if not self.guidance_scale_beta >= 0.0:
+      raise ValueError(f"objective.guidance_scale_beta={self.guidance_scale_beta} must be >= 0 "
+                       "(the density of omega is proportional to omega^-beta; the paper uses 1 "
+                       "or 2).")
+    if self.variant == "meanflow":
+      changed = [key for key, default in IMF_DEFAULTS.items() if getattr(self, key) != default]
+      if changed:
+        raise ValueError(f"objective.{changed[0]}={getattr(self, changed[0])!r} applies to "
+                         "improved MeanFlow only: set objective.variant='imf', or leave it at "
+                         f"{IMF_DEFAULTS[changed[0]]!r} for MeanFlow.")
+    has_head = getattr(self.model, "aux_head_depth", 0) > 0
+    if self.imf_velocity == "head" and not has_head:
+      raise ValueError("objective.imf_velocity='head' takes v_theta from the backbone's "
+                       "auxiliary velocity head, which this model has not: use "
+                       "model.name='imf_dit' with model.aux_head_depth > 0 (8 in iMF), or "
+                       "objective.imf_velocity='boundary' (v_theta = u_theta(z_t, t, t)).")
+    if has_head and not self.aux_head:
+      raise ValueError(f"model.aux_head_depth={self.model.aux_head_depth} gives the backbone an "
+                       "auxiliary velocity head, which only objective.variant='imf' with "
+                       "objective.imf_velocity='head' trains; set that, or model.aux_head_depth=0.")
+    if self.variant != "imf":
+      return
+    if self.guided:
+      raise ValueError(f"objective.variant='imf' takes the guidance scale as a network input "
+                       f"(objective.guidance_scale_max), not MeanFlow's fixed guidance_w="
+                       f"{self.guidance_w} and guidance_kappa={self.guidance_kappa}: set "
+                       "guidance_w=1.0, guidance_kappa=0.0 and e.g. guidance_scale_max=8.0.")
+    if self.guidance_scale_max > 1.0 and self.num_classes <= 0:
+      raise ValueError(f"objective.guidance_scale_max={self.guidance_scale_max} trains "
+                       "classifier-free guidance, which needs class labels "
+                       "(data.conditional=True); use guidance_scale_max=1.0 for an "
+                       "unconditional model.")
+    interval = (self.guidance_t_min, self.guidance_t_max)
+    if interval != (0.0, 1.0) and not (self.guidance_conditioned and self.guidance_interval):
+      raise ValueError(f"objective.guidance_t_min={interval[0]} and guidance_t_max={interval[1]}"
+                       ": with variant='imf' they are the guidance interval passed to the "
+                       "network at sampling, which needs guidance_scale_max > 1 and "
+                       "guidance_interval=True; otherwise leave them at 0.0 and 1.0.")
 
   @classmethod
   def build(cls, config, model, info):
@@ -160,16 +299,57 @@ class MeanFlow:
     """Whether training uses guidance (extra network calls); a Python-level switch."""
     return self.guidance_w != 1.0 or self.guidance_kappa != 0.0
 
+  @property
+  def guidance_conditioned(self) -> bool:
+    """Whether the backbone takes iMF's guidance inputs (omega, and the interval)."""
+    return self.variant == "imf" and self.guidance_scale_max > 1.0
+
+  @property
+  def aux_head(self) -> bool:
+    """Whether v_theta comes from the backbone's auxiliary head (its output has 2C channels)."""
+    return self.variant == "imf" and self.imf_velocity == "head"
+
+  @property
+  def num_guidance_inputs(self) -> int:
+    if not self.guidance_conditioned:
+      return 0
+    return 3 if self.guidance_interval else 1
+
+  def guidance_inputs(self, omega, t_min, t_max) -> tuple:
+    """The backbone's guidance inputs: () without guidance conditioning, else (1 - 1/omega,) and
+    with the interval (1 - 1/omega, t_min, t_max) (the official network embeds 1 - 1/omega, in
+    [0, 1) for omega >= 1). omega, t_min, t_max: [B] arrays or floats."""
+    if not self.guidance_conditioned:
+      return ()
+    scale = 1.0 - 1.0 / omega
+    return (scale, t_min, t_max) if self.guidance_interval else (scale,)
+
   def init(self, rng, batch):
     x = batch["image"][:1]
     cond = common.labels(batch, self.num_classes)
     cond = None if cond is None else cond[:1]
-    return common.init_model(self.model, rng, x, 2, cond), {}
+    return common.init_model(self.model, rng, x, 2 + self.num_guidance_inputs, cond), {}
 
-  def network(self, params, z, t, h, cond, rng=None, train=False):
+  def fields(self, params, z, t, h, cond, guidance=(), rng=None, train=False):
+    """(u_theta, v_theta of the auxiliary head or None): [B, ...] float32 each. z: [B, ...];
+    t, h = t - r: [B]; cond: [B] or None; guidance: `guidance_inputs(...)`, [B] each."""
+    out = common.apply_model(self.model, params, z, (t, h, *guidance), cond, rng, train)
+    out = out.astype(jnp.float32)
+    if self.aux_head:
+      u, v = jnp.split(out, 2, axis=-1)
+      return u, v
+    return out, None
+
+  def network(self, params, z, t, h, cond, rng=None, train=False, guidance=()):
     """u_theta(z, (t, h), c): [B, ...] float32; z: [B, ...]; t, h = t - r: [B]; cond: [B] or
-    None."""
-    return common.apply_model(self.model, params, z, (t, h), cond, rng, train).astype(jnp.float32)
+    None; guidance: `guidance_inputs(...)` (iMF with guidance conditioning)."""
+    return self.fields(params, z, t, h, cond, guidance, rng, train)[0]
+
+  def velocity(self, params, z, t, cond, guidance=()):
+    """iMF's v_theta(z, t | cond, guidance): [B, ...] float32, without dropout; u_theta(z, t, t)
+    ("boundary") or the auxiliary head at h = 0 ("head")."""
+    u, v = self.fields(params, z, t, jnp.zeros_like(t), cond, guidance)
+    return v if self.aux_head else u
 
   def sample_time_pairs(self, rng, batch_size: int):
     """(t, r): [B] each, 0 < r <= t < 1; "sorted": t = max and r = min of two draws from the
@@ -186,6 +366,25 @@ class MeanFlow:
       t, r = a, jnp.minimum(a, draw(second_key, self.r_mean, self.r_std))
     equal = jax.random.uniform(equal_key, (batch_size,)) < self.fraction_r_equals_t
     return t, jnp.where(equal, t, r)
+
+  def sample_guidance(self, rng, r_equals_t):
+    """(omega, t_min, t_max): [B] float32 each, iMF's guidance conditions of a batch whose
+    examples with r = t are marked by r_equals_t: [B] bool. omega from `sample_guidance_scale`
+    (1 without guidance conditioning); with guidance_interval, t_min ~ U[0, 0.5] and t_max ~
+    U[0.5, 1], [0, 1] where r = t (arXiv:2512.02012 App. A); else [0, 1]."""
+    shape = r_equals_t.shape
+    scale_key, min_key, max_key = jax.random.split(rng, 3)
+    t_min, t_max = jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32)
+    if not self.guidance_conditioned:
+      return jnp.ones(shape, jnp.float32), t_min, t_max
+    omega = sample_guidance_scale(scale_key, shape, self.guidance_scale_max,
+                                  self.guidance_scale_beta)
+    if self.guidance_interval:
+      t_min = jnp.where(r_equals_t, 0.0, jax.random.uniform(
+          min_key, shape, jnp.float32, *GUIDANCE_T_MIN_RANGE))
+      t_max = jnp.where(r_equals_t, 1.0, jax.random.uniform(
+          max_key, shape, jnp.float32, *GUIDANCE_T_MAX_RANGE))
+    return omega, t_min, t_max
 
   def guided_velocity(self, params, z_t, t, v, cond):
     """v_g: [B, ...] float32, no gradient.
@@ -206,48 +405,123 @@ class MeanFlow:
     use = (t >= self.guidance_t_min) & (t <= self.guidance_t_max) & (cond != self.num_classes)
     return jax.lax.stop_gradient(jnp.where(paths.expand(use, v), v_g, v))
 
+  def imf_target(self, params, z_t, t, v, cond, omega, t_min, t_max):
+    """(v_g, v_theta): iMF's regression target and JVP tangent, [B, ...] float32, no gradient.
+
+    omega' = omega where t_min <= t <= t_max, else 1 (guidance off outside the interval);
+    v_theta = v_theta(z_t, t | cond, omega', interval [0, 1]) (Eq. 12, with the conditions of
+    Eq. 15); v_g = v + (1 - 1/omega') (v_theta - v_theta(z_t, t | null, 1, [0, 1])) for kept
+    labels and v for null ones (App. A); v_g = v without guidance conditioning. The network calls
+    run without dropout. z_t, v: [B, ...]; t, omega, t_min, t_max: [B]; cond: [B] or None (the
+    labels after dropout, so that a dropped example's tangent is the null-label velocity of the
+    null-label u_theta it differentiates, as in Eq. 15; Lyy-iiis/imeanflow's `guidance_fn` uses
+    the label before dropout there).
+    """
+    v = v.astype(jnp.float32)
+    zeros, ones = jnp.zeros_like(t), jnp.ones_like(t)
+    omega = jnp.where((t >= t_min) & (t <= t_max), omega, 1.0)
+    v_theta = self.velocity(params, z_t, t, cond, self.guidance_inputs(omega, zeros, ones))
+    if not self.guidance_conditioned:
+      return v, jax.lax.stop_gradient(v_theta)
+    null = jnp.full_like(cond, self.num_classes)
+    v_null = self.velocity(params, z_t, t, null, self.guidance_inputs(ones, zeros, ones))
+    guided = v + paths.expand(1.0 - 1.0 / omega, v) * (v_theta - v_null)
+    v_g = jnp.where(paths.expand(cond != self.num_classes, v), guided, v)
+    return jax.lax.stop_gradient(v_g), jax.lax.stop_gradient(v_theta)
+
+  def imf_compound(self, params, z_t, t, r, cond, v_theta, guidance=(), rng=None, train=False):
+    """(V, v_theta of the auxiliary head or None) at (z_t, t, r): `imf_prediction` of u_theta
+    with the tangent v_theta. z_t, v_theta: [B, ...]; t, r: [B]; cond: [B] or None;
+    guidance: `guidance_inputs(omega, t_min, t_max)`; rng: dropout key when train."""
+    fn = lambda z, t_, r_: self.fields(params, z, t_, t_ - r_, cond, guidance, rng, train)
+    return imf_prediction(fn, z_t, t, r, v_theta, self.jvp_precision, has_aux=True)
+
   def loss(self, params, batch, rng, step, view):
-    """MeanFlow loss of a batch {'image': [B, ...], 'label': [B]}."""
+    """MeanFlow (or iMF) loss of a batch {'image': [B, ...], 'label': [B]}."""
     del step, view
     x = batch["image"].astype(jnp.float32)
-    time_key, noise_key, drop_key, model_key = jax.random.split(rng, 4)
+    keys = jax.random.split(rng, 5 if self.variant == "imf" else 4)
+    time_key, noise_key, drop_key, model_key = keys[:4]
     t, r = self.sample_time_pairs(time_key, x.shape[0])
     eps = jax.random.normal(noise_key, x.shape, jnp.float32)
     cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
                               self.label_dropout, self.num_classes)
-    return self.loss_at(params, x, cond, t, r, eps, model_key)
+    guidance = self.sample_guidance(keys[4], r == t) if self.variant == "imf" else None
+    return self.loss_at(params, x, cond, t, r, eps, model_key, guidance)
 
-  def loss_at(self, params, x, cond, t, r, eps, rng):
-    """The MeanFlow loss at given times and noise.
+  def weighted(self, squared):
+    """(mean_B l / stop_gradient((l + adaptive_eps)^adaptive_p), mean squared error) of
+    squared: [B, ...], l its per-example mean (or sum)."""
+    squared = jnp.reshape(squared, (squared.shape[0], -1))
+    error = jnp.mean(squared, axis=1) if self.error_reduction == "mean" else jnp.sum(squared, 1)
+    weight = jax.lax.stop_gradient(1.0 / (error + self.adaptive_eps) ** self.adaptive_p)
+    return jnp.mean(weight * error), jnp.mean(jnp.mean(squared, axis=1))
+
+  def loss_at(self, params, x, cond, t, r, eps, rng, guidance=None):
+    """The MeanFlow (or iMF) loss at given times and noise.
 
     x, eps: [B, ...] data and noise; cond: [B] labels (dropped ones already null) or None;
-    t, r: [B] with r <= t; rng: dropout key of the training call. z_t = (1 - t) x + t eps,
-    v = eps - x, (u, u_tgt) = meanflow_target(u_theta, z_t, t, r, v_g),
-    l = mean (or sum) over dims of (u - u_tgt)^2, loss = mean_B l / stop_gradient((l + eps)^p).
-    With r = t, p = 0 and no guidance this is flow matching's loss mean_B mean_D (u - v)^2.
+    t, r: [B] with r <= t; rng: dropout key of the training call; guidance: iMF's (omega, t_min,
+    t_max), [B] each (None: 1, 0, 1). z_t = (1 - t) x + t eps, v = eps - x.
+    MeanFlow: (u, u_tgt) = meanflow_target(u_theta, z_t, t, r, v_g), l = mean (or sum) over dims
+    of (u - u_tgt)^2, loss = mean_B l / stop_gradient((l + eps)^p). With r = t, p = 0 and no
+    guidance this is flow matching's loss mean_B mean_D (u - v)^2.
+    iMF: (v_g, v_theta) = imf_target(...), V = imf_compound(..., v_theta), l over (V - v_g)^2
+    with the same weight, plus the auxiliary head's weighted |v_theta - v_g|^2 (at (t, h = t - r)
+    and the example's conditions) with imf_velocity='head'. With r = t, p = 0 and no guidance it
+    is flow matching's loss too.
     """
     x, eps = x.astype(jnp.float32), eps.astype(jnp.float32)
     path = paths.get("ot")
     z_t = path.interpolate(x, eps, t)
     v = path.velocity(x, eps, t)
+    metrics = {"t_mean": jnp.mean(t), "t_minus_r": jnp.mean(t - r),
+               "r_equals_t": jnp.mean((r == t).astype(jnp.float32))}
+    if self.variant == "imf":
+      return self._imf_loss_at(params, z_t, v, cond, t, r, rng, guidance, metrics)
     v_g = self.guided_velocity(params, z_t, t, v, cond)
     u_fn = lambda z, t_, r_: self.network(params, z, t_, t_ - r_, cond, rng, train=True)
     u, u_tgt = meanflow_target(u_fn, z_t, t, r, v_g, self.jvp_precision)
-    squared = jnp.reshape(jnp.square(u - u_tgt), (x.shape[0], -1))
-    error = jnp.mean(squared, axis=1) if self.error_reduction == "mean" else jnp.sum(squared, 1)
-    weight = jax.lax.stop_gradient(1.0 / (error + self.adaptive_eps) ** self.adaptive_p)
-    metrics = {"mse": jnp.mean(jnp.mean(squared, axis=1)), "t_mean": jnp.mean(t),
-               "t_minus_r": jnp.mean(t - r), "r_equals_t": jnp.mean((r == t).astype(jnp.float32))}
-    return jnp.mean(weight * error), metrics
+    loss, metrics["mse"] = self.weighted(jnp.square(u - u_tgt))
+    return loss, metrics
+
+  def _imf_loss_at(self, params, z_t, v, cond, t, r, rng, guidance, metrics):
+    if guidance is None:
+      guidance = (jnp.ones_like(t), jnp.zeros_like(t), jnp.ones_like(t))
+    omega, t_min, t_max = guidance
+    v_g, v_theta = self.imf_target(params, z_t, t, v, cond, omega, t_min, t_max)
+    compound, v_head = self.imf_compound(params, z_t, t, r, cond, v_theta,
+                                         self.guidance_inputs(omega, t_min, t_max), rng, True)
+    loss, metrics["mse"] = self.weighted(jnp.square(compound - v_g))
+    if v_head is not None:
+      head_loss, metrics["mse_velocity_head"] = self.weighted(jnp.square(v_head - v_g))
+      loss = loss + head_loss
+    if self.guidance_conditioned:
+      metrics["guidance_scale_mean"] = jnp.mean(omega)
+    return loss, metrics
 
   def sample(self, params, rng, num, cond=None, *, num_steps=1, method="euler", guidance=1.0):
     """num samples from z_1 ~ N(0, I) by num_steps uniform steps z_r = z_t - (t - r) u(z_t, t,
     t - r); one step is z_0 = z_1 - u(z_1, 1, 1). cond: [num] labels or None. MeanFlow bakes
-    guidance into training, so `guidance` must be 1.0."""
+    guidance into training, so `guidance` must be 1.0; iMF with guidance conditioning passes it
+    as omega (> 0; trained on [1, guidance_scale_max]) with the interval [guidance_t_min,
+    guidance_t_max] to the network."""
+    z1 = jax.random.normal(rng, (num,) + self.image_shape, jnp.float32)
+    if self.guidance_conditioned:
+      if not guidance > 0:
+        raise ValueError(f"sample.guidance={guidance}: iMF's guidance scale omega must be "
+                         f"positive (trained on [1, {self.guidance_scale_max}]; 1 is no "
+                         "guidance).")
+      conditions = self.guidance_inputs(guidance, self.guidance_t_min, self.guidance_t_max)
+      u_fn = lambda z, t, h, *g: self.network(params, z, t, h, cond, guidance=g)
+      return mean_flow.solve(u_fn, z1, num_steps, method, conditions)
     if guidance != 1.0:
+      if self.variant == "imf":
+        raise ValueError(f"sample.guidance={guidance}: this iMF model was trained without "
+                         "guidance conditioning (objective.guidance_scale_max=1.0); use "
+                         "sample.guidance=1.0, or train with guidance_scale_max > 1.")
       raise ValueError(f"sample.guidance={guidance}: MeanFlow has no classifier-free guidance at "
                        "inference (it is trained in through objective.guidance_w and "
                        "objective.guidance_kappa); use sample.guidance=1.0.")
-    z1 = jax.random.normal(rng, (num,) + self.image_shape, jnp.float32)
     u_fn = lambda z, t, h: self.network(params, z, t, h, cond)
     return mean_flow.solve(u_fn, z1, num_steps, method)
