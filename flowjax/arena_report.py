@@ -21,7 +21,8 @@ LABELS = {"flow_matching": "flow matching (Euler)", "imm": "IMM (pushforward)",
           "consistency": "consistency training (iCT)", "ctm": "CTM (gamma = 0)",
           "starflow": "STARFlow (one exact pass)", "sct": "sCT (TrigFlow)",
           "scd": "sCD (TrigFlow, from flow matching)",
-          "imm_by_label": "IMM, groups by label"}
+          "imm_by_label": "IMM, groups by label", "tvm": "TVM (terminal velocity)",
+          "imf": "iMF (improved MeanFlow)"}
 # Two entries whose means differ by more than this many times the larger of their standard
 # deviations over seeds are told apart by the table; closer ones are not.
 RESOLVED_STDS = 2.0
