@@ -1,12 +1,14 @@
 """Class-conditional improved MeanFlow (iMF) on scikit-learn's 8x8 digits (CPU, minutes).
 
 python -m flowjax.main --config=experiments/imf_digits.py --workdir=workdirs/imf_digits
-objective.variant='imf' (Geng, Lu et al., arXiv:2512.02012) with iMF's network at digits size:
-model.name='imf_dit' (in-context conditioning tokens instead of adaLN-Zero, Sec. 4.3; an
-auxiliary velocity head of the last 2 of 4 blocks that gives the JVP tangent, App. A), fed t,
-h = t - r, 1 - 1/omega, t_min and t_max as raw times (time_scale 1). Training draws the
-guidance scale omega in [1, 8] with density 1/omega and the guidance interval (t_min ~ U[0, 0.5],
-t_max ~ U[0.5, 1]) per example; half of the examples have r = t (App. A).
+objective.variant='imf' (Geng, Lu et al., arXiv:2512.02012; official code Lyy-iiis/imeanflow)
+with iMF's network at digits size: model.name='imf_dit' (in-context conditioning tokens instead
+of adaLN-Zero, `models/mit.py`; an auxiliary velocity head of the last 2 of 4 blocks that gives
+the JVP tangent, `imf.py` `iMeanFlow.forward`), fed t, h = t - r, 1 - 1/omega, t_min and t_max
+as raw times (time_scale 1; the official network has no t input). Training draws the guidance
+scale omega in [1, 8] with density 1/omega and the guidance interval (t_min ~ U[0, 0.5],
+t_max ~ U[0.5, 1]) per example (`imf.py` `sample_cfg_scale`, `sample_cfg_interval`); each
+example has r = t with probability 0.5 (`imf.py` `sample_tr`: the first half of the batch).
 Sampling sets the guidance as network inputs, one call per step: --config.sample.guidance=OMEGA
 and --config.objective.guidance_t_min / guidance_t_max for the interval. The defaults (omega 2
 on [0, 1]) are not tuned for digits. Samples take 1 step (sample.num_steps=2 for 2-NFE).

@@ -3,7 +3,8 @@
 python -m flowjax.main --config=experiments/imf_toy2d.py --workdir=workdirs/imf_toy2d
 objective.variant='imf' (Geng, Lu et al., arXiv:2512.02012): the loss regresses the compound
 prediction u + (t - r) sg(du/dt) on the velocity, with du/dt along the network's own velocity
-u(z_t, t, t) (the boundary condition, Sec. 4.1); half of the examples have r = t (App. A). The
+u(z_t, t, t) (the boundary condition; Lyy-iiis/imeanflow `imf.py` `iMeanFlow.forward`); each
+example has r = t with probability 0.5 (`imf.py` `sample_tr`: the first half of the batch). The
 data are unconditional, so there is no guidance input. Otherwise as meanflow_toy2d.py: the MLP
 gets t and h = t - r, samples take 1 step, z_0 = z_1 - u(z_1, 1, 1).
 Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll, :tiny.

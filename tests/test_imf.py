@@ -179,8 +179,8 @@ class GaussianAverageVelocity(nn.Module):
 def test_exact_gaussian_average_velocity_is_a_fixed_point():
   """For data N(mu, var I) and u_theta the exact average velocity, v_theta = u_theta(z, t, t) is
   the marginal velocity and V(z_t) = u + (t - r) du/dt equals the marginal velocity v(z_t) for
-  every r: iMF's v-loss is minimised by the exact u (Eqs. 8, 12). The same V with the sample's
-  e - x as the tangent (MeanFlow's Eq. 9) is not."""
+  every r: iMF's v-loss is minimised by the exact u (Lyy-iiis/imeanflow `imf.py`
+  `iMeanFlow.forward`). The same V with the sample's e - x as the tangent (MeanFlow's) is not."""
   mu, var = (1.5, -0.5, 0.0), 0.3
   velocity, _, _ = gaussian_fields(jnp.asarray(mu), var)
   objective = meanflow.MeanFlow(model=GaussianAverageVelocity(mu, var), image_shape=SHAPE,
@@ -221,11 +221,12 @@ class GuidedFields(nn.Module):
 
 
 def test_guided_target_has_the_guided_field_as_fixed_point():
-  """v_g = v + (1 - 1/omega') (v_theta(y, omega') - v_theta(null, 1)) (App. A, Eq. 15). Where
-  the network already predicts the guided field v_omega(.|y) = omega C_y + (1 - omega) U and v is
-  the class-conditional velocity C_y (the conditional mean of e - x), v_g is v_omega: the guided
-  field is a fixed point. omega' = 1 outside [t_min, t_max] and omega = 1 give no guidance
-  (v_g = v), null labels keep v, and the JVP tangent is v_theta(y, omega')."""
+  """v_g = v + (1 - 1/omega') (v_theta(y, omega') - v_theta(null, 1)) (Lyy-iiis/imeanflow
+  `imf.py` `guidance_fn`). Where the network already predicts the guided field
+  v_omega(.|y) = omega C_y + (1 - omega) U and v is the class-conditional velocity C_y (the
+  conditional mean of e - x), v_g is v_omega: the guided field is a fixed point. omega' = 1
+  outside [t_min, t_max] and omega = 1 give no guidance (v_g = v), null labels keep v, and the
+  JVP tangent is v_theta(y, omega')."""
   objective = meanflow.MeanFlow(model=GuidedFields(NUM_CLASSES), image_shape=SHAPE,
                                 num_classes=NUM_CLASSES, variant="imf", guidance_scale_max=8.0)
   z = jax.random.normal(jax.random.key(8), (10,) + SHAPE)
@@ -252,7 +253,8 @@ def test_guided_target_has_the_guided_field_as_fixed_point():
 def test_guidance_scale_and_interval_draws():
   """omega on [1, guidance_scale_max] with density proportional to omega^-beta (median
   sqrt(8) for beta = 1 on [1, 8]; (1 - 1/omega) / (1 - 1/8) = 1/2 for beta = 2), t_min ~
-  U[0, 0.5], t_max ~ U[0.5, 1], and [0, 1] for examples with r = t (App. A)."""
+  U[0, 0.5], t_max ~ U[0.5, 1], and [0, 1] for examples with r = t (Lyy-iiis/imeanflow
+  `imf.py` `sample_cfg_scale`, `sample_cfg_interval`)."""
   n = 40000
   equal = jnp.arange(n) % 4 == 0
   for beta, median in ((1.0, 8 ** 0.5), (2.0, 1.0 / (1.0 - 0.5 * (1.0 - 1.0 / 8)))):
@@ -358,8 +360,8 @@ def test_in_context_dit_uses_every_condition_and_its_head_is_separate():
                                              ("XL2", 610)])
 def test_imagenet_presets_have_the_papers_parameter_counts(preset, millions):
   """imf_imagenet's networks, without the auxiliary head (training only) and without the
-  embedder and tokens of t (the official network conditions on h alone), have the parameter
-  counts of Tab. 2 (iMF-B/2 89M, M/2 174M, L/2 409M, XL/2 610M) to 0.5%; shapes only."""
+  embedder and tokens of t (the official network conditions on h alone), have the paper's
+  reported sizes (iMF-B/2 89M, M/2 174M, L/2 409M, XL/2 610M) to 0.5%; shapes only."""
   config = load_experiment("imf_imagenet").get_config(preset)
   info = type("Info", (), {"image_shape": (32, 32, 4), "num_classes": 1000})
   model = models.build(config.model, info)

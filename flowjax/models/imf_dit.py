@@ -1,16 +1,20 @@
 """DiT with in-context conditioning tokens and an auxiliary velocity head, the network of improved
-MeanFlow (Geng, Lu, Wu, Shechtman, Kolter and He, "Improved Mean Flows", arXiv:2512.02012,
-Sec. 4.3, Fig. 5 and App. A).
+MeanFlow (Geng, Lu, Wu, Shechtman, Kolter and He, "Improved Mean Flows", arXiv:2512.02012;
+official code Lyy-iiis/imeanflow `models/mit.py`).
 
 Every conditioning input becomes tokens prepended to the patch tokens, in place of DiT's
-adaLN-Zero modulation: time-like input i (t, h = t - r, and for guidance conditioning 1 - 1/omega,
-t_min, t_max; Eq. 16) gives time_tokens[i] learned tokens plus its sinusoidal-MLP embedding, and
-the class label gives label_tokens learned tokens plus its label embedding. The blocks are
-pre-norm transformer blocks whose two residual branches are scaled by zero-initialised
+adaLN-Zero modulation: time-like input i gives time_tokens[i] learned tokens plus its
+sinusoidal-MLP embedding, and the class label gives label_tokens learned tokens plus its label
+embedding. The official network (`models/mit.py` `_build_sequence`) takes no t input: its tokens
+are h = t - r (4), 1 - 1/omega (4), t_min and t_max (2 each), all raw times, and the class (8).
+flowjax's objective passes t first, then h, 1 - 1/omega, t_min, t_max (time_tokens
+(4, 4, 4, 2, 2) in experiments/imf_imagenet.py); the t tokens are flowjax's own addition. The
+blocks are pre-norm transformer blocks whose two residual branches are scaled by zero-initialised
 per-channel gates, so each block starts as the identity as adaLN-Zero blocks do. The last
 aux_head_depth blocks are duplicated into a second branch with its own final layer: the auxiliary
-head that predicts the instantaneous velocity v_theta during training (App. A); the network then
-returns both fields stacked on the channel axis, [B, H, W, 2C], the main one first.
+head that predicts the instantaneous velocity v_theta during training (`models/mit.py`: 8
+blocks); the network then returns both fields stacked on the channel axis, [B, H, W, 2C], the
+main one first.
 """
 
 import flax.linen as nn
@@ -84,8 +88,9 @@ class InContextDiT(nn.Module):
       param_dtype: as `flowjax.models.dit.DiT`.
     num_classes: 0 = unconditional; else the label table has num_classes + 1 rows.
     time_scale: times are multiplied by this before the sinusoidal embedding.
-    time_tokens: learned tokens per time input, one entry per element of `times` (iMF: 4 for
-      t, h and the guidance scale, 2 each for t_min and t_max; Fig. 5, App. A).
+    time_tokens: learned tokens per time input, one entry per element of `times` (flowjax's
+      iMF: 4 for t, h and the guidance scale, 2 each for t_min and t_max; `models/mit.py` has no
+      t input and 4, 4, 2, 2 for h, the guidance scale, t_min and t_max).
     label_tokens: learned tokens of the class label (iMF: 8), unused when num_classes = 0.
     aux_head_depth: 0, or the number of final blocks duplicated into the auxiliary velocity
       head (iMF: 8); with a head the output has 2C channels, the main field first.

@@ -36,8 +36,8 @@ IMF_VELOCITIES = ("boundary", "head")
 # The keys only objective.variant='imf' reads, at their defaults.
 IMF_DEFAULTS = dict(imf_velocity="boundary", guidance_scale_max=1.0, guidance_scale_beta=1.0,
                     guidance_interval=True)
-# iMF's training guidance intervals: t_min ~ U[0, 0.5], t_max ~ U[0.5, 1] (arXiv:2512.02012
-# App. A); examples with r = t keep [0, 1].
+# iMF's training guidance intervals: t_min ~ U[0, 0.5], t_max ~ U[0.5, 1] (arXiv:2512.02012;
+# Lyy-iiis/imeanflow `imf.py` `sample_cfg_interval`); examples with r = t keep [0, 1].
 GUIDANCE_T_MIN_RANGE = (0.0, 0.5)
 GUIDANCE_T_MAX_RANGE = (0.5, 1.0)
 
@@ -78,10 +78,11 @@ def imf_prediction(average_velocity, z_t, t, r, v_theta, precision: str = "float
   """(V, aux): improved MeanFlow's compound velocity prediction, float32.
 
   V = u(z_t, t, r) + (t - r) stop_gradient(du/dt) with (u, du/dt) = jvp(average_velocity,
-  (z_t, t, r), (v_theta, 1, 0)) (arXiv:2512.02012 Eq. 12): the MeanFlow identity solved for
-  the instantaneous velocity, v = u + (t - r) du/dt (Eq. 8), whose total derivative runs along
-  the network's own velocity v_theta(z_t) rather than the sample's e - x (Eq. 9), so V depends
-  on z_t alone. V carries gradients through u only.
+  (z_t, t, r), (v_theta, 1, 0)) (arXiv:2512.02012; Lyy-iiis/imeanflow `imf.py`
+  `iMeanFlow.forward`): the MeanFlow identity solved for the instantaneous velocity,
+  v = u + (t - r) du/dt, whose total derivative runs along the network's own velocity
+  v_theta(z_t) rather than the sample's e - x (MeanFlow's tangent), so V depends on z_t alone.
+  V carries gradients through u only.
   average_velocity: (z: [B, ...], t: [B], r: [B]) -> [B, ...], or with has_aux ([B, ...], aux)
   whose aux (at the primal point) is returned; z_t, v_theta: [B, ...]; t, r: [B], r <= t.
   precision: as `meanflow_target`. Without has_aux, aux is None.
@@ -99,8 +100,9 @@ def imf_prediction(average_velocity, z_t, t, r, v_theta, precision: str = "float
 
 
 def sample_guidance_scale(rng, shape, scale_max: float, beta: float):
-  """omega in [1, scale_max] with density proportional to omega^-beta (arXiv:2512.02012 App. A),
-  float32: the inverse CDF at u ~ U(0, 1), omega = scale_max^u for beta = 1 and
+  """omega in [1, scale_max] with density proportional to omega^-beta (arXiv:2512.02012;
+  Lyy-iiis/imeanflow `imf.py` `sample_cfg_scale`, which draws s in [0, scale_max - 1] and sets
+  omega = 1 + s), float32: the inverse CDF at u ~ U(0, 1), omega = scale_max^u for beta = 1 and
   (1 + u (scale_max^(1 - beta) - 1))^(1 / (1 - beta)) otherwise."""
   u = jax.random.uniform(rng, shape, jnp.float32)
   if beta == 1.0:
@@ -113,20 +115,26 @@ def sample_guidance_scale(rng, shape, scale_max: float, beta: float):
 @dataclasses.dataclass(frozen=True)
 class MeanFlow:
   """model: backbone u_theta(z, (t, t - r), cond), with iMF's guidance conditioning
-  u_theta(z, (t, t - r, 1 - 1/omega, t_min, t_max), cond) (arXiv:2512.02012 Eq. 16);
+  u_theta(z, (t, t - r, 1 - 1/omega, t_min, t_max), cond) (arXiv:2512.02012; the official
+  network, Lyy-iiis/imeanflow `models/mit.py` `_build_sequence`, conditions on h = t - r, not on
+  t, with 1 - 1/omega, t_min and t_max; flowjax also passes t);
   image_shape: per-example shape; num_classes: 0 for unconditional models. The other fields are
   the `objective` config keys (see DEFAULTS):
 
-  time_sampler, time_mean, time_std, pair_sampler, r_mean, r_std: "sorted" pairs (the paper's,
+  time_sampler, time_mean, time_std, pair_sampler, r_mean, r_std: "sorted" pairs (MeanFlow's,
     py-meanflow's "v0") take t and r as the max and min of two draws of
     sigmoid(time_mean + time_std n) ("logit_normal") or U(0, 1) ("uniform"); "separate" pairs
     (py-meanflow's "v1") draw t from that law and r_raw from sigmoid(r_mean + r_std n) (or
     U(0, 1)), r = min(t, r_raw);
   fraction_r_equals_t: the fraction of examples whose r is then set to t (plain flow matching
-    examples); 0.75 is the paper's ImageNet setting (CIFAR-10 uses 0.25; iMF uses 0.5);
+    examples); 0.75 is MeanFlow's ImageNet setting (CIFAR-10 uses 0.25). iMF's official code
+    uses 0.5 (Lyy-iiis/imeanflow `imf.py` `sample_tr`, `configs/default.py` data_proportion)
+    and sets r = t for exactly the first half of each batch; flowjax draws r = t per example
+    with probability fraction_r_equals_t in both variants;
   error_reduction: the per-example error l is the "mean" (as in flow_matching, the default) or
-    the "sum" (the paper) of (u - u_tgt)^2 over the example's D dims. The adaptive weight makes
-    the two differ beyond scale: "mean" with adaptive_eps equals "sum" with D adaptive_eps;
+    the "sum" (MeanFlow, and iMF's `imf.py`) of (u - u_tgt)^2 over the example's D dims. The
+    adaptive weight makes the two differ beyond scale: "mean" with adaptive_eps equals "sum"
+    with D adaptive_eps;
   adaptive_p, adaptive_eps: loss = mean(l / stop_gradient((l + adaptive_eps)^adaptive_p)); p = 0
     is the plain squared error;
   guidance_w, guidance_kappa, guidance_t_min, guidance_t_max: training-time guidance,
@@ -138,29 +146,32 @@ class MeanFlow:
   jvp_precision: matmul precision of the JVP pass (see `meanflow_target`; "float32" by default, so
     the target's derivative is float32 on GPUs and TPUs too; "default" follows
     train.matmul_precision);
-  variant: "meanflow" (arXiv:2505.13447, the default) or "imf", improved MeanFlow
-    (arXiv:2512.02012). iMF regresses the compound prediction V = u + (t - r) sg(du/dt) on the
-    (guided) velocity, l = |V - v_g|^2 (Eqs. 8, 10, 12; see `imf_prediction`), with du/dt the
-    JVP along the network's own instantaneous velocity v_theta(z_t, t) instead of e - x. The
-    adaptive weight applies to l as above (App. A). u - u_tgt of MeanFlow is V - v_g with the
-    tangent v_g, so the logged "mse" means the same in both variants: the mean squared residual
-    of the MeanFlow identity against the velocity target, before any weight;
+  variant: "meanflow" (arXiv:2505.13447, the default) or "imf", improved MeanFlow (official
+    code Lyy-iiis/imeanflow). iMF regresses the compound prediction V = u + (t - r) sg(du/dt) on
+    the (guided) velocity, l = |V - v_g|^2 (`imf.py` `iMeanFlow.forward`; see
+    `imf_prediction`), with du/dt the JVP along the network's own instantaneous velocity
+    v_theta(z_t, t) instead of e - x. The adaptive weight applies to l as above (`imf.py`: sums
+    over dims, p = 1, eps 0.01). u - u_tgt of MeanFlow is V - v_g with the tangent v_g, so the
+    logged "mse" means the same in both variants: the mean squared residual of the MeanFlow
+    identity against the velocity target, before any weight;
   imf_velocity: where iMF's v_theta comes from: "boundary", the boundary condition
-    v_theta(z_t, t) = u_theta(z_t, t, t) (Sec. 4.1, Tab. 1a; no extra parameters), or "head",
-    the backbone's auxiliary velocity head (App. A; model.name='imf_dit' with
-    model.aux_head_depth > 0), itself trained by the same weighted loss on |v_theta - v_g|^2;
-  guidance_scale_max, guidance_scale_beta: iMF's guidance as a network input (Sec. 4.2, Eqs. 15,
-    16): with guidance_scale_max > 1 each example draws omega in [1, guidance_scale_max] with
-    density proportional to omega^-guidance_scale_beta (App. A: [1, 8], beta 1 or 2) and the
-    backbone receives 1 - 1/omega as an extra time-like input; the target is
+    v_theta(z_t, t) = u_theta(z_t, t, t) (no extra parameters), or "head", the backbone's
+    auxiliary velocity head at h = 0 (model.name='imf_dit' with model.aux_head_depth > 0), itself
+    trained by the same weighted loss on |v_theta - v_g|^2 with its own adaptive weight (both:
+    `imf.py` `iMeanFlow.forward`);
+  guidance_scale_max, guidance_scale_beta: iMF's guidance as a network input (the guidance
+    scale as an explicit conditioning variable): with guidance_scale_max > 1 each example draws
+    omega in [1, guidance_scale_max] with density proportional to omega^-guidance_scale_beta
+    (`imf.py` `sample_cfg_scale`: [1, 8]) and the backbone receives 1 - 1/omega as an extra
+    time-like input (`models/mit.py` `_build_sequence`); the target (`imf.py` `guidance_fn`) is
     v_g = v + (1 - 1/omega') (v_theta(z_t, t | y, omega') - v_theta(z_t, t | null, 1)), whose fixed
     point is the guided field omega v(.|y) + (1 - omega) v(.), for kept labels (v for null ones),
     where omega' = omega for t in the example's guidance interval and 1 outside it.
     guidance_scale_max = 1 trains no guidance (the network gets no guidance input);
   guidance_interval: with guidance_scale_max > 1, also draw the guidance interval, t_min ~
     U[0, 0.5] and t_max ~ U[0.5, 1] ([0, 1] for examples with r = t), and pass t_min, t_max to
-    the backbone (the condition set Omega = {omega, t_min, t_max}, Sec. 4.2, App. A); False
-    conditions on omega alone (Tab. 1b, first row).
+    the backbone (the conditions omega, t_min, t_max; `imf.py` `sample_cfg_interval`); False
+    conditions on omega alone.
   iMF samples with sample.guidance as omega and [guidance_t_min, guidance_t_max] as the interval,
   both network inputs, still one network call per step.
   """
@@ -247,12 +258,12 @@ class MeanFlow:
                        "False.")
     if not self.guidance_scale_max >= 1.0:
       raise ValueError(f"objective.guidance_scale_max={self.guidance_scale_max} must be >= 1 "
-                       "(iMF draws omega in [1, guidance_scale_max]: 8.0 in the paper; 1.0 "
-                       "trains no guidance).")
+                       "(iMF draws omega in [1, guidance_scale_max]: 8.0 in the official "
+                       "code; 1.0 trains no guidance).")
     if not self.guidance_scale_beta >= 0.0:
       raise ValueError(f"objective.guidance_scale_beta={self.guidance_scale_beta} must be >= 0 "
-                       "(the density of omega is proportional to omega^-beta; the paper uses 1 "
-                       "or 2).")
+                       "(the density of omega is proportional to omega^-beta; "
+                       "experiments/imf_imagenet.py uses 1).")
     if self.variant == "meanflow":
       changed = [key for key, default in IMF_DEFAULTS.items() if getattr(self, key) != default]
       if changed:
@@ -354,7 +365,8 @@ class MeanFlow:
   def sample_time_pairs(self, rng, batch_size: int):
     """(t, r): [B] each, 0 < r <= t < 1; "sorted": t = max and r = min of two draws from the
     time sampler; "separate": t from it, r = min(t, a draw with r_mean, r_std); then r = t for
-    each example with probability fraction_r_equals_t."""
+    each example with probability fraction_r_equals_t (iMF's official code instead sets r = t
+    for exactly the first half of each batch, Lyy-iiis/imeanflow `imf.py` `sample_tr`)."""
     first_key, second_key, equal_key = jax.random.split(rng, 3)
     draw = lambda key, mean, std: common.sample_time(key, (batch_size,), self.time_sampler,
                                                      mean, std)
@@ -371,7 +383,8 @@ class MeanFlow:
     """(omega, t_min, t_max): [B] float32 each, iMF's guidance conditions of a batch whose
     examples with r = t are marked by r_equals_t: [B] bool. omega from `sample_guidance_scale`
     (1 without guidance conditioning); with guidance_interval, t_min ~ U[0, 0.5] and t_max ~
-    U[0.5, 1], [0, 1] where r = t (arXiv:2512.02012 App. A); else [0, 1]."""
+    U[0.5, 1], [0, 1] where r = t (Lyy-iiis/imeanflow `imf.py` `sample_cfg_interval`); else
+    [0, 1]."""
     shape = r_equals_t.shape
     scale_key, min_key, max_key = jax.random.split(rng, 3)
     t_min, t_max = jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32)
@@ -409,13 +422,13 @@ class MeanFlow:
     """(v_g, v_theta): iMF's regression target and JVP tangent, [B, ...] float32, no gradient.
 
     omega' = omega where t_min <= t <= t_max, else 1 (guidance off outside the interval);
-    v_theta = v_theta(z_t, t | cond, omega', interval [0, 1]) (Eq. 12, with the conditions of
-    Eq. 15); v_g = v + (1 - 1/omega') (v_theta - v_theta(z_t, t | null, 1, [0, 1])) for kept
-    labels and v for null ones (App. A); v_g = v without guidance conditioning. The network calls
-    run without dropout. z_t, v: [B, ...]; t, omega, t_min, t_max: [B]; cond: [B] or None (the
-    labels after dropout, so that a dropped example's tangent is the null-label velocity of the
-    null-label u_theta it differentiates, as in Eq. 15; Lyy-iiis/imeanflow's `guidance_fn` uses
-    the label before dropout there).
+    v_theta = v_theta(z_t, t | cond, omega', interval [0, 1]); v_g = v + (1 - 1/omega')
+    (v_theta - v_theta(z_t, t | null, 1, [0, 1])) for kept labels and v for null ones
+    (Lyy-iiis/imeanflow `imf.py` `guidance_fn`); v_g = v without guidance conditioning. The
+    network calls run without dropout. z_t, v: [B, ...]; t, omega, t_min, t_max: [B]; cond: [B]
+    or None (the labels after dropout, so that a dropped example's tangent is the null-label
+    velocity of the null-label u_theta it differentiates; `guidance_fn` uses the label before
+    dropout there).
     """
     v = v.astype(jnp.float32)
     zeros, ones = jnp.zeros_like(t), jnp.ones_like(t)

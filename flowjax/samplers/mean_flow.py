@@ -3,7 +3,8 @@
 u is the average velocity over [r, t] (t = 0 is data, t = 1 is noise), so one step is exact
 for the true u: z_r = z_t - (t - r) u(z_t, t, t - r) (Geng et al., arXiv:2505.13447). Extra
 network inputs that stay fixed along the trajectory (improved MeanFlow's guidance scale and
-guidance interval, arXiv:2512.02012 Sec. 4.2) are `conditions`.
+guidance interval, arXiv:2512.02012; Lyy-iiis/imeanflow `models/mit.py` `_build_sequence`) are
+`conditions`.
 """
 
 import jax
