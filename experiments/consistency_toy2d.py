@@ -6,7 +6,8 @@ EDM parameterisation with sigma_data = 1 (the toy data have about unit scale, no
 that doubles from 10 to 1280 steps over train.steps (objective.total_steps follows train.steps
 unless set). Samples take 1 step (--config.sample.num_steps=N for N-step consistency sampling).
 Sized like meanflow_toy2d.py (same steps, batch and optimizer).
-Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll, :tiny.
+Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll,
+:student_t (heavy-tailed, see fm_toy2d_heavy.py), :tiny.
 """
 
 from flowjax import config as config_lib

@@ -10,7 +10,8 @@ The teacher takes 1 or 2 Heun steps per example (CIFAR-10 and digits: up to 17, 
 CTM step costs about 5x a flow-matching step on 2 CPU cores instead of 12x;
 `--config.objective.max_heun_steps=17 --config.objective.heun_step_strategy=weighted` restores
 the long teacher jumps.
-Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll, :tiny.
+Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll,
+:student_t (heavy-tailed, see fm_toy2d_heavy.py), :tiny.
 """
 
 from flowjax import config as config_lib

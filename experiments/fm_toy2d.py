@@ -1,7 +1,8 @@
 """Flow matching on a 2D toy distribution with an MLP (the baseline of the toy2d arena).
 
 python -m flowjax.main --config=experiments/fm_toy2d.py --workdir=workdirs/fm_toy2d
-Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll, :tiny.
+Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll,
+:student_t (heavy-tailed, see fm_toy2d_heavy.py), :tiny.
 """
 
 from flowjax import config as config_lib

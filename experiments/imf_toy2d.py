@@ -7,7 +7,8 @@ u(z_t, t, t) (the boundary condition; Lyy-iiis/imeanflow `imf.py` `iMeanFlow.for
 example has r = t with probability 0.5 (`imf.py` `sample_tr`: the first half of the batch). The
 data are unconditional, so there is no guidance input. Otherwise as meanflow_toy2d.py: the MLP
 gets t and h = t - r, samples take 1 step, z_0 = z_1 - u(z_1, 1, 1).
-Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll, :tiny.
+Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll,
+:student_t (heavy-tailed, see fm_toy2d_heavy.py), :tiny.
 """
 
 from flowjax import config as config_lib

@@ -1,7 +1,8 @@
 """Inductive Moment Matching on a 2D toy distribution with an MLP: one- and few-step samples.
 
 python -m flowjax.main --config=experiments/imm_toy2d.py --workdir=workdirs/imm_toy2d
-Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll, :tiny.
+Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll,
+:student_t (heavy-tailed, see fm_toy2d_heavy.py), :tiny.
 The toy data have std about 1, so sigma_d = 1 (the image default is 0.5). Two departures from
 the image defaults suit a few thousand CPU steps (checked on the checkerboard): mapping_k = 8
 (r sits (eta_max - eta_min) / 2^8 below t in eta, a 16x longer step than with k = 12, so the

@@ -2,7 +2,8 @@
 
 python -m flowjax.main --config=experiments/meanflow_toy2d.py --workdir=workdirs/meanflow_toy2d
 The MLP gets two times, t and h = t - r. Samples take 1 step, z_0 = z_1 - u(z_1, 1, 1).
-Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll, :tiny.
+Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll,
+:student_t (heavy-tailed, see fm_toy2d_heavy.py), :tiny.
 """
 
 from flowjax import config as config_lib

@@ -11,8 +11,8 @@ python -m flowjax.main --config=experiments/fm_toy2d.py --workdir=workdirs/fm_to
 python -m flowjax.main --config=experiments/scm_toy2d.py:scd --workdir=workdirs/scd_toy2d \
     --config.objective.teacher_workdir=workdirs/fm_toy2d
 (use the same distribution for both). Sized like meanflow_toy2d.py (steps, batch, optimizer).
-Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll; :scd
-distils; :tiny (a few CPU steps; :tiny_scd with a teacher).
+Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll,
+:student_t; :scd distils; :tiny (a few CPU steps; :tiny_scd with a teacher).
 """
 
 import math

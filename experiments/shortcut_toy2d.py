@@ -9,7 +9,8 @@ between the finest and the 1-step level; in a run of a few thousand steps that l
 run. Samples take 1 step (any power of two up to 128 with --config.sample.num_steps).
 target_clip is 8, not the reference's 4: velocities of the toy data (in [-2, 2]^2) plus N(0, I)
 noise reach beyond 4. Sized like meanflow_toy2d.py (same steps, batch and optimizer).
-Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll, :tiny.
+Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll,
+:student_t (heavy-tailed, see fm_toy2d_heavy.py), :tiny.
 """
 
 from flowjax import config as config_lib

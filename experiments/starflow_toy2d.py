@@ -4,7 +4,8 @@ python -m flowjax.main --config=experiments/starflow_toy2d.py --workdir=workdirs
 The two coordinates are two tokens of one channel; 8 blocks alternate their order, each with a
 learned start token, so both coordinates are transformed by every block. Continuous data: no
 noise augmentation (noise_std=0) and no denoising. Samples decode token by token with a KV cache.
-Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll, :tiny.
+Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll,
+:student_t (heavy-tailed, see fm_toy2d_heavy.py), :tiny.
 """
 
 from flowjax import config as config_lib

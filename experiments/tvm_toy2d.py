@@ -7,7 +7,8 @@ settings otherwise: gap* times (t - s ~ LN(-0.8, 1), s and the flow-matching s' 
 targets from an EMA of rate 0.99 (Table 4b), AdamW beta2 = 0.95 (Sec. 4). The data are
 unconditional, so there is no guidance (w = 1).
 Samples take 1 step, x_0 = x_1 - F(x_1, 1, 0); --config.sample.num_steps=2 (or 4, 8) takes more.
-Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll, :tiny.
+Presets pick the distribution: :checkerboard (default), :8gaussians, :moons, :swissroll,
+:student_t (heavy-tailed, see fm_toy2d_heavy.py), :tiny.
 """
 
 from flowjax import config as config_lib

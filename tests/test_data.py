@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from scipy import stats
 from sklearn import datasets as sklearn_datasets
 import tensorflow_datasets as tfds
 
@@ -132,10 +133,24 @@ def test_toy2d_statistics(distribution):
     inner = np.abs(np.linalg.norm(raw - np.array([1.0, 0.5]), axis=1) - 1.0)
     assert np.quantile(np.minimum(outer, inner), 0.99) < 0.2
     assert abs(np.mean(outer < inner) - 0.5) < 0.05
-  else:
+  elif distribution == "swissroll":
     radius = np.linalg.norm(points, axis=1)
     assert radius.max() < 2.3 and radius.min() > 0.4
     assert np.quantile(_distance_to_swissroll(points[:500]), 0.99) < 0.2
+  else:
+    assert distribution == "student_t"
+    # x: 0.5 t(3), heavy-tailed; y: +-1 + N(0, 0.2^2), light-tailed and independent of x.
+    x, y = points[:, 0], points[:, 1]
+    quantiles = [0.75, 0.95, 0.99]
+    law = stats.t(toy2d.STUDENT_T_NU, scale=toy2d.STUDENT_T_SCALE)
+    expected = law.ppf(0.5 + 0.5 * np.array(quantiles))
+    np.testing.assert_allclose(np.quantile(np.abs(x), quantiles), expected, rtol=0.1)
+    assert stats.kstest(x, law.cdf).pvalue > 1e-3
+    # P(|x| > 4) = 0.4% for 0.5 t(3); a Gaussian of the same variance puts 5e-6 there.
+    assert np.mean(np.abs(x) > 4.0) > 0.002
+    np.testing.assert_allclose(np.abs(y).mean(), 1.0, atol=0.02)
+    assert np.abs(y).max() < 2.0 and abs(np.mean(y > 0) - 0.5) < 0.03
+    assert abs(np.corrcoef(np.abs(x), np.abs(y))[0, 1]) < 0.05
 
 
 # ----------------------------------------------------------------------------------------------

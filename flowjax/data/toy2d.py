@@ -1,4 +1,5 @@
-"""Toy 2D distributions (checkerboard, 8 Gaussians, moons, Swiss roll), generated in-process.
+"""Toy 2D distributions (checkerboard, 8 Gaussians, moons, Swiss roll, and the heavy-tailed
+student_t), generated in-process.
 
 The stream is infinite: global batch k is drawn from a NumPy generator keyed by
 (seed, split, k), so every process cuts its rows out of the same global batch and the
@@ -13,7 +14,10 @@ import numpy as np
 from flowjax import registry
 from flowjax.data import pipeline
 
-DISTRIBUTIONS = ("checkerboard", "8gaussians", "moons", "swissroll")
+DISTRIBUTIONS = ("checkerboard", "8gaussians", "moons", "swissroll", "student_t")
+# The distributions with heavy (power-law) tails, for which the tail metrics of
+# flowjax.evals.toy2d are the informative ones.
+HEAVY_TAILED = ("student_t",)
 SPLITS = ("train", "test")
 
 _EIGHT_GAUSSIANS_RADIUS = 2.0
@@ -22,6 +26,11 @@ _MOONS_NOISE = 0.05
 _MOONS_SCALE = 1.5
 _SWISSROLL_NOISE = 0.05
 _SWISSROLL_TURNS = (1.5 * np.pi, 4.5 * np.pi)
+# student_t: x is Student-t with STUDENT_T_NU degrees of freedom times STUDENT_T_SCALE (P(|x| > r)
+# falls as r^-nu: finite variance, infinite fourth moment); y is +-1 with Gaussian noise.
+STUDENT_T_NU = 3.0
+STUDENT_T_SCALE = 0.5
+_STUDENT_T_Y_STD = 0.2
 
 
 def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -56,11 +65,21 @@ def _swissroll(n: int, rng: np.random.Generator) -> np.ndarray:
   return points + _SWISSROLL_NOISE * rng.standard_normal((n, 2))
 
 
+def _student_t(n: int, rng: np.random.Generator) -> np.ndarray:
+  """Heavy-tailed along x, two light-tailed modes along y: x = 0.5 T with T ~ t(3) (variance
+  0.75; |x| exceeds 2.92 with probability 1% and 6.46 with probability 0.1%), y = +-1 (equally
+  likely) + N(0, 0.2^2), independent of x."""
+  x = STUDENT_T_SCALE * rng.standard_t(STUDENT_T_NU, n)
+  y = (2.0 * rng.integers(0, 2, n) - 1.0) + _STUDENT_T_Y_STD * rng.standard_normal(n)
+  return np.stack([x, y], axis=1)
+
+
 _SAMPLERS = {
     "checkerboard": _checkerboard,
     "8gaussians": _eight_gaussians,
     "moons": _moons,
     "swissroll": _swissroll,
+    "student_t": _student_t,
 }
 
 
@@ -81,7 +100,7 @@ def sample(distribution: str, n: int, rng_seed: int | Sequence[int]) -> np.ndarr
       that fully determines the points.
 
   Returns:
-    [n, 2] float32 points, roughly unit scale.
+    [n, 2] float32 points, roughly unit scale (student_t: unbounded along x).
   """
   check_distribution(distribution)
   rng = np.random.default_rng(rng_seed)

@@ -1,4 +1,6 @@
-"""Pieces every objective uses: model application, label dropout, time samplers."""
+"""Pieces every objective uses: model application, label dropout, time samplers, noise draws."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,57 @@ def sample_time(rng, shape, sampler: str, mean: float = 0.0, std: float = 1.0):
     return jax.nn.sigmoid(mean + std * jax.random.normal(rng, shape))
   from flowjax.registry import unknown_name_message
   raise ValueError(unknown_name_message("time sampler", sampler, ["uniform", "logit_normal"]))
+
+
+# The noise laws of `draw_noise` (config key objective.noise) and the default degrees of freedom
+# of the Student-t law (objective.noise_nu; 10, as the t-EDM losses of NVIDIA/physicsnemo).
+NOISES = ("gaussian", "student_t")
+DEFAULT_NU = 10.0
+# The keys every noise-drawing objective adds to its DEFAULTS.
+NOISE_DEFAULTS = dict(noise="gaussian", noise_nu=DEFAULT_NU)
+
+
+def check_noise(noise: str, nu) -> None:
+  """Raises ValueError naming objective.noise / objective.noise_nu when they cannot work.
+
+  Student-t noise needs finite nu > 2, so that its variance nu / (nu - 2) per dimension is finite
+  (t-EDM of Pandey et al., arXiv:2410.14171, scales sigma by sqrt(nu / (nu - 2)); NVIDIA/
+  physicsnemo's t-EDM rejects nu <= 2 likewise). nu is read only when noise='student_t'."""
+  if noise not in NOISES:
+    from flowjax.registry import unknown_name_message
+    raise ValueError("objective.noise: " + unknown_name_message("noise", noise, list(NOISES)))
+  if noise != "student_t":
+    return
+  is_number = isinstance(nu, (int, float)) and not isinstance(nu, bool)
+  if not (is_number and math.isfinite(nu) and nu > 2):
+    raise ValueError(f"objective.noise_nu={nu!r}: Student-t noise needs finite degrees of "
+                     "freedom nu > 2 (its variance per dimension is nu / (nu - 2)); smaller nu "
+                     "gives heavier tails (e.g. 3 to 10), and objective.noise='gaussian' is the "
+                     "nu -> infinity limit.")
+
+
+def draw_noise(rng, shape, kind: str = "gaussian", nu: float = DEFAULT_NU, dtype=None):
+  """Noise eps: `shape` = [B, ...], one independent draw per example (axis 0).
+
+  "gaussian": eps = jax.random.normal(rng, shape, dtype), exactly the draw every objective made
+  before the noise option existed (same key, same values).
+  "student_t": the multivariate Student-t t_D(0, I_D, nu) of Pandey et al. (arXiv:2410.14171) over
+  each example's D = prod(shape[1:]) dimensions, as a Gaussian scale mixture: eps = n /
+  sqrt(kappa) with n = jax.random.normal(rng, shape, dtype) (the Gaussian draw above) and ONE
+  kappa ~ chi^2(nu) / nu per example, shared by all its dimensions (drawn from
+  fold_in(rng, 1)). Each dimension is then Student-t with nu degrees of freedom (variance
+  nu / (nu - 2), not 1) and ||eps||^2 / D ~ F(D, nu). As nu grows kappa -> 1, so the draw
+  converges to the Gaussian draw of the same key, value by value.
+  """
+  n = jax.random.normal(rng, shape, dtype)
+  if kind == "gaussian":
+    return n
+  if kind != "student_t":
+    from flowjax.registry import unknown_name_message
+    raise ValueError("objective.noise: " + unknown_name_message("noise", kind, list(NOISES)))
+  kappa = jax.random.chisquare(jax.random.fold_in(rng, 1), nu, (shape[0],), jnp.float32) / nu
+  scale = jax.lax.rsqrt(kappa).astype(n.dtype)
+  return n * jnp.reshape(scale, (shape[0],) + (1,) * (len(shape) - 1))
 
 
 def mean_per_example(x):

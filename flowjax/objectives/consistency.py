@@ -25,6 +25,16 @@ Time given to the backbone (flowjax convention: 0 = data end, 1 = noise end):
 an affine map of EDM's c_noise = ln(sigma) / 4; the backbone's time_scale (1000) spreads it over
 the sinusoidal embedding. sigma_data (0.5 for data in [-1, 1]) is a config key for data of other
 scales (toy 2D data).
+
+Noise: objective.noise='student_t' draws n (the loss's shared noise), the sampler's start z and
+every re-noising z' from the multivariate Student-t t_D(0, I_D, nu) of Pandey et al.
+(arXiv:2410.14171; `common.draw_noise`), one chi^2 scale per example. That is flowjax's
+extension: neither paper trains consistency models with it. What is the paper's: the noisy point
+x + sigma n with Student-t n is t-EDM's perturbation. What is not: t-EDM also puts the noise's
+standard deviation sigma sqrt(nu / (nu - 2)) in place of sigma in EDM's c_in, c_skip, c_out and
+loss weight; here c_skip, c_out and c_in stay the formulas above (which keep f(x, sigma_min) = x),
+so with Student-t noise the backbone's input c_in x has variance above 1 at large sigma (up to
+nu / (nu - 2) times).
 """
 
 import dataclasses
@@ -65,7 +75,8 @@ class Consistency:
   total_steps: K, the training steps over which the curriculum runs (experiments tie it to
     train.steps);
   huber_c: the pseudo-Huber constant; 0 picks 0.00054 sqrt(D);
-  label_dropout: probability of the null label (index num_classes) during training.
+  label_dropout: probability of the null label (index num_classes) during training;
+  noise, noise_nu: the noise law ("gaussian" or "student_t" with nu degrees of freedom).
   """
   # The unweighted error the trainer logs as "error": the mean squared distance per dimension
   # between the student and the teacher, before the pseudo-Huber distance and the 1 /
@@ -85,12 +96,16 @@ class Consistency:
   total_steps: int = 400_000
   huber_c: float = 0.0
   label_dropout: float = 0.0
+  noise: str = "gaussian"
+  noise_nu: float = common.DEFAULT_NU
 
   DEFAULTS: ClassVar[dict] = dict(sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                                   p_mean=-1.1, p_std=2.0, initial_steps=10, final_steps=1280,
-                                  total_steps=400_000, huber_c=0.0, label_dropout=0.0)
+                                  total_steps=400_000, huber_c=0.0, label_dropout=0.0,
+                                  **common.NOISE_DEFAULTS)
 
   def __post_init__(self):
+    common.check_noise(self.noise, self.noise_nu)
     if not 0.0 < self.sigma_min < self.sigma_max:
       raise ValueError(f"objective.sigma_min={self.sigma_min} and objective.sigma_max="
                        f"{self.sigma_max} must satisfy 0 < sigma_min < sigma_max (0.002, 80).")
@@ -192,7 +207,7 @@ class Consistency:
     x = batch["image"].astype(jnp.float32)
     sigma_key, noise_key, drop_key, model_key = jax.random.split(rng, 4)
     sigma, sigma_next = self.sample_sigma_pairs(sigma_key, x.shape[0], step)
-    noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+    noise = common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu, jnp.float32)
     cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
                               self.label_dropout, self.num_classes)
     loss, metrics = self.loss_at(params, x, cond, sigma, sigma_next, noise, model_key)
@@ -270,12 +285,13 @@ class Consistency:
     first_key, rest_key = jax.random.split(rng)
     shape = (num,) + self.image_shape
     f = lambda x, sigma: self.consistency_fn(params, x, jnp.full((num,), sigma), cond)
-    x = f(start_sigma * jax.random.normal(first_key, shape, jnp.float32), sigmas[0])
+    noise = lambda key: common.draw_noise(key, shape, self.noise, self.noise_nu, jnp.float32)
+    x = f(start_sigma * noise(first_key), sigmas[0])
 
     def step(x, inputs):
       sigma, key = inputs
       noise_scale = jnp.sqrt(sigma**2 - self.sigma_min**2)
-      return f(x + noise_scale * jax.random.normal(key, shape, jnp.float32), sigma), None
+      return f(x + noise_scale * noise(key), sigma), None
 
     x, _ = jax.lax.scan(step, x, (sigmas[1:], jax.random.split(rest_key, num_steps - 1)))
     return x

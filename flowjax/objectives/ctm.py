@@ -25,6 +25,17 @@ x_t / (1 - t) = x + sigma eps with sigma = t / (1 - t): dx_sigma / dsigma = (x_s
 (1 + sigma) at x_t = x_sigma / (1 + sigma), t = sigma / (1 + sigma). Its parameters live in
 TrainState.extra["teacher"] (sharded and checkpointed with the state); `load_extra` reads them
 from the teacher's workdir on a fresh start.
+
+Noise: objective.noise='student_t' draws eps (of x_t and of the DSM term), the sampler's start
+and gamma-sampling's re-noising from the multivariate Student-t t_D(0, I_D, nu) of Pandey et al.
+(arXiv:2410.14171; `common.draw_noise`), and the teacher must be a t-Flow teacher with the same
+noise (`check_teacher_noise`), whose PF-ODE then carries x + sigma eps of that law. This is
+flowjax's extension: neither paper distils CTM with it. The perturbation x + sigma eps and the
+DSM term's ||g - x||^2 are t-EDM's; EDM's c_skip, c_out, c_in and the DSM weight are kept (t-EDM
+would put sigma sqrt(nu / (nu - 2)) in place of sigma in them). Re-noising adds independent
+Student-t noise: with gamma = 1 (a jump to sigma_min first) the re-noised point is a Student-t
+perturbation of the jump's data estimate, as in training; with gamma < 1 the jump's remaining
+noise plus the added noise is not Student-t.
 """
 
 import dataclasses
@@ -142,6 +153,22 @@ def read_teacher(workdir: str, info, weights: str, method: str = "CTM"):
   return model, ("params",)
 
 
+def check_teacher_noise(workdir: str, noise: str, nu: float, method: str = "CTM") -> None:
+  """Raises TeacherError when the teacher in `workdir` was trained with another noise law than
+  objective.noise / objective.noise_nu: a distilled PF-ODE is that of the teacher's noise. A
+  teacher config without the keys predates them and was trained with Gaussian noise."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    objective = json.load(f).get("objective", {})
+  teacher = (objective.get("noise", "gaussian"), float(objective.get("noise_nu", nu)))
+  if teacher[0] != noise or (noise == "student_t" and teacher[1] != float(nu)):
+    described = lambda law, dof: law if law == "gaussian" else f"{law} with nu={dof:g}"
+    raise TeacherError(
+        f"objective.teacher_workdir={workdir!r} was trained with {described(*teacher)} noise, "
+        f"but this {method} run has objective.noise={noise!r}, objective.noise_nu={nu:g}: the "
+        "student's noisy points must follow the teacher's noise law. Set objective.noise and "
+        "objective.noise_nu to the teacher's, or train a teacher with this run's.")
+
+
 @OBJECTIVES.register("ctm")
 @dataclasses.dataclass(frozen=True)
 class CTM:
@@ -172,7 +199,9 @@ class CTM:
     [0, dsm_uniform_fraction] ("halflognormal");
   dsm_weighting: "karras" (sigma^2 + sd^2) / (sigma sd)^2 or "uniform";
   label_dropout: probability of the null label for the student (the teacher sees true labels);
-  sample_gamma: gamma of gamma-sampling (0 deterministic, 1 consistency-model multistep).
+  sample_gamma: gamma of gamma-sampling (0 deterministic, 1 consistency-model multistep);
+  noise, noise_nu: the noise law ("gaussian" or "student_t" with nu degrees of freedom), which
+    must be the teacher's.
   """
   # The unweighted error the trainer logs as "error": the CTM distance, without the DSM term and
   # its adaptive balance.
@@ -206,6 +235,8 @@ class CTM:
   dsm_weighting: str = "karras"
   label_dropout: float = 0.0
   sample_gamma: float = 0.0
+  noise: str = "gaussian"
+  noise_nu: float = common.DEFAULT_NU
 
   DEFAULTS: ClassVar[dict] = dict(
       teacher_workdir="", teacher_weights="ema", teacher_guidance=1.0, sigma_min=0.002,
@@ -213,9 +244,11 @@ class CTM:
       heun_step_strategy="weighted", target_inner="ema", target_decay="", distance="l2",
       huber_c=0.0, dsm_weight=1.0, dsm_balance="adaptive", adaptive_layer="",
       dsm_sigma_sampler="halflognormal", dsm_p_mean=-1.2, dsm_p_std=1.2,
-      dsm_uniform_fraction=0.7, dsm_weighting="karras", label_dropout=0.0, sample_gamma=0.0)
+      dsm_uniform_fraction=0.7, dsm_weighting="karras", label_dropout=0.0, sample_gamma=0.0,
+      **common.NOISE_DEFAULTS)
 
   def __post_init__(self):
+    common.check_noise(self.noise, self.noise_nu)
     _check_choice("teacher_weights", self.teacher_weights, TEACHER_WEIGHTS)
     _check_choice("heun_step_strategy", self.heun_step_strategy, HEUN_STEP_STRATEGIES)
     _check_choice("target_inner", self.target_inner, TARGET_INNER)
@@ -244,6 +277,7 @@ class CTM:
     keys = {key: config[key] for key in cls.DEFAULTS}
     teacher_model, teacher_key = read_teacher(config.teacher_workdir, info,
                                               config.teacher_weights)
+    check_teacher_noise(config.teacher_workdir, config.noise, config.noise_nu)
     return cls(model=model, image_shape=tuple(info.image_shape), num_classes=info.num_classes,
                teacher_model=teacher_model, teacher_key=teacher_key, **keys)
 
@@ -423,7 +457,7 @@ class CTM:
     heun_key, index_key, noise_key, dsm_key, drop_key, model_key = jax.random.split(rng, 6)
     num_steps = self.sample_heun_steps(heun_key)
     n_t, n_s = self.sample_indices(index_key, x.shape[0], num_steps)
-    eps = jax.random.normal(noise_key, x.shape, jnp.float32)
+    eps = common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu, jnp.float32)
     labels = common.labels(batch, self.num_classes)
     cond = common.drop_labels(labels, drop_key, self.label_dropout, self.num_classes)
     return self.loss_at(params, self.target_params(view), view["extra"]["teacher"], x, cond,
@@ -459,7 +493,8 @@ class CTM:
     floor = jnp.full_like(sigma_s, self.sigma_min)
     sigma_key, dsm_noise_key = jax.random.split(dsm_key)
     sigma_dsm = self.dsm_noise_levels(sigma_key, x.shape[0])
-    x_dsm = x + paths.expand(sigma_dsm, x) * jax.random.normal(dsm_noise_key, x.shape, jnp.float32)
+    dsm_noise = self.draw_noise(dsm_noise_key, x.shape, jnp.float32)
+    x_dsm = x + paths.expand(sigma_dsm, x) * dsm_noise
     if self.dsm_weighting == "karras":
       dsm_w = (sigma_dsm ** 2 + self.sigma_data ** 2) / (sigma_dsm * self.sigma_data) ** 2
     else:
@@ -508,8 +543,13 @@ class CTM:
 
   # Sampling.
 
+  def draw_noise(self, rng, shape, dtype=None):
+    """Noise of objective.noise's law (`common.draw_noise`): [shape] with shape[0] examples."""
+    return common.draw_noise(rng, shape, self.noise, self.noise_nu, dtype)
+
   def sample(self, params, rng, num, cond=None, *, num_steps=1, method="karras", guidance=1.0):
-    """num samples by gamma-sampling (objective.sample_gamma) from x ~ N(0, sigma_max^2 I) along
+    """num samples by gamma-sampling (objective.sample_gamma) from x = sigma_max z (z ~ N(0, I),
+    or Student-t with objective.noise) along
     a Karras grid of num_steps steps to sigma_min. cond: [num] labels or None. The teacher's
     guidance is distilled in (objective.teacher_guidance), so `guidance` must be 1.0."""
     if method not in SAMPLE_METHODS:
@@ -519,7 +559,7 @@ class CTM:
       raise ValueError(f"sample.guidance={guidance}: CTM distils the teacher's guidance "
                        "(objective.teacher_guidance); use sample.guidance=1.0.")
     noise_key, gamma_key = jax.random.split(rng)
-    x = self.sigma_max * jax.random.normal(noise_key, (num,) + self.image_shape, jnp.float32)
+    x = self.sigma_max * self.draw_noise(noise_key, (num,) + self.image_shape, jnp.float32)
     grid = ctm_sampler.karras_grid(num_steps, self.sigma_max, self.sigma_min, self.rho)
     fn = lambda x, t, s: self.trajectory_map(params, x, t, s, cond)
-    return ctm_sampler.gamma_sample(fn, x, grid, gamma_key, self.sample_gamma)
+    return ctm_sampler.gamma_sample(fn, x, grid, gamma_key, self.sample_gamma, self.draw_noise)

@@ -7,6 +7,13 @@ arXiv:2503.07565).
 flowjax conventions: t = 0 is data, t = 1 is noise, x_t = alpha_t x + sigma_t eps with
 eps ~ N(0, sigma_d^2 I); times are fed to the backbone in [0, 1], whose time_scale (1000) applies
 IMM's 1000 t scaling.
+
+objective.noise='student_t' draws eps = sigma_d eps' with eps' the multivariate Student-t of
+Pandey et al. (arXiv:2410.14171; `common.draw_noise`) in the loss, the sampler's start x_T and the
+restart samplers' re-noising. This is flowjax's extension, not part of either paper: IMM's DDIM
+step x_r = ddim(x_t, x, t, r) keeps the same noise, so x_r is on the Student-t path whatever the
+noise law, but c_in = 1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)) and the kernel bandwidth still
+assume noise of variance sigma_d^2 (Student-t noise has sigma_d^2 nu / (nu - 2)).
 """
 
 import dataclasses
@@ -117,15 +124,18 @@ class IMM:
   weight_b: float = 4.0
   label_dropout: float = 0.1
   label_groups: str = "mixed"
+  noise: str = "gaussian"
+  noise_nu: float = common.DEFAULT_NU
 
   DEFAULTS: ClassVar[dict] = dict(
       path="ot", f_type="euler_fm", time_embedding="stride", sigma_d=0.5, t_max=0.994,
       t_min=1e-3, time_sampler="uniform", eta_mean=-1.1, eta_std=2.0, mapping_k=12,
       mapping_eta_max=-1.0, mapping_eta_min=-1.0, mapping_min_gap=0.0, group_size=4,
       kernel="laplace", weighting="sigmoid", weight_a=2.0, weight_b=4.0, label_dropout=0.1,
-      label_groups="mixed")
+      label_groups="mixed", **common.NOISE_DEFAULTS)
 
   def __post_init__(self):
+    common.check_noise(self.noise, self.noise_nu)
     _check_choice("path", self.path, paths.PATHS)
     _check_choice("f_type", self.f_type, F_TYPES)
     _check_choice("time_embedding", self.time_embedding, TIME_EMBEDDINGS)
@@ -314,7 +324,8 @@ class IMM:
     time_key, noise_key, drop_key, model_key = jax.random.split(rng, 4)
     t, s = self.sample_times(time_key, num_groups)
     r = self.mapping(t, s)
-    eps = self.sigma_d * jax.random.normal(noise_key, x.shape, jnp.float32)
+    eps = self.sigma_d * common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu,
+                                           jnp.float32)
     cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
                               self.label_dropout, self.num_classes)
     if self.label_groups == "by_label" and cond is not None:
@@ -352,12 +363,15 @@ class IMM:
   # Sampling.
 
   def initial_noise(self, rng, num: int):
-    """x_T ~ N(0, sigma_d^2 I): [num, *image_shape] float32."""
-    return self.sigma_d * jax.random.normal(rng, (num,) + self.image_shape, jnp.float32)
+    """x_T = sigma_d eps, eps ~ N(0, I) (or Student-t, objective.noise): [num, *image_shape]
+    float32."""
+    return self.sigma_d * common.draw_noise(rng, (num,) + self.image_shape, self.noise,
+                                            self.noise_nu, jnp.float32)
 
   def sample(self, params, rng, num, cond=None, *, num_steps=1, method="uniform",
              guidance=1.0, times=()):
-    """num samples by pushforward from x_T ~ N(0, sigma_d^2 I) at t_max down to t_min.
+    """num samples by pushforward from x_T ~ N(0, sigma_d^2 I) (`initial_noise`) at t_max down to
+    t_min.
 
     method: "uniform" (grid uniform in t), "edm" (EDM-like in eta, rho = 7), "restart" and
     "restart_edm" (jump to t_min at every grid time, re-noise to the next one); `times`, when
@@ -402,6 +416,7 @@ class IMM:
     grid = self.time_grid(num_steps, method, times)
     if method.startswith("restart"):
       renoise = lambda x0, t, key: path.interpolate(
-          x0, self.sigma_d * jax.random.normal(key, x0.shape, jnp.float32), t)
+          x0, self.sigma_d * common.draw_noise(key, x0.shape, self.noise, self.noise_nu,
+                                               jnp.float32), t)
       return pushforward.restart(flow_map, x_start, grid, rng, renoise)
     return pushforward.pushforward(flow_map, x_start, grid)

@@ -11,6 +11,11 @@ velocity as the JVP tangent, and the guidance scale (and interval) as network in
 `MeanFlow` and `imf_prediction`.
 flowjax conventions: t = 0 is data, t = 1 is noise, z_t = (1 - t) x + t eps with
 eps ~ N(0, I), v = eps - x; times go to the backbone in [0, 1] (its time_scale applies 1000).
+objective.noise='student_t' draws eps, for both variants, from the multivariate Student-t of
+t-Flow (Pandey et al., arXiv:2410.14171; `common.draw_noise`) in the loss and as the sampler's
+z_1. The MeanFlow identity holds for any noise law (it is a property of the trajectories z_t), so
+the targets are unchanged; pairing it with Student-t noise is flowjax's extension, not part of
+either paper.
 """
 
 import contextlib
@@ -203,15 +208,18 @@ class MeanFlow:
   guidance_scale_max: float = 1.0
   guidance_scale_beta: float = 1.0
   guidance_interval: bool = True
+  noise: str = "gaussian"
+  noise_nu: float = common.DEFAULT_NU
 
   DEFAULTS: ClassVar[dict] = dict(
       time_sampler="logit_normal", time_mean=-0.4, time_std=1.0, pair_sampler="sorted",
       r_mean=-0.4, r_std=1.0, fraction_r_equals_t=0.75,
       error_reduction="mean", adaptive_p=1.0, adaptive_eps=0.01, guidance_w=1.0,
       guidance_kappa=0.0, guidance_t_min=0.0, guidance_t_max=1.0, label_dropout=0.1,
-      jvp_precision="float32", variant="meanflow", **IMF_DEFAULTS)
+      jvp_precision="float32", variant="meanflow", **IMF_DEFAULTS, **common.NOISE_DEFAULTS)
 
   def __post_init__(self):
+    common.check_noise(self.noise, self.noise_nu)
     _check_choice("time_sampler", self.time_sampler, TIME_SAMPLERS)
     _check_choice("pair_sampler", self.pair_sampler, PAIR_SAMPLERS)
     _check_choice("error_reduction", self.error_reduction, ERROR_REDUCTIONS)
@@ -456,7 +464,7 @@ class MeanFlow:
     keys = jax.random.split(rng, 5 if self.variant == "imf" else 4)
     time_key, noise_key, drop_key, model_key = keys[:4]
     t, r = self.sample_time_pairs(time_key, x.shape[0])
-    eps = jax.random.normal(noise_key, x.shape, jnp.float32)
+    eps = common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu, jnp.float32)
     cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
                               self.label_dropout, self.num_classes)
     guidance = self.sample_guidance(keys[4], r == t) if self.variant == "imf" else None
@@ -514,12 +522,13 @@ class MeanFlow:
     return loss, metrics
 
   def sample(self, params, rng, num, cond=None, *, num_steps=1, method="euler", guidance=1.0):
-    """num samples from z_1 ~ N(0, I) by num_steps uniform steps z_r = z_t - (t - r) u(z_t, t,
-    t - r); one step is z_0 = z_1 - u(z_1, 1, 1). cond: [num] labels or None. MeanFlow bakes
-    guidance into training, so `guidance` must be 1.0; iMF with guidance conditioning passes it
-    as omega (> 0; trained on [1, guidance_scale_max]) with the interval [guidance_t_min,
-    guidance_t_max] to the network."""
-    z1 = jax.random.normal(rng, (num,) + self.image_shape, jnp.float32)
+    """num samples from z_1 ~ N(0, I) (or Student-t, objective.noise) by num_steps uniform
+    steps z_r = z_t - (t - r) u(z_t, t, t - r); one step is z_0 = z_1 - u(z_1, 1, 1). cond:
+    [num] labels or None. MeanFlow bakes guidance into training, so `guidance` must be 1.0; iMF
+    with guidance conditioning passes it as omega (> 0; trained on [1, guidance_scale_max]) with
+    the interval [guidance_t_min, guidance_t_max] to the network."""
+    z1 = common.draw_noise(rng, (num,) + self.image_shape, self.noise, self.noise_nu,
+                           jnp.float32)
     if self.guidance_conditioned:
       if not guidance > 0:
         raise ValueError(f"sample.guidance={guidance}: iMF's guidance scale omega must be "

@@ -62,6 +62,17 @@ neither the weights nor the function outside training).
 Sampling (arXiv:2410.11081, Sec. 5): x = f(sigma_d z, t_max) with t_max = arctan(sigma_max /
 sigma_d) (sigma_max = 80); each further step re-noises x_t = cos(t) x + sin(t) sigma_d z' and
 applies f(x_t, t); two steps go through t_mid = 1.1.
+
+Noise: objective.noise='student_t' draws z = sigma_d eps with eps from the multivariate Student-t
+t_D(0, I_D, nu) of Pandey et al. (arXiv:2410.14171; `common.draw_noise`) in the loss, the
+sampler's start and its re-noising; sCD then needs a t-Flow teacher with the same noise
+(`ctm.check_teacher_noise`), and the TrigFlow <-> OT conversions above hold unchanged (they relate
+the two paths of one noise draw). This is flowjax's extension, not in either paper: TrigFlow's
+x_t = cos(t) x_0 + sin(t) z keeps the variance sigma_d^2 only for noise of variance sigma_d^2,
+and the network's input x_t / sigma_d, the time law and the sampler's t_max = arctan(sigma_max /
+sigma_d) are kept as they are although Student-t z has variance sigma_d^2 nu / (nu - 2); sCT's
+target velocity cos(t) z - sin(t) x_0 and the consistency tangent are the same formulas with the
+Student-t z.
 """
 
 import contextlib
@@ -259,7 +270,9 @@ class SCM:
     difference step along the unit-scaled tangent; jvp_precision: matmul precision of that pass;
   sigma_max, mid_time: the sampler's start t_max = arctan(sigma_max / sigma_d) and the second
     step's time (1.1);
-  label_dropout: probability of the null label for the student (the teacher sees true labels).
+  label_dropout: probability of the null label for the student (the teacher sees true labels);
+  noise, noise_nu: the noise law ("gaussian" or "student_t" with nu degrees of freedom; sCD's
+    teacher must have the same).
   """
   # The unweighted error the trainer logs as "error": the mean norm of the tangent g before its
   # normalisation, cos(t) df^-/dt (zero at the exact consistency function under sCD; under sCT
@@ -291,15 +304,19 @@ class SCM:
   sigma_max: float = 80.0
   mid_time: float = 1.1
   label_dropout: float = 0.0
+  noise: str = "gaussian"
+  noise_nu: float = common.DEFAULT_NU
 
   DEFAULTS: ClassVar[dict] = dict(
       mode="sct", teacher_workdir="", teacher_weights="ema", teacher_guidance=1.0,
       init_from_teacher=False, sigma_data=0.5, p_mean=-1.0, p_std=1.4, tangent_warmup_steps=10_000,
       tangent_normalization="norm", tangent_norm_c=0.1, weighting="adaptive",
       weighting_hidden=128, prior_weighting="none", jvp="autodiff", jvp_step=1e-3,
-      jvp_precision="float32", sigma_max=80.0, mid_time=1.1, label_dropout=0.0)
+      jvp_precision="float32", sigma_max=80.0, mid_time=1.1, label_dropout=0.0,
+      **common.NOISE_DEFAULTS)
 
   def __post_init__(self):
+    common.check_noise(self.noise, self.noise_nu)
     _check_choice("mode", self.mode, MODES)
     _check_choice("teacher_weights", self.teacher_weights, TEACHER_WEIGHTS)
     _check_choice("tangent_normalization", self.tangent_normalization, TANGENT_NORMALIZATIONS)
@@ -350,6 +367,8 @@ class SCM:
       method = "sCD" if config.mode == "scd" else "objective.init_from_teacher"
       teacher_model, teacher_key = ctm.read_teacher(config.teacher_workdir, info,
                                                     config.teacher_weights, method=method)
+      if config.mode == "scd":
+        ctm.check_teacher_noise(config.teacher_workdir, config.noise, config.noise_nu, "sCD")
     elif config.teacher_workdir:
       logging.warning("objective.teacher_workdir=%r is unused: objective.mode='sct' trains "
                       "without a teacher (objective.init_from_teacher=True would start from "
@@ -497,7 +516,8 @@ class SCM:
     x = batch["image"].astype(jnp.float32)
     time_key, noise_key, drop_key, model_key = jax.random.split(rng, 4)
     t = self.sample_times(time_key, x.shape[0])
-    z = self.sigma_data * jax.random.normal(noise_key, x.shape, jnp.float32)
+    z = self.sigma_data * common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu,
+                                            jnp.float32)
     labels = common.labels(batch, self.num_classes)
     cond = common.drop_labels(labels, drop_key, self.label_dropout, self.num_classes)
     teacher = view["extra"]["teacher"] if self.mode == "scd" else None
@@ -581,7 +601,8 @@ class SCM:
     shape = (num,) + self.image_shape
     keys = jax.random.split(rng, num_steps)
     t = jnp.asarray(self.sampling_times(num_steps, times), jnp.float32)
-    noise = lambda key: self.sigma_data * jax.random.normal(key, shape, jnp.float32)
+    noise = lambda key: self.sigma_data * common.draw_noise(key, shape, self.noise,
+                                                            self.noise_nu, jnp.float32)
     x = self.consistency_fn(params, noise(keys[0]), jnp.full((num,), t[0]), cond)
 
     def step(x, key_and_time):  # the later steps: one compiled network call in a scan

@@ -27,6 +27,12 @@ are flow-matching evaluations) use s_u + guidance (s_c - s_u) in both half steps
 reference bakes its CFG scale into that level; coarser levels inherit it by bootstrapping. Labels
 are never dropped in the self-consistency part; the flow-matching part drops them with
 probability label_dropout (null label = num_classes).
+
+Noise: objective.noise='student_t' draws eps from the multivariate Student-t of t-Flow (Pandey
+et al., arXiv:2410.14171; `common.draw_noise`) in both parts of the loss and as the sampler's
+start; flowjax's extension, not part of either paper. The targets are unchanged (they are
+properties of the trajectories), but target_clip, set for Gaussian noise and data in [-1, 1],
+clips x' and the targets of heavy-tailed points: raise it with heavy-tailed noise or data.
 """
 
 import dataclasses
@@ -85,7 +91,8 @@ class Shortcut:
   guidance: classifier-free guidance scale baked into the level-(L - 1) targets (1 = off; the
     reference uses 1.5 on ImageNet);
   label_dropout: probability of the null label in the flow-matching part;
-  sigma_min: noise left at the data end of the reference path (1e-5).
+  sigma_min: noise left at the data end of the reference path (1e-5);
+  noise, noise_nu: the noise law ("gaussian" or "student_t" with nu degrees of freedom).
   """
   model: nn.Module
   image_shape: tuple
@@ -97,12 +104,15 @@ class Shortcut:
   guidance: float = 1.0
   label_dropout: float = 0.1
   sigma_min: float = 1e-5
+  noise: str = "gaussian"
+  noise_nu: float = common.DEFAULT_NU
 
   DEFAULTS: ClassVar[dict] = dict(finest_steps=128, bootstrap_fraction=0.125, target_ema="",
                                   target_clip=4.0, guidance=1.0, label_dropout=0.1,
-                                  sigma_min=1e-5)
+                                  sigma_min=1e-5, **common.NOISE_DEFAULTS)
 
   def __post_init__(self):
+    common.check_noise(self.noise, self.noise_nu)
     steps = self.finest_steps
     if steps < 2 or steps & (steps - 1):
       raise ValueError(f"objective.finest_steps={steps} must be a power of two >= 2 (128 in the "
@@ -231,7 +241,7 @@ class Shortcut:
     x = batch["image"].astype(jnp.float32)
     count = int(x.shape[0] * self.bootstrap_fraction)
     noise_key, boot_key, time_key, drop_key, model_key = jax.random.split(rng, 5)
-    eps = jax.random.normal(noise_key, x.shape, jnp.float32)
+    eps = common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu, jnp.float32)
     labels = common.labels(batch, self.num_classes)
     parts = [self.flow_batch(x[count:], eps[count:], time_key)]
     if count:
@@ -261,10 +271,12 @@ class Shortcut:
     return jnp.mean(per_example), per_example
 
   def sample(self, params, rng, num, cond=None, *, num_steps=1, method="euler", guidance=1.0):
-    """num samples from N(0, I) at t = 1 in num_steps (a power of two up to finest_steps) steps
-    x_{t - d} = x_t - d s(x_t, t, log2(num_steps)); cond: [num] labels or None; guidance: CFG
-    scale applied at every step (1 = off, the usual choice when guidance is trained in)."""
-    x1 = jax.random.normal(rng, (num,) + self.image_shape, jnp.float32)
+    """num samples from the noise law (N(0, I) by default) at t = 1 in num_steps (a power of
+    two up to finest_steps) steps x_{t - d} = x_t - d s(x_t, t, log2(num_steps)); cond: [num]
+    labels or None; guidance: CFG scale applied at every step (1 = off, the usual choice when
+    guidance is trained in)."""
+    x1 = common.draw_noise(rng, (num,) + self.image_shape, self.noise, self.noise_nu,
+                           jnp.float32)
     level = shortcut_sampler.level_of(num_steps, self.finest_steps)
 
     def velocity(x, t, c):

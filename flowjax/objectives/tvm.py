@@ -56,6 +56,12 @@ Architecture (Sec. 4, App. B, Table 6): the paper's DiT changes are options of t
 (model.norm='rms', qk_norm, modulation_norm, linear_init='spectral', time_init; see
 flowjax/models/dit.py). The fused Flash-Attention JVP kernel of App. C is a CUDA/Triton kernel;
 here the JVP runs through XLA's attention (model.attention_impl='xla').
+
+Noise: objective.noise='student_t' draws eps from the multivariate Student-t of t-Flow (Pandey et
+al., arXiv:2410.14171; `common.draw_noise`) in the loss and as the sampler's start at t = 1; the
+terminal-velocity and flow-matching terms are unchanged (the flow map and the conditional
+velocity eps - x are properties of the trajectories). flowjax's extension, not part of either
+paper.
 """
 
 import dataclasses
@@ -137,7 +143,8 @@ class TVM:
     kept, an error when there are several; "current": the current parameters under
     stop-gradient, rate 0 in Table 4b);
   jvp ("autodiff" | "finite_difference"), jvp_step, jvp_precision: how dF/ds is computed (see
-    `scm.directional_derivative`); detach_jvp: stop the gradient through dF/ds (Sec. 7.4).
+    `scm.directional_derivative`); detach_jvp: stop the gradient through dF/ds (Sec. 7.4);
+  noise, noise_nu: the noise law ("gaussian" or "student_t" with nu degrees of freedom).
   """
   # The unweighted error the trainer logs as "error": the per-dimension mean squared error of
   # the terminal-velocity term (where t > s) plus that of the flow-matching term, averaged over
@@ -166,15 +173,18 @@ class TVM:
   jvp_step: float = 1e-3
   jvp_precision: str = "float32"
   detach_jvp: bool = False
+  noise: str = "gaussian"
+  noise_nu: float = common.DEFAULT_NU
 
   DEFAULTS: ClassVar[dict] = dict(
       time_sampler="gap", gap_mean=-0.8, gap_std=1.0, s_mean=-0.4, s_std=1.0, t_mean=1.0,
       t_std=1.0, fm_time="separate", fraction_t_equals_s=0.0, scaled_param=True,
       guidance_sampler="fixed", guidance_scale=1.0, guidance_min=1.0, guidance_max=4.0,
       label_dropout=0.1, target_ema="", jvp="autodiff", jvp_step=1e-3,
-      jvp_precision="float32", detach_jvp=False)
+      jvp_precision="float32", detach_jvp=False, **common.NOISE_DEFAULTS)
 
   def __post_init__(self):
+    common.check_noise(self.noise, self.noise_nu)
     _check_choice("time_sampler", self.time_sampler, TIME_SAMPLERS)
     _check_choice("fm_time", self.fm_time, FM_TIMES)
     _check_choice("guidance_sampler", self.guidance_sampler, GUIDANCE_SAMPLERS)
@@ -336,7 +346,7 @@ class TVM:
     x = batch["image"].astype(jnp.float32)
     time_key, noise_key, drop_key, guidance_key, model_key = jax.random.split(rng, 5)
     t, s, s_fm = self.sample_times(time_key, x.shape[0])
-    eps = jax.random.normal(noise_key, x.shape, jnp.float32)
+    eps = common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu, jnp.float32)
     cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
                               self.label_dropout, self.num_classes)
     w = self.sample_guidance(guidance_key, x.shape[0], cond)
@@ -386,10 +396,10 @@ class TVM:
 
   def sample(self, params, rng, num, cond=None, *, num_steps=1, method="uniform", guidance=1.0,
              times=()):
-    """num samples: x ~ N(0, I) at the grid's first time, then x <- x + (s - t) w F_theta(x, t,
-    s, c, w) for consecutive grid times t > s (Fig. 3), one network call per step, with
-    w = guidance (the network sees beta = 1 / w). cond: [num] labels or None. Returns
-    [num, ...] float32."""
+    """num samples: x ~ N(0, I) (or Student-t, objective.noise) at the grid's first time, then
+    x <- x + (s - t) w F_theta(x, t, s, c, w) for consecutive grid times t > s (Fig. 3), one
+    network call per step, with w = guidance (the network sees beta = 1 / w). cond: [num] labels
+    or None. Returns [num, ...] float32."""
     if method not in SAMPLE_METHODS:
       raise ValueError("sample.method: " + unknown_name_message("TVM sampling method", method,
                                                                 list(SAMPLE_METHODS)))
@@ -401,7 +411,8 @@ class TVM:
       raise ValueError(f"sample.guidance={guidance} must be >= 1 (TVM's network is trained "
                        "on beta = 1 / w in (0, 1]).")
     grid = self.sampling_grid(num_steps, times)
-    x1 = jax.random.normal(rng, (num,) + self.image_shape, jnp.float32)
+    x1 = common.draw_noise(rng, (num,) + self.image_shape, self.noise, self.noise_nu,
+                           jnp.float32)
     w = jnp.full((num,), guidance, jnp.float32)
     flow_map = lambda x, t, s: self.flow_map(params, x, t, s, w, cond)
     return pushforward.pushforward(flow_map, x1, grid)

@@ -24,13 +24,15 @@ def karras_grid(num_steps: int, sigma_max: float, sigma_min: float, rho: float =
   return grid.at[0].set(sigma_max).at[-1].set(sigma_min)
 
 
-def gamma_sample(trajectory_map, x_start, grid, rng, gamma: float):
+def gamma_sample(trajectory_map, x_start, grid, rng, gamma: float, draw_noise=None):
   """gamma-sampling along `grid`.
 
   trajectory_map: (x: [B, ...], t: [B], s: [B]) -> [B, ...], noise levels in sigma units;
   x_start: [B, ...] at grid[0] (e.g. sigma_max z); grid: [N + 1] decreasing, grid[-1] = sigma_min;
-  rng: key for the re-noising; gamma in [0, 1]. Returns [B, ...] at sigma_min.
+  rng: key for the re-noising; gamma in [0, 1]; draw_noise: (key, shape, dtype) -> the unit
+  noise z of the re-noising (None: jax.random.normal). Returns [B, ...] at sigma_min.
   """
+  draw_noise = draw_noise or jax.random.normal
   if not 0.0 <= gamma <= 1.0:
     raise ValueError(f"objective.sample_gamma={gamma} must be in [0, 1] (0: deterministic "
                      "jumps along the ODE trajectory, 1: consistency-model multistep).")
@@ -45,7 +47,7 @@ def gamma_sample(trajectory_map, x_start, grid, rng, gamma: float):
                   jnp.maximum(jnp.sqrt(1.0 - gamma ** 2) * t_next, sigma_min))
     x = trajectory_map(x, jnp.full((batch,), t), jnp.full((batch,), s))
     noise_std = jnp.where(is_last, 0.0, jnp.sqrt(jnp.maximum(t_next ** 2 - s ** 2, 0.0)))
-    return x + noise_std * jax.random.normal(key, x.shape, x.dtype), None
+    return x + noise_std * draw_noise(key, x.shape, x.dtype), None
 
   keys = jax.random.split(rng, num_steps)
   x, _ = jax.lax.scan(step, x_start, (grid[:-1], grid[1:], last, keys))
