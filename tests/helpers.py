@@ -55,6 +55,29 @@ def run_batch_errors(config, states):
                for i in (0, 1))
 
 
+def tiny_run_errors(config, workdir, **train_overrides):
+  """Trains `config` in `workdir` (pathlib.Path) logging every step, checks that it ran every step
+  without skipping, that the step-1 loss and error it logged are those of the first global batch
+  at the initial state (`run_batch_errors`, rtol 1e-5) and that it wrote its sample grid, and
+  returns the errors [2, steps] of every batch at the initial and the trained state."""
+  import json
+  from flowjax import config as config_lib, train
+  config_lib.validate(config, 8)
+  with config.unlocked():
+    config.train.update(dict(log_every=1, **train_overrides))
+    config.ckpt.every_steps = 0
+  state = train.run(config, str(workdir))
+  assert int(state.step) == config.train.steps and int(state.skipped) == 0
+  with open(workdir / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == list(range(1, config.train.steps + 1))
+  losses, errors = run_batch_errors(config, [None, state])
+  np.testing.assert_allclose(records[0]["loss"], losses[0, 0], rtol=1e-5)
+  np.testing.assert_allclose(records[0]["error"], errors[0, 0], rtol=1e-5)
+  assert (workdir / "samples" / f"step_{config.train.steps}.png").exists()
+  return errors
+
+
 def interrupt_while_reading(patch, batch: int, sig):
   """Makes every data.build of the run send `sig` to this process while global batch `batch`
   (1-based) is read, so the run finishes that step, saves it and returns. `patch` is a pytest

@@ -93,6 +93,36 @@ def draw_noise(rng, shape, kind: str = "gaussian", nu: float = DEFAULT_NU, dtype
   return n * jnp.reshape(scale, (shape[0],) + (1,) * (len(shape) - 1))
 
 
+# objective.target_ema: the current parameters under stop-gradient (an EMA of rate 0).
+CURRENT_PARAMS = "current"
+
+
+def ema_target(params, view, target_ema: str, objective: str, example: str):
+  """The parameters an objective builds its targets from, under stop-gradient: the EMA of
+  optim.ema_decays named by `target_ema` (its key, e.g. "0.99"; "" takes the only one kept),
+  or `params` itself for CURRENT_PARAMS. view: the step's {"ema": {...}, ...}. Errors name the
+  objective and `example`, a setting that works (e.g. "(0.9999, 0.99) with
+  objective.target_ema='0.99'")."""
+  if target_ema == CURRENT_PARAMS:
+    return jax.lax.stop_gradient(params)
+  ema = (view or {}).get("ema") or {}
+  if not ema:
+    raise ValueError(f"objective '{objective}' builds its targets from an EMA of the parameters, "
+                     f"but the trainer keeps none; set optim.ema_decays (e.g. {example}) or "
+                     f"objective.target_ema='{CURRENT_PARAMS}'.")
+  if not target_ema and len(ema) > 1:
+    # A pytree's dict keys come back sorted, so "the first" of several would not be the first
+    # listed in optim.ema_decays: the choice must be explicit.
+    raise ValueError(f"optim.ema_decays has several decays {sorted(ema)}; set "
+                     f"objective.target_ema to the one {objective}'s targets use.")
+  key = target_ema or next(iter(ema))
+  if key not in ema:
+    raise ValueError(f"objective.target_ema={target_ema!r} is not one of the EMA decays the "
+                     f"trainer keeps, {sorted(ema)}; use one of them, '' (the only one) or "
+                     f"'{CURRENT_PARAMS}'.")
+  return jax.lax.stop_gradient(ema[key])
+
+
 def mean_per_example(x):
   """[B, ...] -> [B] mean over all but the first axis."""
   return jnp.mean(jnp.reshape(x, (x.shape[0], -1)), axis=1)

@@ -49,7 +49,7 @@ from flowjax.registry import OBJECTIVES
 from flowjax.samplers import ode
 from flowjax.samplers import shortcut as shortcut_sampler
 
-CURRENT_PARAMS = "current"
+CURRENT_PARAMS = common.CURRENT_PARAMS
 
 
 def from_reference_time(t_ref):
@@ -166,24 +166,7 @@ class Shortcut:
 
   def target_params(self, params, view):
     """The parameters that build the self-consistency targets (no gradient flows into them)."""
-    if self.target_ema == CURRENT_PARAMS:
-      return jax.lax.stop_gradient(params)
-    ema = (view or {}).get("ema") or {}
-    if not ema:
-      raise ValueError("objective 'shortcut' builds its targets from EMA parameters, but the "
-                       "trainer keeps none; set optim.ema_decays (e.g. (0.999,)) or "
-                       f"objective.target_ema='{CURRENT_PARAMS}'.")
-    if not self.target_ema and len(ema) > 1:
-      # A pytree's dict keys come back sorted, so "the first" of several would not be the first
-      # listed in optim.ema_decays: the choice must be explicit.
-      raise ValueError(f"optim.ema_decays has several decays {sorted(ema)}; set "
-                       "objective.target_ema to the one Shortcut's targets use.")
-    key = self.target_ema or next(iter(ema))
-    if key not in ema:
-      raise ValueError(f"objective.target_ema={self.target_ema!r} is not one of the EMA decays "
-                       f"the trainer keeps, {sorted(ema)}; use one of them, '' (the only one) or "
-                       f"'{CURRENT_PARAMS}'.")
-    return jax.lax.stop_gradient(ema[key])
+    return common.ema_target(params, view, self.target_ema, "shortcut", "(0.999,)")
 
   def bootstrap_levels(self, rng, count: int):
     """[count] int32 levels in 0 .. L - 1: the levels L - 1, L - 2, ..., 0 in turn from a random

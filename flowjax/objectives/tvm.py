@@ -84,7 +84,7 @@ JVP_METHODS = scm.JVP_METHODS
 JVP_PRECISIONS = scm.JVP_PRECISIONS
 SAMPLE_METHODS = ("uniform",)
 # objective.target_ema: the current parameters under stop-gradient (EMA rate 0, Table 4b).
-CURRENT_PARAMS = "current"
+CURRENT_PARAMS = common.CURRENT_PARAMS
 
 
 def _check_choice(key: str, value: str, allowed) -> None:
@@ -275,23 +275,8 @@ class TVM:
   def target_params(self, params, view):
     """theta^-: the EMA named by objective.target_ema (or the current parameters), under
     stop-gradient."""
-    if self.target_ema == CURRENT_PARAMS:
-      return jax.lax.stop_gradient(params)
-    ema = (view or {}).get("ema") or {}
-    if not ema:
-      raise ValueError("objective 'tvm' takes its targets from an EMA of the parameters, but the "
-                       "trainer keeps none; set optim.ema_decays (e.g. (0.9999, 0.99) with "
-                       "objective.target_ema='0.99', as the paper) or "
-                       f"objective.target_ema='{CURRENT_PARAMS}'.")
-    if not self.target_ema and len(ema) > 1:
-      raise ValueError(f"optim.ema_decays has several decays {sorted(ema)}; set "
-                       "objective.target_ema to the one TVM's targets use (the paper: 0.99).")
-    key = self.target_ema or next(iter(ema))
-    if key not in ema:
-      raise ValueError(f"objective.target_ema={self.target_ema!r} is not one of the EMA decays "
-                       f"the trainer keeps, {sorted(ema)}; use one of them, '' (the only one) or "
-                       f"'{CURRENT_PARAMS}'.")
-    return jax.lax.stop_gradient(ema[key])
+    return common.ema_target(params, view, self.target_ema, "tvm",
+                             "(0.9999, 0.99) with objective.target_ema='0.99', as the paper")
 
   # Draws.
 
