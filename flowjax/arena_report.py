@@ -22,7 +22,12 @@ LABELS = {"flow_matching": "flow matching (Euler)", "imm": "IMM (pushforward)",
           "starflow": "STARFlow (one exact pass)", "sct": "sCT (TrigFlow)",
           "scd": "sCD (TrigFlow, from flow matching)",
           "imm_by_label": "IMM, groups by label", "tvm": "TVM (terminal velocity)",
-          "imf": "iMF (improved MeanFlow)"}
+          "imf": "iMF (improved MeanFlow)", "t_flow": "t-Flow (Student-t noise, nu = 3)",
+          "t_flow_nu10": "t-Flow (nu = 10)",
+          "meanflow_t": "MeanFlow, Student-t noise (nu = 3)"}
+# Captions of the tables of a suite's further metrics (SUITES[...]["extra_metrics"]).
+EXTRA_METRICS = {"tail_error": "Tail-quantile error (mean relative error of the 0.99 and 0.999 "
+                               "quantiles of |x| per axis)"}
 # Two entries whose means differ by more than this many times the larger of their standard
 # deviations over seeds are told apart by the table; closer ones are not.
 RESOLVED_STDS = 2.0
@@ -163,6 +168,13 @@ def markdown(record: dict) -> str:
     lines += ["", f"Range of {metric} over seeds [min, max]:", ""] + _table(
         record, metric, columns, lambda s: f"[{s['min']:.4g}, {s['max']:.4g}]"
         + ("" if s["n"] == len(seeds) else f" ({s['n']} seeds)"))
+  for key, floor_values in record.get("extra_metrics", {}).items():
+    lines += ["", f"{EXTRA_METRICS.get(key, key)} (lower is better):", ""]
+    lines += _table(record, key, columns, lambda s: _mean_std(s, ".3g"), "lower")
+    if floor_values:
+      s = statistics(floor_values)
+      lines += ["", f"Real-data floor of {key}: {_mean_std(s, '.3g')}, range [{s['min']:.3g}, "
+                f"{s['max']:.3g}]."]
   if any("accuracy" in r["metrics"] for r in record["results"]):
     lines += ["", "Classifier accuracy of class-conditional samples (higher is better):", ""]
     lines += _table(record, "accuracy", columns, lambda s: _mean_std(s, ".3f"), "higher")

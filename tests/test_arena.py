@@ -55,6 +55,36 @@ def test_toy2d_arena_writes_table_and_plot(tmp_path, monkeypatch):
     assert (tmp_path / method / "checkpoints" / "2").is_dir()
 
 
+def test_heavy_tail_arena_compares_noise_laws_and_reports_the_tail_error(tmp_path, monkeypatch):
+  suite = dict(arena.SUITES["toy2d_heavy"])
+  suite["methods"] = {name: (experiment, [1], method, *extra)
+                      for name, (experiment, _, method, *extra) in suite["methods"].items()
+                      if name in ("flow_matching", "t_flow", "meanflow_t")}
+  suite["overrides"] = dict(suite["overrides"], **{"model.hidden_size": 32, "model.depth": 1,
+                                                  "train.batch_size": 64})
+  suite["num_samples"] = 256
+  monkeypatch.setitem(arena.SUITES, "toy2d_heavy", suite)
+  arena.run("toy2d_heavy", str(tmp_path), budget=2)
+  noise = {}
+  for method in suite["methods"]:
+    saved = json.loads((tmp_path / method / "config.json").read_text())
+    assert saved["data"]["toy_distribution"] == "student_t"
+    noise[method] = (saved["objective"]["noise"], saved["objective"]["noise_nu"])
+  assert noise["flow_matching"][0] == "gaussian"
+  assert noise["t_flow"] == noise["meanflow_t"] == ("student_t", 3.0)
+  record = json.loads((tmp_path / "arena.json").read_text())
+  floors = record["extra_metrics"]["tail_error"]
+  assert len(floors) == arena.FLOOR_SEEDS and all(f > 0 for f in floors)
+  assert all("tail_error" in r["metrics"] for r in record["results"])
+  table = (tmp_path / "arena.md").read_text()
+  caption = arena_report.EXTRA_METRICS["tail_error"]
+  assert f"{caption} (lower is better):" in table
+  tail_table = table.split(caption)[1]
+  for method in suite["methods"]:
+    assert f"| {arena_report.LABELS[method]} |" in tail_table
+  assert "Real-data floor of tail_error:" in tail_table
+
+
 def test_an_unknown_method_name_stops_before_anything_runs(tmp_path):
   import subprocess
   import sys
