@@ -19,6 +19,20 @@ On CPU the bench starts XLA with sharding.CPU_XLA_FLAGS added to XLA_FLAGS, as f
 (unless XLA_FLAGS already sets them, or this jaxlib rejects them): see
 `sharding.use_cpu_xla_flags`.
 
+python -m flowjax.bench --objectives=fm_toy2d,imm_toy2d,... [--set=KEY=VALUE,...] [--rounds=R]
+                        [--steps=N] [--out=FILE.json]
+
+The train-step cost of several experiments against the first: every step is compiled first,
+then each round times --steps steps of every experiment in turn (after 2 warm-up steps), so that
+a load that drifts during the run moves all of them alike; the figure is the median over rounds
+of each round's median step time, and the ratio to the first experiment is taken within each
+round before its median. --set applies the same dotted overrides to every experiment (those an
+experiment lacks are left out, as in the arena). An experiment that distils a flow-matching
+teacher (objective.teacher_workdir) gets one made by a one-step flow-matching run of the same
+data and backbone: a teacher's weights do not change the step's cost.
+python -m flowjax.bench --report=FILE.json prints the table of such a result file (the README's
+table is generated from it and checked by tests/test_bench.py).
+
 python -m flowjax.bench --data_loading [--data_workers=0,2] [--out=FILE.json]
 
 Examples/s of the sources that read your own images (folder:, arrays: .npy memory-mapped and
@@ -65,6 +79,13 @@ _DATA_SECONDS = flags.DEFINE_float("data_seconds", 4.0, "With --data_loading: ti
                                    "source and setting, after the first batch.")
 _FOLDER_IMAGES = flags.DEFINE_integer("folder_images", 3000, "With --data_loading: PNG files of "
                                       "64x64x3 in the generated folder (10 classes).")
+_OBJECTIVES = flags.DEFINE_list(
+    "objectives", None, "Instead of one config, time the train step of each of these "
+    "experiments (experiments/<name>.py) against the first, in interleaved rounds.")
+_SET = flags.DEFINE_list("set", [], "With --objectives: KEY=VALUE config overrides applied to "
+                         "every experiment (values parsed as Python literals where they parse).")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "With --objectives: timing rounds.")
+_REPORT = flags.DEFINE_string("report", None, "Print the table of an --objectives result file.")
 _ARRAY_IMAGES = flags.DEFINE_integer("array_images", 50_000, "With --data_loading: 32x32x3 uint8 "
                                      "images in the generated .npy and .npz.")
 
@@ -276,6 +297,112 @@ def benchmark(config, steps: int, sample_repeats: int) -> dict:
   return result
 
 
+def parse_overrides(items) -> dict:
+  """["model.depth=4", "sample.method=euler", ...] -> {"model.depth": 4, "sample.method":
+  "euler"}: values are Python literals where they parse, strings otherwise."""
+  import ast
+  overrides = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise app.UsageError(f"--set entry {item!r} is not KEY=VALUE (e.g. model.depth=4).")
+    try:
+      overrides[key.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key.strip()] = value
+  return overrides
+
+
+def _objective_config(experiment: str, overrides: dict, teacher_dir: str):
+  """The locked config of `experiment` with the overrides it has keys for; a distilling
+  experiment with no teacher gets a one-step flow-matching teacher written to `teacher_dir`."""
+  from flowjax import config as config_lib, train
+  keys = config_lib.flatten(config_lib.load_experiment(experiment))
+  own = {k: v for k, v in overrides.items() if k in keys}
+  if "objective.teacher_workdir" in keys and not own.get("objective.teacher_workdir"):
+    if not os.path.isdir(os.path.join(teacher_dir, "checkpoints")):
+      teacher_keys = config_lib.flatten(config_lib.load_experiment("fm_toy2d.py"))
+      source = config_lib.load_experiment(experiment, **own)
+      teacher = {k: v for k, v in config_lib.flatten(source).items()
+                 if k.split(".")[0] in ("model", "data") and k in teacher_keys}
+      train.run(config_lib.load_experiment(
+          "fm_toy2d.py", **teacher, **{"train.steps": 1, "ckpt.every_steps": 1,
+                                      "sample.every_steps": 0}), teacher_dir)
+    own["objective.teacher_workdir"] = teacher_dir
+  return config_lib.load_experiment(experiment, **own)
+
+
+def objective_costs(experiments, overrides: dict, steps: int, rounds: int) -> dict:
+  """Median train-step seconds of each experiment and its ratio to the first (see the module
+  docstring), from interleaved timing rounds."""
+  import jax
+  from flowjax import data, sharding, train
+  if len(experiments) < 2:
+    raise app.UsageError("--objectives needs at least two experiments (the first is the "
+                         "baseline).")
+  runs = []
+  with tempfile.TemporaryDirectory() as teacher_dir:
+    for name in experiments:
+      config = _objective_config(name, overrides, teacher_dir)
+      setup = train.build(config)
+      compiled, _, _ = train.compile_step(setup)
+      with train.context(setup):
+        state = setup.init_fn()
+      batches = data.build(config.data, split="train",
+                           global_batch_size=config.train.batch_size, seed=config.seed,
+                           sharding=sharding.batch_sharding(setup.mesh))
+      held = [next(batches) for _ in range(min(steps, 10))]
+      batches.close()
+      runs.append(dict(name=name, config=config, setup=setup, compiled=compiled, state=state,
+                       held=held, medians=[]))
+  for _ in range(rounds):
+    for run in runs:
+      times = []
+      with train.context(run["setup"]):
+        for i in range(steps + 2):
+          start = time.perf_counter()
+          run["state"], step_metrics = run["compiled"](run["state"],
+                                                       run["held"][i % len(run["held"])])
+          jax.block_until_ready((run["state"], step_metrics))
+          times.append(time.perf_counter() - start)
+      run["medians"].append(statistics.median(times[2:]))
+  base = runs[0]["medians"]
+  return {"set": [f"{k}={v}" for k, v in overrides.items()], "steps_per_round": steps,
+          "rounds": rounds, "objectives": [
+              {"experiment": run["name"], "objective": run["config"].objective.name,
+               "variant": run["config"].objective.get(
+                   "variant", run["config"].objective.get("mode", "")),
+               "batch_size": run["config"].train.batch_size,
+               "num_params": sum(x.size for x in jax.tree.leaves(run["state"].params)),
+               "step_seconds_median": round(statistics.median(run["medians"]), 5),
+               "step_seconds_rounds": [round(m, 5) for m in run["medians"]],
+               "ratio_to_first": round(statistics.median(
+                   [m / b for m, b in zip(run["medians"], base)]), 3),
+               "ratio_rounds": [round(m / b, 3) for m, b in zip(run["medians"], base)]}
+              for run in runs]}
+
+
+def objective_table(record: dict) -> str:
+  """The markdown table of an --objectives result file, and the line that says where it comes
+  from."""
+  lines = ["| experiment | objective | step | / " + record["objectives"][0]["experiment"]
+           + " | range of the ratio over rounds |", "|---|---|---|---|---|"]
+  for row in record["objectives"]:
+    name = row["objective"] + (f" ({row['variant']})" if row["variant"] else "")
+    ratios = row["ratio_rounds"]
+    lines.append(f"| `{row['experiment']}` | {name} | {row['step_seconds_median']:.4g} s | "
+                 f"{row['ratio_to_first']:.2f} | [{min(ratios):.2f}, {max(ratios):.2f}] |")
+  machine = record["machine"]
+  lines += ["", f"Produced by `{record['command']}` at commit {record['commit'][:10]}"
+            f"{' with uncommitted changes' if record.get('uncommitted_changes') else ''}, "
+            f"{record['date']}, on {machine.get('cpu', '?')} ({machine.get('cpu_count', '?')} "
+            f"cores, jax {machine.get('jax', '?')}), load average "
+            f"{record['load_average_1min_before']} before and "
+            f"{record['load_average_1min_after']} after; {record['rounds']} rounds of "
+            f"{record['steps_per_round']} steps."]
+  return "\n".join(lines) + "\n"
+
+
 def autoregressive_sampling(config, methods, workdir: str | None = None,
                             repeats: int = 3) -> dict:
   """Samples/s of each decoder ("kv_cache", "jacobi", "naive") of an autoregressive flow, with
@@ -439,11 +566,28 @@ def main(argv):
   del argv
   from flowjax import metrics, sharding
   metrics.quiet_libraries()
+  if _REPORT.value:
+    with open(_REPORT.value) as f:
+      print(objective_table(json.load(f)), end="")
+    return
   if _DATA_LOADING.value:
     _write_result(_data_loading_result())
     return
+  if _OBJECTIVES.value:
+    overrides = parse_overrides(_SET.value)
+    added = sharding.use_cpu_xla_flags() if _CPU_XLA_FLAGS.value else []
+    sharding.start_runtime(_NUM_CPU_DEVICES.value)
+    record = {"command": " ".join(["python -m flowjax.bench"] + sys.argv[1:]),
+              **provenance.commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
+              "machine": _machine(), "xla_flags_added_by_bench": added,
+              "load_average_1min_before": round(os.getloadavg()[0], 2)}
+    result = objective_costs(_OBJECTIVES.value, overrides, _STEPS.value, _ROUNDS.value)
+    _write_result({**record, "load_average_1min_after": round(os.getloadavg()[0], 2),
+                   **result})
+    return
   if _CONFIG.value is None:
-    raise app.UsageError("Give --config=experiments/X.py (or --data_loading).")
+    raise app.UsageError("Give --config=experiments/X.py (or --objectives=..., "
+                         "--data_loading).")
   added = sharding.use_cpu_xla_flags() if _CPU_XLA_FLAGS.value else []
   sharding.start_runtime(_NUM_CPU_DEVICES.value)
   record = {"command": " ".join(["python -m flowjax.bench"] + sys.argv[1:]),

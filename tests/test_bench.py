@@ -114,3 +114,29 @@ def test_the_bench_reports_flops_and_mfu_of_the_step_and_the_sampler(tmp_path):
   assert step["mfu"] == pytest.approx(
       step["achieved_flops_per_sec"] / result["peak_flops_per_sec"], abs=1e-4)
   assert result["sample_utilisation"]["flops"] > 0
+
+
+OBJECTIVE_COSTS = "experiments/results/objective_costs_toy2d_2cpu.json"
+
+
+def test_objective_costs_time_every_experiment_against_the_first_and_give_ctm_a_teacher():
+  overrides = bench.parse_overrides(["model.hidden_size=16", "model.depth=1",
+                                     "train.batch_size=32", "model.num_heads=4"])
+  assert overrides == {"model.hidden_size": 16, "model.depth": 1, "train.batch_size": 32,
+                       "model.num_heads": 4}
+  result = bench.objective_costs(["fm_toy2d", "ctm_toy2d", "meanflow_toy2d"], overrides,
+                                 steps=1, rounds=2)
+  rows = {row["experiment"]: row for row in result["objectives"]}
+  assert rows["fm_toy2d"]["ratio_rounds"] == [1.0, 1.0]
+  for row in rows.values():
+    assert row["batch_size"] == 32 and len(row["step_seconds_rounds"]) == 2
+    # Each round's ratio is that round's step time over the first experiment's.
+    base = rows["fm_toy2d"]["step_seconds_rounds"]
+    assert row["ratio_rounds"] == pytest.approx(
+        [m / b for m, b in zip(row["step_seconds_rounds"], base)], rel=0.02)
+  assert rows["ctm_toy2d"]["objective"] == "ctm"
+  # The shared overrides an experiment lacks (an MLP's num_heads) are left out, not errors.
+  assert rows["meanflow_toy2d"]["num_params"] < rows["ctm_toy2d"]["num_params"] * 2
+  with pytest.raises(Exception, match="KEY=VALUE"):
+    bench.parse_overrides(["model.depth"])
+
