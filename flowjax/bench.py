@@ -388,7 +388,8 @@ def objective_table(record: dict) -> str:
   lines = ["| experiment | objective | step | / " + record["objectives"][0]["experiment"]
            + " | range of the ratio over rounds |", "|---|---|---|---|---|"]
   for row in record["objectives"]:
-    name = row["objective"] + (f" ({row['variant']})" if row["variant"] else "")
+    variant = row["variant"] if row["variant"] != row["objective"] else ""
+    name = row["objective"] + (f" ({variant})" if variant else "")
     ratios = row["ratio_rounds"]
     lines.append(f"| `{row['experiment']}` | {name} | {row['step_seconds_median']:.4g} s | "
                  f"{row['ratio_to_first']:.2f} | [{min(ratios):.2f}, {max(ratios):.2f}] |")

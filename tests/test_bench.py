@@ -140,3 +140,15 @@ def test_objective_costs_time_every_experiment_against_the_first_and_give_ctm_a_
   with pytest.raises(Exception, match="KEY=VALUE"):
     bench.parse_overrides(["model.depth"])
 
+
+def test_the_readme_objective_cost_table_is_generated_from_its_committed_file():
+  with open(os.path.join(ROOT, OBJECTIVE_COSTS)) as f:
+    record = json.load(f)
+  names = [row["experiment"] for row in record["objectives"]]
+  assert names[0] == "fm_toy2d" and {"tvm_toy2d", "imf_toy2d", "ctm_toy2d"} <= set(names)
+  table = bench.objective_table(record)
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = f.read()
+  assert table in readme, (
+      f"The README's objective step-cost table differs from {OBJECTIVE_COSTS}; print it with "
+      f"python -m flowjax.bench --report={OBJECTIVE_COSTS} and paste it.")
