@@ -169,12 +169,14 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
 
 
 def restore_params(workdir: str, abstract_params, key: str | tuple[str, ...] = "params",
-                   source: str = "ckpt.init_from"):
+                   source: str = "ckpt.init_from", skip: tuple[str, ...] = ()):
   """A parameter subtree of the newest readable checkpoint in another run's `workdir`.
 
   abstract_params: tree of jax.ShapeDtypeStruct with shardings (the current run's parameters).
   key: the subtree of the saved TrainState to read: "params", or a path such as
   ("ema", "0.999") for one EMA tree. source: the config key that named `workdir`, for errors.
+  skip: top-level names the saved subtree may hold beyond `abstract_params`, left unread (the
+  projector `repa_projector` of a teacher trained with config.repa).
   Returns (subtree, step).
   """
   path_keys = (key,) if isinstance(key, str) else tuple(key)
@@ -190,7 +192,7 @@ def restore_params(workdir: str, abstract_params, key: str | tuple[str, ...] = "
     item = abstract_params
     for name in reversed(path_keys):
       item = {name: item}
-    mismatch = _shape_mismatches(path, path_keys, abstract_params)
+    mismatch = _shape_mismatches(path, path_keys, abstract_params, skip)
     if mismatch:
       # Checked from the metadata, before orbax reads anything: a restore into other shapes
       # fails deep in its asynchronous reads and floods the log with event-loop tracebacks.
@@ -217,16 +219,19 @@ def _listed(mismatches: list[str], most: int = 12) -> str:
   return (f"({len(mismatches)} differences):\n  " + "\n  ".join(mismatches[:most]) + more)
 
 
-def _shape_mismatches(path: str, keys: tuple[str, ...], abstract) -> list[str]:
+def _shape_mismatches(path: str, keys: tuple[str, ...], abstract, skip=()) -> list[str]:
   """'name: checkpoint SHAPE, model SHAPE' (or a missing / extra name) for each leaf of the saved
-  subtree `keys` of the state item at `path` that does not match `abstract`; [] when they match
-  or when the metadata cannot be read (the restore then reports the problem)."""
+  subtree `keys` of the state item at `path` that does not match `abstract`, its top-level names
+  in `skip` aside; [] when they match or when the metadata cannot be read (the restore then
+  reports the problem)."""
   try:
     metadata = ocp.PyTreeCheckpointer().metadata(path)
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
     for name in keys:
       tree = tree[name]
+    if skip:
+      tree = {name: value for name, value in tree.items() if name not in skip}
     saved = {jax.tree_util.keystr(p): tuple(leaf.shape)
              for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
   except Exception:  # an older or damaged metadata layout: let the restore speak

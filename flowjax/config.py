@@ -110,6 +110,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       every_steps=0, num=64, num_steps=50, method="euler", guidance=1.0, use_ema=True,
       ema_decay=-1.0, times=()))
+
+  # repa: REPA representation alignment (arXiv:2410.06940; flowjax.objectives.repa) for the
+  # continuous objectives on a DiT, imf_dit or U-Net: weight (0 = off; REPA's 0.5), depth (the
+  # block whose tokens are aligned, 1-based; 8 for SiT-XL/2), encoder ('digits' | 'dinov2'),
+  # encoder_path (the DINOv2 checkpoint; '' = the committed digits classifier),
+  # encoder_resolution (DINOv2's input side), projector_dim (the projector's hidden width),
+  # features ('online': the encoder runs in the train step; 'cached': batch['repa_features']).
+  c.repa = ml_collections.ConfigDict(dict(
+      weight=0.0, depth=8, encoder="", encoder_path="", encoder_resolution=224,
+      projector_dim=2048, features="online"))
   return c
 
 
@@ -311,6 +321,7 @@ def validate(config, num_devices: int) -> None:
          f"config.optim.ema_every={ema_every!r} must be a positive integer (the EMA is updated "
          "after every ema_every-th step, with decay d^ema_every).")
   _check_sample_times(config)
+  _check_repa(config)
   sample_decay = config.sample.get("ema_decay", -1.0)
   _check(sample_decay == -1.0 or sample_decay in tuple(config.optim.ema_decays),
          f"config.sample.ema_decay={sample_decay} is not one of optim.ema_decays "
@@ -354,6 +365,15 @@ def validate(config, num_devices: int) -> None:
     for t in targets:
       _check(t in known_axes, f"config.sharding.rules maps {name!r} to unknown mesh axis {t!r}; "
              "mesh axes are data, fsdp, tensor.")
+
+
+def _check_repa(config) -> None:
+  """config.repa (absent from configs written before it existed: off)."""
+  from flowjax.objectives import repa
+  try:
+    repa.check_config(config)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
 
 
 def _get(config, key):

@@ -105,7 +105,7 @@ def build(config, devices=None) -> Setup:
       # The evaluation split must exist before anything trains (a folder without test/).
       data.data_info(config.data, split=config.eval.split)
     model = models.build(config.model, info)
-    objective = objectives.build(config.objective, model, info)
+    objective = objectives.build(config.objective, model, info, config.get("repa"))
   except (ValueError, KeyError) as error:
     raise config_lib.ConfigError(str(error).strip("'\"")) from error
   batch_sharding = sharding.batch_sharding(mesh)

@@ -65,10 +65,15 @@ class DigitsClassifier(nn.Module):
     self.hidden = nn.Dense(NUM_FEATURES)
     self.head = nn.Dense(digits.NUM_CLASSES)
 
+  def feature_map(self, images: jax.Array) -> jax.Array:
+    """images: [B, 8, 8, 1] in [-1, 1]. Returns the last spatial layer [B, 4, 4, 32] (after the
+    strided conv and its GELU), the patch features of REPA's 'digits' encoder."""
+    h = nn.gelu(self.conv1(images))
+    return nn.gelu(self.conv2(h))
+
   def features(self, images: jax.Array) -> jax.Array:
     """images: [B, 8, 8, 1] in [-1, 1]. Returns the penultimate layer [B, NUM_FEATURES]."""
-    h = nn.gelu(self.conv1(images))
-    h = nn.gelu(self.conv2(h))
+    h = self.feature_map(images)
     return nn.gelu(self.hidden(h.reshape(h.shape[0], -1)))
 
   def features_and_logits(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:

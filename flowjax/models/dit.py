@@ -14,6 +14,10 @@ x <- x + RMSNorm(gate) * Attn(RMSNorm(x) * (1 + RMSNorm(scale)) + RMSNorm(shift)
 lumalabs/tvm implements it, with DiT's 1 + scale); linear_init='spectral' starts the patch
 embedding, attention and MLP kernels with spectral norm 1 (`layers.spectral_normal`),
 time_init='spectral' the time embedders' kernels too.
+
+REPA (Yu et al., arXiv:2410.06940): with repa_depth > 0 the tokens after block repa_depth
+(1-based; the paper's SiT-XL/2 uses 8) go through the projector h_phi (`layers.RepaProjector`)
+and are sown as intermediates/repa, [B, H/p, W/p, repa_dim] (`layers.sow_repa_tokens`).
 """
 
 import flax.linen as nn
@@ -171,6 +175,9 @@ class DiT(nn.Module):
     linear_init: 'xavier' (DiT) | 'spectral' (patch embedding, attention and MLP kernels with
       spectral norm 1).
     time_init: 'normal' (N(0, 0.02), DiT) | 'spectral' for the time embedders' kernels.
+    repa_depth: 0, or the block (1-based) whose output tokens REPA aligns; repa_dim: the
+      encoder's feature width; repa_projector_dim: the projector's hidden width. Set from
+      config.repa by `flowjax.objectives.repa`, not from config.model.
   """
   patch_size: int
   hidden_size: int
@@ -189,6 +196,14 @@ class DiT(nn.Module):
   modulation_norm: bool = False
   linear_init: str = "xavier"
   time_init: str = "normal"
+  repa_depth: int = 0
+  repa_dim: int = 0
+  repa_projector_dim: int = 2048
+
+  @property
+  def repa_blocks(self) -> int:
+    """The blocks whose output REPA can align (repa_depth in 1 .. repa_blocks)."""
+    return self.depth
 
   @nn.compact
   def __call__(self, x: jax.Array, times: tuple[jax.Array, ...], cond: jax.Array | None, *,
@@ -218,6 +233,7 @@ class DiT(nn.Module):
       if value not in allowed:
         raise ValueError(f"model.{key}={value!r}; use one of {', '.join(map(repr, allowed))}.")
     spectral = self.linear_init == "spectral"
+    layers.check_repa_depth(self.repa_depth, self.repa_blocks)
 
     c = layers.embed_conditioning(times, cond, batch_size=batch, hidden_size=self.hidden_size,
                                   num_classes=self.num_classes, time_scale=self.time_scale,
@@ -240,6 +256,9 @@ class DiT(nn.Module):
                     param_dtype=self.param_dtype, norm=self.norm, qk_norm=self.qk_norm,
                     modulation_norm=self.modulation_norm, spectral_init=spectral,
                     name=f"block_{i}")(h, c, train)
+      if i + 1 == self.repa_depth:
+        layers.sow_repa_tokens(self, h, (height // p, width // p), self.repa_dim,
+                               self.repa_projector_dim, self.dtype, self.param_dtype)
 
     out = FinalLayer(p * p * channels, param_dtype=self.param_dtype, norm=self.norm,
                      modulation_norm=self.modulation_norm, name="final")(h, c)

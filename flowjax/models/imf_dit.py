@@ -15,6 +15,11 @@ aux_head_depth blocks are duplicated into a second branch with its own final lay
 head that predicts the instantaneous velocity v_theta during training (`models/mit.py`: 8
 blocks); the network then returns both fields stacked on the channel axis, [B, H, W, 2C], the
 main one first.
+
+REPA (Yu et al., arXiv:2410.06940): with repa_depth > 0 the patch tokens (the conditioning
+tokens left out) after block repa_depth (1-based; of the main branch where the auxiliary head
+splits off before it) are projected and sown as intermediates/repa, [B, H/p, W/p, repa_dim]
+(`layers.sow_repa_tokens`).
 """
 
 import flax.linen as nn
@@ -94,6 +99,7 @@ class InContextDiT(nn.Module):
     label_tokens: learned tokens of the class label (iMF: 8), unused when num_classes = 0.
     aux_head_depth: 0, or the number of final blocks duplicated into the auxiliary velocity
       head (iMF: 8); with a head the output has 2C channels, the main field first.
+    repa_depth, repa_dim, repa_projector_dim: REPA, as `flowjax.models.dit.DiT`.
   """
   patch_size: int
   hidden_size: int
@@ -110,6 +116,14 @@ class InContextDiT(nn.Module):
   remat: str = "none"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  repa_depth: int = 0
+  repa_dim: int = 0
+  repa_projector_dim: int = 2048
+
+  @property
+  def repa_blocks(self) -> int:
+    """The blocks whose output REPA can align (repa_depth in 1 .. repa_blocks)."""
+    return self.depth
 
   def condition_tokens(self, times, cond, batch: int) -> jax.Array:
     """[B, P, D] float32: the label's tokens, then each time input's, each the learned tokens
@@ -158,6 +172,7 @@ class InContextDiT(nn.Module):
       raise ValueError("This model is unconditional (num_classes=0) but received class labels "
                        "(cond is not None); pass cond=None or build it for a labelled dataset.")
 
+    layers.check_repa_depth(self.repa_depth, self.repa_blocks)
     prefix = self.condition_tokens(times, cond, batch)
     tokens = dit.patchify(x.astype(self.dtype), p)
     h = layers.dense(self.hidden_size, ("conv_in", "embed"), dtype=self.dtype,
@@ -173,16 +188,24 @@ class InContextDiT(nn.Module):
     block = lambda name: block_cls(self.num_heads, mlp_ratio=self.mlp_ratio,
                                    dropout=self.dropout, attention_impl=self.attention_impl,
                                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    start = prefix.shape[1]
+
+    def repa_tokens(i, stream):
+      if i + 1 == self.repa_depth:
+        layers.sow_repa_tokens(self, stream[:, start:], (height // p, width // p), self.repa_dim,
+                               self.repa_projector_dim, self.dtype, self.param_dtype)
+
     shared = self.depth - self.aux_head_depth
     for i in range(shared):
       h = block(f"block_{i}")(h, train)
+      repa_tokens(i, h)
     main, aux = h, h
     for i in range(shared, self.depth):
       main = block(f"block_{i}")(main, train)
+      repa_tokens(i, main)
     for i in range(shared, self.depth):
       aux = block(f"aux_block_{i}")(aux, train)
 
-    start = prefix.shape[1]
     head = lambda name, stream: dit.unpatchify(
         FinalLayer(p * p * channels, param_dtype=self.param_dtype, name=name)(stream[:, start:]),
         p, height, width)

@@ -312,3 +312,57 @@ class FeedForward(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return dense(width, ("mlp", "embed"), kernel_init=init, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="fc2")(h)
+
+
+# REPA (Yu et al., "Representation Alignment for Generation", arXiv:2410.06940): the projected
+# hidden tokens a backbone with repa_depth > 0 sows into the 'intermediates' collection.
+REPA_COLLECTION = "intermediates"
+REPA_NAME = "repa"
+# The projector's parameters, beside the backbone's own at the top level.
+REPA_PROJECTOR = "repa_projector"
+# The backbone fields REPA sets (from config.repa, not config.model).
+REPA_FIELDS = ("repa_depth", "repa_dim", "repa_projector_dim")
+
+
+class RepaProjector(nn.Module):
+  """REPA's projector h_phi: Dense(hidden) -> SiLU -> Dense(hidden) -> SiLU -> Dense(features),
+  xavier-uniform kernels and zero biases (sihyun-yu/REPA `models/sit.py` `build_mlp` and
+  `initialize_weights`): [..., D] -> [..., features] float32."""
+  features: int
+  hidden: int = 2048
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.silu(dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x))
+    x = nn.silu(dense(self.hidden, ("mlp", "embed"), name="fc2", **kw)(x))
+    return dense(self.features, ("embed", "mlp"), name="fc3", **kw)(x).astype(jnp.float32)
+
+
+def sow_repa_tokens(module: nn.Module, hidden: jax.Array, grid: tuple[int, int], features: int,
+                    projector_dim: int, dtype: Dtype, param_dtype: Dtype) -> None:
+  """Sows REPA's h_phi(hidden) as [B, grid_h, grid_w, features] float32 under
+  intermediates/repa, from a compact `module` (its projector is `repa_projector`).
+
+  hidden: [B, grid_h * grid_w, D] tokens, row-major over the grid. The projector runs only when
+  the collection is mutable (`common.apply_model(..., capture=True)`) and at initialisation,
+  where its parameters are created; sampling and evaluation skip it.
+  """
+  if not (module.is_initializing() or module.is_mutable_collection(REPA_COLLECTION)):
+    return
+  if features < 1:
+    raise ValueError(f"REPA needs the encoder's feature width (repa_dim), got {features}.")
+  tokens = RepaProjector(features, projector_dim, dtype=dtype, param_dtype=param_dtype,
+                         name=REPA_PROJECTOR)(hidden)
+  module.sow(REPA_COLLECTION, REPA_NAME, tokens.reshape(tokens.shape[0], *grid, features))
+
+
+def check_repa_depth(repa_depth: int, blocks: int) -> None:
+  """Raises ValueError naming config.repa.depth when it is not in [0, blocks] (0 = no REPA);
+  blocks: the backbone's `repa_blocks`."""
+  if not 0 <= repa_depth <= blocks:
+    raise ValueError(f"config.repa.depth={repa_depth}: REPA aligns the tokens after block "
+                     f"repa.depth (1-based) of the backbone's {blocks} alignable blocks; use 1 to "
+                     f"{blocks}.")

@@ -16,6 +16,15 @@ whose outputs are summed before their last SiLU (time_mapping='sum', the officia
 emb = SiLU(L1(SiLU(L0(e_t + label))) + L1_s(SiLU(L0_s(e_s))))) or after it ('separate'), or share
 one mapping network that reads their concatenated embeddings (time_mapping='concat', py-meanflow).
 
+REPA (Yu et al., arXiv:2410.06940): with repa_depth > 0 the encoder's feature map after its
+repa_depth-th residual block (1-based, counting the downsampling blocks; the map the encoder keeps
+as a skip there, so with encoder_type 'skip' or 'residual' it includes the auxiliary image path
+of that level), [B, H >> level, W >> level, C] read as H W / 4^level tokens of width C, goes through
+the projector h_phi (`layers.RepaProjector`) and is sown as intermediates/repa,
+[B, H >> level, W >> level, repa_dim] (`layers.sow_repa_tokens`). The encoder has
+len(channel_mult) num_blocks + len(channel_mult) - 1 such blocks (EDM's CIFAR-10 networks: 14;
+blocks 5 to 9 are the 16x16 level of a 32x32 input, the grid of DINOv2 at 224x224).
+
 Every parameter carries logical axis names: feature-map channels are 'embed' (sharded over fsdp)
 or 'mlp' (tensor), the embedding vector is 'embed' then 'mlp'; the image channels are
 'conv_in' / 'conv_out'.
@@ -340,6 +349,9 @@ class SongUNet(nn.Module):
     time_scale: times are multiplied by this before the embedding.
     attention_impl: 'xla' (reference, supports jax.jvp) or 'cudnn'.
     dtype: compute dtype of convolutions and attention; param_dtype: parameter dtype.
+    repa_depth: 0, or the encoder block (1-based) whose feature map REPA aligns (module
+      docstring); repa_dim: the encoder's feature width; repa_projector_dim: the projector's
+      hidden width. Set from config.repa by `flowjax.objectives.repa`, not from config.model.
   """
   model_channels: int = 128
   channel_mult: tuple[int, ...] = (2, 2, 2)
@@ -362,6 +374,16 @@ class SongUNet(nn.Module):
   attention_impl: str = "xla"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  repa_depth: int = 0
+  repa_dim: int = 0
+  repa_projector_dim: int = 2048
+
+  @property
+  def repa_blocks(self) -> int:
+    """The blocks whose output REPA can align (repa_depth in 1 .. repa_blocks): the encoder's
+    residual blocks, downsampling blocks included."""
+    levels = len(self.channel_mult)
+    return levels * self.num_blocks + levels - 1
 
   def check(self, height: int, width: int) -> None:
     """Raises ValueError naming the model.* key of an invalid setting."""
@@ -391,6 +413,7 @@ class SongUNet(nn.Module):
     if len(self.resample_filter) < 2 or len(self.resample_filter) % 2:
       raise ValueError(f"model.resample_filter={tuple(self.resample_filter)} needs an even "
                        "number of taps, e.g. (1, 1) or (1, 3, 3, 1).")
+    layers.check_repa_depth(self.repa_depth, self.repa_blocks)
 
   def embed(self, times, cond, augment_labels, batch: int) -> jax.Array:
     """The embedding vector [B, model_channels * channel_mult_emb] float32."""
@@ -469,6 +492,15 @@ class SongUNet(nn.Module):
     x = nn.with_logical_constraint(x.astype(self.dtype), FEATURES)
     aux = x
     skips = []
+    encoder_blocks = 0
+
+    def repa_tokens(x):
+      if encoder_blocks == self.repa_depth:
+        batch_, height_, width_, channels_ = x.shape
+        layers.sow_repa_tokens(self, x.reshape(batch_, height_ * width_, channels_),
+                               (height_, width_), self.repa_dim, self.repa_projector_dim,
+                               self.dtype, self.param_dtype)
+
     for level, mult in enumerate(self.channel_mult):
       res = height >> level
       prefix = f"enc_{res}x{res}"
@@ -486,10 +518,14 @@ class SongUNet(nn.Module):
           y = conv(cout, 3, ("embed", "mlp"), padding=pad, name=f"{prefix}_aux_residual",
                    **kw)(aux)
           x = aux = (x + downsample(y, self.resample_filter, padding=0)) / math.sqrt(2)
+        encoder_blocks += 1
+        repa_tokens(x)
       skips.append(x)
       for idx in range(self.num_blocks):
         x = block(mc * mult, f"{prefix}_block{idx}",
                   attention=res in self.attn_resolutions)(x, emb, train)
+        encoder_blocks += 1
+        repa_tokens(x)
         skips.append(x)
 
     # Decoder.

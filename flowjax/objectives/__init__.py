@@ -6,7 +6,10 @@ An objective is a frozen dataclass with `init(rng, batch) -> (params, extra)`,
 fresh starts only (train.restore_or_init): `load_extra(abstract_extra) -> extra` (state read from
 disk, e.g. a teacher's weights), then `initial_params(params, extra) -> params` (parameters set
 from it; every EMA is re-copied from the result; returning `params` itself changes nothing).
+Objectives with a `repa` field take REPA (config.repa, `flowjax.objectives.repa`).
 """
+
+import dataclasses
 
 import ml_collections
 
@@ -15,6 +18,7 @@ from flowjax.objectives import ctm  # noqa: F401  (registers)
 from flowjax.objectives import flow_matching  # noqa: F401  (registers)
 from flowjax.objectives import imm  # noqa: F401  (registers)
 from flowjax.objectives import meanflow  # noqa: F401  (registers)
+from flowjax.objectives import repa
 from flowjax.objectives import shortcut  # noqa: F401  (registers)
 from flowjax.objectives import starflow  # noqa: F401  (registers)
 from flowjax.objectives import consistency  # noqa: F401  (registers)
@@ -23,8 +27,12 @@ from flowjax.objectives import tvm  # noqa: F401  (registers)
 from flowjax.registry import OBJECTIVES
 
 
-def build(objective_config, model, info):
-  return OBJECTIVES.get(objective_config.name).build(objective_config, model, info)
+def build(objective_config, model, info, repa_config=None):
+  """The objective of config.objective on `model`; with config.repa on (`repa_config`, None =
+  off), on the backbone with REPA's projector and aligning its hidden tokens (`repa.setup`)."""
+  alignment, model = repa.setup(repa_config, objective_config.name, model, info)
+  objective = OBJECTIVES.get(objective_config.name).build(objective_config, model, info)
+  return objective if alignment is None else dataclasses.replace(objective, repa=alignment)
 
 
 def default_config(name: str) -> ml_collections.ConfigDict:

@@ -5,11 +5,26 @@ import math
 import jax
 import jax.numpy as jnp
 
+from flowjax.models import layers
 
-def apply_model(model, params, x, times, cond, rng=None, train=False):
-  """Runs the backbone; `rng` feeds dropout when `train`."""
+
+def apply_model(model, params, x, times, cond, rng=None, train=False, capture=False):
+  """Runs the backbone; `rng` feeds dropout when `train`.
+
+  capture=True (REPA, `flowjax.objectives.repa`): returns (output, tokens), tokens the
+  projected hidden tokens [B, h, w, D] float32 the backbone sows when built with repa_depth > 0.
+  """
   rngs = {"dropout": rng} if (train and rng is not None) else {}
-  return model.apply({"params": params}, x, times, cond, train=train, rngs=rngs)
+  if not capture:
+    return model.apply({"params": params}, x, times, cond, train=train, rngs=rngs)
+  out, state = model.apply({"params": params}, x, times, cond, train=train, rngs=rngs,
+                           mutable=[layers.REPA_COLLECTION])
+  sown = state.get(layers.REPA_COLLECTION, {}).get(layers.REPA_NAME)
+  if not sown:
+    raise ValueError(f"{type(model).__name__} sowed no REPA tokens: it was built without "
+                     "repa_depth; REPA backbones are made by flowjax.objectives.repa from "
+                     "config.repa.")
+  return out, sown[0]
 
 
 def init_model(model, rng, x, num_times: int, cond):

@@ -35,6 +35,9 @@ standard deviation sigma sqrt(nu / (nu - 2)) in place of sigma in EDM's c_in, c_
 loss weight; here c_skip, c_out and c_in stay the formulas above (which keep f(x, sigma_min) = x),
 so with Student-t noise the backbone's input c_in x has variance above 1 at large sigma (up to
 nu / (nu - 2) times).
+
+REPA (config.repa, arXiv:2410.06940; `repa`) aligns the hidden tokens of the student forward
+f_theta(x + sigma_{i+1} n, sigma_{i+1}), the one that carries gradients.
 """
 
 import dataclasses
@@ -47,7 +50,7 @@ import jax.scipy.special as jsp
 from flax import linen as nn
 
 from flowjax import paths
-from flowjax.objectives import common
+from flowjax.objectives import common, repa as repa_lib
 from flowjax.registry import OBJECTIVES, unknown_name_message
 
 METHODS = ("multistep",)
@@ -98,6 +101,7 @@ class Consistency:
   label_dropout: float = 0.0
   noise: str = "gaussian"
   noise_nu: float = common.DEFAULT_NU
+  repa: repa_lib.Alignment | None = None
 
   DEFAULTS: ClassVar[dict] = dict(sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                                   p_mean=-1.1, p_std=2.0, initial_steps=10, final_steps=1280,
@@ -136,7 +140,11 @@ class Consistency:
     x = batch["image"][:1]
     cond = common.labels(batch, self.num_classes)
     cond = None if cond is None else cond[:1]
-    return common.init_model(self.model, rng, x, 1, cond), {}
+    return common.init_model(self.model, rng, x, 1, cond), repa_lib.init_extra(self.repa, {})
+
+  def load_extra(self, abstract_extra):
+    """REPA's encoder parameters (config.repa with online features), else {}."""
+    return repa_lib.load_extra(self.repa, abstract_extra, {})
 
   # The EDM parameterisation.
 
@@ -153,12 +161,15 @@ class Consistency:
     c_in = 1.0 / jnp.sqrt(sigma**2 + data2)
     return c_skip, c_out, c_in
 
-  def consistency_fn(self, params, x, sigma, cond, rng=None, train=False):
-    """f_theta(x, sigma): [B, ...] float32; x: [B, ...]; sigma: [B] in [sigma_min, sigma_max]."""
+  def consistency_fn(self, params, x, sigma, cond, rng=None, train=False, capture=False):
+    """f_theta(x, sigma): [B, ...] float32; x: [B, ...]; sigma: [B] in [sigma_min, sigma_max].
+    With capture, (f, REPA tokens) (`common.apply_model`)."""
     c_skip, c_out, c_in = (paths.expand(c, x) for c in self.scalings(sigma))
     out = common.apply_model(self.model, params, c_in * x, (self.backbone_time(sigma),), cond,
-                             rng, train).astype(jnp.float32)
-    return c_skip * x + c_out * out
+                             rng, train, capture)
+    if capture:
+      return c_skip * x + c_out * out[0].astype(jnp.float32), out[1]
+    return c_skip * x + c_out * out.astype(jnp.float32)
 
   # The discretisation curriculum.
 
@@ -203,30 +214,38 @@ class Consistency:
 
   def loss(self, params, batch, rng, step, view):
     """iCT loss of a batch {'image': [B, ...], 'label': [B]} at training step `step`."""
-    del view
     x = batch["image"].astype(jnp.float32)
+    repa_target = repa_lib.target(self.repa, batch, view)
     sigma_key, noise_key, drop_key, model_key = jax.random.split(rng, 4)
     sigma, sigma_next = self.sample_sigma_pairs(sigma_key, x.shape[0], step)
     noise = common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu, jnp.float32)
     cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
                               self.label_dropout, self.num_classes)
-    loss, metrics = self.loss_at(params, x, cond, sigma, sigma_next, noise, model_key)
+    loss, metrics = self.loss_at(params, x, cond, sigma, sigma_next, noise, model_key,
+                                 repa_target)
     metrics["num_points"] = self.num_points(step).astype(jnp.float32)
     return loss, metrics
 
-  def loss_at(self, params, x, cond, sigma, sigma_next, noise, rng):
+  def loss_at(self, params, x, cond, sigma, sigma_next, noise, rng, repa_target=None):
     """mean_B d(f(x + sigma_next n, sigma_next), stop_gradient(f(x + sigma n, sigma))) /
     (sigma_next - sigma) at given sigma < sigma_next: [B] each; x, noise: [B, ...]; rng: dropout
-    key shared by both evaluations."""
-    student = self.consistency_fn(params, x + paths.expand(sigma_next, x) * noise, sigma_next,
-                                  cond, rng, train=True)
+    key shared by both evaluations. repa_target: REPA's encoder features of x ([B, h, w, D],
+    `repa.Alignment.target`) or None; given, loss_REPA of the student forward is added."""
+    x_next = x + paths.expand(sigma_next, x) * noise
+    if repa_target is None:
+      student = self.consistency_fn(params, x_next, sigma_next, cond, rng, train=True)
+    else:
+      student, tokens = self.consistency_fn(params, x_next, sigma_next, cond, rng, train=True,
+                                            capture=True)
     teacher = jax.lax.stop_gradient(self.consistency_fn(
         params, x + paths.expand(sigma, x) * noise, sigma, cond, rng, train=True))
     distance = pseudo_huber(student, teacher, self.distance_c)
     weight = 1.0 / (sigma_next - sigma)
     metrics = {"distance": jnp.mean(distance), "sigma_mean": jnp.mean(sigma_next),
                "mse": jnp.mean(jnp.square(student - teacher))}
-    return jnp.mean(weight * distance), metrics
+    if repa_target is None:
+      return jnp.mean(weight * distance), metrics
+    return self.repa.add(jnp.mean(weight * distance), metrics, tokens, repa_target)
 
   # Sampling.
 

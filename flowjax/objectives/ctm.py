@@ -36,6 +36,10 @@ would put sigma sqrt(nu / (nu - 2)) in place of sigma in them). Re-noising adds 
 Student-t noise: with gamma = 1 (a jump to sigma_min first) the re-noised point is a Student-t
 perturbation of the jump's data estimate, as in training; with gamma < 1 the jump's remaining
 noise plus the added noise is not Student-t.
+
+REPA (config.repa, arXiv:2410.06940; `repa`) aligns the hidden tokens of the student's trajectory
+map G_theta(x_t, t, s) of the CTM term (present whatever dsm_weight; the DSM term's forward is
+not aligned).
 """
 
 import dataclasses
@@ -51,7 +55,8 @@ import optax
 from flax import linen as nn
 
 from flowjax import checkpoint, data, models, optim, paths
-from flowjax.objectives import common
+from flowjax.models import layers
+from flowjax.objectives import common, repa as repa_lib
 from flowjax.registry import OBJECTIVES, unknown_name_message
 from flowjax.samplers import ctm as ctm_sampler
 from flowjax.samplers import ode
@@ -237,6 +242,7 @@ class CTM:
   sample_gamma: float = 0.0
   noise: str = "gaussian"
   noise_nu: float = common.DEFAULT_NU
+  repa: repa_lib.Alignment | None = None
 
   DEFAULTS: ClassVar[dict] = dict(
       teacher_workdir="", teacher_weights="ema", teacher_guidance=1.0, sigma_min=0.002,
@@ -296,16 +302,17 @@ class CTM:
     student_key, teacher_key = jax.random.split(rng)
     params = common.init_model(self.model, student_key, x, 2, cond)
     teacher = common.init_model(self.teacher_model, teacher_key, x, 1, cond)
-    return params, {"teacher": teacher}
+    return params, repa_lib.init_extra(self.repa, {"teacher": teacher})
 
   def load_extra(self, abstract_extra):
     """{"teacher": the teacher's saved weights}, placed on the shardings of `abstract_extra`."""
     teacher, step = checkpoint.restore_params(self.teacher_workdir, abstract_extra["teacher"],
                                               key=self.teacher_key,
-                                              source="objective.teacher_workdir")
+                                              source="objective.teacher_workdir",
+                                              skip=(layers.REPA_PROJECTOR,))
     logging.info("Loaded the CTM teacher %s from %s (step %d).", "/".join(self.teacher_key),
                  self.teacher_workdir, step)
-    return {"teacher": teacher}
+    return repa_lib.load_extra(self.repa, abstract_extra, {"teacher": teacher})
 
   def target_params(self, view):
     """The stop-gradient target parameters theta^-: the EMA named by objective.target_decay."""
@@ -332,14 +339,17 @@ class CTM:
     fraction = jnp.asarray(n, jnp.float32) / (self.num_scales - 1)
     return (high + fraction * (low - high)) ** self.rho
 
-  def network(self, params, x_t, t, s, cond, rng=None, train=False):
-    """Raw output F_theta(c_in(t) x_t, (ln(t) / 4, ln(s) / 4), c): [B, ...] float32.
+  def network(self, params, x_t, t, s, cond, rng=None, train=False, capture=False):
+    """Raw output F_theta(c_in(t) x_t, (ln(t) / 4, ln(s) / 4), c): [B, ...] float32 (with
+    capture, and the REPA tokens: `common.apply_model`).
 
     x_t: [B, ...] = x + t eps; t, s: [B] noise levels (sigma units) with sigma_min <= s <= t.
     """
     c_in = 1.0 / jnp.sqrt(paths.expand(t, x_t) ** 2 + self.sigma_data ** 2)
     times = (0.25 * jnp.log(t), 0.25 * jnp.log(s))
-    out = common.apply_model(self.model, params, c_in * x_t, times, cond, rng, train)
+    out = common.apply_model(self.model, params, c_in * x_t, times, cond, rng, train, capture)
+    if capture:
+      return out[0].astype(jnp.float32), out[1]
     return out.astype(jnp.float32)
 
   def denoise_output(self, x_t, out, t):
@@ -354,13 +364,21 @@ class CTM:
     ratio = paths.expand(jnp.where(s == t, 1.0, s / t), x_t)
     return ratio * x_t.astype(jnp.float32) + (1.0 - ratio) * g
 
-  def g_fn(self, params, x_t, t, s, cond, rng=None, train=False):
-    """g_theta(x_t, t, s): [B, ...] float32, CTM's estimate of the data behind x_t."""
+  def g_fn(self, params, x_t, t, s, cond, rng=None, train=False, capture=False):
+    """g_theta(x_t, t, s): [B, ...] float32, CTM's estimate of the data behind x_t (with
+    capture, and the REPA tokens)."""
     x_t = x_t.astype(jnp.float32)
+    if capture:
+      out, tokens = self.network(params, x_t, t, s, cond, rng, train, capture=True)
+      return self.denoise_output(x_t, out, t), tokens
     return self.denoise_output(x_t, self.network(params, x_t, t, s, cond, rng, train), t)
 
-  def trajectory_map(self, params, x_t, t, s, cond, rng=None, train=False):
-    """G_theta(x_t, t, s): [B, ...] float32, an estimate of x_s on x_t's PF-ODE trajectory."""
+  def trajectory_map(self, params, x_t, t, s, cond, rng=None, train=False, capture=False):
+    """G_theta(x_t, t, s): [B, ...] float32, an estimate of x_s on x_t's PF-ODE trajectory
+    (with capture, and the REPA tokens)."""
+    if capture:
+      g, tokens = self.g_fn(params, x_t, t, s, cond, rng, train, capture=True)
+      return self.parameterize(x_t, g, t, s), tokens
     return self.parameterize(x_t, self.g_fn(params, x_t, t, s, cond, rng, train), t, s)
 
   # The teacher.
@@ -454,6 +472,7 @@ class CTM:
     """CTM loss of a batch {'image': [B, ...], 'label': [B]}; view: {"ema", "extra", "step"}."""
     del step
     x = batch["image"].astype(jnp.float32)
+    repa_target = repa_lib.target(self.repa, batch, view)
     heun_key, index_key, noise_key, dsm_key, drop_key, model_key = jax.random.split(rng, 6)
     num_steps = self.sample_heun_steps(heun_key)
     n_t, n_s = self.sample_indices(index_key, x.shape[0], num_steps)
@@ -461,7 +480,7 @@ class CTM:
     labels = common.labels(batch, self.num_classes)
     cond = common.drop_labels(labels, drop_key, self.label_dropout, self.num_classes)
     return self.loss_at(params, self.target_params(view), view["extra"]["teacher"], x, cond,
-                        labels, n_t, num_steps, n_s, eps, dsm_key, model_key)
+                        labels, n_t, num_steps, n_s, eps, dsm_key, model_key, repa_target)
 
   def targets(self, params, target_params, teacher_params, x_t, n_t, num_steps, n_s, cond,
               teacher_cond):
@@ -478,12 +497,14 @@ class CTM:
     return jax.lax.stop_gradient(self.trajectory_map(target_params, y, sigma_s, floor, cond))
 
   def loss_at(self, params, target_params, teacher_params, x, cond, teacher_cond, n_t, num_steps,
-              n_s, eps, dsm_key, rng):
+              n_s, eps, dsm_key, rng, repa_target=None):
     """The CTM loss at given grid indices and noise.
 
     x, eps: [B, ...]; cond: student labels (dropped ones null) or None; teacher_cond: true labels
     or None; n_t, n_s: [B] int32 grid indices, n_t + num_steps <= n_s; num_steps: k; dsm_key:
-    draws of the DSM term; rng: dropout key of the student's calls.
+    draws of the DSM term; rng: dropout key of the student's calls; repa_target: REPA's encoder
+    features of x ([B, h, w, D], `repa.Alignment.target`) or None; given, loss_REPA of the
+    student's G_theta(x_t, t, s) is added.
     """
     x, eps = x.astype(jnp.float32), eps.astype(jnp.float32)
     sigma_t, sigma_s = self.noise_level(n_t), self.noise_level(n_s)
@@ -501,23 +522,37 @@ class CTM:
       dsm_w = jnp.ones_like(sigma_dsm)
     use_dsm = self.dsm_weight > 0
 
-    def terms(p):
-      estimate = self.trajectory_map(p, x_t, sigma_t, sigma_s, cond, rng, train=True)
+    def terms(p, capture=False):
+      """(ctm, dsm), and with capture the student's REPA tokens third."""
+      tokens = None
+      if capture:
+        estimate, tokens = self.trajectory_map(p, x_t, sigma_t, sigma_s, cond, rng, train=True,
+                                               capture=True)
+      else:
+        estimate = self.trajectory_map(p, x_t, sigma_t, sigma_s, cond, rng, train=True)
       estimate = self.trajectory_map(target_params, estimate, sigma_s, floor, cond)
       ctm = jnp.mean(self.distance_fn(estimate, target))
       if not use_dsm:
-        return ctm, jnp.zeros((), jnp.float32)
-      denoised = self.g_fn(p, x_dsm, sigma_dsm, sigma_dsm, cond, rng, train=True)
-      return ctm, jnp.mean(dsm_w * common.mean_per_example(jnp.square(denoised - x)))
+        dsm = jnp.zeros((), jnp.float32)
+      else:
+        denoised = self.g_fn(p, x_dsm, sigma_dsm, sigma_dsm, cond, rng, train=True)
+        dsm = jnp.mean(dsm_w * common.mean_per_example(jnp.square(denoised - x)))
+      return (ctm, dsm, tokens) if capture else (ctm, dsm)
 
-    ctm, dsm = terms(params)
+    if repa_target is None:
+      ctm, dsm = terms(params)
+    else:
+      ctm, dsm, tokens = terms(params, capture=True)
     balance = jnp.ones((), jnp.float32)
     if use_dsm and self.dsm_balance == "adaptive":
       balance = self.adaptive_balance(terms, params)
     metrics = {"ctm": ctm, "dsm": dsm, "dsm_balance": balance,
                "heun_steps": jnp.asarray(num_steps, jnp.float32),
                "sigma_t_mean": jnp.mean(sigma_t), "sigma_s_mean": jnp.mean(sigma_s)}
-    return ctm + self.dsm_weight * balance * dsm, metrics
+    loss = ctm + self.dsm_weight * balance * dsm
+    if repa_target is None:
+      return loss, metrics
+    return self.repa.add(loss, metrics, tokens, repa_target)
 
   def adaptive_balance(self, terms, params):
     """lambda = clip(||grad_W ctm|| / (||grad_W dsm|| + 1e-4), 0, 1e4) over the output layer's

@@ -12,6 +12,9 @@ matching's: the Student-t noise is the only change, as in the t-EDM losses of NV
 has no counterpart here (this flow matching has no preconditioning). nu is one scalar for all
 dimensions. With nu -> infinity, or
 objective.noise='gaussian' (the default), this is flow matching exactly.
+
+REPA (config.repa, arXiv:2410.06940; `repa`) aligns the hidden tokens of the training forward
+v_theta(x_t, t, c).
 """
 
 import dataclasses
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flowjax import paths
-from flowjax.objectives import common
+from flowjax.objectives import common, repa as repa_lib
 from flowjax.registry import OBJECTIVES
 from flowjax.samplers import ode
 
@@ -42,6 +45,7 @@ class FlowMatching:
   label_dropout: float = 0.1
   noise: str = "gaussian"
   noise_nu: float = common.DEFAULT_NU
+  repa: repa_lib.Alignment | None = None
 
   DEFAULTS: ClassVar[dict] = dict(path="ot", time_sampler="uniform", logit_mean=0.0,
                                   logit_std=1.0, label_dropout=0.1, **common.NOISE_DEFAULTS)
@@ -61,15 +65,21 @@ class FlowMatching:
     x = batch["image"][:1]
     cond = common.labels(batch, self.num_classes)
     cond = None if cond is None else cond[:1]
-    return common.init_model(self.model, rng, x, 1, cond), {}
+    return common.init_model(self.model, rng, x, 1, cond), repa_lib.init_extra(self.repa, {})
 
-  def velocity(self, params, x, t, cond, rng=None, train=False):
-    """v_theta(x_t, t, c); x: [B, ...], t: [B] in [0, 1], cond: [B] or None."""
-    return common.apply_model(self.model, params, x, (t,), cond, rng, train)
+  def load_extra(self, abstract_extra):
+    """REPA's encoder parameters (config.repa with online features), else {}."""
+    return repa_lib.load_extra(self.repa, abstract_extra, {})
+
+  def velocity(self, params, x, t, cond, rng=None, train=False, capture=False):
+    """v_theta(x_t, t, c); x: [B, ...], t: [B] in [0, 1], cond: [B] or None; with capture,
+    (v, REPA tokens) (`common.apply_model`)."""
+    return common.apply_model(self.model, params, x, (t,), cond, rng, train, capture)
 
   def loss(self, params, batch, rng, step, view):
-    del step, view
+    del step
     x = batch["image"]
+    repa_target = repa_lib.target(self.repa, batch, view)
     time_key, noise_key, drop_key, model_key = jax.random.split(rng, 4)
     t = common.sample_time(time_key, (x.shape[0],), self.time_sampler, self.logit_mean,
                            self.logit_std)
@@ -79,9 +89,15 @@ class FlowMatching:
     target = path.velocity(x, eps, t)
     cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
                               self.label_dropout, self.num_classes)
-    v = self.velocity(params, x_t, t, cond, model_key, train=True)
+    if repa_target is None:
+      v = self.velocity(params, x_t, t, cond, model_key, train=True)
+    else:
+      v, tokens = self.velocity(params, x_t, t, cond, model_key, train=True, capture=True)
     per_example = common.mean_per_example(jnp.square(v.astype(jnp.float32) - target))
-    return jnp.mean(per_example), {"t_mean": jnp.mean(t)}
+    loss, metrics = jnp.mean(per_example), {"t_mean": jnp.mean(t)}
+    if repa_target is None:
+      return loss, metrics
+    return self.repa.add(loss, metrics, tokens, repa_target)
 
   def sample(self, params, rng, num, cond=None, *, num_steps=50, method="euler",
              guidance=1.0):

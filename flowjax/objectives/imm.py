@@ -14,6 +14,9 @@ restart samplers' re-noising. This is flowjax's extension, not part of either pa
 step x_r = ddim(x_t, x, t, r) keeps the same noise, so x_r is on the Student-t path whatever the
 noise law, but c_in = 1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)) and the kernel bandwidth still
 assume noise of variance sigma_d^2 (Student-t noise has sigma_d^2 nu / (nu - 2)).
+
+REPA (config.repa, arXiv:2410.06940; `repa`) aligns the hidden tokens of the forward that carries
+gradients, f_theta(x_t, t, s) (not the stop-gradient target f_theta(x_r, r, s)).
 """
 
 import dataclasses
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flowjax import paths
-from flowjax.objectives import common
+from flowjax.objectives import common, repa as repa_lib
 from flowjax.registry import OBJECTIVES, unknown_name_message
 from flowjax.samplers import ode, pushforward
 
@@ -126,6 +129,7 @@ class IMM:
   label_groups: str = "mixed"
   noise: str = "gaussian"
   noise_nu: float = common.DEFAULT_NU
+  repa: repa_lib.Alignment | None = None
 
   DEFAULTS: ClassVar[dict] = dict(
       path="ot", f_type="euler_fm", time_embedding="stride", sigma_d=0.5, t_max=0.994,
@@ -177,12 +181,17 @@ class IMM:
     x = batch["image"][:1]
     cond = common.labels(batch, self.num_classes)
     cond = None if cond is None else cond[:1]
-    return common.init_model(self.model, rng, x, 2, cond), {}
+    return common.init_model(self.model, rng, x, 2, cond), repa_lib.init_extra(self.repa, {})
+
+  def load_extra(self, abstract_extra):
+    """REPA's encoder parameters (config.repa with online features), else {}."""
+    return repa_lib.load_extra(self.repa, abstract_extra, {})
 
   # The flow map.
 
-  def network(self, params, x_t, t, s, cond, rng=None, train=False):
-    """Raw output F_theta(c_in x_t, (t, s) or (t, t - s), c): [B, ...] float32.
+  def network(self, params, x_t, t, s, cond, rng=None, train=False, capture=False):
+    """Raw output F_theta(c_in x_t, (t, s) or (t, t - s), c): [B, ...] float32 (with capture,
+    and the REPA tokens: `common.apply_model`).
 
     c_in = 1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)); x_t: [B, ...]; t, s: [B] with s <= t;
     cond: [B] labels or None.
@@ -191,7 +200,10 @@ class IMM:
     t_x = paths.expand(t, x_t)
     c_in = 1.0 / (self.sigma_d * jnp.sqrt(path.alpha(t_x) ** 2 + path.sigma(t_x) ** 2))
     second = s if self.time_embedding == "identity" else t - s
-    out = common.apply_model(self.model, params, c_in * x_t, (t, second), cond, rng, train)
+    out = common.apply_model(self.model, params, c_in * x_t, (t, second), cond, rng, train,
+                             capture)
+    if capture:
+      return out[0].astype(jnp.float32), out[1]
     return out.astype(jnp.float32)
 
   def parameterize(self, x_t, out, t, s):
@@ -213,8 +225,12 @@ class IMM:
     c_out = -(alpha_s * sigma_t - alpha_t * sigma_s) * self.sigma_d / jnp.sqrt(norm)
     return c_skip * x_t + c_out * out
 
-  def flow_map(self, params, x_t, t, s, cond, rng=None, train=False):
-    """f_theta(x_t, t, s): [B, ...] float32, an estimate of x_s given x_t."""
+  def flow_map(self, params, x_t, t, s, cond, rng=None, train=False, capture=False):
+    """f_theta(x_t, t, s): [B, ...] float32, an estimate of x_s given x_t (with capture, and the
+    REPA tokens)."""
+    if capture:
+      out, tokens = self.network(params, x_t, t, s, cond, rng, train, capture=True)
+      return self.parameterize(x_t, out, t, s), tokens
     return self.parameterize(x_t, self.network(params, x_t, t, s, cond, rng, train), t, s)
 
   # Times, mapping and weights (float32, guarded).
@@ -318,8 +334,9 @@ class IMM:
 
   def loss(self, params, batch, rng, step, view):
     """IMM loss of a batch {'image': [B, ...], 'label': [B]}: B / M groups of M particles."""
-    del step, view
+    del step
     x = batch["image"].astype(jnp.float32)
+    repa_target = repa_lib.target(self.repa, batch, view)
     num_groups = self.num_groups(x.shape[0])
     time_key, noise_key, drop_key, model_key = jax.random.split(rng, 4)
     t, s = self.sample_times(time_key, num_groups)
@@ -331,23 +348,29 @@ class IMM:
     if self.label_groups == "by_label" and cond is not None:
       order = jnp.argsort(cond, stable=True)
       x, cond = x[order], cond[order]
-    return self.loss_at(params, x, cond, t, r, s, eps, model_key)
+      if repa_target is not None:
+        repa_target = repa_target[order]
+    return self.loss_at(params, x, cond, t, r, s, eps, model_key, repa_target)
 
-  def loss_at(self, params, x, cond, t, r, s, eps, rng):
+  def loss_at(self, params, x, cond, t, r, s, eps, rng, repa_target=None):
     """The IMM loss at given times and noise (Zhou et al., arXiv:2503.07565).
 
     x: [B, ...] data; cond: [B] labels or None; t, r, s: [G] group times with s <= r <= t;
     eps: [B, ...] noise with std sigma_d; rng: dropout key, shared by both network calls.
     Particles g M .. g M + M - 1 form group g. x_t = alpha_t x + sigma_t eps,
     x_r = ddim(x_t, x, t, r), y_st = f(x_t, t, s), y_sr = stop_gradient(f(x_r, r, s)), and
-    loss = mean_g w(t_g) MMD^2_g(y_st, y_sr).
+    loss = mean_g w(t_g) MMD^2_g(y_st, y_sr). repa_target: REPA's encoder features of x
+    ([B, h, w, D], `repa.Alignment.target`) or None; given, loss_REPA of y_st's forward is added.
     """
     num_groups = self.num_groups(x.shape[0])
     path = self.schedule
     t_b, r_b, s_b = (jnp.repeat(v, self.group_size) for v in (t, r, s))
     x_t = path.interpolate(x, eps, t_b)
     x_r = path.ddim(x_t, x, t_b, r_b)
-    y_st = self.flow_map(params, x_t, t_b, s_b, cond, rng, train=True)
+    if repa_target is None:
+      y_st = self.flow_map(params, x_t, t_b, s_b, cond, rng, train=True)
+    else:
+      y_st, tokens = self.flow_map(params, x_t, t_b, s_b, cond, rng, train=True, capture=True)
     y_sr = jax.lax.stop_gradient(self.flow_map(params, x_r, r_b, s_b, cond, rng, train=True))
     grouped = lambda y: y.reshape(num_groups, self.group_size, -1)
     pairs = None
@@ -358,7 +381,9 @@ class IMM:
     weight = self.loss_weight(t)
     metrics = {"mmd": jnp.mean(mmd), "weight_mean": jnp.mean(weight), "t_mean": jnp.mean(t),
                "s_mean": jnp.mean(s), "t_minus_r": jnp.mean(t - r)}
-    return jnp.mean(weight * mmd), metrics
+    if repa_target is None:
+      return jnp.mean(weight * mmd), metrics
+    return self.repa.add(jnp.mean(weight * mmd), metrics, tokens, repa_target)
 
   # Sampling.
 

@@ -16,6 +16,10 @@ t-Flow (Pandey et al., arXiv:2410.14171; `common.draw_noise`) in the loss and as
 z_1. The MeanFlow identity holds for any noise law (it is a property of the trajectories z_t), so
 the targets are unchanged; pairing it with Student-t noise is flowjax's extension, not part of
 either paper.
+
+REPA (config.repa, arXiv:2410.06940; `repa`) aligns the hidden tokens of the training forward
+u_theta(z_t, t, r, c) whose JVP gives the target (MeanFlow) or the compound prediction (iMF): the
+function differentiated returns them beside u, and the primal tokens enter the REPA term.
 """
 
 import contextlib
@@ -28,7 +32,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flowjax import paths
-from flowjax.objectives import common
+from flowjax.objectives import common, repa as repa_lib
 from flowjax.registry import OBJECTIVES, unknown_name_message
 from flowjax.samplers import mean_flow
 
@@ -60,7 +64,8 @@ def _jvp(fn, primals, tangents, precision: str, has_aux: bool = False):
     return jax.jvp(fn, primals, tangents, has_aux=has_aux)
 
 
-def meanflow_target(average_velocity, z_t, t, r, v_g, precision: str = "float32"):
+def meanflow_target(average_velocity, z_t, t, r, v_g, precision: str = "float32",
+                    has_aux: bool = False):
   """(u, u_tgt) of the MeanFlow identity for an average-velocity function, all float32.
 
   average_velocity: (z: [B, ...], t: [B], r: [B]) -> [B, ...]; z_t, v_g: [B, ...]; t, r: [B]
@@ -69,12 +74,21 @@ def meanflow_target(average_velocity, z_t, t, r, v_g, precision: str = "float32"
   precision: the matmul precision of the JVP pass ("float32": full float32 products for float32
   networks also where the backend would use TensorFloat-32 or bfloat16 passes; "default": the
   surrounding setting, train.matmul_precision).
+  has_aux: average_velocity returns ([B, ...], aux) and this returns (u, u_tgt, aux), aux at the
+  primal point.
   """
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   z_t, t, r, v_g = f32(z_t), f32(t), f32(r), f32(v_g)
-  u_fn = lambda z, t_, r_: f32(average_velocity(z, t_, r_))
-  u, du_dt = _jvp(u_fn, (z_t, t, r), (v_g, jnp.ones_like(t), jnp.zeros_like(r)), precision)
+  tangents = (v_g, jnp.ones_like(t), jnp.zeros_like(r))
+  if has_aux:
+    u_fn = lambda z, t_, r_: (lambda out: (f32(out[0]), out[1]))(average_velocity(z, t_, r_))
+    u, du_dt, aux = _jvp(u_fn, (z_t, t, r), tangents, precision, has_aux=True)
+  else:
+    u_fn = lambda z, t_, r_: f32(average_velocity(z, t_, r_))
+    u, du_dt = _jvp(u_fn, (z_t, t, r), tangents, precision)
   u_tgt = v_g - paths.expand(jnp.clip(t - r, 0.0, 1.0), z_t) * du_dt
+  if has_aux:
+    return u, jax.lax.stop_gradient(u_tgt), aux
   return u, jax.lax.stop_gradient(u_tgt)
 
 
@@ -210,6 +224,7 @@ class MeanFlow:
   guidance_interval: bool = True
   noise: str = "gaussian"
   noise_nu: float = common.DEFAULT_NU
+  repa: repa_lib.Alignment | None = None
 
   DEFAULTS: ClassVar[dict] = dict(
       time_sampler="logit_normal", time_mean=-0.4, time_std=1.0, pair_sampler="sorted",
@@ -347,17 +362,24 @@ class MeanFlow:
     x = batch["image"][:1]
     cond = common.labels(batch, self.num_classes)
     cond = None if cond is None else cond[:1]
-    return common.init_model(self.model, rng, x, 2 + self.num_guidance_inputs, cond), {}
+    params = common.init_model(self.model, rng, x, 2 + self.num_guidance_inputs, cond)
+    return params, repa_lib.init_extra(self.repa, {})
 
-  def fields(self, params, z, t, h, cond, guidance=(), rng=None, train=False):
-    """(u_theta, v_theta of the auxiliary head or None): [B, ...] float32 each. z: [B, ...];
-    t, h = t - r: [B]; cond: [B] or None; guidance: `guidance_inputs(...)`, [B] each."""
-    out = common.apply_model(self.model, params, z, (t, h, *guidance), cond, rng, train)
+  def load_extra(self, abstract_extra):
+    """REPA's encoder parameters (config.repa with online features), else {}."""
+    return repa_lib.load_extra(self.repa, abstract_extra, {})
+
+  def fields(self, params, z, t, h, cond, guidance=(), rng=None, train=False, capture=False):
+    """(u_theta, v_theta of the auxiliary head or None): [B, ...] float32 each, and with
+    capture the REPA tokens third (`common.apply_model`). z: [B, ...]; t, h = t - r: [B]; cond:
+    [B] or None; guidance: `guidance_inputs(...)`, [B] each."""
+    out = common.apply_model(self.model, params, z, (t, h, *guidance), cond, rng, train, capture)
+    tokens = None
+    if capture:
+      out, tokens = out
     out = out.astype(jnp.float32)
-    if self.aux_head:
-      u, v = jnp.split(out, 2, axis=-1)
-      return u, v
-    return out, None
+    u, v = jnp.split(out, 2, axis=-1) if self.aux_head else (out, None)
+    return (u, v, tokens) if capture else (u, v)
 
   def network(self, params, z, t, h, cond, rng=None, train=False, guidance=()):
     """u_theta(z, (t, h), c): [B, ...] float32; z: [B, ...]; t, h = t - r: [B]; cond: [B] or
@@ -450,17 +472,25 @@ class MeanFlow:
     v_g = jnp.where(paths.expand(cond != self.num_classes, v), guided, v)
     return jax.lax.stop_gradient(v_g), jax.lax.stop_gradient(v_theta)
 
-  def imf_compound(self, params, z_t, t, r, cond, v_theta, guidance=(), rng=None, train=False):
+  def imf_compound(self, params, z_t, t, r, cond, v_theta, guidance=(), rng=None, train=False,
+                   capture=False):
     """(V, v_theta of the auxiliary head or None) at (z_t, t, r): `imf_prediction` of u_theta
-    with the tangent v_theta. z_t, v_theta: [B, ...]; t, r: [B]; cond: [B] or None;
-    guidance: `guidance_inputs(omega, t_min, t_max)`; rng: dropout key when train."""
-    fn = lambda z, t_, r_: self.fields(params, z, t_, t_ - r_, cond, guidance, rng, train)
+    with the tangent v_theta; with capture, (V, (v_theta of the head or None, REPA tokens)).
+    z_t, v_theta: [B, ...]; t, r: [B]; cond: [B] or None; guidance: `guidance_inputs(omega,
+    t_min, t_max)`; rng: dropout key when train."""
+    def fn(z, t_, r_):
+      if capture:
+        u, v, tokens = self.fields(params, z, t_, t_ - r_, cond, guidance, rng, train,
+                                   capture=True)
+        return u, (v, tokens)
+      return self.fields(params, z, t_, t_ - r_, cond, guidance, rng, train)
     return imf_prediction(fn, z_t, t, r, v_theta, self.jvp_precision, has_aux=True)
 
   def loss(self, params, batch, rng, step, view):
     """MeanFlow (or iMF) loss of a batch {'image': [B, ...], 'label': [B]}."""
-    del step, view
+    del step
     x = batch["image"].astype(jnp.float32)
+    repa_target = repa_lib.target(self.repa, batch, view)
     keys = jax.random.split(rng, 5 if self.variant == "imf" else 4)
     time_key, noise_key, drop_key, model_key = keys[:4]
     t, r = self.sample_time_pairs(time_key, x.shape[0])
@@ -468,7 +498,7 @@ class MeanFlow:
     cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
                               self.label_dropout, self.num_classes)
     guidance = self.sample_guidance(keys[4], r == t) if self.variant == "imf" else None
-    return self.loss_at(params, x, cond, t, r, eps, model_key, guidance)
+    return self.loss_at(params, x, cond, t, r, eps, model_key, guidance, repa_target)
 
   def weighted(self, squared):
     """(mean_B l / stop_gradient((l + adaptive_eps)^adaptive_p), mean squared error) of
@@ -478,7 +508,7 @@ class MeanFlow:
     weight = jax.lax.stop_gradient(1.0 / (error + self.adaptive_eps) ** self.adaptive_p)
     return jnp.mean(weight * error), jnp.mean(jnp.mean(squared, axis=1))
 
-  def loss_at(self, params, x, cond, t, r, eps, rng, guidance=None):
+  def loss_at(self, params, x, cond, t, r, eps, rng, guidance=None, repa_target=None):
     """The MeanFlow (or iMF) loss at given times and noise.
 
     x, eps: [B, ...] data and noise; cond: [B] labels (dropped ones already null) or None;
@@ -491,6 +521,8 @@ class MeanFlow:
     with the same weight, plus the auxiliary head's weighted |v_theta - v_g|^2 (at (t, h = t - r)
     and the example's conditions) with imf_velocity='head'. With r = t, p = 0 and no guidance it
     is flow matching's loss too.
+    repa_target: REPA's encoder features of x ([B, h, w, D], `repa.Alignment.target`) or None;
+    given, loss_REPA of the differentiated forward's tokens is added (config.repa).
     """
     x, eps = x.astype(jnp.float32), eps.astype(jnp.float32)
     path = paths.get("ot")
@@ -499,26 +531,40 @@ class MeanFlow:
     metrics = {"t_mean": jnp.mean(t), "t_minus_r": jnp.mean(t - r),
                "r_equals_t": jnp.mean((r == t).astype(jnp.float32))}
     if self.variant == "imf":
-      return self._imf_loss_at(params, z_t, v, cond, t, r, rng, guidance, metrics)
+      return self._imf_loss_at(params, z_t, v, cond, t, r, rng, guidance, metrics, repa_target)
     v_g = self.guided_velocity(params, z_t, t, v, cond)
-    u_fn = lambda z, t_, r_: self.network(params, z, t_, t_ - r_, cond, rng, train=True)
-    u, u_tgt = meanflow_target(u_fn, z_t, t, r, v_g, self.jvp_precision)
+    if repa_target is None:
+      u_fn = lambda z, t_, r_: self.network(params, z, t_, t_ - r_, cond, rng, train=True)
+      u, u_tgt = meanflow_target(u_fn, z_t, t, r, v_g, self.jvp_precision)
+    else:
+      def u_fn(z, t_, r_):
+        u, _, tokens = self.fields(params, z, t_, t_ - r_, cond, (), rng, True, capture=True)
+        return u, tokens
+      u, u_tgt, tokens = meanflow_target(u_fn, z_t, t, r, v_g, self.jvp_precision,
+                                         has_aux=True)
     loss, metrics["mse"] = self.weighted(jnp.square(u - u_tgt))
-    return loss, metrics
+    if repa_target is None:
+      return loss, metrics
+    return self.repa.add(loss, metrics, tokens, repa_target)
 
-  def _imf_loss_at(self, params, z_t, v, cond, t, r, rng, guidance, metrics):
+  def _imf_loss_at(self, params, z_t, v, cond, t, r, rng, guidance, metrics, repa_target=None):
     if guidance is None:
       guidance = (jnp.ones_like(t), jnp.zeros_like(t), jnp.ones_like(t))
     omega, t_min, t_max = guidance
     v_g, v_theta = self.imf_target(params, z_t, t, v, cond, omega, t_min, t_max)
-    compound, v_head = self.imf_compound(params, z_t, t, r, cond, v_theta,
-                                         self.guidance_inputs(omega, t_min, t_max), rng, True)
+    capture = repa_target is not None
+    compound, aux = self.imf_compound(params, z_t, t, r, cond, v_theta,
+                                      self.guidance_inputs(omega, t_min, t_max), rng, True,
+                                      capture)
+    v_head, tokens = aux if capture else (aux, None)
     loss, metrics["mse"] = self.weighted(jnp.square(compound - v_g))
     if v_head is not None:
       head_loss, metrics["mse_velocity_head"] = self.weighted(jnp.square(v_head - v_g))
       loss = loss + head_loss
     if self.guidance_conditioned:
       metrics["guidance_scale_mean"] = jnp.mean(omega)
+    if capture:
+      return self.repa.add(loss, metrics, tokens, repa_target)
     return loss, metrics
 
   def sample(self, params, rng, num, cond=None, *, num_steps=1, method="euler", guidance=1.0):

@@ -73,6 +73,10 @@ and the network's input x_t / sigma_d, the time law and the sampler's t_max = ar
 sigma_d) are kept as they are although Student-t z has variance sigma_d^2 nu / (nu - 2); sCT's
 target velocity cos(t) z - sin(t) x_0 and the consistency tangent are the same formulas with the
 Student-t z.
+
+REPA (config.repa, arXiv:2410.06940; `repa`) aligns the hidden tokens of the forward F_theta(x_t /
+sigma_d, t) that carries the gradients, the primal of the tangent's JVP (or of its central
+differences). With init_from_teacher, REPA's projector starts fresh beside the teacher's weights.
 """
 
 import contextlib
@@ -87,7 +91,7 @@ from flax import linen as nn
 
 from flowjax import checkpoint, paths
 from flowjax.models import layers
-from flowjax.objectives import common, ctm
+from flowjax.objectives import common, ctm, repa as repa_lib
 from flowjax.registry import OBJECTIVES, unknown_name_message
 from flowjax.samplers import ode
 
@@ -126,15 +130,16 @@ def _field_text(value) -> str:
 
 def architecture_differences(model, teacher_model) -> list[str]:
   """["model.KEY: this run's value -> the teacher's", ...] for the backbone fields (the
-  config.model keys) in which `model` differs from `teacher_model`, NON_ARCHITECTURE_FIELDS aside;
-  [] when they are the same network."""
+  config.model keys) in which `model` differs from `teacher_model`, NON_ARCHITECTURE_FIELDS and
+  REPA's fields (its projector sits beside the network, `layers.REPA_FIELDS`) aside; [] when
+  they are the same network."""
   if type(model) is not type(teacher_model):
     return [f"model.name: {type(model).__name__} -> {type(teacher_model).__name__} (the "
             "backbone)"]
   out = []
   for field in dataclasses.fields(model):
     name = field.name
-    if name in ("parent", "name") + NON_ARCHITECTURE_FIELDS:
+    if name in ("parent", "name") + NON_ARCHITECTURE_FIELDS + layers.REPA_FIELDS:
       continue
     mine, theirs = getattr(model, name, None), getattr(teacher_model, name, None)
     if mine != theirs:
@@ -205,22 +210,30 @@ def normalize_tangent(g, c: float):
   return g / paths.expand(norm + c, g)
 
 
-def directional_derivative(fn, y, t, dy, dt, method: str, step: float, precision: str):
+def directional_derivative(fn, y, t, dy, dt, method: str, step: float, precision: str,
+                           has_aux: bool = False):
   """(fn(y, t), d/de fn(y + e dy, t + e dt) at e = 0): float32, by forward-mode autodiff
   ("autodiff") or central differences with step `step` ("finite_difference"; the primal is then a
   separate call). y, dy: [B, ...]; t, dt: [B]. The primal carries gradients; the derivative is
-  meant to be used under stop_gradient."""
+  meant to be used under stop_gradient. has_aux: fn returns ([B, ...], aux), and aux of the
+  primal call comes third."""
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   y, t, dy, dt = f32(y), f32(t), f32(dy), f32(dt)
-  call = lambda a, b: f32(fn(a, b))
+  if has_aux:
+    call = lambda a, b: (lambda out: (f32(out[0]), out[1]))(fn(a, b))
+  else:
+    call = lambda a, b: f32(fn(a, b))
   with contextlib.ExitStack() as stack:
     if precision != "default":
       stack.enter_context(jax.default_matmul_precision(precision))
     if method == "autodiff":
-      return jax.jvp(call, (y, t), (dy, dt))
-    plus = call(y + step * dy, t + step * dt)
-    minus = call(y - step * dy, t - step * dt)
-    return call(y, t), (plus - minus) / (2.0 * step)
+      return jax.jvp(call, (y, t), (dy, dt), has_aux=has_aux)
+    value = lambda out: out[0] if has_aux else out
+    plus = value(call(y + step * dy, t + step * dt))
+    minus = value(call(y - step * dy, t - step * dt))
+    primal = call(y, t)
+    derivative = (plus - minus) / (2.0 * step)
+    return (primal[0], derivative, primal[1]) if has_aux else (primal, derivative)
 
 
 class AdaptiveWeight(nn.Module):
@@ -306,6 +319,7 @@ class SCM:
   label_dropout: float = 0.0
   noise: str = "gaussian"
   noise_nu: float = common.DEFAULT_NU
+  repa: repa_lib.Alignment | None = None
 
   DEFAULTS: ClassVar[dict] = dict(
       mode="sct", teacher_workdir="", teacher_weights="ema", teacher_guidance=1.0,
@@ -407,29 +421,33 @@ class SCM:
     extra = {}
     if self.mode == "scd":
       extra = {"teacher": common.init_model(self.teacher_model, teacher_key, x, 1, cond)}
-    return params, extra
+    return params, repa_lib.init_extra(self.repa, extra)
 
   def load_extra(self, abstract_extra):
-    """{"teacher": the teacher's saved weights} for sCD (fresh starts only; see train.py)."""
+    """{"teacher": the teacher's saved weights} for sCD (fresh starts only; see train.py), with
+    REPA's encoder parameters (config.repa with online features)."""
     if self.mode != "scd":
-      return {}
+      return repa_lib.load_extra(self.repa, abstract_extra, {})
     teacher, step = checkpoint.restore_params(self.teacher_workdir, abstract_extra["teacher"],
                                               key=self.teacher_key,
-                                              source="objective.teacher_workdir")
+                                              source="objective.teacher_workdir",
+                                              skip=(layers.REPA_PROJECTOR,))
     logging.info("Loaded the sCD teacher %s from %s (step %d).", "/".join(self.teacher_key),
                  self.teacher_workdir, step)
-    return {"teacher": teacher}
+    return repa_lib.load_extra(self.repa, abstract_extra, {"teacher": teacher})
 
   def initial_params(self, params, extra):
     """The parameters of a fresh start: `params` unchanged, or with objective.init_from_teacher
     the backbone's replaced by the teacher's weights (sCD: the ones `load_extra` put in
-    extra["teacher"]; sCT: read from objective.teacher_workdir), w_phi's kept as initialised.
+    extra["teacher"]; sCT: read from objective.teacher_workdir), w_phi's and REPA's projector's
+    kept as initialised.
     New arrays with `params`' shardings. train.restore_or_init calls this after `load_extra` on
     fresh starts only (a resumed run keeps its trained weights) and copies the result into every
     EMA."""
     if not self.init_from_teacher:
       return params
-    backbone = self.backbone_params(params)
+    kept = (WEIGHTING_KEY, layers.REPA_PROJECTOR)
+    backbone = {key: value for key, value in params.items() if key not in kept}
     shardings = jax.tree.map(lambda leaf: leaf.sharding, backbone)
     if self.mode == "scd":
       teacher, where = extra["teacher"], "the loaded sCD teacher"
@@ -439,7 +457,8 @@ class SCM:
           backbone)
       teacher, step = checkpoint.restore_params(self.teacher_workdir, abstract,
                                                 key=self.teacher_key,
-                                                source="objective.teacher_workdir")
+                                                source="objective.teacher_workdir",
+                                                skip=(layers.REPA_PROJECTOR,))
       where = f"step {step}"
     describe = lambda tree: jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)), tree)
     if describe(teacher) != describe(backbone):
@@ -449,7 +468,7 @@ class SCM:
     copied = jax.device_put(teacher, shardings, may_alias=False)
     logging.info("Initialised the sCM student from the teacher's %s in %s (%s).",
                  "/".join(self.teacher_key), self.teacher_workdir, where)
-    return {**copied, **{k: v for k, v in params.items() if k == WEIGHTING_KEY}}
+    return {**copied, **{k: v for k, v in params.items() if k in kept}}
 
   def weight_module(self) -> AdaptiveWeight:
     return AdaptiveWeight(hidden_size=self.weighting_hidden)
@@ -467,20 +486,29 @@ class SCM:
 
   # The TrigFlow parameterisation.
 
-  def network(self, params, x_scaled, t, cond, rng=None, train=False):
+  def network(self, params, x_scaled, t, cond, rng=None, train=False, capture=False):
     """F_theta(x_t / sigma_d, t): [B, ...] float32; x_scaled = x_t / sigma_d: [B, ...]; t: [B] in
     [0, pi/2], handed to the backbone as u = t / (pi/2). With objective.init_from_teacher the
     backbone is a velocity network run as the teacher is, on (ot_point(x_t, t), ot_time(t)),
     and F is its velocity through `ot_velocity_to_trigflow`. Every F_theta of the loss, its
-    tangent, `consistency_fn` and the sampler comes from here."""
+    tangent, `consistency_fn` and the sampler comes from here. With capture, (F, REPA tokens)
+    (`common.apply_model`)."""
     backbone = self.backbone_params(params)
+    tokens = None
     if not self.init_from_teacher:
-      out = common.apply_model(self.model, backbone, x_scaled, (t / HALF_PI,), cond, rng, train)
-      return out.astype(jnp.float32)
-    x_t = self.sigma_data * jnp.asarray(x_scaled, jnp.float32)
-    v = common.apply_model(self.model, backbone, ot_point(x_t, t, self.sigma_data),
-                           (ot_time(t, self.sigma_data),), cond, rng, train)
-    return ot_velocity_to_trigflow(v.astype(jnp.float32), x_t, t, self.sigma_data)
+      out = common.apply_model(self.model, backbone, x_scaled, (t / HALF_PI,), cond, rng, train,
+                               capture)
+      if capture:
+        out, tokens = out
+      out = out.astype(jnp.float32)
+    else:
+      x_t = self.sigma_data * jnp.asarray(x_scaled, jnp.float32)
+      v = common.apply_model(self.model, backbone, ot_point(x_t, t, self.sigma_data),
+                             (ot_time(t, self.sigma_data),), cond, rng, train, capture)
+      if capture:
+        v, tokens = v
+      out = ot_velocity_to_trigflow(v.astype(jnp.float32), x_t, t, self.sigma_data)
+    return (out, tokens) if capture else out
 
   def parameterize(self, x_t, F, t):
     """f = cos(t) x_t - sin(t) sigma_d F: [B, ...]; f(x, 0) = x exactly."""
@@ -514,6 +542,7 @@ class SCM:
   def loss(self, params, batch, rng, step, view):
     """sCM loss of a batch {'image': [B, ...], 'label': [B]}; view: {"extra", ...}."""
     x = batch["image"].astype(jnp.float32)
+    repa_target = repa_lib.target(self.repa, batch, view)
     time_key, noise_key, drop_key, model_key = jax.random.split(rng, 4)
     t = self.sample_times(time_key, x.shape[0])
     z = self.sigma_data * common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu,
@@ -521,7 +550,7 @@ class SCM:
     labels = common.labels(batch, self.num_classes)
     cond = common.drop_labels(labels, drop_key, self.label_dropout, self.num_classes)
     teacher = view["extra"]["teacher"] if self.mode == "scd" else None
-    return self.loss_at(params, x, z, t, cond, labels, teacher, step, model_key)
+    return self.loss_at(params, x, z, t, cond, labels, teacher, step, model_key, repa_target)
 
   def trajectory_velocity(self, teacher_params, x0, z, x_t, t, teacher_cond):
     """dx_t/dt: cos(t) z - sin(t) x_0 (sCT) or sigma_d F_teacher(x_t / sigma_d, t) (sCD), no
@@ -531,32 +560,40 @@ class SCM:
     F = self.teacher_trigflow(jax.lax.stop_gradient(teacher_params), x_t, t, teacher_cond)
     return jax.lax.stop_gradient(self.sigma_data * F)
 
-  def tangent_at(self, params, x0, z, t, cond, teacher_cond, teacher_params, step, rng):
+  def tangent_at(self, params, x0, z, t, cond, teacher_cond, teacher_params, step, rng,
+                 capture=False):
     """(F_theta, g) at given data x0, noise z ~ N(0, sigma_d^2 I) ([B, ...] each) and times t
     ([B] in (0, pi/2)): F_theta(x_t / sigma_d, t) with gradients and the tangent g before its
     normalisation (`tangent`, with cos(t) sin(t) dF^-/dt from `directional_derivative` along
     (cos(t) sin(t) dx_t/dt / sigma_d, cos(t) sin(t))), both float32 [B, ...]. cond: student
     labels (dropped ones null) or None; teacher_cond: true labels or None; rng: dropout key
-    shared by F_theta and its derivative."""
+    shared by F_theta and its derivative. With capture, F_theta's REPA tokens come third."""
     x0, z = x0.astype(jnp.float32), z.astype(jnp.float32)
     cos, sin = paths.expand(jnp.cos(t), x0), paths.expand(jnp.sin(t), x0)
     x_t = cos * x0 + sin * z
     dx_dt = self.trajectory_velocity(teacher_params, x0, z, x_t, t, teacher_cond)
     cos_sin = jnp.cos(t) * jnp.sin(t)
-    F_fn = lambda y, tt: self.network(params, y, tt, cond, rng, train=True)
-    F, cos_sin_dF_dt = directional_derivative(
+    if capture:
+      F_fn = lambda y, tt: self.network(params, y, tt, cond, rng, train=True, capture=True)
+    else:
+      F_fn = lambda y, tt: self.network(params, y, tt, cond, rng, train=True)
+    F, cos_sin_dF_dt, *tokens = directional_derivative(
         F_fn, x_t / self.sigma_data, t, paths.expand(cos_sin, x0) * dx_dt / self.sigma_data,
-        cos_sin, self.jvp, self.jvp_step, self.jvp_precision)
+        cos_sin, self.jvp, self.jvp_step, self.jvp_precision, has_aux=capture)
     r = tangent_warmup(step, self.tangent_warmup_steps)
     g = tangent(jax.lax.stop_gradient(F), jax.lax.stop_gradient(cos_sin_dF_dt), x_t, dx_dt, t,
                 self.sigma_data, r)
-    return F, g
+    return (F, g, *tokens)
 
-  def loss_at(self, params, x0, z, t, cond, teacher_cond, teacher_params, step, rng):
+  def loss_at(self, params, x0, z, t, cond, teacher_cond, teacher_params, step, rng,
+              repa_target=None):
     """The sCM loss mean_B [lambda(t) e^{w_phi(t)} / D ||F_theta - F^- - g||^2 - w_phi(t)] at given
     draws (see `tangent_at`), lambda = 1 or 1 / (sigma_d tan t) (objective.prior_weighting), g
-    normalised when objective.tangent_normalization='norm'. Returns (loss, metrics)."""
-    F, g = self.tangent_at(params, x0, z, t, cond, teacher_cond, teacher_params, step, rng)
+    normalised when objective.tangent_normalization='norm'. Returns (loss, metrics).
+    repa_target: REPA's encoder features of x0 ([B, h, w, D], `repa.Alignment.target`) or None;
+    given, loss_REPA of F_theta's forward (the primal of the JVP) is added."""
+    F, g, *tokens = self.tangent_at(params, x0, z, t, cond, teacher_cond, teacher_params, step,
+                                    rng, capture=repa_target is not None)
     g_norm = jnp.sqrt(jnp.sum(jnp.reshape(jnp.square(g), (g.shape[0], -1)), axis=1))
     if self.tangent_normalization == "norm":
       g = normalize_tangent(g, self.tangent_norm_c)
@@ -569,7 +606,9 @@ class SCM:
     metrics = {"mse": jnp.mean(error), "tangent_norm": jnp.mean(g_norm),
                "tangent_warmup": tangent_warmup(step, self.tangent_warmup_steps),
                "weight_mean": jnp.mean(w), "t_mean": jnp.mean(t)}
-    return loss, metrics
+    if repa_target is None:
+      return loss, metrics
+    return self.repa.add(loss, metrics, tokens[0], repa_target)
 
   # Sampling.
 

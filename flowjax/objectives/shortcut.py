@@ -33,6 +33,10 @@ et al., arXiv:2410.14171; `common.draw_noise`) in both parts of the loss and as 
 start; flowjax's extension, not part of either paper. The targets are unchanged (they are
 properties of the trajectories), but target_clip, set for Gaussian noise and data in [-1, 1],
 clips x' and the targets of heavy-tailed points: raise it with heavy-tailed noise or data.
+
+REPA (config.repa, arXiv:2410.06940; `repa`) aligns the hidden tokens of the training forward
+s_theta(x_t, t, level, c) on the whole batch (flow-matching and self-consistency examples; each
+example's features are those of its own clean image).
 """
 
 import dataclasses
@@ -44,7 +48,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flowjax import paths
-from flowjax.objectives import common
+from flowjax.objectives import common, repa as repa_lib
 from flowjax.registry import OBJECTIVES
 from flowjax.samplers import ode
 from flowjax.samplers import shortcut as shortcut_sampler
@@ -106,6 +110,7 @@ class Shortcut:
   sigma_min: float = 1e-5
   noise: str = "gaussian"
   noise_nu: float = common.DEFAULT_NU
+  repa: repa_lib.Alignment | None = None
 
   DEFAULTS: ClassVar[dict] = dict(finest_steps=128, bootstrap_fraction=0.125, target_ema="",
                                   target_clip=4.0, guidance=1.0, label_dropout=0.1,
@@ -146,13 +151,20 @@ class Shortcut:
     x = batch["image"][:1]
     cond = common.labels(batch, self.num_classes)
     cond = None if cond is None else cond[:1]
-    return common.init_model(self.model, rng, x, 2, cond), {}
+    return common.init_model(self.model, rng, x, 2, cond), repa_lib.init_extra(self.repa, {})
 
-  def network(self, params, x, t, level, cond, rng=None, train=False):
+  def load_extra(self, abstract_extra):
+    """REPA's encoder parameters (config.repa with online features), else {}."""
+    return repa_lib.load_extra(self.repa, abstract_extra, {})
+
+  def network(self, params, x, t, level, cond, rng=None, train=False, capture=False):
     """s_theta(x, t, level, c): [B, ...] float32; x: [B, ...]; t: [B] flowjax time; level: [B]
-    int in 0 .. L, fed to the backbone as level / L; cond: [B] labels or None."""
+    int in 0 .. L, fed to the backbone as level / L; cond: [B] labels or None. With capture,
+    (s, REPA tokens) (`common.apply_model`)."""
     code = level.astype(jnp.float32) / self.num_levels
-    out = common.apply_model(self.model, params, x, (t, code), cond, rng, train)
+    out = common.apply_model(self.model, params, x, (t, code), cond, rng, train, capture)
+    if capture:
+      return out[0].astype(jnp.float32), out[1]
     return out.astype(jnp.float32)
 
   def interpolate(self, x, eps, t):
@@ -222,6 +234,7 @@ class Shortcut:
     floor(B bootstrap_fraction) examples are self-consistency examples, the rest flow matching."""
     del step
     x = batch["image"].astype(jnp.float32)
+    repa_target = repa_lib.target(self.repa, batch, view)
     count = int(x.shape[0] * self.bootstrap_fraction)
     noise_key, boot_key, time_key, drop_key, model_key = jax.random.split(rng, 5)
     eps = common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu, jnp.float32)
@@ -237,20 +250,32 @@ class Shortcut:
     if labels is not None:
       dropped = common.drop_labels(labels[count:], drop_key, self.label_dropout, self.num_classes)
       cond = jnp.concatenate([labels[:count], dropped])
-    loss, per_example = self.loss_at(params, x_t, t, level, cond, target, model_key)
+    if repa_target is None:
+      loss, per_example = self.loss_at(params, x_t, t, level, cond, target, model_key)
+    else:
+      loss, per_example, tokens = self.loss_at(params, x_t, t, level, cond, target, model_key,
+                                               capture=True)
     boot_error = jnp.mean(per_example[:count]) if count else jnp.zeros(())
     metrics = {"flow_mse": jnp.mean(per_example[count:]), "bootstrap_mse": boot_error,
                "bootstrap_fraction": jnp.mean((level < self.num_levels).astype(jnp.float32))}
-    return loss, metrics
+    if repa_target is None:
+      return loss, metrics
+    return self.repa.add(loss, metrics, tokens, repa_target)
 
-  def loss_at(self, params, x_t, t, level, cond, target, rng):
-    """mean_B mean_D (s_theta(x_t, t, level, c) - target)^2 and its per-example terms [B].
+  def loss_at(self, params, x_t, t, level, cond, target, rng, capture=False):
+    """mean_B mean_D (s_theta(x_t, t, level, c) - target)^2 and its per-example terms [B] (and
+    with capture the forward's REPA tokens third).
 
     x_t, target: [B, ...]; t: [B]; level: [B] int; cond: [B] labels (dropped ones null) or None;
     rng: dropout key. At level L with target v this is flow matching's loss.
     """
-    s = self.network(params, x_t, t, level, cond, rng, train=True)
+    if capture:
+      s, tokens = self.network(params, x_t, t, level, cond, rng, train=True, capture=True)
+    else:
+      s = self.network(params, x_t, t, level, cond, rng, train=True)
     per_example = common.mean_per_example(jnp.square(s - target))
+    if capture:
+      return jnp.mean(per_example), per_example, tokens
     return jnp.mean(per_example), per_example
 
   def sample(self, params, rng, num, cond=None, *, num_steps=1, method="euler", guidance=1.0):

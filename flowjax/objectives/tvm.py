@@ -62,6 +62,10 @@ al., arXiv:2410.14171; `common.draw_noise`) in the loss and as the sampler's sta
 terminal-velocity and flow-matching terms are unchanged (the flow map and the conditional
 velocity eps - x are properties of the trajectories). flowjax's extension, not part of either
 paper.
+
+REPA (config.repa, arXiv:2410.06940; `repa`) aligns the hidden tokens of the jump's forward
+F_theta(x_t, t, s, c, w), the primal of the terminal-velocity JVP, whose input x_t is the
+noised data (the flow-matching term's forward at (x_s', s') is not aligned).
 """
 
 import dataclasses
@@ -73,7 +77,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flowjax import paths
-from flowjax.objectives import common, scm
+from flowjax.objectives import common, repa as repa_lib, scm
 from flowjax.registry import OBJECTIVES, unknown_name_message
 from flowjax.samplers import pushforward
 
@@ -104,22 +108,24 @@ def logit_normal(rng, shape, mean: float, std: float, upper=None):
 
 
 def terminal_velocity(F, x_t, t, s, scale, method: str = "autodiff", step: float = 1e-3,
-                      precision: str = "float32", detach: bool = False):
+                      precision: str = "float32", detach: bool = False, has_aux: bool = False):
   """(f, df/ds) of the flow map f(x_t, t, s) = (s - t) scale F(x_t, s) (Eqs. 4 and 17): float32.
 
   F: (x: [B, ...], s: [B]) -> [B, ...], the network at the fixed start time t; x_t: [B, ...];
   t, s: [B]; scale: [B] (w for the scaled parameterisation, else 1). df/ds = scale (F + (s - t)
   dF/ds) with dF/ds from `scm.directional_derivative` along (0, 1) in (x, s); f and df/ds carry
-  gradients (through dF/ds too, unless `detach`).
+  gradients (through dF/ds too, unless `detach`). has_aux: F returns ([B, ...], aux), and aux of
+  the primal call comes third.
   """
   x_t = jnp.asarray(x_t, jnp.float32)
-  F_ts, dF_ds = scm.directional_derivative(F, x_t, s, jnp.zeros_like(x_t), jnp.ones_like(s),
-                                           method, step, precision)
+  F_ts, dF_ds, *aux = scm.directional_derivative(F, x_t, s, jnp.zeros_like(x_t),
+                                                 jnp.ones_like(s), method, step, precision,
+                                                 has_aux)
   if detach:
     dF_ds = jax.lax.stop_gradient(dF_ds)
   gap = paths.expand(s - t, x_t)
   scale = paths.expand(scale, x_t)
-  return scale * gap * F_ts, scale * (F_ts + gap * dF_ds)
+  return (scale * gap * F_ts, scale * (F_ts + gap * dF_ds), *aux)
 
 
 @OBJECTIVES.register("tvm")
@@ -175,6 +181,7 @@ class TVM:
   detach_jvp: bool = False
   noise: str = "gaussian"
   noise_nu: float = common.DEFAULT_NU
+  repa: repa_lib.Alignment | None = None
 
   DEFAULTS: ClassVar[dict] = dict(
       time_sampler="gap", gap_mean=-0.8, gap_std=1.0, s_mean=-0.4, s_std=1.0, t_mean=1.0,
@@ -245,15 +252,22 @@ class TVM:
     x = batch["image"][:1]
     cond = common.labels(batch, self.num_classes)
     cond = None if cond is None else cond[:1]
-    return common.init_model(self.model, rng, x, self.num_times, cond), {}
+    params = common.init_model(self.model, rng, x, self.num_times, cond)
+    return params, repa_lib.init_extra(self.repa, {})
+
+  def load_extra(self, abstract_extra):
+    """REPA's encoder parameters (config.repa with online features), else {}."""
+    return repa_lib.load_extra(self.repa, abstract_extra, {})
 
   # The parameterisation (Eq. 4, Sec. 4).
 
-  def network(self, params, x, t, s, w, cond, rng=None, train=False):
+  def network(self, params, x, t, s, w, cond, rng=None, train=False, capture=False):
     """F_theta(x, (t, t - s[, 1 / w]), c): [B, ...] float32; x: [B, ...]; t, s, w: [B];
-    cond: [B] labels or None."""
+    cond: [B] labels or None. With capture, (F, REPA tokens) (`common.apply_model`)."""
     times = (t, t - s) if self.num_classes <= 0 else (t, t - s, 1.0 / w)
-    out = common.apply_model(self.model, params, x, times, cond, rng, train)
+    out = common.apply_model(self.model, params, x, times, cond, rng, train, capture)
+    if capture:
+      return out[0].astype(jnp.float32), out[1]
     return out.astype(jnp.float32)
 
   def output_scale(self, w):
@@ -329,6 +343,7 @@ class TVM:
     """TVM loss of a batch {'image': [B, ...], 'label': [B]}; view: {"ema", ...}."""
     del step
     x = batch["image"].astype(jnp.float32)
+    repa_target = repa_lib.target(self.repa, batch, view)
     time_key, noise_key, drop_key, guidance_key, model_key = jax.random.split(rng, 5)
     t, s, s_fm = self.sample_times(time_key, x.shape[0])
     eps = common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu, jnp.float32)
@@ -336,23 +351,30 @@ class TVM:
                               self.label_dropout, self.num_classes)
     w = self.sample_guidance(guidance_key, x.shape[0], cond)
     return self.loss_at(params, self.target_params(params, view), x, eps, cond, t, s, s_fm, w,
-                        model_key)
+                        model_key, repa_target)
 
-  def loss_at(self, params, target_params, x, eps, cond, t, s, s_fm, w, rng):
+  def loss_at(self, params, target_params, x, eps, cond, t, s, s_fm, w, rng, repa_target=None):
     """The TVM loss (Eq. 15) at given draws: (loss, metrics).
 
     params: theta (gradients flow into it); target_params: theta^- (used under stop-gradient);
     x, eps: [B, ...] data and noise; cond: [B] labels (dropped ones null) or None; t, s, s_fm, w:
-    [B] with s <= t and w >= 1; rng: the dropout key of theta's calls.
+    [B] with s <= t and w >= 1; rng: the dropout key of theta's calls; repa_target: REPA's
+    encoder features of x ([B, h, w, D], `repa.Alignment.target`) or None; given, loss_REPA of
+    the jump's forward F_theta(x_t, t, s) is added.
     """
     x, eps = jnp.asarray(x, jnp.float32), jnp.asarray(eps, jnp.float32)
     path = paths.get("ot")
     x_t = path.interpolate(x, eps, t)
     x_fm = path.interpolate(x, eps, s_fm)
     v = path.velocity(x, eps, s_fm)
-    F = lambda y, s_: self.network(params, y, t, s_, w, cond, rng, train=True)
-    f, df_ds = terminal_velocity(F, x_t, t, s, self.output_scale(w), self.jvp, self.jvp_step,
-                                 self.jvp_precision, self.detach_jvp)
+    capture = repa_target is not None
+    if capture:
+      F = lambda y, s_: self.network(params, y, t, s_, w, cond, rng, train=True, capture=True)
+    else:
+      F = lambda y, s_: self.network(params, y, t, s_, w, cond, rng, train=True)
+    f, df_ds, *tokens = terminal_velocity(F, x_t, t, s, self.output_scale(w), self.jvp,
+                                          self.jvp_step, self.jvp_precision, self.detach_jvp,
+                                          has_aux=capture)
     # theta^- and the end point x_t + f both enter under stop-gradient (Eq. 12).
     u_terminal = jax.lax.stop_gradient(self.velocity(target_params, x_t + f, s, w, cond))
     jump = (t > s).astype(jnp.float32)
@@ -366,6 +388,8 @@ class TVM:
                "fm_mse": jnp.mean(fm), "t_mean": jnp.mean(t), "s_mean": jnp.mean(s),
                "t_minus_s": jnp.mean(t - s), "t_equals_s": 1.0 - jnp.mean(jump),
                "w_mean": jnp.mean(w)}
+    if capture:
+      return self.repa.add(loss, metrics, tokens[0], repa_target)
     return loss, metrics
 
   # Sampling.

@@ -1,0 +1,487 @@
+"""REPA (Yu et al., arXiv:2410.06940; flowjax.objectives.repa): the term is the official
+projection loss, weight 0 changes nothing, the encoder is frozen, the term trains only the blocks
+up to repa.depth and the projector, every continuous objective trains with it, a sharded mesh
+computes the one-device term, and a config REPA cannot run gives one clear error.
+
+8 fake CPU devices from conftest.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import helpers
+from flowjax import config as config_lib, data, models, objectives, optim, sharding, train
+from flowjax import step as step_lib
+from flowjax.models import dinov2
+from flowjax.objectives import common, repa
+
+# REPA on the tiny digits DiT (one block): the digits classifier's 4 x 4 tokens of width 32 on
+# the DiT's 4 x 4 grid of 2 x 2 patches.
+REPA_ON = {"repa.weight": 0.5, "repa.encoder": "digits", "repa.depth": 1,
+           "repa.projector_dim": 64}
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
+
+
+def tiny(experiment, **overrides):
+  return config_lib.load_experiment(f"experiments/{experiment}.py", "tiny",
+                                    **{**REPA_ON, **overrides})
+
+
+def jittered(tree, seed=0, scale=0.05):
+  """`tree` with N(0, scale^2) noise added to every float leaf (so that zero-initialised gates
+  and output layers pass gradients on)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: (np.asarray(x) + scale * rng.standard_normal(np.shape(x))).astype(
+      np.asarray(x).dtype), tree)
+
+
+def first_batch(config, size=8):
+  """The first global batch of `size` examples of the config's data, on the host."""
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
+                            jax.devices()[:1])
+  batches = data.build(config.data, split="train", global_batch_size=size, seed=0,
+                       sharding=sharding.batch_sharding(mesh))
+  batch = jax.device_get(next(batches))
+  batches.close()
+  return batch
+
+
+def built(config, repa_config):
+  """(objective, params, extra) of `config` on one host: params jittered, extra as a fresh
+  start has it (the encoder read from disk by load_extra)."""
+  info = data.data_info(config.data)
+  objective = objectives.build(config.objective, models.build(config.model, info), info,
+                               repa_config)
+  example = {"image": jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)}
+  if info.num_classes:
+    example["label"] = jnp.zeros((1,), jnp.int32)
+  params, extra = objective.init(jax.random.key(0), example)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(
+          jax.devices()[0])), nn.meta.unbox(extra))
+  extra = objective.load_extra(abstract)
+  return objective, jittered(nn.meta.unbox(params)), extra
+
+
+def loss_and_grads(objective, params, extra, batch, ema_decays=()):
+  """(loss, metrics, gradients) at step 0, every EMA of `ema_decays` at `params`."""
+  ema = {optim.ema_key(decay): params for decay in ema_decays}
+  view = {"ema": ema, "extra": extra, "step": jnp.zeros((), jnp.int32)}
+  fn = jax.jit(jax.value_and_grad(lambda p: objective.loss(p, batch, jax.random.key(1), 0, view),
+                                  has_aux=True))
+  (loss, metrics), grads = fn(params)
+  return jax.device_get((loss, metrics, grads))
+
+
+# Weight 0 ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("experiment", ["quickstart", "meanflow_digits"])
+def test_weight_zero_is_bitwise_the_objective_without_repa(experiment):
+  """repa.weight = 0 with every other key set builds the plain objective on the plain backbone:
+  the same parameters, no extra state, and bitwise the same loss, metrics and gradients."""
+  config = tiny(experiment, **{"repa.weight": 0.0})
+  batch = first_batch(config)
+  plain, params, extra = built(config, None)
+  off, off_params, off_extra = built(config, config.repa)
+  assert off.repa is None and off_extra == extra == {}
+  assert jax.tree.structure(off_params) == jax.tree.structure(params)
+  want = loss_and_grads(plain, params, extra, batch)
+  got = loss_and_grads(off, params, off_extra, batch)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_workdir_from_before_repa_resumes_with_repa_at_its_defaults():
+  """A checkpoint identity without the repa keys (written before they existed) is no difference
+  to a config that leaves them at their defaults, and is one when REPA is on."""
+  config = config_lib.load_experiment("experiments/quickstart.py", "tiny")
+  old = {k: v for k, v in config_lib.identity(config).items() if not k.startswith("repa.")}
+  assert len(old) < len(config_lib.identity(config))
+  assert config_lib.differences(old, config_lib.identity(config)) == []
+  assert config_lib.differences(old, config_lib.identity(tiny("quickstart"))) == [
+      "repa.depth: '<absent>' -> 1", "repa.encoder: '<absent>' -> 'digits'",
+      "repa.projector_dim: '<absent>' -> 64", "repa.weight: '<absent>' -> 0.5"]
+
+
+# The term ------------------------------------------------------------------------------------
+
+
+def test_term_is_the_official_projection_loss():
+  """loss_REPA = -1/B sum_b 1/N sum_n <z, y> / (max(|z|, 1e-12) max(|y|, 1e-12)) computed by hand
+  in NumPy (a zero feature vector included), and Alignment.add adds weight x loss_REPA and
+  reports the mean cosine as repa_cos."""
+  rng = np.random.default_rng(0)
+  tokens = rng.standard_normal((3, 2, 2, 5)).astype(np.float32)
+  features = rng.standard_normal((3, 2, 2, 5)).astype(np.float32)
+  features[1, 0, 1] = 0.0
+  cosines = np.zeros((3, 4))
+  for b in range(3):
+    for n in range(4):
+      z, y = tokens[b].reshape(4, 5)[n], features[b].reshape(4, 5)[n]
+      cosines[b, n] = z @ y / (max(np.linalg.norm(z), 1e-12) * max(np.linalg.norm(y), 1e-12))
+  want = float(np.mean([np.mean(row) for row in cosines]))
+  term, cos = repa.alignment_loss(jnp.asarray(tokens), jnp.asarray(features))
+  np.testing.assert_allclose([term, cos], [-want, want], rtol=1e-6)
+  loss, metrics = repa.Alignment(0.5, None).add(jnp.float32(2.0), {"mse": 1.0},
+                                                jnp.asarray(tokens), jnp.asarray(features))
+  np.testing.assert_allclose(loss, 2.0 - 0.5 * want, rtol=1e-6)
+  np.testing.assert_allclose(metrics["repa_cos"], want, rtol=1e-6)
+  assert metrics["mse"] == 1.0
+
+
+def test_encoder_features_are_resized_to_the_backbone_grid():
+  """Features on the backbone's grid are used as they are; on another grid they are resized to
+  it, and a feature field that is constant over the grid stays that constant."""
+  features = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 4, 3)), jnp.float32)
+  assert repa.match_grid(features, (4, 4)) is features
+  constant = jnp.broadcast_to(features[:, :1, :1], features.shape)
+  for grid in ((2, 2), (7, 7), (8, 4)):
+    resized = repa.match_grid(constant, grid)
+    assert resized.shape == (2, *grid, 3)
+    np.testing.assert_allclose(resized, jnp.broadcast_to(features[:, :1, :1], resized.shape),
+                               rtol=1e-6)
+
+
+def test_cached_features_give_the_online_term():
+  """repa.features='cached' reads batch['repa_features'] ([B, N, D]); the encoder's own tokens
+  stored there give the online objective's loss and gradients."""
+  config = tiny("quickstart")
+  batch = first_batch(config)
+  online, params, extra = built(config, config.repa)
+  tokens = online.repa.encoder.tokens(extra[repa.EXTRA_KEY], jnp.asarray(batch["image"]))
+  cached = dataclasses.replace(online, repa=repa.Alignment(online.repa.weight, None))
+  stored = dict(batch, repa_features=np.asarray(tokens).reshape(8, 16, 32))
+  want = loss_and_grads(online, params, extra, batch)
+  got = loss_and_grads(cached, params, {}, stored)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_encoder_is_frozen():
+  """The loss has no gradient with respect to the encoder's parameters (its features enter under
+  stop-gradient), although it depends on them."""
+  config = tiny("quickstart")
+  batch = first_batch(config)
+  objective, params, extra = built(config, config.repa)
+
+  def loss_of(encoder):
+    view = {"ema": {}, "extra": {repa.EXTRA_KEY: encoder}, "step": 0}
+    return objective.loss(params, batch, jax.random.key(1), 0, view)[0]
+
+  encoder = extra[repa.EXTRA_KEY]
+  grads = jax.jit(jax.grad(loss_of))(encoder)
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
+  assert float(loss_of(jittered(encoder, scale=0.5))) != float(loss_of(encoder))
+
+
+# The aligned blocks --------------------------------------------------------------------------
+
+
+def term_gradients(model_config, image_shape, depth):
+  """(gradients of loss_REPA alone, tokens) of `model_config` with repa_depth=depth, parameters
+  jittered, random features of width 8 on the backbone's grid."""
+  info = data.pipeline.DataInfo(image_shape=image_shape, num_classes=0, num_examples=None)
+  model = models.build(model_config, info).clone(repa_depth=depth, repa_dim=8,
+                                                 repa_projector_dim=16)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, *image_shape)), jnp.float32)
+  times = (jnp.full((2,), 0.3),)
+  params = jittered(nn.meta.unbox(common.init_model(model, jax.random.key(0), x, 1, None)))
+  tokens_of = lambda p: common.apply_model(model, p, x, times, None, capture=True)[1]
+  tokens = jax.eval_shape(tokens_of, params)
+  target = jnp.asarray(np.random.default_rng(2).standard_normal(tokens.shape), jnp.float32)
+  term = lambda p: repa.alignment_loss(tokens_of(p), target)[0]
+  return jax.device_get(jax.jit(jax.grad(term))(params)), tokens
+
+
+def max_abs(tree):
+  return max(float(np.abs(np.asarray(leaf)).max()) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_dit_term_trains_the_blocks_up_to_depth_and_the_projector(depth):
+  config = models.default_config("dit")
+  config.update(dict(patch_size=2, hidden_size=16, depth=3, num_heads=2))
+  grads, tokens = term_gradients(config, (8, 8, 1), depth)
+  assert tokens.shape == (2, 4, 4, 8)
+  for name in ["x_embed", "time_embed_0", "repa_projector"] + [f"block_{i}" for i in range(depth)]:
+    assert max_abs(grads[name]) > 0, name
+  for name in ["final"] + [f"block_{i}" for i in range(depth, 3)]:
+    assert max_abs(grads[name]) == 0, name
+
+
+@pytest.mark.parametrize("depth, grid", [(1, (8, 8)), (2, (4, 4))])
+def test_unet_term_trains_the_encoder_up_to_depth_and_the_projector(depth, grid):
+  """Encoder blocks of the two-level U-Net (one block per level): enc_8x8_block0 (1),
+  enc_4x4_down (2), enc_4x4_block0 (3); the decoder never learns from the term."""
+  config = models.default_config("unet")
+  config.update(dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+                     dropout=0.0))
+  grads, tokens = term_gradients(config, (8, 8, 3), depth)
+  assert tokens.shape == (2, *grid, 8)
+  encoder = ["enc_8x8_block0", "enc_4x4_down", "enc_4x4_block0"]
+  for name in ["enc_8x8_conv", "map_0", "repa_projector"] + encoder[:depth]:
+    assert max_abs(grads[name]) > 0, name
+  later = encoder[depth:] + [name for name in grads if name.startswith("dec_")]
+  for name in later:
+    assert max_abs(grads[name]) == 0, name
+
+
+@pytest.mark.parametrize("name", ["dit", "unet"])
+def test_the_network_computes_the_same_function_with_repa(name):
+  """Without capture (sampling, evaluation) a REPA backbone is the plain one: the same output
+  from the plain parameters, which lack the projector (so it does not run)."""
+  config = models.default_config(name)
+  small = (dict(patch_size=2, hidden_size=16, depth=2, num_heads=2) if name == "dit" else
+           dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=()))
+  config.update(small)
+  info = data.pipeline.DataInfo(image_shape=(8, 8, 3), num_classes=0, num_examples=None)
+  plain = models.build(config, info)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 3)), jnp.float32)
+  params = jittered(nn.meta.unbox(common.init_model(plain, jax.random.key(0), x, 1, None)))
+  times = (jnp.full((2,), 0.3),)
+  aligned = plain.clone(repa_depth=1, repa_dim=8, repa_projector_dim=16)
+  np.testing.assert_array_equal(common.apply_model(aligned, params, x, times, None),
+                                common.apply_model(plain, params, x, times, None))
+
+
+# Training ------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def teacher_workdir(root):
+  """A 2-step flow-matching run of quickstart:tiny, the teacher of CTM and sCD."""
+  workdir = os.path.join(root, "teacher")
+  train.run(config_lib.load_experiment("experiments/quickstart.py", "tiny",
+                                       **{"train.steps": 2, "sample.every_steps": 0}), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+  return teacher_workdir(str(tmp_path_factory.mktemp("repa_teacher")))
+
+
+TRAINED = {
+    "flow_matching": ("quickstart", {}),
+    "meanflow": ("meanflow_digits", {}),
+    "imf_main_branch": ("imf_digits", {"repa.depth": 2}),
+    "shortcut": ("shortcut_digits", {}),
+    "imm": ("imm_digits", {}),
+    "imm_unet": ("imm_cifar10", {}),
+    "consistency": ("consistency_digits", {}),
+    "ctm": ("ctm_digits", {"objective.teacher_workdir": "TEACHER"}),
+    "sct": ("scm_digits", {}),
+    "scd": ("scm_digits", {"objective.mode": "scd", "objective.teacher_workdir": "TEACHER"}),
+    "tvm": ("tvm_digits", {}),
+}
+
+
+# Through the trainer: a plain objective, a JVP one, the U-Net, and the two that read a teacher
+# into the state beside the encoder; every objective's loss with REPA is the test below.
+@pytest.mark.parametrize("name", ["flow_matching", "meanflow", "imm_unet", "ctm", "scd"])
+def test_objectives_train_with_repa(name, teacher, tmp_path):
+  """Two train steps with REPA on through the trainer: every step logs a finite repa_cos in
+  [-1, 1] beside the loss."""
+  experiment, overrides = TRAINED[name]
+  overrides = {k: teacher if v == "TEACHER" else v for k, v in overrides.items()}
+  config = tiny(experiment, **{"train.steps": 2, "sample.every_steps": 0, **overrides})
+  helpers.tiny_run_errors(config, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  cosines = [r["repa_cos"] for r in records]
+  assert len(cosines) == 2 and all(np.isfinite(cosines)) and all(-1 <= c <= 1 for c in cosines)
+
+
+@pytest.mark.parametrize("name", ["flow_matching", "meanflow", "imf_main_branch", "shortcut", "imm",
+                                  "consistency", "ctm", "sct", "tvm"])
+def test_the_term_trains_the_projector_through_the_forward_that_carries_gradients(name, teacher):
+  """The aligned forward is one with gradients (not a stop-gradient target's): the projector,
+  which only the REPA term reaches, gets a non-zero gradient in every objective."""
+  experiment, overrides = TRAINED[name]
+  overrides = {k: teacher if v == "TEACHER" else v for k, v in overrides.items()}
+  config = tiny(experiment, **overrides)
+  objective, params, extra = built(config, config.repa)
+  _, metrics, grads = loss_and_grads(objective, params, extra, first_batch(config),
+                                     config.optim.ema_decays)
+  assert np.isfinite(metrics["repa_cos"])
+  assert max_abs(grads["repa_projector"]) > 0
+
+
+def test_the_encoder_in_the_state_stays_the_files(tmp_path):
+  """After training (MeanFlow with repa.* set as command-line overrides set them) the state's
+  encoder parameters, saved in its checkpoint, are the committed classifier's, and the backbone
+  carries the projector."""
+  config = tiny("meanflow_digits", **{"train.steps": 2, "sample.every_steps": 0})
+  state = train.run(config, str(tmp_path))
+  from flowjax.evals import digits
+  want = digits.load_classifier().params
+  assert jax.tree.structure(state.extra[repa.EXTRA_KEY]) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(state.extra[repa.EXTRA_KEY]), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  assert "repa_projector" in state.params
+
+
+@pytest.fixture(scope="module")
+def repa_teacher(tmp_path_factory):
+  """(workdir, final state) of a 2-step flow-matching run of quickstart:tiny with REPA."""
+  workdir = str(tmp_path_factory.mktemp("repa_teacher"))
+  return workdir, train.run(tiny("quickstart", **{"train.steps": 2, "sample.every_steps": 0}),
+                            workdir)
+
+
+@pytest.mark.parametrize("experiment, overrides", [
+    ("ctm_digits", {}), ("scm_digits", {"objective.mode": "scd"}),
+    ("scm_digits", {"objective.init_from_teacher": True, "model.time_scale": 1000.0})])
+def test_a_teacher_trained_with_repa_serves_distillation(repa_teacher, experiment, overrides):
+  """CTM, sCD and sCM's init_from_teacher read a teacher trained with REPA as any other: its
+  weights without the projector, which they leave unread."""
+  workdir, state = repa_teacher
+  config = config_lib.load_experiment(f"experiments/{experiment}.py", "tiny",
+                                      **{"objective.teacher_workdir": workdir, **overrides})
+  setup = train.build(config, devices=jax.devices()[:1])
+  with train.context(setup):
+    fresh = setup.init_fn()
+    extra = setup.objective.load_extra(setup.abstract_state.extra)
+    params = getattr(setup.objective, "initial_params", lambda p, e: p)(fresh.params, extra)
+  teacher = extra["teacher"] if "teacher" in extra else {
+      k: v for k, v in params.items() if k != "scm_weighting"}
+  want = state.ema[optim.ema_key(0.995)]
+  assert "repa_projector" in want and "repa_projector" not in teacher
+  want = {k: v for k, v in want.items() if k != "repa_projector"}
+  assert jax.tree.structure(teacher) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+# Sharded --------------------------------------------------------------------------------------
+
+
+def gradient_on(config, devices, state):
+  setup = train.build(config, devices=devices)
+  batch = first_batch(config, config.train.batch_size)
+  gradient = jax.jit(step_lib.make_gradient(setup.objective, config.train, setup.step_rng,
+                                            setup.state_shardings),
+                     in_shardings=(setup.state_shardings,
+                                   {k: v.sharding for k, v in setup.batch_spec.items()}))
+  with train.context(setup):
+    placed = jax.device_put(state, setup.state_shardings)
+    return jax.device_get(gradient(placed, jax.device_put(batch, sharding.batch_sharding(
+        setup.mesh))))
+
+
+@pytest.mark.parametrize("experiment", ["quickstart", "imm_cifar10"])
+def test_sharded_term_equals_one_device(experiment):
+  """On a 2 x 2 mesh of fake devices (fsdp = 2, tensor = 2; the projector's kernels split over
+  both) the loss, repa_cos and every gradient equal the one-device ones."""
+  one = tiny(experiment, **{"train.batch_size": 8, "mesh.data": 1})
+  setup = train.build(one, devices=jax.devices()[:1])
+  with train.context(setup):
+    state = jax.device_get(setup.init_fn())
+    state = state.replace(extra=jax.device_get(setup.objective.load_extra(
+        setup.abstract_state.extra)))
+  state = state.replace(params=jittered(state.params))
+  want_loss, want_metrics, want_grads = gradient_on(one, jax.devices()[:1], state)
+  with one.unlocked():
+    one.mesh.update(dict(data=1, fsdp=2, tensor=2))
+  sharded = train.build(one, devices=jax.devices()[:4])
+  specs = {str(s.spec) for s in jax.tree.leaves(sharded.state_shardings.params["repa_projector"])}
+  assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs)
+  loss, metrics, grads = gradient_on(one, jax.devices()[:4], state)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics["repa_cos"], want_metrics["repa_cos"], rtol=1e-5,
+                             atol=1e-6)
+  # A leaf whose gradient is analytically zero (an attention key bias) holds rounding noise; it
+  # is compared at 1e-3 of the largest gradient, as in tests/test_mesh_equivalence.py.
+  floor = 1e-3 * max(np.abs(want).max() for want in jax.tree.leaves(want_grads))
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    assert np.abs(got - want).max() <= 1e-5 * max(np.abs(want).max(), floor)
+
+
+# DINOv2 ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dinov2_folder(tmp_path_factory):
+  """The tiny DINOv2 fixture of tests/test_dinov2.py as a HuggingFace checkpoint folder (patch
+  4, width 16)."""
+  folder = tmp_path_factory.mktemp("dinov2")
+  shutil.copy(os.path.join(REFERENCE, "dinov2_tiny.safetensors"), folder / "model.safetensors")
+  shutil.copy(os.path.join(REFERENCE, "dinov2_tiny.json"), folder / "config.json")
+  return str(folder)
+
+
+@pytest.mark.parametrize("resolution, grid", [(16, (4, 4)), (32, (8, 8))])
+def test_dinov2_target_is_its_patch_tokens_on_the_backbone_grid(dinov2_folder, resolution, grid):
+  """repa.encoder='dinov2' aligns to dinov2.patch_tokens of the encoder at
+  repa.encoder_resolution (on its (resolution / 4)^2 grid, which the term resizes to the DiT's
+  4 x 4), and its loss and gradients are finite."""
+  config = tiny("quickstart", **{"repa.encoder": "dinov2", "repa.encoder_path": dinov2_folder,
+                                 "repa.encoder_resolution": resolution})
+  config_lib.validate(config, 8)
+  batch = first_batch(config)
+  objective, params, extra = built(config, config.repa)
+  loaded, module, weights = dinov2.load(dinov2_folder)
+  _, module, weights = dinov2.for_resolution(loaded, weights, resolution)
+  tokens = np.asarray(dinov2.patch_tokens(module, weights, jnp.asarray(batch["image"]),
+                                          resolution))
+  view = {"ema": {}, "extra": extra, "step": 0}
+  np.testing.assert_allclose(objective.repa.target(batch, view), tokens.reshape(8, *grid, 16),
+                             rtol=1e-5, atol=1e-6)
+  loss, metrics, grads = loss_and_grads(objective, params, extra, batch)
+  assert np.isfinite(loss) and np.isfinite(metrics["repa_cos"])
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+# Bad configs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("experiment, overrides, message", [
+    ("quickstart", {"repa.encoder": ""}, "config.repa.encoder is empty; set "
+                                         "--config.repa.encoder=digits"),
+    ("quickstart", {"repa.encoder": "dinov3"}, "Unknown REPA encoder 'dinov3'. Did you mean "
+                                               "'dinov2'?"),
+    ("quickstart", {"repa.weight": -0.5}, "config.repa.weight=-0.5 must be a number >= 0"),
+    ("quickstart", {"repa.features": "offline"}, "config.repa.features: Unknown value"),
+    ("quickstart", {"repa.depth": 0}, "config.repa.depth=0 must be a positive integer"),
+    ("quickstart", {"repa.features": "cached"}, "which data.name='digits' does not provide"),
+    ("fm_toy2d", {}, "model.name='mlp' has no hidden tokens REPA could align; use a backbone "
+                     "among dit, imf_dit, unet"),
+    ("starflow_digits", {}, "objective 'starflow' has no denoiser forward whose hidden tokens "
+                            "REPA could align; REPA works with the objectives consistency, ctm, "
+                            "flow_matching, imm, meanflow, scm, shortcut, tvm"),
+    ("autoencoder_digits", {}, "objective 'autoencoder' has no denoiser forward"),
+])
+def test_a_config_repa_cannot_run_is_one_clear_error(experiment, overrides, message):
+  config = tiny(experiment, **overrides)
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config, 8)
+  assert message in str(error.value)
+
+
+def test_a_depth_beyond_the_backbone_is_one_clear_error():
+  config = tiny("quickstart", **{"repa.depth": 2})
+  with pytest.raises(config_lib.ConfigError, match=r"config.repa.depth=2: .* use 1 to 1"):
+    train.build(config, devices=jax.devices()[:1])
+
+
+def test_configs_without_a_repa_section_build_without_repa():
+  """A config written before config.repa existed (its config.json read back) validates and
+  builds the plain objective."""
+  config = config_lib.load_experiment("experiments/quickstart.py", "tiny")
+  tree = json.loads(config_lib.to_json(config))
+  del tree["repa"]
+  old = config_lib.from_json(json.dumps(tree))
+  config_lib.validate(old, 8)
+  assert train.build(old, devices=jax.devices()[:1]).objective.repa is None
+  assert not repa.enabled(ml_collections.ConfigDict(dict(weight=0.0)))
