@@ -24,7 +24,8 @@ LABELS = {"flow_matching": "flow matching (Euler)", "imm": "IMM (pushforward)",
           "imm_by_label": "IMM, groups by label", "tvm": "TVM (terminal velocity)",
           "imf": "iMF (improved MeanFlow)", "t_flow": "t-Flow (Student-t noise, nu = 3)",
           "t_flow_nu10": "t-Flow (nu = 10)",
-          "meanflow_t": "MeanFlow, Student-t noise (nu = 3)"}
+          "meanflow_t": "MeanFlow, Student-t noise (nu = 3)",
+          "flow_matching_repa": "flow matching + REPA", "meanflow_repa": "MeanFlow + REPA"}
 # Captions of the tables of a suite's further metrics (SUITES[...]["extra_metrics"]).
 EXTRA_METRICS = {"tail_error": "Tail-quantile error (mean relative error of the 0.99 and 0.999 "
                                "quantiles of |x| per axis)"}
