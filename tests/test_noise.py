@@ -1,7 +1,8 @@
 """The noise option (objective.noise, objective.noise_nu) of every noise-drawing objective:
 Gaussian noise is bitwise the draw the objectives always made, the Student-t draw has the law of
 Pandey et al. (arXiv:2410.14171), the exact t-Flow velocity is the minimiser of the flow-matching
-loss with Student-t noise, and the t-Flow experiment trains end to end."""
+loss with Student-t noise, iCT's and CTM's preconditioning follows t-EDM's at sigma sqrt(nu /
+(nu - 2)), and the t-Flow experiment trains end to end."""
 
 import dataclasses
 import importlib.util
@@ -261,6 +262,159 @@ def test_a_distilling_objective_refuses_a_teacher_of_another_noise(tmp_path):
     ctm.check_teacher_noise(heavy, "student_t", 5.0, "sCD")
   with pytest.raises(ctm.TeacherError):
     ctm.check_teacher_noise(heavy, "gaussian", 10.0)
+
+
+
+# t-EDM preconditioning.
+
+class Probe(nn.Module):
+  """A backbone whose output reads off one of its inputs: "zero" 0, "one" 1, "input" its input
+  c_in x, "times" its first and last time, one per output dimension."""
+  read: str
+
+  @nn.compact
+  def __call__(self, x, times, cond, *, train):
+    del cond, train
+    if self.read == "input":
+      return x
+    if self.read == "times":
+      return jnp.stack([times[0], times[-1]], axis=-1)
+    return jnp.full_like(x, 0.0 if self.read == "zero" else 1.0)
+
+
+def read_coefficients(denoiser):
+  """(c_skip, c_out, c_in, times) of d(x) = c_skip x + c_out F(c_in x, times): [B] each ([B, 2]
+  for the times), read off with the probes; denoiser: (backbone, x) -> d(x)."""
+  out = {read: np.asarray(denoiser(Probe(read), PROBE_X), np.float64)
+         for read in ("zero", "one", "input", "times")}
+  x = np.asarray(PROBE_X, np.float64)
+  c_skip = out["zero"][:, 0] / x[:, 0]
+  c_out = out["one"][:, 0] - out["zero"][:, 0]
+  c_in = (out["input"][:, 0] - out["zero"][:, 0]) / (c_out * x[:, 0])
+  times = (out["times"] - out["zero"]) / c_out[:, None]
+  return c_skip, c_out, c_in, times
+
+
+SIGMAS = np.array([0.01, 0.3, 2.0, 40.0, 80.0])
+PROBE_X = jnp.asarray(np.stack([np.linspace(0.5, 2.5, len(SIGMAS))] * 2, axis=1), jnp.float32)
+
+
+@pytest.mark.parametrize("nu", [3.0, 10.0])
+def test_student_t_preconditioning_is_edm_at_the_noise_standard_deviation(nu):
+  """With Student-t noise, iCT's and CTM's c_skip, c_out, c_in and backbone times are EDM's
+  formulas at sigma_eff = sigma sqrt(nu / (nu - 2)) (t-EDM, arXiv:2410.14171; physicsnemo's
+  tEDMPrecondSuperRes), computed here by hand: iCT's boundary form with sigma - sigma_min scaled
+  the same way, CTM's times ln(t_eff) / 4 and ln(s_eff) / 4, and CTM's DSM weight
+  (sigma_eff^2 + sd^2) / (sigma_eff sd)^2 = 1 / c_out^2. They are not the Gaussian ones."""
+  scale = math.sqrt(nu / (nu - 2))
+  sd, low, high = 0.5, 0.002, 80.0
+  sigma = jnp.asarray(SIGMAS, jnp.float32)
+  sigma64 = np.asarray(sigma, np.float64)
+
+  def consistency_by_hand(factor):
+    s, offset = sigma64 * factor, (sigma64 - low) * factor
+    return (sd ** 2 / (offset ** 2 + sd ** 2), sd * offset / np.sqrt(s ** 2 + sd ** 2),
+            1 / np.sqrt(s ** 2 + sd ** 2), (np.log(s) - np.log(low)) / np.log(high / low))
+
+  heavy = consistency.Consistency(model=None, total_steps=100, noise="student_t", noise_nu=nu,
+                                  **BASE)
+  got = read_coefficients(lambda probe, x: dataclasses.replace(heavy, model=probe)
+                          .consistency_fn({}, x, sigma, None))
+  expected = consistency_by_hand(scale)
+  for name, a, b in zip(("c_skip", "c_out", "c_in"), got[:3], expected[:3]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=name)
+  np.testing.assert_allclose(got[3], np.stack([expected[3]] * 2, axis=1), rtol=1e-4, atol=1e-6)
+  gaussian = consistency_by_hand(1.0)
+  for a, b in zip(got[:3], gaussian[:3]):
+    assert not np.allclose(a, b, rtol=1e-3)
+
+  heavy_ctm = ctm.CTM(model=None, noise="student_t", noise_nu=nu, **BASE)
+  s_level = jnp.asarray(np.minimum(SIGMAS, 0.05), jnp.float32)
+  got = read_coefficients(lambda probe, x: dataclasses.replace(heavy_ctm, model=probe)
+                          .g_fn({}, x, sigma, s_level, None))
+  t_eff, s_eff = sigma64 * scale, np.asarray(s_level, np.float64) * scale
+  norm = t_eff ** 2 + sd ** 2
+  for name, a, b in zip(("c_skip", "c_out", "c_in"), got[:3],
+                        (sd ** 2 / norm, t_eff * sd / np.sqrt(norm), 1 / np.sqrt(norm))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=name)
+  np.testing.assert_allclose(got[3], np.stack([np.log(t_eff), np.log(s_eff)], axis=1) / 4,
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(heavy_ctm.dsm_weights(sigma), norm / (t_eff * sd) ** 2, rtol=1e-5)
+  np.testing.assert_allclose(heavy_ctm.dsm_weights(sigma), 1 / got[1] ** 2, rtol=1e-4)
+  assert not np.allclose(got[2], 1 / np.sqrt(sigma64 ** 2 + sd ** 2), rtol=1e-3)
+
+
+def test_student_t_preconditioning_keeps_the_boundary_conditions_exactly():
+  """f(x, sigma_min) = x for iCT and G(x, t, t) = x for CTM, bitwise, with Student-t noise and a
+  random network, eagerly and compiled."""
+  x = jax.random.normal(jax.random.key(4), (8, 2)) * 3.0
+  for nu in (2.5, 3.0, 10.0):
+    objective = dataclasses.replace(OBJECTIVES["consistency"][0](), noise="student_t", noise_nu=nu)
+    params = nn.meta.unbox(objective.init(jax.random.key(0), {"image": x})[0])
+    floor = jnp.full((8,), objective.sigma_min, jnp.float32)
+    for f in (objective.consistency_fn, jax.jit(objective.consistency_fn)):
+      np.testing.assert_array_equal(f(params, x, floor, None), x)
+    trajectory = dataclasses.replace(OBJECTIVES["ctm"][0](), noise="student_t", noise_nu=nu)
+    params = nn.meta.unbox(trajectory.init(jax.random.key(0), {"image": x})[0])
+    t = jnp.geomspace(0.002, 80.0, 8).astype(jnp.float32)
+    for G in (trajectory.trajectory_map, jax.jit(trajectory.trajectory_map)):
+      np.testing.assert_array_equal(G(params, x, t, t, None), x)
+
+
+def test_student_t_denoisers_approach_the_gaussian_ones_as_nu_grows():
+  """sqrt(nu / (nu - 2)) -> 1: at nu = 1e6 iCT's f, CTM's g and G and CTM's DSM weight with
+  Student-t preconditioning are the Gaussian ones (same parameters, same input) within float32
+  rounding; at nu = 3 they are not."""
+  x = jax.random.normal(jax.random.key(4), (8, 2)) * 3.0
+  sigma = jnp.geomspace(0.01, 80.0, 8).astype(jnp.float32)
+  s_level = jnp.full((8,), 0.005, jnp.float32)
+  make_ct, make_ctm = OBJECTIVES["consistency"][0], OBJECTIVES["ctm"][0]
+  ct_params = nn.meta.unbox(make_ct().init(jax.random.key(0), {"image": x})[0])
+  ctm_params = nn.meta.unbox(make_ctm().init(jax.random.key(0), {"image": x})[0])
+
+  def denoisers(**noise):
+    ct = dataclasses.replace(make_ct(), **noise)
+    trajectory = dataclasses.replace(make_ctm(), **noise)
+    return [np.asarray(a) for a in (
+        ct.consistency_fn(ct_params, x, sigma, None),
+        trajectory.g_fn(ctm_params, x, sigma, s_level, None),
+        trajectory.trajectory_map(ctm_params, x, sigma, s_level, None),
+        trajectory.dsm_weights(sigma))]
+
+  gaussian = denoisers()
+  for a, b in zip(denoisers(noise="student_t", noise_nu=1e6), gaussian):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(denoisers(noise="student_t", noise_nu=3.0), gaussian):
+    assert not np.allclose(a, b, rtol=1e-2, atol=1e-3)
+
+
+def test_gaussian_preconditioning_is_bitwise_edm_in_sigma():
+  """With noise='gaussian' effective_sigma is sigma itself (no arithmetic), and iCT's scalings,
+  CTM's g and its DSM weight are bitwise the EDM formulas in sigma they were before t-EDM's
+  preconditioning existed."""
+  sigma = jnp.asarray(SIGMAS, jnp.float32)
+  assert common.effective_sigma(sigma, "gaussian", 3.0) is sigma
+  objective = OBJECTIVES["consistency"][0]()
+  data2, low = objective.sigma_data ** 2, objective.sigma_min
+  old = (data2 / ((sigma - low) ** 2 + data2),
+         objective.sigma_data * (sigma - low) / jnp.sqrt(sigma ** 2 + data2),
+         1.0 / jnp.sqrt(sigma ** 2 + data2))
+  for a, b in zip(objective.scalings(sigma), old):
+    np.testing.assert_array_equal(a, b)
+  echo = dataclasses.replace(objective, model=Probe("times"))
+  np.testing.assert_array_equal(
+      echo.consistency_fn({}, PROBE_X, sigma, None),
+      old[0][:, None] * PROBE_X + old[1][:, None] * objective.backbone_time(sigma)[:, None])
+
+  trajectory = dataclasses.replace(OBJECTIVES["ctm"][0](), model=Probe("input"))
+  sd = trajectory.sigma_data
+  t = sigma[:, None]
+  norm = t ** 2 + sd ** 2
+  x_in = 1.0 / jnp.sqrt(t ** 2 + sd ** 2) * PROBE_X
+  np.testing.assert_array_equal(trajectory.g_fn({}, PROBE_X, sigma, sigma, None),
+                                (sd ** 2 / norm) * PROBE_X + (t * sd / jnp.sqrt(norm)) * x_in)
+  np.testing.assert_array_equal(trajectory.dsm_weights(sigma),
+                                (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2)
 
 
 # t-Flow.

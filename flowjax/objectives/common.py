@@ -84,6 +84,20 @@ def check_noise(noise: str, nu) -> None:
                      "nu -> infinity limit.")
 
 
+def effective_sigma(sigma, noise: str, nu):
+  """The standard deviation per dimension of sigma eps for eps of `draw_noise`'s law: sigma itself
+  (the same object) for "gaussian", sigma sqrt(nu / (nu - 2)) for "student_t". sigma: an array
+  or a float.
+
+  t-EDM (Pandey et al., arXiv:2410.14171) evaluates EDM's preconditioning at this scale: NVIDIA/
+  physicsnemo's tEDMPrecondSuperRes.forward multiplies sigma by sqrt(nu / (nu - 2)) before EDM's
+  c_skip, c_out, c_in and c_noise = ln(sigma) / 4, and its tEDMResidualLoss evaluates EDM's loss
+  weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 there too."""
+  if noise != "student_t":
+    return sigma
+  return sigma * math.sqrt(nu / (nu - 2))
+
+
 def draw_noise(rng, shape, kind: str = "gaussian", nu: float = DEFAULT_NU, dtype=None):
   """Noise eps: `shape` = [B, ...], one independent draw per example (axis 0).
 

@@ -29,12 +29,20 @@ scales (toy 2D data).
 Noise: objective.noise='student_t' draws n (the loss's shared noise), the sampler's start z and
 every re-noising z' from the multivariate Student-t t_D(0, I_D, nu) of Pandey et al.
 (arXiv:2410.14171; `common.draw_noise`), one chi^2 scale per example. That is flowjax's
-extension: neither paper trains consistency models with it. What is the paper's: the noisy point
-x + sigma n with Student-t n is t-EDM's perturbation. What is not: t-EDM also puts the noise's
-standard deviation sigma sqrt(nu / (nu - 2)) in place of sigma in EDM's c_in, c_skip, c_out and
-loss weight; here c_skip, c_out and c_in stay the formulas above (which keep f(x, sigma_min) = x),
-so with Student-t noise the backbone's input c_in x has variance above 1 at large sigma (up to
-nu / (nu - 2) times).
+extension: neither paper trains consistency models with it. The preconditioning follows the noise
+law as in t-EDM: with Student-t noise every coefficient above is evaluated at the noise's standard
+deviation sigma_eff = sigma sqrt(nu / (nu - 2)) in place of sigma (`common.effective_sigma`;
+NVIDIA/physicsnemo's tEDMPrecondSuperRes.forward rescales sigma so before EDM's c_skip, c_out,
+c_in and c_noise = ln(sigma) / 4): c_in and the backbone's time u(sigma_eff) (the map u itself is
+unchanged) and c_skip, c_out with both sigma and sigma_min scaled, sigma_eff - sigma_min_eff =
+(sigma - sigma_min) sqrt(nu / (nu - 2)). So f(x, sigma_min) = x still holds exactly, c_in x has
+the variance c_in^2 (sigma_data^2 + sigma_eff^2) = 1 of EDM's design for data of variance
+sigma_data^2, and u(sigma_eff) = u(sigma) + ln sqrt(nu / (nu - 2)) / ln(sigma_max / sigma_min)
+(0.05 more for nu = 3 and the default range). The noisy point x + sigma n (t-EDM's
+perturbation), the Karras grid and its interval probabilities, the weight 1 / (sigma_{i+1} -
+sigma_i) (iCT's; EDM's loss weight has no part here) and the sampler's noise levels and
+re-noising stay in sigma. With noise='gaussian' sigma_eff = sigma and all of this is the iCT
+parameterisation above, bitwise.
 
 REPA (config.repa, arXiv:2410.06940; `repa`) aligns the hidden tokens of the student forward
 f_theta(x + sigma_{i+1} n, sigma_{i+1}), the one that carries gradients.
@@ -68,7 +76,7 @@ def pseudo_huber(a, b, c):
 @OBJECTIVES.register("consistency")
 @dataclasses.dataclass(frozen=True)
 class Consistency:
-  """model: backbone F_theta(c_in x, (u(sigma),), cond); image_shape: per-example shape;
+  """model: backbone F_theta(c_in x, (u(sigma_eff),), cond); image_shape: per-example shape;
   num_classes: 0 for unconditional models. The other fields are the `objective` config keys:
 
   sigma_data, sigma_min, sigma_max, rho: EDM scalings and the Karras discretisation
@@ -149,24 +157,35 @@ class Consistency:
   # The EDM parameterisation.
 
   def backbone_time(self, sigma):
-    """u(sigma) = (ln sigma - ln sigma_min) / (ln sigma_max - ln sigma_min): [B] in [0, 1]."""
+    """u(sigma) = (ln sigma - ln sigma_min) / (ln sigma_max - ln sigma_min): [B], in [0, 1] for
+    sigma in [sigma_min, sigma_max]."""
     low, high = math.log(self.sigma_min), math.log(self.sigma_max)
     return (jnp.log(sigma) - low) / (high - low)
 
+  def effective_sigma(self, sigma):
+    """sigma_eff: sigma for Gaussian noise, sigma sqrt(nu / (nu - 2)) for Student-t noise
+    (`common.effective_sigma`)."""
+    return common.effective_sigma(sigma, self.noise, self.noise_nu)
+
   def scalings(self, sigma):
-    """(c_skip, c_out, c_in), each shaped like sigma."""
+    """(c_skip, c_out, c_in), each shaped like sigma: the formulas of the module docstring at
+    sigma_eff, with sigma_eff - sigma_min_eff = (sigma - sigma_min) sqrt(nu / (nu - 2)) exactly 0
+    at sigma = sigma_min."""
     data2 = self.sigma_data**2
-    c_skip = data2 / ((sigma - self.sigma_min) ** 2 + data2)
-    c_out = self.sigma_data * (sigma - self.sigma_min) / jnp.sqrt(sigma**2 + data2)
+    offset = self.effective_sigma(sigma - self.sigma_min)
+    sigma = self.effective_sigma(sigma)
+    c_skip = data2 / (offset ** 2 + data2)
+    c_out = self.sigma_data * offset / jnp.sqrt(sigma**2 + data2)
     c_in = 1.0 / jnp.sqrt(sigma**2 + data2)
     return c_skip, c_out, c_in
 
   def consistency_fn(self, params, x, sigma, cond, rng=None, train=False, capture=False):
     """f_theta(x, sigma): [B, ...] float32; x: [B, ...]; sigma: [B] in [sigma_min, sigma_max].
-    With capture, (f, REPA tokens) (`common.apply_model`)."""
+    The backbone sees c_in x and u(sigma_eff). With capture, (f, REPA tokens)
+    (`common.apply_model`)."""
     c_skip, c_out, c_in = (paths.expand(c, x) for c in self.scalings(sigma))
-    out = common.apply_model(self.model, params, c_in * x, (self.backbone_time(sigma),), cond,
-                             rng, train, capture)
+    time = self.backbone_time(self.effective_sigma(sigma))
+    out = common.apply_model(self.model, params, c_in * x, (time,), cond, rng, train, capture)
     if capture:
       return c_skip * x + c_out * out[0].astype(jnp.float32), out[1]
     return c_skip * x + c_out * out.astype(jnp.float32)
@@ -257,7 +276,8 @@ class Consistency:
     return ((high + fraction * (low - high)) ** self.rho).at[0].set(self.sigma_max)
 
   def sigma_of_time(self, u):
-    """The inverse of backbone_time: sigma = sigma_min (sigma_max / sigma_min)^u."""
+    """The inverse of backbone_time: sigma = sigma_min (sigma_max / sigma_min)^u (the noise level
+    of the path, before `effective_sigma`)."""
     low, high = math.log(self.sigma_min), math.log(self.sigma_max)
     return jnp.exp(low + jnp.asarray(u, jnp.float32) * (high - low))
 

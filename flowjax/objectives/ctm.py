@@ -31,8 +31,16 @@ and gamma-sampling's re-noising from the multivariate Student-t t_D(0, I_D, nu) 
 (arXiv:2410.14171; `common.draw_noise`), and the teacher must be a t-Flow teacher with the same
 noise (`check_teacher_noise`), whose PF-ODE then carries x + sigma eps of that law. This is
 flowjax's extension: neither paper distils CTM with it. The perturbation x + sigma eps and the
-DSM term's ||g - x||^2 are t-EDM's; EDM's c_skip, c_out, c_in and the DSM weight are kept (t-EDM
-would put sigma sqrt(nu / (nu - 2)) in place of sigma in them). Re-noising adds independent
+DSM term's ||g - x||^2 are t-EDM's, and so is the preconditioning, which follows the noise law:
+with Student-t noise g's c_skip, c_out, c_in, both times ln(t) / 4 and ln(s) / 4, and the "karras"
+DSM weight are EDM's formulas evaluated at the noise's standard deviation, t, s and sigma times
+sqrt(nu / (nu - 2)) (`common.effective_sigma`; NVIDIA/physicsnemo's
+tEDMPrecondSuperRes.forward rescales sigma so before EDM's preconditioner, and its
+tEDMResidualLoss evaluates EDM's loss weight at the rescaled sigma, so the weight stays
+1 / c_out^2). The noisy points, the Karras grid, the DSM noise levels, the ratio s / t of G (the
+PF-ODE's, so G(x, t, t) = x still holds exactly) and the teacher, a flow-matching velocity with its
+own parameterisation integrated in sigma, stay in sigma. With noise='gaussian' all of this is
+EDM's and CTM's, bitwise. Re-noising adds independent
 Student-t noise: with gamma = 1 (a jump to sigma_min first) the re-noised point is a Student-t
 perturbation of the jump's data estimate, as in training; with gamma < 1 the jump's remaining
 noise plus the added noise is not Student-t.
@@ -177,10 +185,11 @@ def check_teacher_noise(workdir: str, noise: str, nu: float, method: str = "CTM"
 @OBJECTIVES.register("ctm")
 @dataclasses.dataclass(frozen=True)
 class CTM:
-  """model: backbone F_theta(c_in x, (ln(t) / 4, ln(s) / 4), cond); image_shape: per-example
-  shape; num_classes: 0 for unconditional models; teacher_model: the flow-matching teacher's
-  backbone v(x_t, (t,), cond); teacher_key: the subtree of the teacher's saved state to load
-  (("ema", "0.999") or ("params",)). The other fields are the `objective` config keys:
+  """model: backbone F_theta(c_in x, (ln(t) / 4, ln(s) / 4), cond) at `effective_sigma` of t and
+  s; image_shape: per-example shape; num_classes: 0 for unconditional models; teacher_model: the
+  flow-matching teacher's backbone v(x_t, (t,), cond); teacher_key: the subtree of the teacher's
+  saved state to load (("ema", "0.999") or ("params",)). The other fields are the `objective`
+  config keys:
 
   teacher_workdir: the flow-matching run to distil; teacher_weights: its "ema" (first decay) or
     raw "params"; teacher_guidance: classifier-free guidance scale of the teacher velocity;
@@ -202,7 +211,7 @@ class CTM:
   dsm_sigma_sampler, dsm_p_mean, dsm_p_std, dsm_uniform_fraction: DSM noise levels: lognormal,
     or half lognormal and half on the Karras ramp at a uniform position in
     [0, dsm_uniform_fraction] ("halflognormal");
-  dsm_weighting: "karras" (sigma^2 + sd^2) / (sigma sd)^2 or "uniform";
+  dsm_weighting: "karras" (sigma^2 + sd^2) / (sigma sd)^2 (at sigma_eff) or "uniform";
   label_dropout: probability of the null label for the student (the teacher sees true labels);
   sample_gamma: gamma of gamma-sampling (0 deterministic, 1 consistency-model multistep);
   noise, noise_nu: the noise law ("gaussian" or "student_t" with nu degrees of freedom), which
@@ -339,12 +348,19 @@ class CTM:
     fraction = jnp.asarray(n, jnp.float32) / (self.num_scales - 1)
     return (high + fraction * (low - high)) ** self.rho
 
+  def effective_sigma(self, sigma):
+    """sigma_eff: sigma for Gaussian noise, sigma sqrt(nu / (nu - 2)) for Student-t noise
+    (`common.effective_sigma`), where EDM's preconditioning and DSM weight are evaluated."""
+    return common.effective_sigma(sigma, self.noise, self.noise_nu)
+
   def network(self, params, x_t, t, s, cond, rng=None, train=False, capture=False):
-    """Raw output F_theta(c_in(t) x_t, (ln(t) / 4, ln(s) / 4), c): [B, ...] float32 (with
-    capture, and the REPA tokens: `common.apply_model`).
+    """Raw output F_theta(c_in(t) x_t, (ln(t) / 4, ln(s) / 4), c) at t, s -> t_eff, s_eff
+    (`effective_sigma`): [B, ...] float32 (with capture, and the REPA tokens:
+    `common.apply_model`).
 
     x_t: [B, ...] = x + t eps; t, s: [B] noise levels (sigma units) with sigma_min <= s <= t.
     """
+    t, s = self.effective_sigma(t), self.effective_sigma(s)
     c_in = 1.0 / jnp.sqrt(paths.expand(t, x_t) ** 2 + self.sigma_data ** 2)
     times = (0.25 * jnp.log(t), 0.25 * jnp.log(s))
     out = common.apply_model(self.model, params, c_in * x_t, times, cond, rng, train, capture)
@@ -353,8 +369,8 @@ class CTM:
     return out.astype(jnp.float32)
 
   def denoise_output(self, x_t, out, t):
-    """g = c_skip(t) x_t + c_out(t) F with EDM's scalings; x_t, out: [B, ...]; t: [B]."""
-    t = paths.expand(t, x_t)
+    """g = c_skip(t_eff) x_t + c_out(t_eff) F with EDM's scalings; x_t, out: [B, ...]; t: [B]."""
+    t = paths.expand(self.effective_sigma(t), x_t)
     norm = t ** 2 + self.sigma_data ** 2
     return (self.sigma_data ** 2 / norm) * x_t + (t * self.sigma_data / jnp.sqrt(norm)) * out
 
@@ -432,6 +448,14 @@ class CTM:
     position = self.dsm_uniform_fraction * jax.random.uniform(uniform_key, (batch_size,))
     on_ramp = self.noise_level(position * (self.num_scales - 1))
     return jnp.where(jnp.arange(batch_size) < batch_size // 2, lognormal, on_ramp)
+
+  def dsm_weights(self, sigma):
+    """[B] weights w(sigma) of the DSM term at its noise levels sigma: [B]: "karras" EDM's
+    (sigma_eff^2 + sd^2) / (sigma_eff sd)^2 = 1 / c_out(sigma)^2, or "uniform" ones."""
+    if self.dsm_weighting != "karras":
+      return jnp.ones_like(sigma)
+    sigma = self.effective_sigma(sigma)
+    return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
   def distance_fn(self, a, b):
     """[B] distances between a, b: [B, ...]: mean squared error ("l2") or pseudo-Huber."""
@@ -516,10 +540,7 @@ class CTM:
     sigma_dsm = self.dsm_noise_levels(sigma_key, x.shape[0])
     dsm_noise = self.draw_noise(dsm_noise_key, x.shape, jnp.float32)
     x_dsm = x + paths.expand(sigma_dsm, x) * dsm_noise
-    if self.dsm_weighting == "karras":
-      dsm_w = (sigma_dsm ** 2 + self.sigma_data ** 2) / (sigma_dsm * self.sigma_data) ** 2
-    else:
-      dsm_w = jnp.ones_like(sigma_dsm)
+    dsm_w = self.dsm_weights(sigma_dsm)
     use_dsm = self.dsm_weight > 0
 
     def terms(p, capture=False):
