@@ -9,6 +9,10 @@ python -m flowjax.data.cache_latents --config=experiments/sdvae_imagenet.py \\
 python -m flowjax.main --config=experiments/starflow_imagenet.py \\
     --config.data.name=latents:workdirs/imagenet256_latents --workdir=workdirs/starflow_imagenet
 
+Adding --repa_encoder=dinov2 --repa_encoder_path=PATH/dinov2-base to the first command also
+stores DINOv2-B's patch tokens of each image (256 x 768 float16: 384 KiB per image, 0.5 TB for
+the train split), for REPA on the latents with --config.repa.features=cached.
+
 The same config fine-tunes the autoencoder with flowjax's trainer (L1 + KL objective) if wanted.
 Presets: :tiny (a width-reduced autoencoder at 64 px on synthetic images, a few CPU steps).
 """

@@ -109,11 +109,7 @@ def build(config, devices=None) -> Setup:
   except (ValueError, KeyError) as error:
     raise config_lib.ConfigError(str(error).strip("'\"")) from error
   batch_sharding = sharding.batch_sharding(mesh)
-  batch_spec = {"image": jax.ShapeDtypeStruct((config.train.batch_size,) + tuple(info.image_shape),
-                                              jnp.float32, sharding=batch_sharding)}
-  if info.num_classes > 0:
-    batch_spec["label"] = jax.ShapeDtypeStruct((config.train.batch_size,), jnp.int32,
-                                               sharding=batch_sharding)
+  batch_spec = data.pipeline.batch_spec(info, config.train.batch_size, batch_sharding)
 
   # Optimizer.
   tx, lr_schedule = optim.build(config.optim, config.train.steps)

@@ -1,7 +1,8 @@
 """REPA (Yu et al., arXiv:2410.06940; flowjax.objectives.repa): the term is the official
 projection loss, weight 0 changes nothing, the encoder is frozen, the term trains only the blocks
 up to repa.depth and the projector, every continuous objective trains with it, a sharded mesh
-computes the one-device term, and a config REPA cannot run gives one clear error.
+computes the one-device term, a latent cache written with an encoder's features trains REPA with
+features='cached', and a config REPA cannot run gives one clear error.
 
 8 fake CPU devices from conftest.
 """
@@ -17,12 +18,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordReader
 from flax import linen as nn
+from safetensors import numpy as safetensors_numpy
 
 import helpers
 from flowjax import config as config_lib, data, models, objectives, optim, sharding, train
 from flowjax import step as step_lib
-from flowjax.models import dinov2
+from flowjax.data import cache_latents, digits as digits_data, latents
+from flowjax.evals import digits as digits_classifier
+from flowjax.models import autoencoder, dinov2
 from flowjax.objectives import common, repa
 
 # REPA on the tiny digits DiT (one block): the digits classifier's 4 x 4 tokens of width 32 on
@@ -443,6 +448,247 @@ def test_dinov2_target_is_its_patch_tokens_on_the_backbone_grid(dinov2_folder, r
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
+# Cached features: latent caches written with an encoder --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def autoencoder_weights(tmp_path_factory):
+  """(autoencoder_digits:tiny config, its weights file: random, in the diffusers layout)."""
+  config = config_lib.load_experiment("experiments/autoencoder_digits.py", "tiny")
+  model = autoencoder.build(config.model, data.DataInfo((8, 8, 1), 0, None))
+  weights = str(tmp_path_factory.mktemp("repa_vae") / "vae.safetensors")
+  safetensors_numpy.save_file(
+      autoencoder.to_diffusers(helpers.random_autoencoder_params(model, (8, 8, 1))), weights)
+  return config, weights
+
+
+@pytest.fixture(scope="module")
+def latent_cache(autoencoder_weights, tmp_path_factory):
+  """The directory of the digits train split (1500 images) cached as latents with the digits
+  encoder's features of each image (shards of 512)."""
+  config, weights = autoencoder_weights
+  out = str(tmp_path_factory.mktemp("repa_latents") / "cache")
+  cache_latents.cache(config, out, weights=weights, batch_size=64, shard_size=512,
+                      repa_encoder="digits")
+  return out
+
+
+def stored(out, split="train"):
+  """(latents [n, 4, 4, 4], labels [n], features [n, N, D] float16, record sizes) of a cache, in
+  source order."""
+  spec, _ = latents.read_split(out, split)
+  latent_shape, feature_shape = tuple(spec["latent_shape"]), tuple(spec["repa"]["feature_shape"])
+  records = []
+  for shard in range(spec["num_shards"]):
+    reader = ArrayRecordReader(latents.shard_path(out, split, shard, spec["num_shards"]))
+    records += reader.read_all()
+    reader.close()
+  pairs = [latents.decode_record(r, latent_shape) for r in records]
+  features = np.stack([latents.decode_features(r, latent_shape, feature_shape) for r in records])
+  return (np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs]), features,
+          {len(r) for r in records})
+
+
+def online_tokens(images):
+  """The digits encoder's tokens [n, 16, 32] float32 of images [n, 8, 8, 1], as
+  features='online' computes them in the train step."""
+  found = repa.encoder("digits")
+  tokens = jax.jit(found.tokens)(found.host_params, jnp.asarray(images))
+  return np.asarray(tokens).reshape(len(images), 16, 32)
+
+
+def assert_float16_of(got, want):
+  """got (float16) is want rounded to float16: within one float16 ulp (2^-10 relative) of it, and
+  1e-5 for the float32 rounding of the encoder's sums, computed here at another batch size."""
+  assert got.dtype == np.float16
+  np.testing.assert_allclose(got.astype(np.float32), want, rtol=2.0 ** -10, atol=1e-5)
+
+
+def test_a_latent_cache_holds_the_encoder_features_of_its_images(latent_cache):
+  """Each record holds, after the latent and the label, the digits encoder's tokens of the same
+  image as float16 (REPA's target in online mode, to float16 rounding); cache.json describes
+  them."""
+  raw, labels, features, sizes = stored(latent_cache)
+  images, digit_labels = digits_data.load(8)
+  start, stop = digits_data.SPLITS["train"]
+  assert raw.shape == (1500, 4, 4, 4) and features.shape == (1500, 16, 32)
+  np.testing.assert_array_equal(labels, digit_labels[start:stop])
+  assert_float16_of(features, online_tokens(images[start:stop]))
+  assert sizes == {4 * (64 + 1) + 2 * 16 * 32}
+  spec, _ = latents.read_split(latent_cache, "train")
+  assert spec["repa"] == {"encoder": "digits", "encoder_path": digits_classifier.DEFAULT_PATH,
+                          "encoder_resolution": None, "grid": [4, 4], "feature_shape": [16, 32],
+                          "dtype": "float16"}
+
+
+def test_the_latent_source_serves_each_latent_with_its_features(latent_cache):
+  """On 8 devices, shuffled, batch['repa_features'] [B, 16, 32] float16 is sharded like the batch,
+  each row is the features of the image whose latent is in that row of batch['image'] (the
+  online encoder's tokens of that image), and two processes' rows make up the batch."""
+  raw, _, _, _ = stored(latent_cache)
+  images, _ = digits_data.load(8)
+  start, stop = digits_data.SPLITS["train"]
+  tokens = online_tokens(images[start:stop])
+  data_config = config_lib.base_config().data
+  data_config.update(dict(name=f"latents:{latent_cache}", conditional=True, prefetch=0,
+                          latent_scaling="none"))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  build = lambda **kwargs: data.build(data_config, split="train", global_batch_size=16, seed=3,
+                                      sharding=batch_sharding, **kwargs)
+  batches = build()
+  assert batches.element_spec[latents.REPA_KEY].shape == (16, 16, 32)
+  assert batches.element_spec[latents.REPA_KEY].dtype == np.float16
+  halves = [build(process_index=p, process_count=2) for p in range(2)]
+  for k in range(2):
+    batch = next(batches)
+    features = batch[latents.REPA_KEY]
+    assert features.shape == (16, 16, 32) and features.dtype == jnp.float16
+    assert features.sharding == batch_sharding
+    pieces = np.concatenate([h._local_batch(k)[latents.REPA_KEY] for h in halves])
+    np.testing.assert_array_equal(pieces, features)
+    indices = [int(np.argmin(np.abs(raw - latent).reshape(len(raw), -1).max(1)))
+               for latent in np.asarray(batch["image"])]
+    np.testing.assert_array_equal(raw[indices], batch["image"])
+    assert_float16_of(np.asarray(features), tokens[indices])
+  batches.close()
+
+
+def cached_config(out, **overrides):
+  """quickstart:tiny with REPA on the digits encoder's cached features of the latents at `out`
+  (the DiT's 4 x 4 grid of 1 x 1 patches, the features' grid)."""
+  return tiny("quickstart", **{"data.name": f"latents:{out}", "repa.features": "cached",
+                               "model.patch_size": 1, **overrides})
+
+
+def test_training_on_cached_latents_aligns_to_the_cached_features(latent_cache, tmp_path):
+  """A short run with repa.features='cached' on the cache: the step's batches carry the
+  features, the state holds no encoder, the projector maps to their width 32, the logged loss is
+  the objective's on each batch and every step logs a finite repa_cos."""
+  config = cached_config(latent_cache, **{"train.steps": 2, "sample.every_steps": 0})
+  setup = train.build(config, devices=jax.devices()[:1])
+  assert setup.objective.repa.encoder is None and setup.abstract_state.extra == {}
+  assert setup.batch_spec[repa.BATCH_KEY].shape == (16, 16, 32)
+  assert setup.batch_spec[repa.BATCH_KEY].dtype == np.float16
+  widths = {leaf.shape[-1] for leaf in jax.tree.leaves(
+      setup.abstract_state.params["repa_projector"])}
+  assert 32 in widths
+  helpers.tiny_run_errors(config, tmp_path)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  cosines = [r["repa_cos"] for r in records]
+  assert len(cosines) == 2 and all(np.isfinite(cosines)) and all(-1 <= c <= 1 for c in cosines)
+
+
+def test_a_cache_of_dinov2_features_holds_its_patch_tokens(autoencoder_weights, dinov2_folder,
+                                                           tmp_path):
+  """--repa_encoder=dinov2 stores dinov2.patch_tokens of each image at the given resolution (16:
+  a 4 x 4 grid of width 16), records that resolution, and a config asking for another one is
+  told to write a cache at it."""
+  config, weights = autoencoder_weights
+  cache_latents.cache(config, str(tmp_path), weights=weights, split="test", batch_size=64,
+                      shard_size=320, repa_encoder="dinov2", repa_encoder_path=dinov2_folder,
+                      repa_encoder_resolution=16)
+  _, _, features, _ = stored(str(tmp_path), "test")
+  images, _ = digits_data.load(8)
+  start, stop = digits_data.SPLITS["test"]
+  loaded, module, weights_of = dinov2.load(dinov2_folder)
+  _, module, weights_of = dinov2.for_resolution(loaded, weights_of, 16)
+  tokens = np.asarray(dinov2.patch_tokens(module, weights_of, jnp.asarray(images[start:stop]),
+                                          16))
+  assert features.shape == (297, 16, 16)
+  assert_float16_of(features, tokens)
+  spec, _ = latents.read_split(str(tmp_path), "test")
+  assert spec["repa"]["encoder_resolution"] == 16
+  assert spec["repa"]["encoder_path"] == os.path.abspath(dinov2_folder)
+  run = cached_config(str(tmp_path), **{"repa.encoder": "dinov2", "eval.every_steps": 1,
+                                        "eval.split": "test"})
+  for resolution, error in ((16, None), (32, "repa.encoder_resolution=16, not 32")):
+    with run.unlocked():
+      run.repa.encoder_resolution = resolution
+    if error is None:
+      config_lib.validate(run, 8)
+      continue
+    with pytest.raises(config_lib.ConfigError) as raised:
+      config_lib.validate(run, 8)
+    assert error in str(raised.value)
+    assert "--repa_encoder=dinov2 --repa_encoder_path=<DINOv2 checkpoint> " \
+           "--repa_encoder_resolution=32" in str(raised.value)
+
+
+def fake_cache(source, root, entry, split="train"):
+  """A cache at `root` whose `split` has the metadata of `source`'s train split with 'repa'
+  set to `entry` (shards absent: the config check reads cache.json and stats.json only)."""
+  os.makedirs(os.path.join(root, split))
+  spec, stats = latents.read_split(source, "train")
+  with open(os.path.join(root, split, latents.SPEC_FILE), "w") as f:
+    json.dump(dict(spec, split=split, repa=entry), f)
+  with open(os.path.join(root, split, latents.STATS_FILE), "w") as f:
+    json.dump(stats, f)
+
+
+@pytest.mark.parametrize("case, overrides, message", [
+    ("no features", {}, "(split 'train') holds none; write a cache with them: python -m "
+                        "flowjax.data.cache_latents --config=<autoencoder experiment> "
+                        "--weights=<weights> --split=train --out=<new directory> "
+                        "--repa_encoder=digits; or set --config.repa.weight=0."),
+    ("eval split without features", {"eval.every_steps": 1, "eval.split": "test"},
+     "(split 'test') holds none; write a cache with them: python -m flowjax.data.cache_latents"),
+    ("other encoder", {"repa.encoder": "dinov2", "repa.encoder_path": "/weights/dinov2-base"},
+     "holds the features of another encoder (repa.encoder='digits', not 'dinov2'). Set "
+     "config.repa to the cache's encoder (encoder_path '' takes the cache's), or write a cache "
+     "with this one: python -m flowjax.data.cache_latents --config=<autoencoder experiment> "
+     "--weights=<weights> --split=train --out=<new directory> --repa_encoder=dinov2 "
+     "--repa_encoder_path=/weights/dinov2-base"),
+    ("other weights", {"repa.encoder_path": "/elsewhere/digits_classifier.msgpack"},
+     "(repa.encoder_path=" + repr(digits_classifier.DEFAULT_PATH) + ", not "
+     "'/elsewhere/digits_classifier.msgpack')"),
+])
+def test_cached_features_of_another_encoder_or_none_are_one_clear_error(
+    latent_cache, tmp_path, case, overrides, message):
+  """repa.features='cached' on a latent cache without features (in the train split or in the
+  evaluated one) or with another encoder's: one error naming the cache_latents command that
+  writes the right ones."""
+  spec, _ = latents.read_split(latent_cache, "train")
+  root = str(tmp_path / "cache")
+  if case == "no features":
+    fake_cache(latent_cache, root, None)
+  else:
+    fake_cache(latent_cache, root, spec["repa"])
+    fake_cache(latent_cache, root, None if case.startswith("eval") else spec["repa"], "test")
+  config = cached_config(root, **overrides)
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config, 8)
+  assert message in str(error.value)
+  if case == "no features":
+    # What the data would serve is also checked where the backbone is built.
+    info = data.data_info(config.data)
+    assert info.extra_arrays == ()
+    with pytest.raises(ValueError, match=r"which these data do not provide; write a latent "
+                       r"cache with REPA features: python -m flowjax.data.cache_latents"):
+      repa.setup(config.repa, "flow_matching", models.build(config.model, info), info)
+
+
+def test_the_matching_cache_validates_and_encoder_path_empty_takes_the_caches(latent_cache):
+  for path in ("", digits_classifier.DEFAULT_PATH):
+    config_lib.validate(cached_config(latent_cache, **{"repa.encoder_path": path}), 8)
+
+
+def test_cache_latents_refuses_an_encoder_it_cannot_load(autoencoder_weights, latent_cache,
+                                                         tmp_path):
+  """An unknown encoder, DINOv2 without weights, and a rerun into a cache written with other
+  features are each one error naming the flag."""
+  config, weights = autoencoder_weights
+  run = functools.partial(cache_latents.cache, config, str(tmp_path / "new"), weights=weights,
+                          batch_size=64, shard_size=512)
+  with pytest.raises(ValueError, match="--repa_encoder: Unknown REPA encoder 'dino'"):
+    run(repa_encoder="dino")
+  with pytest.raises(ValueError, match=r"--repa_encoder='dinov2' needs "
+                                       r"--repa_encoder_path=<DINOv2 checkpoint>"):
+    run(repa_encoder="dinov2")
+  with pytest.raises(ValueError, match=r"\(repa differ"):
+    cache_latents.cache(config, latent_cache, weights=weights, batch_size=64, shard_size=512)
+
+
 # Bad configs ----------------------------------------------------------------------------------
 
 
@@ -454,7 +700,15 @@ def test_dinov2_target_is_its_patch_tokens_on_the_backbone_grid(dinov2_folder, r
     ("quickstart", {"repa.weight": -0.5}, "config.repa.weight=-0.5 must be a number >= 0"),
     ("quickstart", {"repa.features": "offline"}, "config.repa.features: Unknown value"),
     ("quickstart", {"repa.depth": 0}, "config.repa.depth=0 must be a positive integer"),
-    ("quickstart", {"repa.features": "cached"}, "which data.name='digits' does not provide"),
+    ("quickstart", {"repa.features": "cached"}, "which data.name='digits' does not provide "
+                                                "(only latent caches written by python -m "
+                                                "flowjax.data.cache_latents --repa_encoder=... "
+                                                "hold REPA features); use "
+                                                "--config.repa.features=online."),
+    ("quickstart", {"data.name": "latents:/no/cache"}, "config.repa.features='online' encodes "
+                                                       "batch['image'], but "
+                                                       "data.name='latents:/no/cache' holds "
+                                                       "autoencoder latents"),
     ("fm_toy2d", {}, "model.name='mlp' has no hidden tokens REPA could align; use a backbone "
                      "among dit, imf_dit, unet"),
     ("starflow_digits", {}, "objective 'starflow' has no denoiser forward whose hidden tokens "

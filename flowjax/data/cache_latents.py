@@ -1,7 +1,8 @@
 """Encodes a dataset split once with an autoencoder and writes it as a latent dataset.
 
 python -m flowjax.data.cache_latents --config=experiments/autoencoder_digits.py \
-    --weights=workdirs/autoencoder_digits --out=workdirs/digits_latents [--split=train]
+    --weights=workdirs/autoencoder_digits --out=workdirs/digits_latents [--split=train] \
+    [--repa_encoder=digits|dinov2 --repa_encoder_path=PATH --repa_encoder_resolution=224]
 
 The config is an experiment whose `model` section is an autoencoder (model.name='autoencoder')
 and whose `data` section names the images to encode; --weights is a flowjax workdir that
@@ -18,6 +19,12 @@ renamed when complete, and a rerun skips the shards that exist; the per-channel 
 computed from the shards at the end. With several processes, every process reads and encodes its
 rows of each batch, process 0 writes the shards, and --out must be on a filesystem that all
 processes see (as for checkpoints).
+
+With --repa_encoder, each record also holds the patch tokens [N, D] (float16) of that REPA
+encoder (flowjax.objectives.repa ENCODERS, read from --repa_encoder_path at
+--repa_encoder_resolution as config.repa's keys of the same names read it) of the image the
+autoencoder encodes, unflipped like the latent, for training with repa.features='cached'
+(flowjax/data/latents.py: 384 KiB per image for DINOv2-B at 224).
 """
 
 import json
@@ -38,7 +45,7 @@ POSTERIORS = ("mean", "sample")
 
 
 def _spec(config, data_config, info, model, *, weights: str, split: str, shard_size: int,
-          num_shards: int, posterior: str, seed: int) -> dict[str, Any]:
+          num_shards: int, posterior: str, seed: int, repa_spec: dict | None) -> dict[str, Any]:
   """The cache.json of a split: everything that determines its contents."""
   return {
       "format": latents.FORMAT,
@@ -58,7 +65,36 @@ def _spec(config, data_config, info, model, *, weights: str, split: str, shard_s
           "weights": os.path.abspath(weights),
           "scaling_factor": float(config.model.scaling_factor),
       },
+      "repa": repa_spec,
   }
+
+
+def _as_flags(message: str) -> str:
+  """An error of flowjax.objectives.repa, which names config.repa.<key>, as this command's
+  --repa_<key> flags name the same settings."""
+  return message.replace("--config.repa.", "--repa_").replace("config.repa.", "--repa_")
+
+
+def _repa_encoder(name: str, path: str, resolution: int, image_shape) -> tuple[Any, dict]:
+  """(the REPA encoder of the --repa_* flags with its parameters loaded, the cache.json entry
+  describing its features of images of `image_shape`)."""
+  from flowjax.objectives import repa
+  from flowjax.registry import unknown_name_message
+  if name not in repa.ENCODERS:
+    raise ValueError("--repa_encoder: " + unknown_name_message("REPA encoder", name,
+                                                                repa.ENCODERS.names()))
+  if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+    raise ValueError(f"--repa_encoder_resolution={resolution!r} must be a positive integer "
+                     "(REPA: 224).")
+  try:
+    found = repa.encoder(name, path, resolution)
+    grid_h, grid_w, width = found.feature_shape(tuple(image_shape))
+  except ValueError as error:
+    raise ValueError(_as_flags(str(error))) from error
+  spec = {"encoder": name, "encoder_path": os.path.abspath(found.path),
+          "encoder_resolution": found.resolution, "grid": [grid_h, grid_w],
+          "feature_shape": [grid_h * grid_w, width], "dtype": "float16"}
+  return found, spec
 
 
 def _jsonable(tree):
@@ -87,12 +123,14 @@ def _write_json(path: str, tree) -> None:
   os.replace(tmp, path)
 
 
-def _write_shard(path: str, latent_rows: np.ndarray, labels: np.ndarray) -> None:
+def _write_shard(path: str, latent_rows: np.ndarray, labels: np.ndarray,
+                 feature_rows: np.ndarray | None) -> None:
   from array_record.python.array_record_module import ArrayRecordWriter
   tmp = path + ".tmp"
   writer = ArrayRecordWriter(tmp, "group_size:1")
-  for latent, label in zip(latent_rows, labels):
-    writer.write(latents.encode_record(latent, int(label)))
+  for index, (latent, label) in enumerate(zip(latent_rows, labels)):
+    features = None if feature_rows is None else feature_rows[index]
+    writer.write(latents.encode_record(latent, int(label), features))
   writer.close()
   os.replace(tmp, path)
 
@@ -117,6 +155,7 @@ def _statistics(paths: list[str], latent_shape: tuple[int, ...]) -> dict[str, An
 
 def cache(config: ml_collections.ConfigDict, out: str, *, weights: str, split: str = "train",
           batch_size: int = 0, shard_size: int = 1024, posterior: str = "mean", seed: int = 0,
+          repa_encoder: str = "", repa_encoder_path: str = "", repa_encoder_resolution: int = 224,
           devices=None) -> dict[str, Any]:
   """Encodes `split` of config.data with the autoencoder of config.model into `out`/`split`.
 
@@ -129,6 +168,10 @@ def cache(config: ml_collections.ConfigDict, out: str, *, weights: str, split: s
     shard_size: examples per shard; a multiple of batch_size.
     posterior: 'mean' or 'sample' (one draw per image, keyed by `seed` and batch index).
     seed: see posterior.
+    repa_encoder: '' (no REPA features), or a REPA encoder name (flowjax.objectives.repa
+      ENCODERS: 'digits', 'dinov2') whose patch tokens of each image are stored with its latent.
+    repa_encoder_path: the encoder's weights, as config.repa.encoder_path.
+    repa_encoder_resolution: the encoder's input side, as config.repa.encoder_resolution.
     devices: devices of the mesh (default all).
 
   Returns:
@@ -161,12 +204,18 @@ def cache(config: ml_collections.ConfigDict, out: str, *, weights: str, split: s
   model = models.build(config.model, info)
   params = jax.device_put(autoencoder.load_params(weights, model, info.image_shape),
                           sharding.replicated(mesh))
+  repa_encoder_found, repa_spec = None, None
+  if repa_encoder:
+    repa_encoder_found, repa_spec = _repa_encoder(repa_encoder, repa_encoder_path,
+                                                  repa_encoder_resolution, info.image_shape)
+    repa_params = jax.device_put(repa_encoder_found.host_params, sharding.replicated(mesh))
 
   num_shards = -(-info.num_examples // shard_size)
   split_dir = os.path.join(out, split)
   os.makedirs(split_dir, exist_ok=True)
   spec = _spec(config, data_config, info, model, weights=weights, split=split,
-               shard_size=shard_size, num_shards=num_shards, posterior=posterior, seed=seed)
+               shard_size=shard_size, num_shards=num_shards, posterior=posterior, seed=seed,
+               repa_spec=repa_spec)
   is_host0 = jax.process_index() == 0
   if is_host0:
     _check_or_write_spec(os.path.join(split_dir, latents.SPEC_FILE), spec)
@@ -181,6 +230,12 @@ def cache(config: ml_collections.ConfigDict, out: str, *, weights: str, split: s
     return mean + jax.numpy.exp(0.5 * logvar) * noise
 
   encode = jax.jit(encode, out_shardings=batch_sharding)
+
+  def repa_features(params, images):
+    tokens = repa_encoder_found.tokens(params, images)
+    return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]).astype(jax.numpy.float16)
+
+  repa_features = jax.jit(repa_features, out_shardings=batch_sharding)
   batches = data.build(data_config, split=split, global_batch_size=batch_size, seed=0,
                        sharding=batch_sharding, shuffle=False)
   batches_per_shard = shard_size // batch_size
@@ -194,7 +249,7 @@ def cache(config: ml_collections.ConfigDict, out: str, *, weights: str, split: s
     state = batches.get_state()
     if state["next_batch"] != first_batch:
       batches.set_state(dict(state, next_batch=first_batch))
-    latent_rows, labels = [], []
+    latent_rows, labels, feature_rows = [], [], []
     for index in range(first_batch, first_batch + batches_per_shard):
       valid = min(batch_size, info.num_examples - index * batch_size)
       if valid <= 0:
@@ -202,12 +257,20 @@ def cache(config: ml_collections.ConfigDict, out: str, *, weights: str, split: s
       batch = next(batches)
       encoded = encode(params, batch["image"], np.int32(index))
       latent_rows.append(np.asarray(jax.device_get(_gather(encoded)))[:valid])
+      if repa_encoder_found is not None:
+        tokens = np.asarray(jax.device_get(_gather(repa_features(repa_params, batch["image"]))))
+        if not np.all(np.isfinite(tokens[:valid])):
+          raise ValueError(f"The {repa_encoder} features of batch {index} are not finite in "
+                           "float16 (beyond its range of 65504, or NaN); check the encoder "
+                           "weights --repa_encoder_path.")
+        feature_rows.append(tokens[:valid])
       if "label" in batch:
         labels.append(np.asarray(jax.device_get(_gather(batch["label"])))[:valid])
       else:
         labels.append(np.full(valid, latents.NO_LABEL, np.int32))
     if is_host0:
-      _write_shard(path, np.concatenate(latent_rows), np.concatenate(labels))
+      _write_shard(path, np.concatenate(latent_rows), np.concatenate(labels),
+                   np.concatenate(feature_rows) if feature_rows else None)
     written.append(shard)
     logging.info("Wrote latent shard %d of %d: %s", shard + 1, num_shards, path)
   batches.close()
@@ -246,7 +309,9 @@ def main(argv):
   try:
     result = cache(values.config, values.out, weights=values.weights, split=values.split,
                    batch_size=values.batch_size, shard_size=values.shard_size,
-                   posterior=values.posterior, seed=values.seed)
+                   posterior=values.posterior, seed=values.seed,
+                   repa_encoder=values.repa_encoder, repa_encoder_path=values.repa_encoder_path,
+                   repa_encoder_resolution=values.repa_encoder_resolution)
   except (ValueError, FileNotFoundError) as error:
     logging.error("%s: %s", type(error).__name__, error)
     sys.exit(1)
@@ -268,5 +333,12 @@ if __name__ == "__main__":
   flags.DEFINE_integer("shard_size", 1024, "Examples per shard (a multiple of the batch size).")
   flags.DEFINE_enum("posterior", "mean", list(POSTERIORS), "Posterior mean or a seeded sample.")
   flags.DEFINE_integer("seed", 0, "Seed of --posterior=sample.")
+  flags.DEFINE_string("repa_encoder", "", "REPA encoder (digits, dinov2) whose patch tokens of "
+                      "each image are stored with its latent, for repa.features='cached'; '' = "
+                      "none.")
+  flags.DEFINE_string("repa_encoder_path", "", "Its weights, as config.repa.encoder_path (the "
+                      "DINOv2 checkpoint; '' = the committed digits classifier).")
+  flags.DEFINE_integer("repa_encoder_resolution", 224, "Its input side, as "
+                       "config.repa.encoder_resolution (DINOv2).")
   flags.mark_flags_as_required(["config", "weights", "out"])
   app.run(main)

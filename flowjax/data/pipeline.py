@@ -35,10 +35,35 @@ class DataInfo:
     image_shape: per-example shape: (H, W, C) for images, (2,) for toy2d.
     num_classes: number of labels emitted; 0 = unconditional (no `label` key).
     num_examples: size of the split; None for an infinite stream (toy2d).
+    extra_arrays: per-example arrays the batches carry besides image and label, as (key,
+      per-example shape, dtype name): ('repa_features', (256, 768), 'float16') for a latent
+      cache that holds REPA features (flowjax.data.latents).
   """
   image_shape: tuple[int, ...]
   num_classes: int
   num_examples: int | None
+  extra_arrays: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+
+  def extra_array(self, key: str) -> tuple[tuple[int, ...], str] | None:
+    """(per-example shape, dtype name) of the extra array `key`, or None without it."""
+    for name, shape, dtype in self.extra_arrays:
+      if name == key:
+        return tuple(shape), dtype
+    return None
+
+
+def batch_spec(info: DataInfo, global_batch_size: int,
+               sharding: jax.sharding.NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """{key: global shape, dtype and sharding} of the batches of a split: 'image' [B,
+  *image_shape] float32, 'label' [B] int32 when num_classes > 0, and info.extra_arrays."""
+  spec = {"image": jax.ShapeDtypeStruct((global_batch_size, *info.image_shape), np.float32,
+                                        sharding=sharding)}
+  if info.num_classes > 0:
+    spec["label"] = jax.ShapeDtypeStruct((global_batch_size,), np.int32, sharding=sharding)
+  for key, shape, dtype in info.extra_arrays:
+    spec[key] = jax.ShapeDtypeStruct((global_batch_size, *shape), np.dtype(dtype),
+                                     sharding=sharding)
+  return spec
 
 
 def read_json(path: str) -> dict:
@@ -165,13 +190,20 @@ def flip_decision(seed: int, position: int) -> bool:
 class ExampleTransform:
   """Random per-example preprocessing keyed by (seed, global stream position).
 
-  Maps a source example {'image': [H, W, C] float32, 'label': int} to
+  Maps a source example {'image': [H, W, C] float32, 'label': int, ...} to
   {'image': [H, W, C] float32[, 'label': int32 scalar]}, flipping W with probability 1/2
-  when `random_flip` is set.
+  when `random_flip` is set; the arrays named by `extra_keys` pass through unchanged (so a
+  source with them cannot flip).
   """
   seed: int
   random_flip: bool
   with_labels: bool
+  extra_keys: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.random_flip and self.extra_keys:
+      raise ValueError(f"random_flip would flip the images but not {list(self.extra_keys)}, "
+                       "which describe the unflipped ones; set data.random_flip=False.")
 
   def __call__(self, position: int, example: dict[str, Any]) -> dict[str, np.ndarray]:
     image = example["image"]
@@ -180,6 +212,8 @@ class ExampleTransform:
     out = {"image": np.ascontiguousarray(image, dtype=np.float32)}
     if self.with_labels:
       out["label"] = np.int32(example["label"])
+    for key in self.extra_keys:
+      out[key] = example[key]
     return out
 
 
@@ -206,7 +240,8 @@ def example_stream(source: Any, transform: ExampleTransform, *, seed: int,
 class ExampleBatch:
   """Global batch k -> this process's rows of it, read from an example stream.
 
-  Returns {'image': [stop - start, *image_shape] float32[, 'label': [stop - start] int32]}.
+  Returns {'image': [stop - start, *image_shape] float32[, 'label': [stop - start] int32], and
+  the transform's extra arrays [stop - start, ...]}.
   """
   examples: grain.MapDataset
   global_batch_size: int
@@ -222,8 +257,9 @@ class ExampleBatch:
 class Batches:
   """Infinite iterator of global batches, with an exact, JSON-serialisable position.
 
-  Yields {'image': [B, *image_shape] float32, 'label': [B] int32 (only if num_classes > 0)}
-  as global jax.Arrays with the given sharding; this process fills its rows.
+  Yields {'image': [B, *image_shape] float32, 'label': [B] int32 (only if num_classes > 0),
+  and info.extra_arrays} as global jax.Arrays with the given sharding (`batch_spec`); this
+  process fills its rows.
 
   Attributes:
     info: the DataInfo of the split.
@@ -256,13 +292,7 @@ class Batches:
     self._fingerprint = dict(fingerprint, global_batch_size=global_batch_size)
     self._num_workers = check_non_negative_int(num_workers, "data.num_workers")
     self._prefetch = check_non_negative_int(prefetch, "data.prefetch")
-    self.element_spec = {
-        "image": jax.ShapeDtypeStruct((global_batch_size, *info.image_shape), np.float32,
-                                      sharding=sharding),
-    }
-    if info.num_classes > 0:
-      self.element_spec["label"] = jax.ShapeDtypeStruct((global_batch_size,), np.int32,
-                                                         sharding=sharding)
+    self.element_spec = batch_spec(info, global_batch_size, sharding)
     self._next_batch = 0
     self._iterator = None
 

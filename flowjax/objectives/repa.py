@@ -31,8 +31,13 @@ teachers of CTM and sCD: initialised as zeros of their shapes, read from disk by
 sharded by the logical-axis rules where they carry logical names (replicated otherwise), never
 trained, and saved with every checkpoint (DINOv2 ViT-B adds 0.35 GB to each, ViT-L 1.2 GB).
 repa.features='cached' reads the features from batch['repa_features'] instead ([B, N, D] on a
-square grid; no encoder in the state), for a data source that provides them: none of flowjax's
-sources does, so the config check refuses it.
+square grid; no encoder in the state, the projector's width from the data): latent caches
+written by `python -m flowjax.data.cache_latents --repa_encoder=...` hold them, the encoder's
+patch tokens of each cached image (flowjax/data/latents.py), and the config check accepts them
+where the cache's encoder is config.repa's (encoder, encoder_resolution, encoder_path; '' takes
+the cache's). REPA's official code runs the encoder on the raw images in every step, also when
+it trains on latents (`train.py`); caching its output is flowjax's choice, which needs neither
+images nor encoder in the train step.
 
 The projector belongs to the backbone's parameters (params["repa_projector"]), so a checkpoint
 trained with REPA keeps it; sampling never runs it, and distillation (CTM, sCD, sCM's
@@ -42,6 +47,7 @@ init_from_teacher) reads a flow-matching teacher trained with REPA without it.
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -121,9 +127,52 @@ def check_config(config) -> None:
                      "encoder reads; train with REPA on an image dataset, or set "
                      "--config.repa.weight=0.")
   if features == "cached":
-    raise ValueError(f"config.repa.features='cached' reads batch['{BATCH_KEY}'], which "
-                     f"data.name={data_name!r} does not provide (no flowjax data source writes "
-                     "REPA features); use --config.repa.features=online.")
+    if not data_name.startswith("latents:"):
+      raise ValueError(f"config.repa.features='cached' reads batch['{BATCH_KEY}'], which "
+                       f"data.name={data_name!r} does not provide (only latent caches written by "
+                       "python -m flowjax.data.cache_latents --repa_encoder=... hold REPA "
+                       "features); use --config.repa.features=online.")
+    splits = ["train"] + ([config.eval.split] if config.get("eval") and
+                          config.eval.get("every_steps", 0) else [])
+    for split in splits:
+      check_cached_features(repa_config, data_name, split)
+
+
+def check_cached_features(repa_config, data_name: str, split: str) -> None:
+  """Raises ValueError naming the cache_latents command that writes them unless the latent cache
+  data.name='latents:<DIR>' holds, for `split`, the features of config.repa's encoder: the same
+  repa.encoder, repa.encoder_resolution (for encoders that take one) and repa.encoder_path (''
+  takes the cache's). A split that is not cached is left to the data source to report."""
+  from flowjax.data import latents
+  root = latents.directory(data_name)
+  try:
+    spec, _ = latents.read_split(root, split)
+  except FileNotFoundError:
+    return
+  name = repa_config.get("encoder", "")
+  resolution = repa_config.get("encoder_resolution", DEFAULTS["encoder_resolution"])
+  path = repa_config.get("encoder_path", "")
+  command = latents.repa_command(split, name, path, resolution)
+  stored = spec.get("repa")
+  where = f"the latent cache {root} (split {split!r})"
+  if stored is None:
+    raise ValueError(f"config.repa.features='cached' reads the REPA features stored with the "
+                     f"latents, but {where} holds none; write a cache with them: {command}; or "
+                     "set --config.repa.weight=0.")
+  mismatch = []
+  if stored["encoder"] != name:
+    mismatch.append(f"repa.encoder={stored['encoder']!r}, not {name!r}")
+  else:
+    if stored["encoder_resolution"] not in (None, resolution):
+      mismatch.append(f"repa.encoder_resolution={stored['encoder_resolution']}, not "
+                      f"{resolution}")
+    if path and os.path.abspath(path) != stored["encoder_path"]:
+      mismatch.append(f"repa.encoder_path={stored['encoder_path']!r}, not {path!r}")
+  if mismatch:
+    raise ValueError(f"config.repa.features='cached': {where} holds the features of another "
+                     f"encoder ({'; '.join(mismatch)}). Set config.repa to the cache's encoder "
+                     f"(encoder_path '' takes the cache's), or write a cache with this one: "
+                     f"{command}")
 
 
 # Encoders.
@@ -133,11 +182,15 @@ class Encoder:
   """A frozen feature encoder.
 
   name: its repa.encoder name; load: () -> parameters (a pytree of host arrays, read once);
-  tokens: (params, images [B, H, W, C] in [-1, 1]) -> patch features [B, h, w, D] float32.
+  tokens: (params, images [B, H, W, C] in [-1, 1]) -> patch features [B, h, w, D] float32;
+  path: the weights it reads; resolution: the input side it resizes images to, None if it takes
+  no repa.encoder_resolution.
   """
   name: str
   load: Callable[[], Any]
   tokens: Callable[[Any, jax.Array], jax.Array]
+  path: str = ""
+  resolution: int | None = None
 
   @functools.cached_property
   def host_params(self):
@@ -185,7 +238,7 @@ def digits_encoder(path: str, resolution: int) -> Encoder:
       images = jax.image.resize(images, (images.shape[0], *size, 1), "linear")
     return module.apply({"params": params}, images, method=digits.DigitsClassifier.feature_map)
 
-  return Encoder("digits", load, tokens)
+  return Encoder("digits", load, tokens, file)
 
 
 @ENCODERS.register("dinov2")
@@ -214,7 +267,7 @@ def dinov2_encoder(path: str, resolution: int) -> Encoder:
     side = math.isqrt(out.shape[1])
     return out.reshape(out.shape[0], side, side, out.shape[2]).astype(jnp.float32)
 
-  return Encoder("dinov2", lambda: loaded()[1], tokens)
+  return Encoder("dinov2", lambda: loaded()[1], tokens, path, resolution)
 
 
 # The alignment an objective applies.
@@ -303,14 +356,22 @@ def setup(repa_config, objective_name: str, model, info):
   if repa_config.encoder not in ENCODERS:
     raise ValueError("config.repa.encoder: " + unknown_name_message(
         "REPA encoder", str(repa_config.encoder), ENCODERS.names()))
-  source = repa_config.get("features", "online")
-  found = encoder(repa_config.encoder, repa_config.get("encoder_path", ""),
-                  int(repa_config.get("encoder_resolution", DEFAULTS["encoder_resolution"])))
-  dim = found.feature_shape(tuple(info.image_shape))[-1]
+  if repa_config.get("features", "online") == "cached":
+    found, stored = None, info.extra_array(BATCH_KEY)
+    if stored is None:
+      from flowjax.data import latents
+      raise ValueError(f"config.repa.features='cached' reads batch['{BATCH_KEY}'], which these "
+                       "data do not provide; write a latent cache with REPA features: "
+                       f"{latents.repa_command('train')}, or use --config.repa.features=online.")
+    dim = stored[0][-1]
+  else:
+    found = encoder(repa_config.encoder, repa_config.get("encoder_path", ""),
+                    int(repa_config.get("encoder_resolution", DEFAULTS["encoder_resolution"])))
+    dim = found.feature_shape(tuple(info.image_shape))[-1]
   model = model.clone(repa_depth=int(repa_config.depth), repa_dim=int(dim),
                       repa_projector_dim=int(repa_config.get("projector_dim",
                                                                DEFAULTS["projector_dim"])))
-  return Alignment(float(repa_config.weight), found if source == "online" else None), model
+  return Alignment(float(repa_config.weight), found), model
 
 
 # The helpers the objectives call; each is the identity (or None) without REPA.
