@@ -83,8 +83,10 @@ def make_gradient(objective, train_config, step_rng: jax.Array, state_shardings=
 def error_of(objective, loss, metrics):
   """The unweighted error logged beside the loss: the objective's ERROR_METRIC (e.g. MeanFlow's
   squared error before its adaptive weight, which keeps the loss near 1 whatever the error), or
-  the loss itself where nothing reweights it."""
-  return metrics.get(getattr(objective, "ERROR_METRIC", "loss"), loss)
+  the loss itself where nothing reweights it, without REPA's alignment term when config.repa
+  adds one (which, a negative cosine, would take the logged error below zero)."""
+  from flowjax.objectives.repa import UNALIGNED_LOSS
+  return metrics.get(getattr(objective, "ERROR_METRIC", UNALIGNED_LOSS), loss)
 
 
 def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, optim_config,

@@ -739,3 +739,21 @@ def test_configs_without_a_repa_section_build_without_repa():
   config_lib.validate(old, 8)
   assert train.build(old, devices=jax.devices()[:1]).objective.repa is None
   assert not repa.enabled(ml_collections.ConfigDict(dict(weight=0.0)))
+
+
+@pytest.mark.parametrize("experiment", ["quickstart", "shortcut_digits", "meanflow_digits"])
+def test_the_logged_error_leaves_the_alignment_term_out(experiment):
+  """The progress line's `error` is the objective's own error, not loss + weight x (-cos): for
+  flow matching and Shortcut (no ERROR_METRIC) the loss without REPA's term, which stays
+  positive while the total goes below zero."""
+  config = tiny(experiment)
+  objective, params, extra = built(config, config.repa)
+  loss, metrics, _ = loss_and_grads(objective, params, extra, first_batch(config),
+                                    config.optim.ema_decays)
+  error = float(step_lib.error_of(objective, loss, metrics))
+  plain = float(metrics[repa.UNALIGNED_LOSS])
+  assert float(loss) == pytest.approx(plain + 0.5 * (-metrics["repa_cos"]), rel=1e-5, abs=1e-6)
+  if hasattr(objective, "ERROR_METRIC"):
+    assert error == float(metrics[objective.ERROR_METRIC])
+  else:
+    assert error == plain > 0

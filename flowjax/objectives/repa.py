@@ -65,6 +65,9 @@ FEATURES = ("online", "cached")
 MODELS = ("dit", "imf_dit", "unet")
 EXTRA_KEY = "repa_encoder"
 BATCH_KEY = "repa_features"
+# The metric holding the objective's loss without the REPA term (the logged `error` of an
+# objective that has no ERROR_METRIC of its own, e.g. flow matching's MSE).
+UNALIGNED_LOSS = "loss_without_repa"
 NORMALIZE_EPS = 1e-12
 
 ENCODERS = Registry("REPA encoder")
@@ -260,7 +263,8 @@ def dinov2_encoder(path: str, resolution: int) -> Encoder:
     except (OSError, ValueError) as error:
       raise ValueError(f"config.repa.encoder_path={path!r}: {error}") from error
     _, module, params = dinov2.for_resolution(config, params, resolution)
-    return module, params
+    # Host copies: the cached weights must not hold a device copy beside the state's.
+    return module, jax.tree.map(np.asarray, params)
 
   def tokens(params, images):
     out = dinov2.patch_tokens(loaded()[0], params, images, resolution)
@@ -310,10 +314,11 @@ class Alignment:
     return jax.lax.stop_gradient(features.astype(jnp.float32))
 
   def add(self, loss, metrics: dict, tokens, target):
-    """(loss + weight loss_REPA, metrics with repa_cos) for the backbone's projected tokens
-    [B, h, w, D] and the target features [B, h', w', D] (resized to h x w when they differ)."""
+    """(loss + weight loss_REPA, metrics with repa_cos and UNALIGNED_LOSS, the objective's own
+    loss) for the backbone's projected tokens [B, h, w, D] and the target features
+    [B, h', w', D] (resized to h x w when they differ)."""
     term, cos = alignment_loss(tokens, match_grid(target, tokens.shape[1:3]))
-    return loss + self.weight * term, dict(metrics, repa_cos=cos)
+    return loss + self.weight * term, dict(metrics, repa_cos=cos, **{UNALIGNED_LOSS: loss})
 
 
 def match_grid(features, grid) -> jax.Array:
