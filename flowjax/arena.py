@@ -51,7 +51,9 @@ SUITES = {
                           "objective.teacher_workdir": "{workdir}/flow_matching"}),
                  "tvm": ("tvm_toy2d.py", [1, 2, 4, 8], "uniform",
                          {"optim.ema_decays": (0.995, 0.99), "sample.ema_decay": 0.995}),
-                 "imf": ("imf_toy2d.py", [1, 2, 4, 8], "euler")},
+                 "imf": ("imf_toy2d.py", [1, 2, 4, 8], "euler"),
+                 "dmd2": ("dmd2_toy2d.py", [1], "generator",
+                          {"objective.teacher_workdir": "{workdir}/flow_matching"})},
         overrides={"model.hidden_size": 256, "model.depth": 4, "train.batch_size": 512,
                    "data.toy_distribution": "checkerboard", "sample.every_steps": 0,
                    "train.log_every": 500, "optim.ema_decays": (0.995,)},
@@ -75,7 +77,9 @@ SUITES = {
                  # 256 wide (REPA's 2048 serves a 1152-wide SiT-XL; beside this 96-wide DiT it
                  # would cost several times the network).
                  "flow_matching_repa": ("quickstart.py", [1, 2, 4, 8, 100], "euler", REPA_DIGITS),
-                 "meanflow_repa": ("meanflow_digits.py", [1, 2, 4, 8], "euler", REPA_DIGITS)},
+                 "meanflow_repa": ("meanflow_digits.py", [1, 2, 4, 8], "euler", REPA_DIGITS),
+                 "dmd2": ("dmd2_digits.py", [1], "generator",
+                          {"objective.teacher_workdir": "{workdir}/flow_matching"})},
         overrides={"model.hidden_size": 96, "model.depth": 4, "model.num_heads": 4,
                    "model.patch_size": 2, "train.batch_size": 128, "sample.every_steps": 0,
                    "train.log_every": 250},

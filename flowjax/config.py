@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
       name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       decay_norms_and_biases=False, schedule="constant", warmup_steps=0, final_lr=0.0,
       grad_clip=1.0, ema_decays=(0.999,), ema_start_step=0, ema_every=1))
+  # optim.sets.<name>: per-set optimizer keys (lr, b1, ...) of an objective that trains several
+  # networks (its PARAM_SETS, e.g. DMD2's generator and fake_score); the rest come from optim.
+  c.optim.sets = ml_collections.ConfigDict()
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=64, grad_accum_steps=1, log_every=50, dry_run=False,

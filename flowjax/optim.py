@@ -1,5 +1,7 @@
 """The optax chain from `config.optim`, its learning-rate schedule, and EMA updates."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -75,3 +77,93 @@ def update_ema(ema: dict, params, step, decays, start_step: int, every: int = 1)
     out[ema_key(d)] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                    ema[ema_key(d)], params)
   return out
+
+
+# Several networks in one state (e.g. DMD2's generator and fake score): an objective that
+# declares PARAM_SETS = ("a", "b", ...) keeps params = {"a": tree, "b": tree, ...}. Each set has
+# its own optimizer, built from config.optim with the entries of config.optim.sets.<name>
+# replacing its keys (e.g. optim.sets.fake_score.lr), and applies its update only at the steps
+# the objective's active_sets(step) marks: elsewhere its parameters and optimizer state stay as
+# they were, so its learning-rate schedule and Adam moments count its own updates. The EMA
+# (optim.ema_decays) covers the sets named by the objective's EMA_SETS (default: all).
+SET_KEYS = ("name", "lr", "b1", "b2", "eps", "weight_decay", "decay_norms_and_biases",
+            "schedule", "warmup_steps", "final_lr", "grad_clip")
+
+
+def param_sets(objective) -> tuple[str, ...]:
+  """The named parameter sets of `objective` (() for a single network)."""
+  return tuple(getattr(objective, "PARAM_SETS", ()))
+
+
+def set_config(optim_config, name: str):
+  """config.optim with the overrides of config.optim.sets.<name> applied (a copy)."""
+  merged = optim_config.copy_and_resolve_references()
+  overrides = optim_config.get("sets", {}).get(name, {})
+  with merged.unlocked():
+    for key, value in dict(overrides).items():
+      merged[key] = value
+  return merged
+
+
+def check_sets(optim_config, names) -> None:
+  """Raises ValueError when config.optim.sets names a set the objective lacks, or a key that
+  a set's optimizer does not take."""
+  from flowjax.registry import unknown_name_message
+  for name, overrides in dict(optim_config.get("sets", {})).items():
+    if name not in names:
+      raise ValueError("config.optim.sets: " + unknown_name_message(
+          "parameter set", name, list(names)) if names else
+          f"config.optim.sets names {name!r}, but this objective trains one network and has "
+          "no parameter sets; remove config.optim.sets.")
+    for key in dict(overrides):
+      if key not in SET_KEYS:
+        raise ValueError(f"config.optim.sets.{name}.{key}: " + unknown_name_message(
+            "per-set optimizer key", key, list(SET_KEYS)))
+
+
+class SetsState(NamedTuple):
+  """{set: inner optimizer state} and {set: updates applied so far (int32 [])}."""
+  inner: dict
+  count: dict
+
+
+def by_set(transforms: dict) -> optax.GradientTransformationExtraArgs:
+  """One optimizer per parameter set: params, grads and updates are {set: tree}. update takes
+  active = {set: bool []} (None: every set); an inactive set's updates are zero and its state is
+  left unchanged."""
+
+  def init(params):
+    return SetsState({k: tx.init(params[k]) for k, tx in transforms.items()},
+                     {k: jnp.zeros((), jnp.int32) for k in transforms})
+
+  def update(updates, state, params=None, *, active=None, **extra):
+    del extra
+    new_updates, inner, count = {}, {}, {}
+    for k, tx in transforms.items():
+      u, s = tx.update(updates[k], state.inner[k], None if params is None else params[k])
+      on = jnp.asarray(True) if active is None else active[k]
+      new_updates[k] = jax.tree.map(lambda x, on=on: jnp.where(on, x, jnp.zeros_like(x)), u)
+      inner[k] = jax.tree.map(lambda n, o, on=on: jnp.where(on, n, o), s, state.inner[k])
+      count[k] = state.count[k] + on.astype(jnp.int32)
+    return new_updates, SetsState(inner, count)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def build_for(objective, optim_config, total_steps: int):
+  """(tx, lr_schedule): `build`'s for a single network; for an objective with PARAM_SETS, the
+  `by_set` optimizer and {set: schedule}."""
+  names = param_sets(objective)
+  check_sets(optim_config, names)
+  if not names:
+    return build(optim_config, total_steps)
+  built = {name: build(set_config(optim_config, name), total_steps) for name in names}
+  return by_set({k: tx for k, (tx, _) in built.items()}), {k: s for k, (_, s) in built.items()}
+
+
+def ema_params(objective, params):
+  """The part of `params` the EMA follows: all of it, or the objective's EMA_SETS."""
+  sets = getattr(objective, "EMA_SETS", None)
+  if not param_sets(objective) or sets is None:
+    return params
+  return {k: params[k] for k in sets}

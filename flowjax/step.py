@@ -101,14 +101,24 @@ def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, op
   decays = tuple(optim_config.ema_decays)
   gradient = make_gradient(objective, train_config, step_rng, state_shardings)
 
+  sets = optim.param_sets(objective)
+
   def train_step(state: TrainState, batch: dict):
     loss, metrics, grads = gradient(state, batch)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if sets:
+      # Several networks (optim.by_set): each applies its update at the steps the objective
+      # marks active.
+      active = objective.active_sets(state.step)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, active=active)
+      metrics = dict(metrics, **{f"grad_norm_{k}": optax.global_norm(grads[k]) for k in sets},
+                     **{f"lr_{k}": lr_schedule[k](state.opt_state.count[k]) for k in sets})
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = optim.update_ema(state.ema, params, state.step, decays, optim_config.ema_start_step,
-                             getattr(optim_config, "ema_every", 1))
+    ema = optim.update_ema(state.ema, optim.ema_params(objective, params), state.step, decays,
+                           optim_config.ema_start_step, getattr(optim_config, "ema_every", 1))
     updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
     new_state = jax.tree.map(lambda u, k: jnp.where(finite, u, k), updated, kept)
@@ -116,7 +126,8 @@ def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, op
     # the schedule at step - skipped.
     metrics = dict(metrics, loss=loss, error=error_of(objective, loss, metrics),
                    grad_norm=grad_norm,
-                   lr=lr_schedule(state.step - state.skipped),
+                   lr=(lr_schedule[sets[0]](state.opt_state.count[sets[0]]) if sets
+                       else lr_schedule(state.step - state.skipped)),
                    nonfinite=(~finite).astype(jnp.int32), skipped=new_state.skipped)
     return new_state, metrics
 

@@ -112,7 +112,10 @@ def build(config, devices=None) -> Setup:
   batch_spec = data.pipeline.batch_spec(info, config.train.batch_size, batch_sharding)
 
   # Optimizer.
-  tx, lr_schedule = optim.build(config.optim, config.train.steps)
+  try:
+    tx, lr_schedule = optim.build_for(objective, config.optim, config.train.steps)
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from error
   root = jax.random.key(config.seed)
   init_rng, step_rng, eval_rng = jax.random.split(root, 3)
 
@@ -120,7 +123,8 @@ def build(config, devices=None) -> Setup:
     example = {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in batch_spec.items()}
     params, extra = objective.init(rng, example)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=optim.init_ema(params, config.optim.ema_decays), extra=extra,
+                      ema=optim.init_ema(optim.ema_params(objective, params),
+                                         config.optim.ema_decays), extra=extra,
                       skipped=jnp.zeros((), jnp.int32))
 
   # Shapes and shardings: nothing is allocated.
@@ -219,7 +223,11 @@ def _new_sample_fn(setup: Setup, num: int, **sampler_args):
         f"{', '.join(timed_objectives())}. Use --config.sample.times='()'.")
 
   def sample(params, rng, cond):
-    params = step_lib.gather_for_compute(params, shardings)
+    # An objective with several parameter sets samples from all of them (the trained
+    # parameters) or from its EMA_SETS (an EMA).
+    own = ({k: shardings[k] for k in params} if optim.param_sets(setup.objective)
+           else shardings)
+    params = step_lib.gather_for_compute(params, own)
     return setup.objective.sample(params, rng, num, cond, **sampler_args)
 
   return jax.jit(sample, out_shardings=sharding.replicated(setup.mesh))
@@ -422,12 +430,13 @@ def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool 
   if initial_params is not None:
     params = initial_params(state.params, state.extra)
     if params is not state.params:
-      state = state.replace(params=params, ema=optim.init_ema(params, config.optim.ema_decays))
+      state = state.replace(params=params, ema=optim.init_ema(
+          optim.ema_params(setup.objective, params), config.optim.ema_decays))
   if config.ckpt.init_from:
     params, from_step = checkpoint.restore_params(config.ckpt.init_from,
                                                   setup.abstract_state.params)
-    state = state.replace(params=params,
-                          ema=optim.init_ema(params, config.optim.ema_decays))
+    state = state.replace(params=params, ema=optim.init_ema(
+        optim.ema_params(setup.objective, params), config.optim.ema_decays))
     logging.info("Initialised parameters from %s (step %d).", config.ckpt.init_from, from_step)
   return state, None, 0
 

@@ -6,7 +6,8 @@ mesh: the gradients of one train step (`step.make_gradient`, the function the tr
 equal the 1-device gradients leaf by leaf, and 10 train steps give the 1-device losses.
 Parameters, EMA and extra networks are random and non-zero (a zero-initialised output layer
 would hide every layer below it), dropout is on where the backbone has it, and the cases include
-gradient accumulation and an objective with extra networks (CTM: a teacher and an EMA target).
+gradient accumulation, an objective with extra networks (CTM: a teacher and an EMA target) and one
+with several parameter sets (DMD2).
 
 8 fake CPU devices from conftest.
 """
@@ -41,6 +42,9 @@ CASES = {
     "dit_grad_accum": ("quickstart", "tiny", {"model.dropout": 0.1,
                                               "train.grad_accum_steps": 2}),
     "ctm_teacher_and_ema": ("ctm_toy2d", "tiny", {}),
+    # Two parameter sets with their own optimizers (generator, fake score), a teacher in extra,
+    # an EMA of the generator only, and the generator's update gated to every other step.
+    "dmd2_parameter_sets": ("dmd2_toy2d", "tiny", {"objective.generator_update_every": 2}),
 }
 
 
@@ -56,7 +60,7 @@ def teacher_workdir():
 
 def case_config(name, mesh=(1, 1, 1), preset="fsdp_tensor"):
   experiment, arg, overrides = CASES[name]
-  if experiment.startswith("ctm"):
+  if experiment.startswith(("ctm", "dmd2")):
     overrides = dict(overrides, **{"objective.teacher_workdir": teacher_workdir()})
   config = config_lib.load_experiment(f"experiments/{experiment}.py", arg)
   with config.unlocked():
@@ -178,6 +182,9 @@ def compare(name, mesh, selected):
 # python -m pytest -q -m slow tests/test_mesh_equivalence.py (42 tests, 11 minutes on 2 cores).
 EVERY_PRESET_IN_CI = ("mlp",)
 LOSS_MESHES_IN_CI = ((2, 2, 2),)
+# Cases whose sharded layers the cases above already check on every mesh (DMD2's networks are
+# the MLP's): in CI only on the mesh with every axis above 1, the other meshes marked slow.
+FULL_MESH_ONLY_IN_CI = ("dmd2_parameter_sets",)
 
 
 def in_ci(name, mesh, preset):
@@ -188,9 +195,21 @@ def in_ci(name, mesh, preset):
   return default, default and mesh in LOSS_MESHES_IN_CI
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
-@pytest.mark.parametrize("name", list(CASES))
+CI_PAIRS = [(name, mesh) for name in CASES for mesh in MESHES
+            if name not in FULL_MESH_ONLY_IN_CI or mesh == (2, 2, 2)]
+
+
+@pytest.mark.parametrize("name,mesh", CI_PAIRS,
+                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
 def test_gradients_and_losses_equal_one_device(name, mesh):
+  assert compare(name, mesh, lambda preset: in_ci(name, mesh, preset)) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [m for m in MESHES if m != (2, 2, 2)],
+                         ids=lambda m: "x".join(map(str, m)))
+@pytest.mark.parametrize("name", FULL_MESH_ONLY_IN_CI)
+def test_parameter_sets_on_every_mesh(name, mesh):
   assert compare(name, mesh, lambda preset: in_ci(name, mesh, preset)) >= 1
 
 

@@ -15,6 +15,7 @@ import ml_collections
 
 from flowjax.objectives import autoencoder  # noqa: F401  (registers)
 from flowjax.objectives import ctm  # noqa: F401  (registers)
+from flowjax.objectives import dmd2  # noqa: F401  (registers)
 from flowjax.objectives import flow_matching  # noqa: F401  (registers)
 from flowjax.objectives import imm  # noqa: F401  (registers)
 from flowjax.objectives import meanflow  # noqa: F401  (registers)

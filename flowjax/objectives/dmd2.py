@@ -1,0 +1,366 @@
+"""DMD2: distribution matching distillation of a flow-matching teacher into a few-step generator.
+
+Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis"
+(arXiv:2405.14622), after DMD (Yin et al., arXiv:2311.18828). Three networks, all of the
+teacher's architecture: the frozen teacher v_real (the "real" score, in state.extra), the generator
+G and the "fake" score v_fake that tracks the generator's distribution, both started from the
+teacher's weights and trained here (parameter sets "generator" and "fake_score", each with its own
+optimizer: config.optim.sets.<name>; see flowjax.optim).
+
+flowjax conventions: t = 0 data, t = 1 noise, x_t = (1 - t) x + t eps, a velocity network v
+denoises as x0(x_t, t) = x_t - t v(x_t, t).
+
+Generator. G(x_{t_k}, t_k) = x_{t_k} - t_k v_G(x_{t_k}, t_k) at the times t_k = 1 - k / K
+(k = 0 .. K - 1, K = objective.generator_steps; DMD2's 4-step ImageNet/SDXL generators use
+999, 749, 499, 249 of 1000 DDPM steps). Sampling starts from eps ~ N(0, I) at t_0 = 1 and re-noises
+each prediction to the next time with fresh noise. With K > 1 the generator trains at a step k
+drawn uniformly per batch, on inputs x_{t_k} produced by running its own (stop-gradient) chain
+from noise for k steps: DMD2's backward simulation (objective.generator_inputs='backward'), or on
+real data noised to t_k ('data', DMD2's ablation).
+
+Noise levels (objective.noise_levels): 'karras', as the official EDM code (tianweiy/DMD2,
+main/edm/edm_guidance.py): an index uniform over a 1000-point (num_train_timesteps) Karras grid of
+sigma (sigma_min 0.002, sigma_max 80, rho 7), within [min_step_percent, max_step_percent] x 1000
+(0.02, 0.98) for the distribution-matching term and over the whole grid for the fake score, as OT
+time t = sigma / (1 + sigma); or 'uniform': t ~ U[min_step_percent, max_step_percent] and, for the
+fake score, U[0, 1].
+
+Distribution matching (DMD2 Eq. 2; the official `compute_distribution_matching_loss`): at such a
+t and x_t = (1 - t) G + t eps,
+  grad = (x0_fake(x_t, t) - x0_real(x_t, t)) / mean_dims |G - x0_real(x_t, t)|,
+the real score guided by classifier-free guidance w = objective.teacher_guidance on its velocity,
+and the generator loss 0.5 mean (G - stop_gradient(G - grad))^2, whose gradient with respect to G
+is grad / (number of elements). DMD's regression loss (arXiv:2311.18828, Eq. 6), with weight
+objective.regression_weight (0 = off, as DMD2), pairs each noise with the teacher's ODE solution
+from it (objective.regression_steps Heun steps, guided, computed online) under a mean squared error
+(DMD uses LPIPS on precomputed pairs).
+
+Fake score: the teacher's flow-matching loss on stop_gradient(G), conditional like the teacher
+(no label dropout, no guidance). The official EDM code regresses the fake x0 with the Karras
+weight 1 / sigma^2 + 1 / sigma_d^2; the velocity error is the x0 error times
+1 / t^2 = 1 / sigma^2 + 2 / sigma + 1, a weight of the same shape. Labels come from the batch
+(the official code draws them uniformly; the law is the data's).
+
+Two time-scale update rule (DMD2 Sec. 4.1): the fake score updates every step, the generator at
+the steps divisible by objective.generator_update_every (5). At the other steps the generator's
+forward runs without its backward and its distribution-matching terms are not computed.
+
+Not included: DMD2's GAN head on the fake score's features (DMD2 Sec. 4.3).
+"""
+
+import dataclasses
+import logging
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flowjax import checkpoint, paths
+from flowjax.models import layers
+from flowjax.objectives import common, ctm, scm
+from flowjax.registry import OBJECTIVES, unknown_name_message
+from flowjax.samplers import ode
+
+TEACHER_WEIGHTS = ("ema", "params")
+GENERATOR_INPUTS = ("backward", "data")
+NOISE_LEVELS = ("karras", "uniform")
+SAMPLE_METHODS = ("generator",)
+GENERATOR, FAKE_SCORE = "generator", "fake_score"
+
+
+def _check_choice(key: str, value: str, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"objective.{key}: " + unknown_name_message(key, value, list(allowed)))
+
+
+def generator_times(num_steps: int) -> jax.Array:
+  """[K] float32: t_k = 1 - k / K, the times at which a K-step generator is evaluated."""
+  return 1.0 - jnp.arange(num_steps, dtype=jnp.float32) / num_steps
+
+
+def distribution_matching_grad(x, x0_real, x0_fake):
+  """DMD's gradient at generator samples x: (x0_fake - x0_real) / mean_dims |x - x0_real| per
+  example (non-finite entries zeroed, as the official code does). All [B, ...] float32."""
+  axes = tuple(range(1, x.ndim))
+  norm = jnp.mean(jnp.abs(x - x0_real), axis=axes, keepdims=True)
+  return jnp.nan_to_num((x0_fake - x0_real) / norm)
+
+
+@OBJECTIVES.register("dmd2")
+@dataclasses.dataclass(frozen=True)
+class DMD2:
+  """model: the teacher's backbone (config.model must equal the teacher's); teacher_model,
+  teacher_key: the flow-matching teacher's backbone and the subtree of its saved state to load.
+  The other fields are the `objective` config keys (see DEFAULTS):
+  teacher_workdir, teacher_weights ('ema' | 'params'), teacher_guidance (the real score's
+  classifier-free guidance scale; 1 = none); generator_steps K; generator_inputs ('backward' |
+  'data'); generator_update_every (the two time-scale rule's ratio); regression_weight and
+  regression_steps (DMD's regression loss; 0 = off); noise_levels, min_step_percent,
+  max_step_percent, num_train_timesteps, sigma_min, sigma_max, rho: the noise levels (module
+  docstring)."""
+  PARAM_SETS: ClassVar[tuple] = (GENERATOR, FAKE_SCORE)
+  EMA_SETS: ClassVar[tuple] = (GENERATOR,)
+  # The unweighted error the trainer logs as "error": the fake score's flow-matching MSE on the
+  # generator's samples (the distribution-matching loss only carries a gradient).
+  ERROR_METRIC: ClassVar[str] = "fake_score_mse"
+  model: nn.Module
+  image_shape: tuple
+  num_classes: int
+  teacher_model: Any = None
+  teacher_key: tuple = ("params",)
+  teacher_workdir: str = ""
+  teacher_weights: str = "ema"
+  teacher_guidance: float = 1.0
+  generator_steps: int = 1
+  generator_inputs: str = "backward"
+  generator_update_every: int = 5
+  noise_levels: str = "karras"
+  min_step_percent: float = 0.02
+  max_step_percent: float = 0.98
+  num_train_timesteps: int = 1000
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+  rho: float = 7.0
+  regression_weight: float = 0.0
+  regression_steps: int = 16
+
+  DEFAULTS: ClassVar[dict] = dict(
+      teacher_workdir="", teacher_weights="ema", teacher_guidance=1.0, generator_steps=1,
+      generator_inputs="backward", generator_update_every=5, noise_levels="karras",
+      min_step_percent=0.02, max_step_percent=0.98, num_train_timesteps=1000, sigma_min=0.002,
+      sigma_max=80.0, rho=7.0, regression_weight=0.0, regression_steps=16)
+
+  def __post_init__(self):
+    _check_choice("teacher_weights", self.teacher_weights, TEACHER_WEIGHTS)
+    _check_choice("generator_inputs", self.generator_inputs, GENERATOR_INPUTS)
+    if self.generator_steps < 1:
+      raise ValueError(f"objective.generator_steps={self.generator_steps} must be >= 1 "
+                       "(1: a one-step generator; DMD2's multi-step generators use 4).")
+    if self.generator_update_every < 1:
+      raise ValueError(f"objective.generator_update_every={self.generator_update_every} must be "
+                       ">= 1 (1: generator and fake score update together; DMD2: 5).")
+    _check_choice("noise_levels", self.noise_levels, NOISE_LEVELS)
+    if not 0.0 <= self.min_step_percent < self.max_step_percent <= 1.0:
+      raise ValueError(f"objective.min_step_percent={self.min_step_percent} and "
+                       f"objective.max_step_percent={self.max_step_percent} must satisfy "
+                       "0 <= min < max <= 1 (DMD2: 0.02 and 0.98).")
+    if self.num_train_timesteps < 2 or not 0 < self.sigma_min < self.sigma_max:
+      raise ValueError(f"objective.num_train_timesteps={self.num_train_timesteps} must be >= 2 "
+                       f"and 0 < sigma_min={self.sigma_min} < sigma_max={self.sigma_max}.")
+    if self.regression_weight < 0 or self.regression_steps < 1:
+      raise ValueError(f"objective.regression_weight={self.regression_weight} must be >= 0 and "
+                       f"objective.regression_steps={self.regression_steps} >= 1.")
+    if self.teacher_guidance != 1.0 and self.num_classes <= 0:
+      raise ValueError(f"objective.teacher_guidance={self.teacher_guidance} needs class labels "
+                       "(data.conditional=True); use teacher_guidance=1.0.")
+    if self.teacher_model is not None:
+      differences = scm.architecture_differences(self.model, self.teacher_model)
+      if differences:
+        raise ValueError(
+            "DMD2's generator and fake score are the teacher's network started from its "
+            "weights, so config.model must equal the teacher's model section "
+            "(objective.teacher_workdir's config.json; model.attention_impl, remat and dropout "
+            "may differ):\n  " + "\n  ".join(differences)
+            + "\nSet them to the teacher's values (e.g. --config.model.KEY=VALUE).")
+
+  @classmethod
+  def build(cls, config, model, info):
+    keys = {key: config[key] for key in cls.DEFAULTS}
+    teacher_model, teacher_key = ctm.read_teacher(config.teacher_workdir, info,
+                                                  config.teacher_weights, method="DMD2")
+    ctm.check_teacher_noise(config.teacher_workdir, "gaussian", common.DEFAULT_NU, "DMD2")
+    return cls(model=model, image_shape=tuple(info.image_shape), num_classes=info.num_classes,
+               teacher_model=teacher_model, teacher_key=teacher_key, **keys)
+
+  # State: {"generator", "fake_score"} parameters; the teacher in `extra`.
+
+  def init(self, rng, batch):
+    """({"generator": ..., "fake_score": ...}, {"teacher": ...}): random weights and teacher
+    placeholders; `load_extra` reads the teacher, `initial_params` copies it into both sets."""
+    if self.teacher_model is None:
+      raise ctm.TeacherError("The DMD2 objective has no teacher model; build it with "
+                             "flowjax.objectives.build from a config whose "
+                             "objective.teacher_workdir names a flow-matching run.")
+    x = batch["image"][:1]
+    cond = common.labels(batch, self.num_classes)
+    cond = None if cond is None else cond[:1]
+    g_key, f_key, t_key = jax.random.split(rng, 3)
+    params = {GENERATOR: common.init_model(self.model, g_key, x, 1, cond),
+              FAKE_SCORE: common.init_model(self.model, f_key, x, 1, cond)}
+    return params, {"teacher": common.init_model(self.teacher_model, t_key, x, 1, cond)}
+
+  def load_extra(self, abstract_extra):
+    """{"teacher": the teacher's saved weights} (fresh starts only; see train.py)."""
+    teacher, step = checkpoint.restore_params(self.teacher_workdir, abstract_extra["teacher"],
+                                              key=self.teacher_key,
+                                              source="objective.teacher_workdir",
+                                              skip=(layers.REPA_PROJECTOR,))
+    logging.info("Loaded the DMD2 teacher %s from %s (step %d).", "/".join(self.teacher_key),
+                 self.teacher_workdir, step)
+    return {"teacher": teacher}
+
+  def initial_params(self, params, extra):
+    """Generator and fake score both start as copies of the teacher (DMD2 Sec. 5), on the
+    shardings of `params`."""
+    teacher = extra["teacher"]
+    describe = lambda tree: jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)), tree)
+    if describe(teacher) != describe(params[GENERATOR]):
+      raise ValueError("DMD2: the teacher's parameters do not have the generator's names, shapes "
+                       "and dtypes; use this run's config.model for the teacher.")
+    copy = lambda name: jax.device_put(
+        teacher, jax.tree.map(lambda leaf: leaf.sharding, params[name]), may_alias=False)
+    return {GENERATOR: copy(GENERATOR), FAKE_SCORE: copy(FAKE_SCORE)}
+
+  def active_sets(self, step):
+    """Which sets apply their update at `step`: the fake score always, the generator when
+    step % generator_update_every == 0 (DMD2's two time-scale rule)."""
+    return {GENERATOR: step % self.generator_update_every == 0,
+            FAKE_SCORE: jnp.asarray(True)}
+
+  # Noise levels.
+
+  def karras_times(self):
+    """[num_train_timesteps] float32: OT times sigma / (1 + sigma) of the Karras grid, smallest
+    sigma first."""
+    ramp = jnp.linspace(0.0, 1.0, self.num_train_timesteps)
+    lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+    sigma = (lo + ramp * (hi - lo)) ** self.rho
+    return sigma / (1.0 + sigma)
+
+  def noise_times(self, rng, batch_size: int, full: bool):
+    """[B] OT times of the distribution-matching term (full=False: within
+    [min_step_percent, max_step_percent]) or of the fake score's loss (full=True)."""
+    if self.noise_levels == "uniform":
+      lo, hi = (0.0, 1.0) if full else (self.min_step_percent, self.max_step_percent)
+      return jax.random.uniform(rng, (batch_size,), jnp.float32, lo, hi)
+    n = self.num_train_timesteps
+    lo, hi = (0, n) if full else (int(self.min_step_percent * n),
+                                  min(int(self.max_step_percent * n) + 1, n))
+    return self.karras_times()[jax.random.randint(rng, (batch_size,), lo, hi)]
+
+  # Networks.
+
+  def velocity(self, params, x, t, cond):
+    return common.apply_model(self.model, params, x, (t,), cond).astype(jnp.float32)
+
+  def generate(self, params, x_t, t, cond):
+    """G(x_t, t) = x_t - t v_G(x_t, t): [B, ...] float32; t: [B]."""
+    return x_t - paths.expand(t, x_t) * self.velocity(params, x_t, t, cond)
+
+  def real_x0(self, teacher, x_t, t, cond):
+    """The teacher's guided denoised estimate x_t - t v_real(x_t, t), float32."""
+    fn = lambda x, s, c: common.apply_model(self.teacher_model, teacher, x, (s,), c)
+    v = ode.guided(fn, cond, self.teacher_guidance, self.num_classes)(x_t, t)
+    return x_t - paths.expand(t, x_t) * v.astype(jnp.float32)
+
+  def teacher_solution(self, teacher, z, cond):
+    """The teacher's guided PF-ODE from z at t = 1 to t = 0 (regression_steps Heun steps)."""
+    fn = lambda x, s, c: common.apply_model(self.teacher_model, teacher, x, (s,), c)
+    return ode.solve(ode.guided(fn, cond, self.teacher_guidance, self.num_classes),
+                     z.astype(jnp.float32), self.regression_steps, "heun")
+
+  def chain(self, params, z, cond, rng, num_steps: int, times):
+    """Runs the generator from z at times[0] through num_steps (a Python int or int32 scalar)
+    steps, re-noising each prediction to the next time; returns x at times[num_steps]."""
+    def body(k, x):
+      x0 = self.generate(params, x, jnp.full((x.shape[0],), times[k]), cond)
+      eps = jax.random.normal(jax.random.fold_in(rng, k), x.shape, jnp.float32)
+      t_next = times[k + 1]
+      return (1.0 - t_next) * x0 + t_next * eps
+    return jax.lax.fori_loop(0, num_steps, body, z.astype(jnp.float32))
+
+  # The loss.
+
+  def generator_inputs_of(self, params, x, cond, rng):
+    """(x_{t_k}: [B, ...] float32, t_k: [B]) for the generator's training forward: k uniform in
+    0 .. K - 1 for the batch; x_{t_k} from noise through k stop-gradient generator steps
+    ('backward') or the data noised to t_k ('data')."""
+    k_key, z_key, chain_key = jax.random.split(rng, 3)
+    z = jax.random.normal(z_key, x.shape, jnp.float32)
+    times = jnp.concatenate([generator_times(self.generator_steps), jnp.zeros((1,))])
+    if self.generator_steps == 1:
+      return z, jnp.ones((x.shape[0],), jnp.float32)
+    k = jax.random.randint(k_key, (), 0, self.generator_steps)
+    t_k = jnp.full((x.shape[0],), times[k])
+    if self.generator_inputs == "data":
+      return (1.0 - paths.expand(t_k, x)) * x.astype(jnp.float32) + paths.expand(t_k, x) * z, t_k
+    frozen = jax.lax.stop_gradient(params)
+    return self.chain(frozen, z, cond, chain_key, k, times), t_k
+
+  def loss(self, params, batch, rng, step, view):
+    x = batch["image"]
+    cond = common.labels(batch, self.num_classes)
+    teacher = jax.lax.stop_gradient(view["extra"]["teacher"])
+    input_key, dm_key, fake_key = jax.random.split(rng, 3)
+    x_in, t_in = self.generator_inputs_of(params[GENERATOR], x, cond, input_key)
+    batch_size = x.shape[0]
+    fake_params = jax.lax.stop_gradient(params[FAKE_SCORE])
+
+    def generator_terms(gen_params):
+      sample = self.generate(gen_params, x_in, t_in, cond)
+      t_key, e_key = jax.random.split(dm_key)
+      t = self.noise_times(t_key, batch_size, full=False)
+      eps = jax.random.normal(e_key, sample.shape, jnp.float32)
+      te = paths.expand(t, sample)
+      x_t = jax.lax.stop_gradient((1.0 - te) * sample + te * eps)
+      x0_real = self.real_x0(teacher, x_t, t, cond)
+      x0_fake = x_t - te * self.velocity(fake_params, x_t, t, cond)
+      grad = jax.lax.stop_gradient(distribution_matching_grad(sample, x0_real, x0_fake))
+      dm = 0.5 * jnp.mean(jnp.square(sample - jax.lax.stop_gradient(sample - grad)))
+      total, metrics = dm, {"dm_loss": dm, "dm_grad_norm": jnp.sqrt(jnp.mean(jnp.square(grad)))}
+      if self.regression_weight > 0:
+        # DMD's regression pairs: the one-step generator from pure noise against the teacher's
+        # ODE solution from the same noise.
+        if self.generator_steps == 1:
+          z, target_of = x_in, sample
+        else:
+          z = jax.random.normal(e_key, sample.shape, jnp.float32)
+          target_of = self.generate(gen_params, z, jnp.ones((batch_size,)), cond)
+        target = jax.lax.stop_gradient(self.teacher_solution(teacher, z, cond))
+        regression = jnp.mean(jnp.square(target_of - target))
+        total = total + self.regression_weight * regression
+        metrics["regression_loss"] = regression
+      else:
+        metrics["regression_loss"] = jnp.zeros(())
+      return total, sample, metrics
+
+    def skipped(gen_params):
+      sample = self.generate(jax.lax.stop_gradient(gen_params), x_in, t_in, cond)
+      zero = jnp.zeros(())
+      return zero, sample, {"dm_loss": zero, "dm_grad_norm": zero, "regression_loss": zero}
+
+    active = self.active_sets(step)[GENERATOR]
+    generator_loss, sample, metrics = jax.lax.cond(active, generator_terms, skipped,
+                                                   params[GENERATOR])
+
+    # The fake score: flow matching on the generator's (stop-gradient) samples.
+    sample = jax.lax.stop_gradient(sample)
+    t_key, e_key = jax.random.split(fake_key)
+    t = self.noise_times(t_key, batch_size, full=True)
+    eps = jax.random.normal(e_key, sample.shape, jnp.float32)
+    te = paths.expand(t, sample)
+    v = self.velocity(params[FAKE_SCORE], (1.0 - te) * sample + te * eps, t, cond)
+    fake_mse = jnp.mean(jnp.square(v - (eps - sample)))
+    return generator_loss + fake_mse, dict(metrics, fake_score_mse=fake_mse,
+                                           generator_loss=generator_loss,
+                                           generator_active=active.astype(jnp.float32))
+
+  def sample(self, params, rng, num, cond=None, *, num_steps=None, method="generator",
+             guidance=1.0):
+    """num samples: K generator steps (num_steps None or K) from N(0, I) at t = 1; guidance
+    is distilled into the generator (the real score's), so sampling takes guidance = 1."""
+    _check_choice("sample.method", method, SAMPLE_METHODS)
+    if guidance != 1.0:
+      raise ValueError(f"sample.guidance={guidance}: DMD2's generator has the teacher's guidance "
+                       f"(objective.teacher_guidance={self.teacher_guidance}) distilled in; "
+                       "sample with guidance 1.0.")
+    steps = self.generator_steps if num_steps is None else int(num_steps)
+    if steps < 1:
+      raise ValueError(f"sample.num_steps={steps} must be >= 1.")
+    noise_key, chain_key = jax.random.split(rng)
+    z = jax.random.normal(noise_key, (num,) + self.image_shape, jnp.float32)
+    times = generator_times(steps)
+    gen = params[GENERATOR]
+    x = self.chain(gen, z, cond, chain_key, steps - 1, jnp.concatenate([times, jnp.zeros((1,))]))
+    return self.generate(gen, x, jnp.full((num,), times[steps - 1]), cond)

@@ -1,0 +1,299 @@
+"""DMD2 (arXiv:2405.14622) and the parameter sets it trains: invariants, gating, resume, errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+import numpy as np
+import pytest
+
+from flowjax import config as config_lib, models, optim, step as step_lib, train
+from flowjax.objectives import dmd2
+
+
+def gaussian_x0(mean, std):
+  """E[x | x_t] for x ~ N(mean, std^2 I) on the OT path x_t = (1 - t) x + t eps."""
+  def x0(x_t, t):
+    a = (1.0 - t)[:, None]
+    var = a ** 2 * std ** 2 + t[:, None] ** 2
+    return mean + a * std ** 2 / var * (x_t - a * mean)
+  return x0
+
+
+def dm_grad(sample, mean_real, mean_fake, std, rng):
+  """DMD's gradient at `sample` with the exact x0 of N(mean_real, std^2) as the real score
+  and that of N(mean_fake, std^2) as the fake one."""
+  t_key, e_key = jax.random.split(rng)
+  t = jax.random.uniform(t_key, (sample.shape[0],), minval=0.02, maxval=0.98)
+  x_t = (1.0 - t)[:, None] * sample + t[:, None] * jax.random.normal(e_key, sample.shape)
+  return dmd2.distribution_matching_grad(sample, gaussian_x0(mean_real, std)(x_t, t),
+                                         gaussian_x0(mean_fake, std)(x_t, t))
+
+
+def test_distribution_matching_gradient_vanishes_at_the_data_and_points_away_from_it():
+  """On Gaussians with exact scores: a generator equal to the data gets a zero gradient; one
+  shifted by d gets a mean gradient along +d (G - lr grad moves towards the data), whose size
+  grows with |d|."""
+  rng = jax.random.key(0)
+  mean = jnp.array([0.5, -1.0])
+  sample = mean + 0.7 * jax.random.normal(rng, (4096, 2))
+  np.testing.assert_array_equal(dm_grad(sample, mean, mean, 0.7, rng), 0.0)
+  sizes = []
+  for shift in (0.2, 0.8):
+    d = jnp.array([shift, -shift])
+    grad = dm_grad(sample + d, mean, mean + d, 0.7, jax.random.key(1)).mean(axis=0)
+    cosine = jnp.dot(grad, d) / (jnp.linalg.norm(grad) * jnp.linalg.norm(d))
+    assert cosine > 0.99, (shift, grad)
+    sizes.append(float(jnp.linalg.norm(grad)))
+  assert sizes[1] > 2 * sizes[0]
+
+
+def test_gradient_is_normalised_per_example_by_the_real_residual():
+  x = jnp.array([[1.0, 2.0], [0.0, 0.0]])
+  real = jnp.array([[0.0, 0.0], [1.0, 3.0]])
+  fake = jnp.array([[0.5, 2.0], [1.0, 1.0]])
+  want = np.array([[0.5 / 1.5, 2.0 / 1.5], [0.0, -2.0 / 2.0]])
+  np.testing.assert_allclose(dmd2.distribution_matching_grad(x, real, fake), want, rtol=1e-6)
+
+
+def mlp_objective(**fields):
+  """DMD2 on 2-D data with an MLP, the teacher the same network (no workdir needed)."""
+  config = models.default_config("mlp")
+  config.update(dict(hidden_size=64, depth=2))
+  info = type("Info", (), dict(image_shape=(2,), num_classes=fields.pop("num_classes", 0)))()
+  model = models.build(config, info)
+  return dmd2.DMD2(model=model, image_shape=(2,), num_classes=info.num_classes,
+                   teacher_model=model, **fields)
+
+
+def zero_output(params):
+  """The MLP's last layer set to zero: velocity 0, so G(z) = z ~ N(0, I)."""
+  return {**params, "out": jax.tree.map(jnp.zeros_like, params["out"])}
+
+
+def train_steps(objective, params, teacher, num_steps, start=0, lr=1e-3, optim_keys=None):
+  """(states after each step, metrics of each step) of the train step from step `start`, on
+  batches of 256 zeros (DMD2 reads only their shape: its inputs are generator samples)."""
+  c = config_lib.base_config().optim
+  c.update(dict(lr=lr, grad_clip=0.0, ema_decays=(0.99,), **(optim_keys or {})))
+  tx, schedules = optim.build_for(objective, c, num_steps)
+  state = train.TrainState(step=jnp.asarray(start, jnp.int32), params=params,
+                           opt_state=tx.init(params),
+                           ema=optim.init_ema(optim.ema_params(objective, params), c.ema_decays),
+                           extra={"teacher": teacher}, skipped=jnp.zeros((), jnp.int32))
+  step = jax.jit(step_lib.make_train_step(objective, tx, schedules, c,
+                                          ml_collections.ConfigDict(dict(grad_accum_steps=1)),
+                                          jax.random.key(7)))
+  data = {"image": jnp.zeros((256, 2))}
+  states, history = [], []
+  for _ in range(num_steps):
+    state, metrics = step(state, data)
+    states.append(jax.device_get(state))
+    history.append(jax.device_get(metrics))
+  return states, history
+
+
+def initial(objective, seed=0):
+  params, extra = objective.init(jax.random.key(seed), {"image": jnp.zeros((1, 2))})
+  return nn.meta.unbox(params), nn.meta.unbox(extra["teacher"])
+
+
+def changed(a, b) -> bool:
+  return any(np.any(np.asarray(x) != np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_fake_score_trained_on_a_fixed_generator_reaches_its_closed_form_score():
+  """With the generator's update never applied (G(z) = z, a zero output layer), the fake score's
+  flow-matching loss on its samples drives its denoiser to E[x | x_t] of N(0, I):
+  (1 - t) / ((1 - t)^2 + t^2) x_t. Before training it is far from it."""
+  objective = mlp_objective(generator_update_every=10_000)
+  params, teacher = initial(objective)
+  params = {"generator": zero_output(params["generator"]), "fake_score": params["fake_score"]}
+  x_t = jax.random.normal(jax.random.key(3), (512, 2)) * 0.9
+  t = jnp.full((512,), 0.5)
+  exact = gaussian_x0(jnp.zeros(2), 1.0)(x_t, t)
+
+  def error(fake):
+    x0 = x_t - t[:, None] * objective.velocity(fake, x_t, t, None)
+    return float(jnp.sqrt(jnp.mean(jnp.square(x0 - exact))))
+
+  # From step 1: step 0 would apply the generator's update (0 % n == 0).
+  states, _ = train_steps(objective, params, teacher, 600, start=1, lr=2e-3)
+  assert not changed(states[-1].params["generator"], params["generator"])
+  before, after = error(params["fake_score"]), error(states[-1].params["fake_score"])
+  assert before > 0.3 and after < 0.08, (before, after)
+
+
+def test_two_time_scale_rule_gates_the_generator_and_its_optimizer():
+  """The generator changes only at steps divisible by generator_update_every, the fake score at
+  every step; each set's optimizer counts its own updates, and its schedule runs on them."""
+  objective = mlp_objective(generator_update_every=3)
+  params, teacher = initial(objective)
+  states, history = train_steps(
+      objective, params, teacher, 7,
+      optim_keys=dict(sets=dict(generator=dict(lr=1e-2, schedule="linear", final_lr=0.0),
+                                fake_score=dict(lr=1e-3))))
+  assert [int(h["generator_active"]) for h in history] == [1, 0, 0, 1, 0, 0, 1]
+  assert int(states[-1].opt_state.count["generator"]) == 3
+  assert int(states[-1].opt_state.count["fake_score"]) == 7
+  # The optimizers' own step counts (Adam's bias correction, the schedule) advanced as often.
+  for name, want in (("generator", 3), ("fake_score", 7)):
+    counts = [int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(
+        states[-1].opt_state.inner[name])[0] if "count" in jax.tree_util.keystr(path)]
+    assert counts and all(c == want for c in counts), (name, counts)
+  # The generator's linear schedule over 7 steps is read at its own counts 0, 1, 1, 1, 2, ...
+  np.testing.assert_allclose([float(h["lr_generator"]) for h in history],
+                             1e-2 * (1 - np.array([0, 1, 1, 1, 2, 2, 2]) / 7), rtol=1e-6)
+  np.testing.assert_allclose([float(h["lr_fake_score"]) for h in history], 1e-3)
+  before = [params] + [s.params for s in states[:-1]]
+  for k, (old, new) in enumerate(zip(before, [s.params for s in states])):
+    assert changed(old["generator"], new["generator"]) == (k % 3 == 0), k
+    assert changed(old["fake_score"], new["fake_score"]), k
+
+
+def test_ema_follows_the_generator_only():
+  objective = mlp_objective(generator_update_every=1)
+  params, teacher = initial(objective)
+  states, _ = train_steps(objective, params, teacher, 2)
+  assert set(states[-1].ema["0.99"]) == {"generator"}
+
+
+def test_real_score_takes_classifier_free_guidance_on_the_teacher_velocity():
+  objective = mlp_objective(num_classes=3, teacher_guidance=2.5)
+  params, extra = objective.init(jax.random.key(0), {"image": jnp.zeros((1, 2)),
+                                                     "label": jnp.zeros((1,), jnp.int32)})
+  teacher = nn.meta.unbox(extra["teacher"])
+  x = jax.random.normal(jax.random.key(1), (5, 2))
+  t = jnp.linspace(0.1, 0.9, 5)
+  cond = jnp.array([0, 1, 2, 1, 0])
+  v_c = objective.velocity(teacher, x, t, cond)
+  v_u = objective.velocity(teacher, x, t, jnp.full((5,), 3))
+  want = x - t[:, None] * (v_u + 2.5 * (v_c - v_u))
+  np.testing.assert_allclose(objective.real_x0(teacher, x, t, cond), want, rtol=1e-5, atol=1e-6)
+
+
+def test_multistep_sampler_is_the_renoised_chain_of_generator_steps():
+  """K = 3: G at t = 1, re-noise to 2/3, G, re-noise to 1/3, G."""
+  objective = mlp_objective(generator_steps=3)
+  params, _ = initial(objective)
+  rng = jax.random.key(4)
+  got = objective.sample(params, rng, 6)
+  noise_key, chain_key = jax.random.split(rng)
+  x = jax.random.normal(noise_key, (6, 2))
+  gen = params["generator"]
+  for k, (t, t_next) in enumerate([(1.0, 2 / 3), (2 / 3, 1 / 3)]):
+    x0 = x - t * objective.velocity(gen, x, jnp.full((6,), t), None)
+    eps = jax.random.normal(jax.random.fold_in(chain_key, k), x.shape)
+    x = (1 - t_next) * x0 + t_next * eps
+  want = x - (1 / 3) * objective.velocity(gen, x, jnp.full((6,), 1 / 3), None)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="guidance 1.0"):
+    objective.sample(params, rng, 6, guidance=2.0)
+
+
+def test_regression_loss_is_the_distance_to_the_teachers_ode_solution():
+  """regression_weight w adds w mean (G(z) - ODE_teacher(z))^2 at the generator's steps."""
+  objective = mlp_objective(regression_weight=0.25, regression_steps=4)
+  params, teacher = initial(objective)
+  view = {"extra": {"teacher": teacher}, "ema": {}, "step": jnp.zeros((), jnp.int32)}
+  batch = {"image": jnp.zeros((8, 2))}
+  loss, metrics = objective.loss(params, batch, jax.random.key(2), jnp.zeros((), jnp.int32), view)
+  input_key = jax.random.split(jax.random.key(2), 3)[0]
+  z = jax.random.normal(jax.random.split(input_key, 3)[1], (8, 2))
+  target = objective.teacher_solution(teacher, z, None)
+  g = objective.generate(params["generator"], z, jnp.ones((8,)), None)
+  np.testing.assert_allclose(metrics["regression_loss"], jnp.mean(jnp.square(g - target)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(loss, metrics["dm_loss"] + 0.25 * metrics["regression_loss"]
+                             + metrics["fake_score_mse"], rtol=1e-5)
+
+
+def test_unknown_parameter_set_and_key_in_optim_sets_are_refused():
+  objective = mlp_objective()
+  c = config_lib.base_config().optim
+  c.sets = dict(critic=dict(lr=1e-3))
+  with pytest.raises(ValueError, match="critic.*generator, fake_score|generator.*critic"):
+    optim.build_for(objective, c, 10)
+  c.sets = dict(generator=dict(learning_rate=1e-3))
+  with pytest.raises(ValueError, match="learning_rate"):
+    optim.build_for(objective, c, 10)
+  c.sets = dict(generator=dict(lr=1e-3))
+  with pytest.raises(ValueError, match="no parameter sets"):
+    optim.build_for(object(), c, 10)
+
+
+# Through the trainer: python -m flowjax.main's path, with a flow-matching teacher on disk.
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+  root = tmp_path_factory.mktemp("dmd2")
+  fm = config_lib.load_experiment("experiments/fm_toy2d.py", "tiny", **{"train.steps": 2})
+  train.run(fm, str(root / "teacher"), devices=jax.devices()[:1])
+  return root
+
+
+def dmd2_config(root, **overrides):
+  return config_lib.load_experiment(
+      "experiments/dmd2_toy2d.py", "tiny",
+      **{"objective.teacher_workdir": str(root / "teacher"), "train.log_every": 1,
+         "objective.generator_update_every": 2, **overrides})
+
+
+def test_generator_and_fake_score_start_as_the_teacher(teacher):
+  config = dmd2_config(teacher, **{"train.steps": 1})
+  setup = train.build(config, jax.devices()[:1])
+  from flowjax import checkpoint
+  mngr = checkpoint.manager(str(teacher / "fresh"), config.ckpt)
+  state, _, _ = train.restore_or_init(setup, mngr, str(teacher / "fresh"))
+  mngr.close()
+  saved, _ = checkpoint.restore_params(str(teacher / "teacher"),
+                                       setup.abstract_state.extra["teacher"], key=("ema", "0.999"))
+  for name in ("generator", "fake_score"):
+    for a, b in zip(jax.tree.leaves(state.params[name]), jax.tree.leaves(saved)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(state.ema["0.999"]["generator"]), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_is_bitwise_with_both_optimizers(teacher):
+  """6 steps in one go equal 3 steps, a restart from the checkpoint, and 3 more: parameters,
+  both optimizer states and the EMA."""
+  straight = train.run(dmd2_config(teacher, **{"train.steps": 6, "ckpt.every_steps": 3}),
+                       str(teacher / "straight"), devices=jax.devices()[:1])
+  train.run(dmd2_config(teacher, **{"train.steps": 3, "ckpt.every_steps": 3}),
+            str(teacher / "resumed"), devices=jax.devices()[:1])
+  resumed = train.run(dmd2_config(teacher, **{"train.steps": 6, "ckpt.every_steps": 3}),
+                      str(teacher / "resumed"), devices=jax.devices()[:1],
+                      allow_config_change=True)
+  for a, b in zip(jax.tree.leaves((straight.params, straight.opt_state, straight.ema)),
+                  jax.tree.leaves((resumed.params, resumed.opt_state, resumed.ema))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(resumed.opt_state.count["generator"]) == 3
+  records = [json.loads(line) for line in
+             (teacher / "resumed" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["generator_active"] for r in records] == [1.0, 0.0] * 3
+
+
+def test_a_teacher_of_another_network_is_refused(teacher):
+  config = dmd2_config(teacher, **{"model.hidden_size": 48})
+  with pytest.raises(config_lib.ConfigError, match="model.hidden_size: 48 -> 32"):
+    train.build(config, jax.devices()[:1])
+
+
+def test_karras_noise_levels_follow_the_official_grid():
+  """An index uniform over [20, 980] of the 1000-point Karras grid (sigma 0.002 .. 80, rho 7)
+  for the distribution-matching term, over all 1000 for the fake score; OT time
+  sigma / (1 + sigma)."""
+  objective = mlp_objective()
+  grid = np.asarray(objective.karras_times())
+  sigma = (0.002 ** (1 / 7) + np.linspace(0, 1, 1000) * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+  np.testing.assert_allclose(grid, sigma / (1 + sigma), rtol=1e-5)
+  dm = np.asarray(objective.noise_times(jax.random.key(0), 200_000, full=False))
+  fake = np.asarray(objective.noise_times(jax.random.key(1), 200_000, full=True))
+  index = lambda t: np.searchsorted(grid, t)
+  assert index(dm).min() == 20 and index(dm).max() == 980
+  assert index(fake).min() == 0 and index(fake).max() == 999
+  assert abs(np.mean(index(dm)) - 500) < 3
