@@ -120,37 +120,37 @@ def test_fake_score_trained_on_a_fixed_generator_reaches_its_closed_form_score()
     x0 = x_t - t[:, None] * objective.velocity(fake, x_t, t, None)
     return float(jnp.sqrt(jnp.mean(jnp.square(x0 - exact))))
 
-  # From step 1: step 0 would apply the generator's update (0 % n == 0).
-  states, _ = train_steps(objective, params, teacher, 600, start=1, lr=2e-3)
+  states, _ = train_steps(objective, params, teacher, 600, lr=2e-3)
   assert not changed(states[-1].params["generator"], params["generator"])
   before, after = error(params["fake_score"]), error(states[-1].params["fake_score"])
   assert before > 0.3 and after < 0.08, (before, after)
 
 
 def test_two_time_scale_rule_gates_the_generator_and_its_optimizer():
-  """The generator changes only at steps divisible by generator_update_every, the fake score at
-  every step; each set's optimizer counts its own updates, and its schedule runs on them."""
+  """The generator changes only at the last step of each cycle of generator_update_every, the
+  fake score at every step; each set's optimizer counts its own updates, and its schedule runs on
+  them."""
   objective = mlp_objective(generator_update_every=3)
   params, teacher = initial(objective)
   states, history = train_steps(
       objective, params, teacher, 7,
       optim_keys=dict(sets=dict(generator=dict(lr=1e-2, schedule="linear", final_lr=0.0),
                                 fake_score=dict(lr=1e-3))))
-  assert [int(h["generator_active"]) for h in history] == [1, 0, 0, 1, 0, 0, 1]
-  assert int(states[-1].opt_state.count["generator"]) == 3
+  assert [int(h["generator_active"]) for h in history] == [0, 0, 1, 0, 0, 1, 0]
+  assert int(states[-1].opt_state.count["generator"]) == 2
   assert int(states[-1].opt_state.count["fake_score"]) == 7
   # The optimizers' own step counts (Adam's bias correction, the schedule) advanced as often.
-  for name, want in (("generator", 3), ("fake_score", 7)):
+  for name, want in (("generator", 2), ("fake_score", 7)):
     counts = [int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(
         states[-1].opt_state.inner[name])[0] if "count" in jax.tree_util.keystr(path)]
     assert counts and all(c == want for c in counts), (name, counts)
-  # The generator's linear schedule over 7 steps is read at its own counts 0, 1, 1, 1, 2, ...
+  # The generator's linear schedule over 7 steps is read at its own counts 0, 0, 0, 1, 1, ...
   np.testing.assert_allclose([float(h["lr_generator"]) for h in history],
-                             1e-2 * (1 - np.array([0, 1, 1, 1, 2, 2, 2]) / 7), rtol=1e-6)
+                             1e-2 * (1 - np.array([0, 0, 0, 1, 1, 1, 2]) / 7), rtol=1e-6)
   np.testing.assert_allclose([float(h["lr_fake_score"]) for h in history], 1e-3)
   before = [params] + [s.params for s in states[:-1]]
   for k, (old, new) in enumerate(zip(before, [s.params for s in states])):
-    assert changed(old["generator"], new["generator"]) == (k % 3 == 0), k
+    assert changed(old["generator"], new["generator"]) == (k % 3 == 2), k
     assert changed(old["fake_score"], new["fake_score"]), k
 
 
@@ -198,9 +198,11 @@ def test_regression_loss_is_the_distance_to_the_teachers_ode_solution():
   """regression_weight w adds w mean (G(z) - ODE_teacher(z))^2 at the generator's steps."""
   objective = mlp_objective(regression_weight=0.25, regression_steps=4)
   params, teacher = initial(objective)
-  view = {"extra": {"teacher": teacher}, "ema": {}, "step": jnp.zeros((), jnp.int32)}
+  step = jnp.asarray(4, jnp.int32)  # the generator's step of the first cycle of 5
+  view = {"extra": {"teacher": teacher}, "ema": {}, "step": step}
   batch = {"image": jnp.zeros((8, 2))}
-  loss, metrics = objective.loss(params, batch, jax.random.key(2), jnp.zeros((), jnp.int32), view)
+  loss, metrics = objective.loss(params, batch, jax.random.key(2), step, view)
+  assert float(metrics["generator_active"]) == 1.0
   input_key = jax.random.split(jax.random.key(2), 3)[0]
   z = jax.random.normal(jax.random.split(input_key, 3)[1], (8, 2))
   target = objective.teacher_solution(teacher, z, None)
@@ -274,7 +276,7 @@ def test_resume_is_bitwise_with_both_optimizers(teacher):
   assert int(resumed.opt_state.count["generator"]) == 3
   records = [json.loads(line) for line in
              (teacher / "resumed" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["generator_active"] for r in records] == [1.0, 0.0] * 3
+  assert [r["generator_active"] for r in records] == [0.0, 1.0] * 3
 
 
 def test_a_teacher_of_another_network_is_refused(teacher):

@@ -41,9 +41,12 @@ weight 1 / sigma^2 + 1 / sigma_d^2; the velocity error is the x0 error times
 1 / t^2 = 1 / sigma^2 + 2 / sigma + 1, a weight of the same shape. Labels come from the batch
 (the official code draws them uniformly; the law is the data's).
 
-Two time-scale update rule (DMD2 Sec. 4.1): the fake score updates every step, the generator at
-the steps divisible by objective.generator_update_every (5). At the other steps the generator's
-forward runs without its backward and its distribution-matching terms are not computed.
+Two time-scale update rule (DMD2 Sec. 4.1): the fake score updates every step, the generator once
+in every objective.generator_update_every (5) steps, at the last step of each cycle (steps
+n - 1, 2n - 1, ...: the official code takes the first, a phase that changes nothing but which
+step's metrics the trainer logs; here a logged step that is a multiple of n shows the
+generator's terms). At the other steps the generator's forward runs without its backward and its
+distribution-matching terms are not computed.
 
 Not included: DMD2's GAN head on the fake score's features (DMD2 Sec. 4.3).
 """
@@ -213,9 +216,9 @@ class DMD2:
     return {GENERATOR: copy(GENERATOR), FAKE_SCORE: copy(FAKE_SCORE)}
 
   def active_sets(self, step):
-    """Which sets apply their update at `step`: the fake score always, the generator when
-    step % generator_update_every == 0 (DMD2's two time-scale rule)."""
-    return {GENERATOR: step % self.generator_update_every == 0,
+    """Which sets apply their update at `step` (0-based): the fake score always, the generator
+    when (step + 1) % generator_update_every == 0 (DMD2's two time-scale rule)."""
+    return {GENERATOR: (step + 1) % self.generator_update_every == 0,
             FAKE_SCORE: jnp.asarray(True)}
 
   # Noise levels.
