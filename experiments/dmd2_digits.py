@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.model = models.default_config("dit")
   blocks.digits_dit(c, steps=1500)
   c.optim.update(dict(lr=1e-4, schedule="constant", warmup_steps=0, grad_clip=10.0))
-  c.optim.sets = dict(generator=dict(lr=1e-4), fake_score=dict(lr=1e-4))
+  config_lib.parameter_sets(c, ("generator", "fake_score"))
   c.ckpt.every_steps = 500
   c.sample.update(dict(num=100, num_steps=1, method="generator", guidance=1.0))
   config_lib.apply_preset(c, arg, PRESETS)

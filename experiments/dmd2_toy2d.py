@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.model.update(dict(hidden_size=256, depth=4))
   c.data.update(dict(name="toy2d", toy_distribution="checkerboard", conditional=False))
   c.optim.update(dict(lr=1e-4, schedule="constant", grad_clip=10.0, ema_decays=(0.999,)))
-  c.optim.sets = dict(generator=dict(lr=1e-4), fake_score=dict(lr=1e-4))
+  config_lib.parameter_sets(c, ("generator", "fake_score"))
   c.train.update(dict(steps=5000, batch_size=256, log_every=100))
   c.ckpt.every_steps = 1000
   c.sample.update(dict(num=4096, num_steps=1, method="generator", guidance=1.0))

@@ -126,6 +126,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parameter_sets(config: ml_collections.ConfigDict, names, **per_set) -> None:
+  """config.optim.sets for an objective with several networks (its PARAM_SETS `names`): every
+  per-set optimizer key (flowjax.optim.SET_KEYS) copied from config.optim as it is now, then the
+  dicts of `per_set` (e.g. fake_score=dict(lr=1e-3)) applied. Each key of each set can then be set
+  from the command line (--config.optim.sets.fake_score.b1=0.0); these, not config.optim's own,
+  are the keys the sets' optimizers use."""
+  from flowjax import optim
+  unknown = set(per_set) - set(names)
+  if unknown:
+    raise ValueError(f"parameter_sets: {sorted(unknown)} are not among {list(names)}.")
+  config.optim.sets = {name: dict({k: config.optim[k] for k in optim.SET_KEYS},
+                                  **per_set.get(name, {})) for name in names}
+
+
 def apply_preset(config: ml_collections.ConfigDict, arg: str | None,
                  presets: dict[str, dict[str, Any]]) -> ml_collections.ConfigDict:
   """Applies `arg` = "name" or "key=value,..." (e.g. "size=XL") picking entries of `presets`.

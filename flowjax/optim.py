@@ -30,9 +30,12 @@ def decay_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def build(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build(optim_config, total_steps: int, learning_rate=None
+          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer of `optim_config` and its schedule; learning_rate replaces the schedule inside
+  the optimizer (by_set builds at 1.0 and scales each update by the schedule itself)."""
   c = optim_config
-  lr = schedule(c, total_steps)
+  lr = schedule(c, total_steps) if learning_rate is None else learning_rate
   parts = []
   if c.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(c.grad_clip))
@@ -82,12 +85,17 @@ def update_ema(ema: dict, params, step, decays, start_step: int, every: int = 1)
 # Several networks in one state (e.g. DMD2's generator and fake score): an objective that
 # declares PARAM_SETS = ("a", "b", ...) keeps params = {"a": tree, "b": tree, ...}. Each set has
 # its own optimizer, built from config.optim with the entries of config.optim.sets.<name>
-# replacing its keys (e.g. optim.sets.fake_score.lr), and applies its update only at the steps
-# the objective's active_sets(step) marks: elsewhere its parameters and optimizer state stay as
-# they were, so its learning-rate schedule and Adam moments count its own updates. The EMA
-# (optim.ema_decays) covers the sets named by the objective's EMA_SETS (default: all).
+# replacing its keys (e.g. optim.sets.fake_score.lr; `config.parameter_sets` lists every key for
+# each set, so that each can be set from the command line), and applies its update only at the
+# steps the objective's active_sets(step) marks: elsewhere its parameters and optimizer state
+# stay as they were (its Adam moments and bias correction count its own updates). Learning-rate
+# schedules run on the global step (step - skipped) for every set, as the schedulers of DMD2's
+# official code step at every iteration. The EMA (optim.ema_decays) covers the sets named by the
+# objective's EMA_SETS (default: all) and is updated at every step.
 SET_KEYS = ("name", "lr", "b1", "b2", "eps", "weight_decay", "decay_norms_and_biases",
             "schedule", "warmup_steps", "final_lr", "grad_clip")
+NAMES = ("adamw", "adam", "radam", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 def param_sets(objective) -> tuple[str, ...]:
@@ -106,8 +114,8 @@ def set_config(optim_config, name: str):
 
 
 def check_sets(optim_config, names) -> None:
-  """Raises ValueError when config.optim.sets names a set the objective lacks, or a key that
-  a set's optimizer does not take."""
+  """Raises ValueError when config.optim.sets names a set the objective lacks, a key that a
+  set's optimizer does not take, or a value out of range."""
   from flowjax.registry import unknown_name_message
   for name, overrides in dict(optim_config.get("sets", {})).items():
     if name not in names:
@@ -119,6 +127,14 @@ def check_sets(optim_config, names) -> None:
       if key not in SET_KEYS:
         raise ValueError(f"config.optim.sets.{name}.{key}: " + unknown_name_message(
             "per-set optimizer key", key, list(SET_KEYS)))
+    merged = set_config(optim_config, name)
+    for key, allowed in (("name", NAMES), ("schedule", SCHEDULES)):
+      if merged[key] not in allowed:
+        raise ValueError(f"config.optim.sets.{name}.{key}: " + unknown_name_message(
+            key, str(merged[key]), list(allowed)))
+    for key in ("lr", "weight_decay", "warmup_steps", "final_lr", "grad_clip", "eps"):
+      if merged[key] < 0:
+        raise ValueError(f"config.optim.sets.{name}.{key}={merged[key]} must be >= 0.")
 
 
 class SetsState(NamedTuple):
@@ -127,22 +143,25 @@ class SetsState(NamedTuple):
   count: dict
 
 
-def by_set(transforms: dict) -> optax.GradientTransformationExtraArgs:
-  """One optimizer per parameter set: params, grads and updates are {set: tree}. update takes
-  active = {set: bool []} (None: every set); an inactive set's updates are zero and its state is
-  left unchanged."""
+def by_set(transforms: dict, schedules: dict) -> optax.GradientTransformationExtraArgs:
+  """One optimizer per parameter set: params, grads and updates are {set: tree}. Each transform
+  is built at unit learning rate and its update is scaled by schedules[set](step); update takes
+  active = {set: bool []} (None: every set) and step (the schedules' step, int32 []). An inactive
+  set's updates are zero and its state is left unchanged."""
 
   def init(params):
     return SetsState({k: tx.init(params[k]) for k, tx in transforms.items()},
                      {k: jnp.zeros((), jnp.int32) for k in transforms})
 
-  def update(updates, state, params=None, *, active=None, **extra):
+  def update(updates, state, params=None, *, active=None, step=None, **extra):
     del extra
     new_updates, inner, count = {}, {}, {}
     for k, tx in transforms.items():
       u, s = tx.update(updates[k], state.inner[k], None if params is None else params[k])
+      rate = schedules[k](state.count[k] if step is None else step)
       on = jnp.asarray(True) if active is None else active[k]
-      new_updates[k] = jax.tree.map(lambda x, on=on: jnp.where(on, x, jnp.zeros_like(x)), u)
+      new_updates[k] = jax.tree.map(
+          lambda x, on=on, rate=rate: jnp.where(on, rate * x, jnp.zeros_like(x)), u)
       inner[k] = jax.tree.map(lambda n, o, on=on: jnp.where(on, n, o), s, state.inner[k])
       count[k] = state.count[k] + on.astype(jnp.int32)
     return new_updates, SetsState(inner, count)
@@ -157,8 +176,12 @@ def build_for(objective, optim_config, total_steps: int):
   check_sets(optim_config, names)
   if not names:
     return build(optim_config, total_steps)
-  built = {name: build(set_config(optim_config, name), total_steps) for name in names}
-  return by_set({k: tx for k, (tx, _) in built.items()}), {k: s for k, (_, s) in built.items()}
+  transforms, schedules = {}, {}
+  for name in names:
+    c = set_config(optim_config, name)
+    schedules[name] = schedule(c, total_steps)
+    transforms[name], _ = build(c, total_steps, learning_rate=1.0)
+  return by_set(transforms, schedules), schedules
 
 
 def ema_params(objective, params):

@@ -111,9 +111,10 @@ def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, op
       # Several networks (optim.by_set): each applies its update at the steps the objective
       # marks active.
       active = objective.active_sets(state.step)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params, active=active)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, active=active,
+                                     step=state.step - state.skipped)
       metrics = dict(metrics, **{f"grad_norm_{k}": optax.global_norm(grads[k]) for k in sets},
-                     **{f"lr_{k}": lr_schedule[k](state.opt_state.count[k]) for k in sets})
+                     **{f"lr_{k}": lr_schedule[k](state.step - state.skipped) for k in sets})
     else:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -126,8 +127,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, op
     # the schedule at step - skipped.
     metrics = dict(metrics, loss=loss, error=error_of(objective, loss, metrics),
                    grad_norm=grad_norm,
-                   lr=(lr_schedule[sets[0]](state.opt_state.count[sets[0]]) if sets
-                       else lr_schedule(state.step - state.skipped)),
+                   lr=(lr_schedule[sets[0]] if sets else lr_schedule)(state.step - state.skipped),
                    nonfinite=(~finite).astype(jnp.int32), skipped=new_state.skipped)
     return new_state, metrics
 
@@ -140,6 +140,9 @@ def make_eval_step(objective, eval_rng: jax.Array, state_shardings=None):
   see make_gradient."""
   def eval_step(params, view, batch, index):
     params, view = gather_params_and_view(params, view, state_shardings)
+    # An evaluation computes every term of the loss, also those an objective with parameter
+    # sets computes only at some steps (DMD2's generator terms).
+    view = dict(view, evaluating=True)
     loss, metrics = objective.loss(params, batch, jax.random.fold_in(eval_rng, index),
                                    view["step"], view)
     return dict(metrics, loss=loss, error=error_of(objective, loss, metrics))

@@ -128,8 +128,7 @@ def test_fake_score_trained_on_a_fixed_generator_reaches_its_closed_form_score()
 
 def test_two_time_scale_rule_gates_the_generator_and_its_optimizer():
   """The generator changes only at the last step of each cycle of generator_update_every, the
-  fake score at every step; each set's optimizer counts its own updates, and its schedule runs on
-  them."""
+  fake score at every step; each set's optimizer state counts its own updates."""
   objective = mlp_objective(generator_update_every=3)
   params, teacher = initial(objective)
   states, history = train_steps(
@@ -144,9 +143,9 @@ def test_two_time_scale_rule_gates_the_generator_and_its_optimizer():
     counts = [int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(
         states[-1].opt_state.inner[name])[0] if "count" in jax.tree_util.keystr(path)]
     assert counts and all(c == want for c in counts), (name, counts)
-  # The generator's linear schedule over 7 steps is read at its own counts 0, 0, 0, 1, 1, ...
+  # Schedules run on the global step for every set (DMD2's schedulers step every iteration).
   np.testing.assert_allclose([float(h["lr_generator"]) for h in history],
-                             1e-2 * (1 - np.array([0, 0, 0, 1, 1, 1, 2]) / 7), rtol=1e-6)
+                             1e-2 * (1 - np.arange(7) / 7), rtol=1e-6)
   np.testing.assert_allclose([float(h["lr_fake_score"]) for h in history], 1e-3)
   before = [params] + [s.params for s in states[:-1]]
   for k, (old, new) in enumerate(zip(before, [s.params for s in states])):
@@ -268,8 +267,7 @@ def test_resume_is_bitwise_with_both_optimizers(teacher):
   train.run(dmd2_config(teacher, **{"train.steps": 3, "ckpt.every_steps": 3}),
             str(teacher / "resumed"), devices=jax.devices()[:1])
   resumed = train.run(dmd2_config(teacher, **{"train.steps": 6, "ckpt.every_steps": 3}),
-                      str(teacher / "resumed"), devices=jax.devices()[:1],
-                      allow_config_change=True)
+                      str(teacher / "resumed"), devices=jax.devices()[:1])
   for a, b in zip(jax.tree.leaves((straight.params, straight.opt_state, straight.ema)),
                   jax.tree.leaves((resumed.params, resumed.opt_state, resumed.ema))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -299,3 +297,61 @@ def test_karras_noise_levels_follow_the_official_grid():
   assert index(dm).min() == 20 and index(dm).max() == 980
   assert index(fake).min() == 0 and index(fake).max() == 999
   assert abs(np.mean(index(dm)) - 500) < 3
+
+
+class ShiftGenerator(dmd2.DMD2):
+  """DMD2 whose one-step generator is G(z) = z + shift (params["generator"] = {"shift": [2]})."""
+
+  def generate(self, params, x_t, t, cond):
+    if "shift" in params:
+      return x_t + params["shift"]
+    return super().generate(params, x_t, t, cond)
+
+
+def test_generator_loss_has_the_distribution_matching_gradient():
+  """d loss / d G = grad / (number of elements): the generator moves along -grad."""
+  base = mlp_objective()
+  objective = ShiftGenerator(model=base.model, image_shape=(2,), num_classes=0,
+                             teacher_model=base.model)
+  params, teacher = initial(objective)
+  _, fake = initial(objective, seed=1)
+  params = {"generator": {"shift": jnp.array([0.3, -0.2])}, "fake_score": fake}
+  step = jnp.asarray(4, jnp.int32)
+  view = {"extra": {"teacher": teacher}, "ema": {}, "step": step}
+  rng, batch = jax.random.key(5), {"image": jnp.zeros((64, 2))}
+  got = jax.grad(lambda p: objective.loss(p, batch, rng, step, view)[0])(params)
+  input_key, dm_key, _ = jax.random.split(rng, 3)
+  z = jax.random.normal(jax.random.split(input_key, 3)[1], (64, 2))
+  sample = z + params["generator"]["shift"]
+  t_key, e_key, _ = jax.random.split(dm_key, 3)
+  t = objective.noise_times(t_key, 64, full=False)
+  x_t = (1 - t[:, None]) * sample + t[:, None] * jax.random.normal(e_key, (64, 2))
+  x0_fake = x_t - t[:, None] * objective.velocity(fake, x_t, t, None)
+  grad = dmd2.distribution_matching_grad(sample, objective.real_x0(teacher, x_t, t, None), x0_fake)
+  assert float(jnp.abs(grad).mean()) > 1e-3
+  np.testing.assert_allclose(got["generator"]["shift"], grad.sum(axis=0) / grad.size, rtol=1e-4,
+                             atol=1e-7)
+
+
+def test_an_evaluation_computes_the_generator_terms_at_any_step():
+  objective = mlp_objective()
+  params, teacher = initial(objective)
+  _, fake = initial(objective, seed=1)
+  params = {"generator": params["generator"], "fake_score": fake}
+  view = {"extra": {"teacher": teacher}, "ema": {}, "step": jnp.zeros((), jnp.int32)}
+  metrics = step_lib.make_eval_step(objective, jax.random.key(0))(
+      params, view, {"image": jnp.zeros((16, 2))}, 0)
+  assert float(metrics["generator_active"]) == 1.0 and float(metrics["dm_loss"]) > 0
+
+
+def test_every_key_of_each_set_is_a_command_line_key_and_bad_values_are_refused(teacher):
+  config = dmd2_config(teacher, **{"optim.sets.fake_score.b1": 0.0,
+                                   "optim.sets.generator.schedule": "cosine"})
+  assert set(config.optim.sets.generator) == set(optim.SET_KEYS)
+  assert optim.set_config(config.optim, "fake_score").b1 == 0.0
+  assert optim.set_config(config.optim, "generator").b1 == config.optim.b1
+  for key, value, message in (("name", "adamw_typo", "adamw"), ("schedule", "cosin", "cosine"),
+                              ("lr", -1.0, "must be >= 0")):
+    bad = dmd2_config(teacher, **{f"optim.sets.generator.{key}": value})
+    with pytest.raises(config_lib.ConfigError, match=message):
+      train.build(bad, jax.devices()[:1])

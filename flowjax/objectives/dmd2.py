@@ -302,7 +302,7 @@ class DMD2:
 
     def generator_terms(gen_params):
       sample = self.generate(gen_params, x_in, t_in, cond)
-      t_key, e_key = jax.random.split(dm_key)
+      t_key, e_key, z_key = jax.random.split(dm_key, 3)
       t = self.noise_times(t_key, batch_size, full=False)
       eps = jax.random.normal(e_key, sample.shape, jnp.float32)
       te = paths.expand(t, sample)
@@ -318,7 +318,7 @@ class DMD2:
         if self.generator_steps == 1:
           z, target_of = x_in, sample
         else:
-          z = jax.random.normal(e_key, sample.shape, jnp.float32)
+          z = jax.random.normal(z_key, sample.shape, jnp.float32)
           target_of = self.generate(gen_params, z, jnp.ones((batch_size,)), cond)
         target = jax.lax.stop_gradient(self.teacher_solution(teacher, z, cond))
         regression = jnp.mean(jnp.square(target_of - target))
@@ -333,7 +333,8 @@ class DMD2:
       zero = jnp.zeros(())
       return zero, sample, {"dm_loss": zero, "dm_grad_norm": zero, "regression_loss": zero}
 
-    active = self.active_sets(step)[GENERATOR]
+    # An evaluation (view["evaluating"]) computes the generator's terms at every step.
+    active = jnp.logical_or(self.active_sets(step)[GENERATOR], view.get("evaluating", False))
     generator_loss, sample, metrics = jax.lax.cond(active, generator_terms, skipped,
                                                    params[GENERATOR])
 
