@@ -355,3 +355,50 @@ def test_every_key_of_each_set_is_a_command_line_key_and_bad_values_are_refused(
     bad = dmd2_config(teacher, **{f"optim.sets.generator.{key}": value})
     with pytest.raises(config_lib.ConfigError, match=message):
       train.build(bad, jax.devices()[:1])
+
+
+def test_gan_terms_are_the_softplus_losses_of_the_head_on_the_fake_scores_features():
+  """gan_discriminator_loss = mean softplus(D(G)) + softplus(-D(x)) and gan_generator_loss =
+  mean softplus(-D(G)), D the head on the fake score's middle-block features at noised inputs,
+  recomputed with the loss's own keys; the total adds them with their weights."""
+  objective = mlp_objective(gan_weight=3e-3, gan_discriminator_weight=1e-2)
+  params, teacher = initial(objective)
+  assert set(params["fake_score"][dmd2.GAN_HEAD]) == {"fc1", "fc2"}
+  step, rng = jnp.asarray(4, jnp.int32), jax.random.key(6)
+  view = {"extra": {"teacher": teacher}, "ema": {}, "step": step}
+  x = jax.random.normal(jax.random.key(1), (32, 2)) + 2.0
+  loss, metrics = objective.loss(params, {"image": x}, rng, step, view)
+  input_key, dm_key, fake_key = jax.random.split(rng, 3)
+  z = jax.random.normal(jax.random.split(input_key, 3)[1], (32, 2))
+  sample = objective.generate(params["generator"], z, jnp.ones((32,)), None)
+  fake = params["fake_score"]
+  on_gen = objective.discriminator(fake, sample, None, jax.random.fold_in(dm_key, 1))
+  real_key, gen_key = jax.random.split(jax.random.fold_in(fake_key, 1))
+  on_fake = objective.discriminator(fake, sample, None, gen_key)
+  on_real = objective.discriminator(fake, x, None, real_key)
+  want_d = jnp.mean(jax.nn.softplus(on_fake) + jax.nn.softplus(-on_real))
+  np.testing.assert_allclose(metrics["gan_discriminator_loss"], want_d, rtol=1e-5)
+  np.testing.assert_allclose(metrics["gan_generator_loss"], jnp.mean(jax.nn.softplus(-on_gen)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(loss, metrics["dm_loss"] + 3e-3 * metrics["gan_generator_loss"]
+                             + metrics["fake_score_mse"] + 1e-2 * want_d, rtol=1e-5)
+  with pytest.raises(ValueError, match="gan_feature_layer='nope'"):
+    mlp_objective(gan_weight=1e-3, gan_feature_layer="nope").init(
+        jax.random.key(0), {"image": jnp.zeros((1, 2))})
+
+
+def test_discriminator_learns_to_tell_real_from_generated():
+  """With the generator held at G(z) = z + 3 (never updated) and the real data at 0, the head
+  and fake score trained by the discriminator loss separate them: mean D(real) - D(fake) grows
+  from about 0 to over 0.3."""
+  base = mlp_objective(gan_weight=1.0, gan_discriminator_weight=1.0,
+                       generator_update_every=10_000)
+  objective = ShiftGenerator(**{f: getattr(base, f) for f in (
+      "model", "image_shape", "num_classes", "teacher_model", "gan_weight",
+      "gan_discriminator_weight", "generator_update_every")})
+  params, teacher = initial(objective)
+  params = {"generator": {"shift": jnp.array([3.0, 3.0])}, "fake_score": params["fake_score"]}
+  states, history = train_steps(objective, params, teacher, 300, lr=3e-3)
+  gap = lambda h: float(h["d_real"] - h["d_fake"])
+  assert abs(gap(history[0])) < 0.15
+  assert np.mean([gap(h) for h in history[-20:]]) > 0.3, [gap(h) for h in history[-5:]]

@@ -48,7 +48,15 @@ step's metrics the trainer logs; here a logged step that is a multiple of n show
 generator's terms). At the other steps the generator's forward runs without its backward and its
 distribution-matching terms are not computed.
 
-Not included: DMD2's GAN head on the fake score's features (DMD2 Sec. 4.3).
+GAN (DMD2 Sec. 4.3; the official `compute_cls_logits` with --gan_classifier --diffusion_gan):
+with objective.gan_weight > 0 a discriminator head (GanHead: the mean over positions of the
+features, then Dense, SiLU, Dense to one logit) reads the output of one module of the fake score
+network (objective.gan_feature_layer; '' = the middle block, block_{(depth - 1) // 2}, of a DiT
+or MLP) at images noised to a level drawn over the whole grid. The fake score's loss adds
+gan_discriminator_weight (1e-2) x mean[softplus(D(fake)) + softplus(-D(real))] on the batch's
+real images, trained into the head and the fake score network; the generator's adds gan_weight
+(3e-3 on ImageNet-64) x mean softplus(-D(G)) through the frozen fake score. The head's parameters
+sit beside the fake score network's, under `dmd2_gan_head`, in the fake_score set.
 """
 
 import dataclasses
@@ -70,6 +78,20 @@ GENERATOR_INPUTS = ("backward", "data")
 NOISE_LEVELS = ("karras", "uniform")
 SAMPLE_METHODS = ("generator",)
 GENERATOR, FAKE_SCORE = "generator", "fake_score"
+GAN_HEAD = "dmd2_gan_head"
+
+
+class GanHead(nn.Module):
+  """DMD2's realism classifier on a network's features: [B, ..., C] -> mean over the positions
+  -> Dense(C) -> SiLU -> Dense(1): [B] float32 logits."""
+
+  @nn.compact
+  def __call__(self, features):
+    h = features.astype(jnp.float32)
+    if h.ndim > 2:
+      h = jnp.mean(h, axis=tuple(range(1, h.ndim - 1)))
+    h = nn.silu(layers.dense(h.shape[-1], ("embed", "mlp"), name="fc1")(h))
+    return layers.dense(1, ("mlp", "embed"), name="fc2")(h)[:, 0]
 
 
 def _check_choice(key: str, value: str, allowed) -> None:
@@ -101,7 +123,7 @@ class DMD2:
   'data'); generator_update_every (the two time-scale rule's ratio); regression_weight and
   regression_steps (DMD's regression loss; 0 = off); noise_levels, min_step_percent,
   max_step_percent, num_train_timesteps, sigma_min, sigma_max, rho: the noise levels (module
-  docstring)."""
+  docstring); gan_weight (0 = no GAN), gan_discriminator_weight, gan_feature_layer: the GAN."""
   PARAM_SETS: ClassVar[tuple] = (GENERATOR, FAKE_SCORE)
   EMA_SETS: ClassVar[tuple] = (GENERATOR,)
   # The unweighted error the trainer logs as "error": the fake score's flow-matching MSE on the
@@ -127,12 +149,16 @@ class DMD2:
   rho: float = 7.0
   regression_weight: float = 0.0
   regression_steps: int = 16
+  gan_weight: float = 0.0
+  gan_discriminator_weight: float = 1e-2
+  gan_feature_layer: str = ""
 
   DEFAULTS: ClassVar[dict] = dict(
       teacher_workdir="", teacher_weights="ema", teacher_guidance=1.0, generator_steps=1,
       generator_inputs="backward", generator_update_every=5, noise_levels="karras",
       min_step_percent=0.02, max_step_percent=0.98, num_train_timesteps=1000, sigma_min=0.002,
-      sigma_max=80.0, rho=7.0, regression_weight=0.0, regression_steps=16)
+      sigma_max=80.0, rho=7.0, regression_weight=0.0, regression_steps=16, gan_weight=0.0,
+      gan_discriminator_weight=1e-2, gan_feature_layer="")
 
   def __post_init__(self):
     _check_choice("teacher_weights", self.teacher_weights, TEACHER_WEIGHTS)
@@ -154,6 +180,14 @@ class DMD2:
     if self.regression_weight < 0 or self.regression_steps < 1:
       raise ValueError(f"objective.regression_weight={self.regression_weight} must be >= 0 and "
                        f"objective.regression_steps={self.regression_steps} >= 1.")
+    if self.gan_weight < 0 or self.gan_discriminator_weight < 0:
+      raise ValueError(f"objective.gan_weight={self.gan_weight} and "
+                       f"objective.gan_discriminator_weight={self.gan_discriminator_weight} must "
+                       "be >= 0 (0 = no GAN; DMD2 ImageNet-64: 3e-3 and 1e-2).")
+    if self.gan_weight > 0 and not self.gan_layer():
+      raise ValueError(f"objective.gan_weight={self.gan_weight}: name the fake score module whose "
+                       "output the discriminator reads with objective.gan_feature_layer (the "
+                       f"{type(self.model).__name__} backbone has no block_<i> layers).")
     if self.teacher_guidance != 1.0 and self.num_classes <= 0:
       raise ValueError(f"objective.teacher_guidance={self.teacher_guidance} needs class labels "
                        "(data.conditional=True); use teacher_guidance=1.0.")
@@ -191,6 +225,16 @@ class DMD2:
     g_key, f_key, t_key = jax.random.split(rng, 3)
     params = {GENERATOR: common.init_model(self.model, g_key, x, 1, cond),
               FAKE_SCORE: common.init_model(self.model, f_key, x, 1, cond)}
+    if self.gan_weight > 0:
+      if GAN_HEAD in params[FAKE_SCORE]:
+        raise ValueError(f"The backbone has a parameter named {GAN_HEAD!r}, the key DMD2 keeps "
+                         "its GAN head under; rename that layer.")
+      features = jax.eval_shape(lambda p: self.features(nn.meta.unbox(p), x,
+                                                        jnp.ones((1,)), cond),
+                                params[FAKE_SCORE])
+      head = GanHead().init(jax.random.fold_in(f_key, 1),
+                            jnp.zeros(features.shape, jnp.float32))["params"]
+      params[FAKE_SCORE] = {**params[FAKE_SCORE], GAN_HEAD: head}
     return params, {"teacher": common.init_model(self.teacher_model, t_key, x, 1, cond)}
 
   def load_extra(self, abstract_extra):
@@ -205,15 +249,18 @@ class DMD2:
 
   def initial_params(self, params, extra):
     """Generator and fake score both start as copies of the teacher (DMD2 Sec. 5), on the
-    shardings of `params`."""
+    shardings of `params`; the GAN head keeps its initialisation."""
     teacher = extra["teacher"]
     describe = lambda tree: jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)), tree)
     if describe(teacher) != describe(params[GENERATOR]):
       raise ValueError("DMD2: the teacher's parameters do not have the generator's names, shapes "
                        "and dtypes; use this run's config.model for the teacher.")
-    copy = lambda name: jax.device_put(
-        teacher, jax.tree.map(lambda leaf: leaf.sharding, params[name]), may_alias=False)
-    return {GENERATOR: copy(GENERATOR), FAKE_SCORE: copy(FAKE_SCORE)}
+    copy = lambda tree: jax.device_put(
+        teacher, jax.tree.map(lambda leaf: leaf.sharding, tree), may_alias=False)
+    fake = params[FAKE_SCORE]
+    head = {GAN_HEAD: fake[GAN_HEAD]} if GAN_HEAD in fake else {}
+    return {GENERATOR: copy(params[GENERATOR]),
+            FAKE_SCORE: {**copy(self.network_params(fake)), **head}}
 
   def active_sets(self, step):
     """Which sets apply their update at `step` (0-based): the fake score always, the generator
@@ -244,8 +291,56 @@ class DMD2:
 
   # Networks.
 
+  @staticmethod
+  def network_params(params):
+    """A fake score's network parameters: `params` without the GAN head's."""
+    return {key: value for key, value in params.items() if key != GAN_HEAD}
+
   def velocity(self, params, x, t, cond):
-    return common.apply_model(self.model, params, x, (t,), cond).astype(jnp.float32)
+    return common.apply_model(self.model, self.network_params(params), x, (t,),
+                              cond).astype(jnp.float32)
+
+  def gan_layer(self) -> str:
+    """The fake score module the discriminator reads: objective.gan_feature_layer, or the
+    middle block of a DiT or MLP ('' when the backbone has no depth)."""
+    if self.gan_feature_layer:
+      return self.gan_feature_layer
+    depth = getattr(self.model, "depth", 0)
+    return f"block_{(depth - 1) // 2}" if depth else ""
+
+  def features(self, params, x_t, t, cond):
+    """The output of gan_layer() in the fake score network at (x_t, t): [B, ..., C]."""
+    name = self.gan_layer()
+    _, state = self.model.apply(
+        {"params": self.network_params(params)}, x_t, (t,), cond, train=False,
+        capture_intermediates=lambda module, method: (module.name == name
+                                                      and method == "__call__"),
+        mutable=["intermediates"])
+    def find(tree):
+      for key, value in tree.items():
+        if key == name and "__call__" in value:
+          return value["__call__"][0]
+        if isinstance(value, dict) and key != "__call__":
+          out = find(value)
+          if out is not None:
+            return out
+      return None
+
+    found = find(dict(state.get("intermediates", {})))
+    if found is None:
+      raise ValueError(f"objective.gan_feature_layer={name!r} is not a module of the "
+                       f"{type(self.model).__name__} backbone; name one of its layers (e.g. "
+                       "block_<i>).")
+    return found
+
+  def discriminator(self, params, x, cond, rng):
+    """D(x): [B] logits of the head on the fake score's features at x noised to a level drawn
+    over the whole grid (DMD2's diffusion GAN)."""
+    t_key, e_key = jax.random.split(rng)
+    t = self.noise_times(t_key, x.shape[0], full=True)
+    te = paths.expand(t, x)
+    x_t = (1.0 - te) * x.astype(jnp.float32) + te * jax.random.normal(e_key, x.shape)
+    return GanHead().apply({"params": params[GAN_HEAD]}, self.features(params, x_t, t, cond))
 
   def generate(self, params, x_t, t, cond):
     """G(x_t, t) = x_t - t v_G(x_t, t): [B, ...] float32; t: [B]."""
@@ -326,12 +421,20 @@ class DMD2:
         metrics["regression_loss"] = regression
       else:
         metrics["regression_loss"] = jnp.zeros(())
+      if self.gan_weight > 0:
+        logits = self.discriminator(fake_params, sample, cond, jax.random.fold_in(dm_key, 1))
+        gan = jnp.mean(jax.nn.softplus(-logits))
+        total = total + self.gan_weight * gan
+        metrics["gan_generator_loss"] = gan
       return total, sample, metrics
 
     def skipped(gen_params):
       sample = self.generate(jax.lax.stop_gradient(gen_params), x_in, t_in, cond)
       zero = jnp.zeros(())
-      return zero, sample, {"dm_loss": zero, "dm_grad_norm": zero, "regression_loss": zero}
+      metrics = {"dm_loss": zero, "dm_grad_norm": zero, "regression_loss": zero}
+      if self.gan_weight > 0:
+        metrics["gan_generator_loss"] = zero
+      return zero, sample, metrics
 
     # An evaluation (view["evaluating"]) computes the generator's terms at every step.
     active = jnp.logical_or(self.active_sets(step)[GENERATOR], view.get("evaluating", False))
@@ -346,9 +449,21 @@ class DMD2:
     te = paths.expand(t, sample)
     v = self.velocity(params[FAKE_SCORE], (1.0 - te) * sample + te * eps, t, cond)
     fake_mse = jnp.mean(jnp.square(v - (eps - sample)))
-    return generator_loss + fake_mse, dict(metrics, fake_score_mse=fake_mse,
-                                           generator_loss=generator_loss,
-                                           generator_active=active.astype(jnp.float32))
+    fake_loss = fake_mse
+    if self.gan_weight > 0:
+      # The discriminator (head and fake score network) on the batch's real images against the
+      # generator's samples.
+      real_key, gen_key = jax.random.split(jax.random.fold_in(fake_key, 1))
+      on_fake = self.discriminator(params[FAKE_SCORE], sample, cond, gen_key)
+      on_real = self.discriminator(params[FAKE_SCORE], x, cond, real_key)
+      gan = jnp.mean(jax.nn.softplus(on_fake) + jax.nn.softplus(-on_real))
+      fake_loss = fake_loss + self.gan_discriminator_weight * gan
+      metrics = dict(metrics, gan_discriminator_loss=gan,
+                     d_real=jnp.mean(jax.nn.sigmoid(on_real)),
+                     d_fake=jnp.mean(jax.nn.sigmoid(on_fake)))
+    return generator_loss + fake_loss, dict(metrics, fake_score_mse=fake_mse,
+                                            generator_loss=generator_loss,
+                                            generator_active=active.astype(jnp.float32))
 
   def sample(self, params, rng, num, cond=None, *, num_steps=None, method="generator",
              guidance=1.0):
