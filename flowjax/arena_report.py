@@ -26,7 +26,7 @@ LABELS = {"flow_matching": "flow matching (Euler)", "imm": "IMM (pushforward)",
           "t_flow_nu10": "t-Flow (nu = 10)",
           "meanflow_t": "MeanFlow, Student-t noise (nu = 3)",
           "flow_matching_repa": "flow matching + REPA", "meanflow_repa": "MeanFlow + REPA",
-          "dmd2": "DMD2 (from flow matching)"}
+          "dmd2": "DMD2 (from flow matching)", "fdistill": "f-distill (JS, from flow matching)"}
 # Captions of the tables of a suite's further metrics (SUITES[...]["extra_metrics"]).
 EXTRA_METRICS = {"tail_error": "Tail-quantile error (mean relative error of the 0.99 and 0.999 "
                                "quantiles of |x| per axis)"}

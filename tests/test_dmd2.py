@@ -402,3 +402,77 @@ def test_discriminator_learns_to_tell_real_from_generated():
   gap = lambda h: float(h["d_real"] - h["d_fake"])
   assert abs(gap(history[0])) < 0.15
   assert np.mean([gap(h) for h in history[-20:]]) > 0.3, [gap(h) for h in history[-5:]]
+
+
+def fdistill_objective(**fields):
+  base = mlp_objective()
+  return dmd2.FDistill(model=base.model, image_shape=(2,), num_classes=0,
+                       teacher_model=base.model, **fields)
+
+
+def test_f_divergence_weights_by_hand():
+  """r = exp(logit) clipped to [0.1, 20], divided by its batch mean within its bin of t, then
+  h(r) normalised to mean 1: JS r / (1 + r), KL r, reverse KL 1 (DMD)."""
+  logits = jnp.array([0.0, 1.0, -1.0, 2.0, 5.0, -4.0])
+  t = jnp.array([0.05, 0.08, 0.5, 0.55, 0.95, 0.91])
+  r = np.clip(np.exp(np.asarray(logits)), 0.1, 20.0)
+  for f, h_of in (("js", lambda r: r / (1 + r)), ("kl", lambda r: r),
+                  ("reverse_kl", np.ones_like)):
+    got = dmd2.f_divergence_weights(logits, t, f, 0.1, 20.0, 0)
+    want = h_of(r) / (h_of(r).mean() + 1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # Two bins of t: [0, 0.5) and [0.5, 1].
+    binned = r.copy()
+    binned[:2] /= r[:2].mean() + 1e-6
+    binned[2:] /= r[2:].mean() + 1e-6
+    got = dmd2.f_divergence_weights(logits, t, f, 0.1, 20.0, 2)
+    np.testing.assert_allclose(got, h_of(binned) / (h_of(binned).mean() + 1e-6), rtol=1e-5)
+
+
+def test_reverse_kl_f_distill_is_dmd2_and_js_weights_each_samples_gradient():
+  gan = dict(gan_weight=3e-3, gan_discriminator_weight=1e-2)
+  step, rng = jnp.asarray(4, jnp.int32), jax.random.key(9)
+  batch = {"image": jax.random.normal(jax.random.key(2), (32, 2))}
+  reference = mlp_objective(**gan)
+  params, teacher = initial(reference)
+  view = {"extra": {"teacher": teacher}, "ema": {}, "step": step}
+  loss_fn = lambda objective: (lambda p: objective.loss(p, batch, rng, step, view))
+  (dmd_loss, dmd_metrics), dmd_grads = jax.value_and_grad(loss_fn(reference), has_aux=True)(params)
+  rkl = fdistill_objective(f_divergence="reverse_kl", **gan)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn(rkl), has_aux=True)(params)
+  # (h = 1 / (1 + 1e-6) after the normalisation's epsilon.)
+  np.testing.assert_allclose(loss, dmd_loss, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(dmd_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()) + 1e-12)
+  # JS: the distribution-matching loss is 0.5 mean((h grad)^2), h from the head at x_t.
+  js = fdistill_objective(f_divergence="js", **gan)
+  _, metrics = js.loss(params, batch, rng, step, view)
+  input_key, dm_key, _ = jax.random.split(rng, 3)
+  z = jax.random.normal(jax.random.split(input_key, 3)[1], (32, 2))
+  sample = js.generate(params["generator"], z, jnp.ones((32,)), None)
+  t_key, e_key, _ = jax.random.split(dm_key, 3)
+  t = js.noise_times(t_key, 32, full=False)
+  x_t = (1 - t[:, None]) * sample + t[:, None] * jax.random.normal(e_key, (32, 2))
+  fake = params["fake_score"]
+  x0_fake = x_t - t[:, None] * js.velocity(fake, x_t, t, None)
+  grad = dmd2.distribution_matching_grad(sample, js.real_x0(teacher, x_t, t, None), x0_fake)
+  h = js.sample_weights(fake, x_t, t, None)
+  assert float(h.max() - h.min()) > 1e-3
+  np.testing.assert_allclose(metrics["dm_loss"], 0.5 * jnp.mean(jnp.square(h[:, None] * grad)),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="gan_weight > 0"):
+    fdistill_objective(gan_weight=0.0)
+
+
+def test_f_distill_trains_through_the_trainer_with_its_gan_head(teacher):
+  config = config_lib.load_experiment(
+      "experiments/fdistill_toy2d.py", "tiny",
+      **{"objective.teacher_workdir": str(teacher / "teacher"), "train.log_every": 1,
+         "objective.generator_update_every": 2})
+  state = train.run(config, str(teacher / "fdistill"), devices=jax.devices()[:1])
+  assert dmd2.GAN_HEAD in state.params["fake_score"]
+  records = [json.loads(line) for line in
+             (teacher / "fdistill" / "metrics.jsonl").read_text().splitlines()]
+  generator_steps = [r for r in records if r["generator_active"] == 1.0]
+  assert generator_steps and all(r["weight_max"] >= r["weight_min"] > 0 for r in generator_steps)
+  assert all(np.isfinite(r["gan_discriminator_loss"]) for r in records)

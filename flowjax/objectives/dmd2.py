@@ -289,6 +289,12 @@ class DMD2:
                                   min(int(self.max_step_percent * n) + 1, n))
     return self.karras_times()[jax.random.randint(rng, (batch_size,), lo, hi)]
 
+  def sample_weights(self, fake_params, x_t, t, cond):
+    """Per-example weights of the distribution-matching gradient ([B]), or None (DMD2: none;
+    f-distill's h(r) below)."""
+    del fake_params, x_t, t, cond
+    return None
+
   # Networks.
 
   @staticmethod
@@ -405,8 +411,14 @@ class DMD2:
       x0_real = self.real_x0(teacher, x_t, t, cond)
       x0_fake = x_t - te * self.velocity(fake_params, x_t, t, cond)
       grad = jax.lax.stop_gradient(distribution_matching_grad(sample, x0_real, x0_fake))
+      weights = self.sample_weights(fake_params, x_t, t, cond)
+      metrics = {}
+      if weights is not None:
+        grad = paths.expand(weights, grad) * grad
+        metrics = {"weight_min": jnp.min(weights), "weight_max": jnp.max(weights)}
       dm = 0.5 * jnp.mean(jnp.square(sample - jax.lax.stop_gradient(sample - grad)))
-      total, metrics = dm, {"dm_loss": dm, "dm_grad_norm": jnp.sqrt(jnp.mean(jnp.square(grad)))}
+      total = dm
+      metrics.update(dm_loss=dm, dm_grad_norm=jnp.sqrt(jnp.mean(jnp.square(grad))))
       if self.regression_weight > 0:
         # DMD's regression pairs: the one-step generator from pure noise against the teacher's
         # ODE solution from the same noise.
@@ -432,6 +444,8 @@ class DMD2:
       sample = self.generate(jax.lax.stop_gradient(gen_params), x_in, t_in, cond)
       zero = jnp.zeros(())
       metrics = {"dm_loss": zero, "dm_grad_norm": zero, "regression_loss": zero}
+      if isinstance(self, FDistill):
+        metrics.update(weight_min=zero, weight_max=zero)
       if self.gan_weight > 0:
         metrics["gan_generator_loss"] = zero
       return zero, sample, metrics
@@ -483,3 +497,72 @@ class DMD2:
     gen = params[GENERATOR]
     x = self.chain(gen, z, cond, chain_key, steps - 1, jnp.concatenate([times, jnp.zeros((1,))]))
     return self.generate(gen, x, jnp.full((num,), times[steps - 1]), cond)
+
+
+# f-distill (Xu et al., "One-step Diffusion Models with f-Divergence Distribution Matching",
+# arXiv:2502.15681): the distribution-matching gradient of each sample weighted by
+# h(r) = f''(r) r^2, r = p_data / p_generator at the noised sample, read from the GAN head as
+# r = exp(logit). The weights as NVlabs/FastGen's `all_f_div_weighting_function`.
+F_DIVERGENCES = {
+    "reverse_kl": lambda r: jnp.ones_like(r),   # DMD
+    "kl": lambda r: r,
+    "js": lambda r: 1.0 - 1.0 / (1.0 + r),
+    "squared_hellinger": jnp.sqrt,
+    "jeffreys": lambda r: 1.0 + r,
+    "softened_rkl": lambda r: 1.0 / (1.0 + r),
+    "pearson": lambda r: 1.0 / jnp.maximum(r, 1e-8),
+}
+
+
+def f_divergence_weights(logits, t, divergence: str, lower: float, upper: float, bins: int):
+  """h(r) per example, normalised to mean 1 over the batch (stop-gradient).
+
+  logits: [B] discriminator logits at the noised generator samples; t: [B] their OT times.
+  r = exp(clip(logits, -10, 10)) clipped to [lower, upper]; with bins > 0, r is divided by its
+  batch mean within its bin of t (bins equal bins of [0, 1]; FastGen's ratio normalisation with
+  ratio_ema_rate 0, its default); then h = F_DIVERGENCES[divergence](r) / (mean h + 1e-6).
+  """
+  r = jnp.clip(jnp.exp(jnp.clip(logits.astype(jnp.float32), -10.0, 10.0)), lower, upper)
+  if bins > 0:
+    index = jnp.clip(jnp.floor(t * bins).astype(jnp.int32), 0, bins - 1)
+    one_hot = jax.nn.one_hot(index, bins, dtype=jnp.float32)
+    mean = (one_hot.T @ r) / (jnp.sum(one_hot, axis=0) + 1e-6)
+    r = r / (mean[index] + 1e-6)
+  h = F_DIVERGENCES[divergence](r)
+  return jax.lax.stop_gradient(h / (jnp.mean(h) + 1e-6))
+
+
+@OBJECTIVES.register("fdistill")
+@dataclasses.dataclass(frozen=True)
+class FDistill(DMD2):
+  """f-distill: DMD2 with the GAN (gan_weight > 0, required) whose head also estimates the
+  density ratio r at the distribution-matching samples (the head on the fake score's features at
+  x_t; FastGen reads the teacher's), and the gradient of each sample weighted by
+  `f_divergence_weights` (objective.f_divergence: js (FastGen's default), kl, reverse_kl = DMD,
+  squared_hellinger, jeffreys, softened_rkl, pearson; ratio_lower 0.1, ratio_upper 20,
+  ratio_bins 10; FastGen's running mean of the ratio per bin (ratio_ema_rate > 0) is not
+  built)."""
+  f_divergence: str = "js"
+  ratio_lower: float = 0.1
+  ratio_upper: float = 20.0
+  ratio_bins: int = 10
+
+  DEFAULTS: ClassVar[dict] = dict(DMD2.DEFAULTS, gan_weight=3e-3, f_divergence="js",
+                                  ratio_lower=0.1, ratio_upper=20.0, ratio_bins=10)
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_choice("f_divergence", self.f_divergence, list(F_DIVERGENCES))
+    if self.gan_weight <= 0:
+      raise ValueError(f"objective.gan_weight={self.gan_weight}: f-distill reads the density ratio "
+                       "from the GAN head, so it needs gan_weight > 0 (3e-3 on ImageNet-64).")
+    if not 0 < self.ratio_lower < self.ratio_upper or self.ratio_bins < 0:
+      raise ValueError(f"objective.ratio_lower={self.ratio_lower}, ratio_upper={self.ratio_upper} "
+                       f"and ratio_bins={self.ratio_bins} must satisfy 0 < lower < upper, "
+                       "bins >= 0 (FastGen: 0.1, 20, 10).")
+
+  def sample_weights(self, fake_params, x_t, t, cond):
+    logits = GanHead().apply({"params": fake_params[GAN_HEAD]},
+                             self.features(fake_params, x_t, t, cond))
+    return f_divergence_weights(logits, t, self.f_divergence, self.ratio_lower,
+                                self.ratio_upper, self.ratio_bins)
