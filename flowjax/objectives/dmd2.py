@@ -57,6 +57,12 @@ gan_discriminator_weight (1e-2) x mean[softplus(D(fake)) + softplus(-D(real))] o
 real images, trained into the head and the fake score network; the generator's adds gan_weight
 (3e-3 on ImageNet-64) x mean softplus(-D(G)) through the frozen fake score. The head's parameters
 sit beside the fake score network's, under `dmd2_gan_head`, in the fake_score set.
+
+The official ImageNet-64 run (tianweiy/DMD2, experiments/imagenet/
+imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh and main/edm/train_edm.py):
+generator and fake-score lr 2e-6, AdamW (0.9, 0.999) with weight decay 0.01, a 500-step warm-up,
+gradient norms clipped at 10 per network, batch 40 x 7 GPUs, generator_update_every 5,
+gan_weight 3e-3, gan_discriminator_weight 1e-2, fp16, no EMA.
 """
 
 import dataclasses
