@@ -14,19 +14,12 @@ Presets: as dmd2_digits.py.
 import os
 
 from flowjax import config as config_lib
-from flowjax import objectives
 
 _DMD2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dmd2_digits.py")
 
 
 def get_config(arg=None):
-  c = config_lib.load_experiment(_DMD2, arg)
-  kept = {k: c.objective[k] for k in c.objective if k != "name"}
-  with c.unlocked():
-    c.objective = objectives.default_config("fdistill")
-    c.objective.update(kept)
-    c.objective.gan_weight = 3e-3
-  return c.lock()
+  return config_lib.derived_experiment(_DMD2, arg, "fdistill", gan_weight=3e-3)
 
 
 PRESETS = config_lib.experiment_module(_DMD2).PRESETS

@@ -455,6 +455,24 @@ def load_experiment(path: str, arg: str | None = None, **overrides) -> ml_collec
   return config
 
 
+def derived_experiment(path: str, arg: str | None, objective: str,
+                       **values) -> ml_collections.ConfigDict:
+  """The experiment file at `path` (with its preset `arg`) trained with another objective: the
+  objective section becomes `objective`'s defaults, then every key of the base experiment's
+  objective section (its teacher, guidance, schedule, ...) and `values` on top.
+
+  derived_experiment("experiments/dmd2_digits.py", arg, "fdistill", gan_weight=3e-3)
+  """
+  from flowjax import objectives
+  c = load_experiment(path, arg)
+  kept = {k: c.objective[k] for k in c.objective if k != "name"}
+  with c.unlocked():
+    c.objective = objectives.default_config(objective)
+    c.objective.update(kept)
+    c.objective.update(values)
+  return c.lock()
+
+
 def toy2d_presets(**tiny) -> dict[str, dict[str, Any]]:
   """The presets every toy2d experiment offers: one per distribution, and `tiny` (a few CPU steps
   in tests) whose entries `tiny` extends or overrides."""

@@ -166,6 +166,18 @@ def read_teacher(workdir: str, info, weights: str, method: str = "CTM"):
   return model, ("params",)
 
 
+def load_teacher(objective, abstract_extra, method: str):
+  """The teacher's saved weights (objective.teacher_workdir / teacher_key) placed on the
+  shardings of abstract_extra["teacher"]; a REPA projector in the teacher's state is skipped."""
+  teacher, step = checkpoint.restore_params(objective.teacher_workdir, abstract_extra["teacher"],
+                                            key=objective.teacher_key,
+                                            source="objective.teacher_workdir",
+                                            skip=(layers.REPA_PROJECTOR,))
+  logging.info("Loaded the %s teacher %s from %s (step %d).", method,
+               "/".join(objective.teacher_key), objective.teacher_workdir, step)
+  return teacher
+
+
 def check_teacher_noise(workdir: str, noise: str, nu: float, method: str = "CTM") -> None:
   """Raises TeacherError when the teacher in `workdir` was trained with another noise law than
   objective.noise / objective.noise_nu: a distilled PF-ODE is that of the teacher's noise. A
@@ -315,12 +327,7 @@ class CTM:
 
   def load_extra(self, abstract_extra):
     """{"teacher": the teacher's saved weights}, placed on the shardings of `abstract_extra`."""
-    teacher, step = checkpoint.restore_params(self.teacher_workdir, abstract_extra["teacher"],
-                                              key=self.teacher_key,
-                                              source="objective.teacher_workdir",
-                                              skip=(layers.REPA_PROJECTOR,))
-    logging.info("Loaded the CTM teacher %s from %s (step %d).", "/".join(self.teacher_key),
-                 self.teacher_workdir, step)
+    teacher = load_teacher(self, abstract_extra, "CTM")
     return repa_lib.load_extra(self.repa, abstract_extra, {"teacher": teacher})
 
   def target_params(self, view):

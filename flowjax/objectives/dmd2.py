@@ -66,14 +66,13 @@ gan_weight 3e-3, gan_discriminator_weight 1e-2, fp16, no EMA.
 """
 
 import dataclasses
-import logging
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flowjax import checkpoint, paths
+from flowjax import paths
 from flowjax.models import layers
 from flowjax.objectives import common, ctm, scm
 from flowjax.registry import OBJECTIVES, unknown_name_message
@@ -245,13 +244,7 @@ class DMD2:
 
   def load_extra(self, abstract_extra):
     """{"teacher": the teacher's saved weights} (fresh starts only; see train.py)."""
-    teacher, step = checkpoint.restore_params(self.teacher_workdir, abstract_extra["teacher"],
-                                              key=self.teacher_key,
-                                              source="objective.teacher_workdir",
-                                              skip=(layers.REPA_PROJECTOR,))
-    logging.info("Loaded the DMD2 teacher %s from %s (step %d).", "/".join(self.teacher_key),
-                 self.teacher_workdir, step)
-    return {"teacher": teacher}
+    return {"teacher": ctm.load_teacher(self, abstract_extra, type(self).__name__)}
 
   def initial_params(self, params, extra):
     """Generator and fake score both start as copies of the teacher (DMD2 Sec. 5), on the
@@ -447,14 +440,11 @@ class DMD2:
       return total, sample, metrics
 
     def skipped(gen_params):
+      # Zeros in place of every metric the generator's terms log (eval_shape traces, never runs).
+      _, _, shapes = jax.eval_shape(generator_terms, gen_params)
+      metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), shapes)
       sample = self.generate(jax.lax.stop_gradient(gen_params), x_in, t_in, cond)
-      zero = jnp.zeros(())
-      metrics = {"dm_loss": zero, "dm_grad_norm": zero, "regression_loss": zero}
-      if isinstance(self, FDistill):
-        metrics.update(weight_min=zero, weight_max=zero)
-      if self.gan_weight > 0:
-        metrics["gan_generator_loss"] = zero
-      return zero, sample, metrics
+      return jnp.zeros(()), sample, metrics
 
     # An evaluation (view["evaluating"]) computes the generator's terms at every step.
     active = jnp.logical_or(self.active_sets(step)[GENERATOR], view.get("evaluating", False))

@@ -428,12 +428,7 @@ class SCM:
     REPA's encoder parameters (config.repa with online features)."""
     if self.mode != "scd":
       return repa_lib.load_extra(self.repa, abstract_extra, {})
-    teacher, step = checkpoint.restore_params(self.teacher_workdir, abstract_extra["teacher"],
-                                              key=self.teacher_key,
-                                              source="objective.teacher_workdir",
-                                              skip=(layers.REPA_PROJECTOR,))
-    logging.info("Loaded the sCD teacher %s from %s (step %d).", "/".join(self.teacher_key),
-                 self.teacher_workdir, step)
+    teacher = ctm.load_teacher(self, abstract_extra, "sCD")
     return repa_lib.load_extra(self.repa, abstract_extra, {"teacher": teacher})
 
   def initial_params(self, params, extra):
