@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import optax
 
 from flowjax import optim, sharding
+from flowjax.objectives import common
 from flowjax.state import TrainState
 
 
@@ -105,6 +106,9 @@ def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, op
 
   def train_step(state: TrainState, batch: dict):
     loss, metrics, grads = gradient(state, batch)
+    metrics = dict(metrics)
+    extra_updates = metrics.pop(common.EXTRA_UPDATES, None)
+    extra = dict(state.extra, **extra_updates) if extra_updates else state.extra
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if sets:
@@ -120,7 +124,8 @@ def make_train_step(objective, tx: optax.GradientTransformation, lr_schedule, op
     params = optax.apply_updates(state.params, updates)
     ema = optim.update_ema(state.ema, optim.ema_params(objective, params), state.step, decays,
                            optim_config.ema_start_step, getattr(optim_config, "ema_every", 1))
-    updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+    updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                            extra=extra)
     kept = state.replace(step=state.step + 1, skipped=state.skipped + 1)
     new_state = jax.tree.map(lambda u, k: jnp.where(finite, u, k), updated, kept)
     # The optimizer's own count advances only on applied updates, so the rate it applies now is
@@ -145,6 +150,7 @@ def make_eval_step(objective, eval_rng: jax.Array, state_shardings=None):
     view = dict(view, evaluating=True)
     loss, metrics = objective.loss(params, batch, jax.random.fold_in(eval_rng, index),
                                    view["step"], view)
+    metrics = {k: v for k, v in metrics.items() if k != common.EXTRA_UPDATES}
     return dict(metrics, loss=loss, error=error_of(objective, loss, metrics))
 
   return eval_step

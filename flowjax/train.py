@@ -422,7 +422,7 @@ def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool 
   # resumed checkpoint already holds it.
   load_extra = getattr(setup.objective, "load_extra", None)
   if load_extra is not None:
-    state = state.replace(extra=load_extra(setup.abstract_state.extra))
+    state = state.replace(extra={**state.extra, **load_extra(setup.abstract_state.extra)})
   # Parameters an objective sets on a fresh start, from disk or from `extra` (sCM's
   # objective.init_from_teacher starts the student as its teacher): params and every EMA. A
   # resumed run keeps its trained ones. ckpt.init_from, below, still overrides them.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flowjax import config as config_lib, models, optim, step as step_lib, train
+from flowjax import objectives
 from flowjax.objectives import dmd2
 
 
@@ -82,7 +83,8 @@ def train_steps(objective, params, teacher, num_steps, start=0, lr=1e-3, optim_k
   state = train.TrainState(step=jnp.asarray(start, jnp.int32), params=params,
                            opt_state=tx.init(params),
                            ema=optim.init_ema(optim.ema_params(objective, params), c.ema_decays),
-                           extra={"teacher": teacher}, skipped=jnp.zeros((), jnp.int32))
+                           extra={"teacher": teacher, **objective.kept_state()},
+                           skipped=jnp.zeros((), jnp.int32))
   step = jax.jit(step_lib.make_train_step(objective, tx, schedules, c,
                                           ml_collections.ConfigDict(dict(grad_accum_steps=1)),
                                           jax.random.key(7)))
@@ -418,15 +420,37 @@ def test_f_divergence_weights_by_hand():
   r = np.clip(np.exp(np.asarray(logits)), 0.1, 20.0)
   for f, h_of in (("js", lambda r: r / (1 + r)), ("kl", lambda r: r),
                   ("reverse_kl", np.ones_like)):
-    got = dmd2.f_divergence_weights(logits, t, f, 0.1, 20.0, 0)
+    got, running = dmd2.f_divergence_weights(logits, t, f, 0.1, 20.0, 0)
+    assert running is None
     want = h_of(r) / (h_of(r).mean() + 1e-6)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # Two bins of t: [0, 0.5) and [0.5, 1].
     binned = r.copy()
     binned[:2] /= r[:2].mean() + 1e-6
     binned[2:] /= r[2:].mean() + 1e-6
-    got = dmd2.f_divergence_weights(logits, t, f, 0.1, 20.0, 2)
+    got, _ = dmd2.f_divergence_weights(logits, t, f, 0.1, 20.0, 2)
     np.testing.assert_allclose(got, h_of(binned) / (h_of(binned).mean() + 1e-6), rtol=1e-5)
+
+
+def test_running_ratio_means_per_bin_by_hand():
+  """FastGen's ratio_ema_rate: in each bin the batch reaches, running <- rate running + (1 -
+  rate) batch mean, and r is divided by the updated running mean; an empty bin keeps its value;
+  rate 0 is the batch mean."""
+  logits = jnp.array([0.0, 1.0, -1.0, 2.0])
+  t = jnp.array([0.05, 0.08, 0.5, 0.55])  # bins 0 and 2 of 4 (bins 1 and 3 empty)
+  r = np.clip(np.exp(np.asarray(logits)), 0.1, 20.0)
+  running = jnp.array([2.0, 3.0, 0.5, 7.0])
+  got, new = dmd2.f_divergence_weights(logits, t, "kl", 0.1, 20.0, 4, running=running,
+                                       ema_rate=0.5)
+  want_running = np.array([0.5 * 2.0 + 0.5 * r[:2].mean(), 3.0, 0.5 * 0.5 + 0.5 * r[2:].mean(),
+                           7.0])
+  np.testing.assert_allclose(new, want_running, rtol=1e-5)
+  normalised = r / (want_running[[0, 0, 2, 2]] + 1e-6)
+  np.testing.assert_allclose(got, normalised / (normalised.mean() + 1e-6), rtol=1e-5)
+  batch_only, _ = dmd2.f_divergence_weights(logits, t, "kl", 0.1, 20.0, 4)
+  at_zero, _ = dmd2.f_divergence_weights(logits, t, "kl", 0.1, 20.0, 4, running=running,
+                                         ema_rate=0.0)
+  np.testing.assert_allclose(at_zero, batch_only, rtol=1e-6)
 
 
 def test_reverse_kl_f_distill_is_dmd2_and_js_weights_each_samples_gradient():
@@ -456,7 +480,7 @@ def test_reverse_kl_f_distill_is_dmd2_and_js_weights_each_samples_gradient():
   fake = params["fake_score"]
   x0_fake = x_t - t[:, None] * js.velocity(fake, x_t, t, None)
   grad = dmd2.distribution_matching_grad(sample, js.real_x0(teacher, x_t, t, None), x0_fake)
-  h = js.sample_weights(fake, x_t, t, None)
+  h, _ = js.sample_weights(fake, x_t, t, None, {})
   assert float(h.max() - h.min()) > 1e-3
   np.testing.assert_allclose(metrics["dm_loss"], 0.5 * jnp.mean(jnp.square(h[:, None] * grad)),
                              rtol=1e-5)
@@ -464,15 +488,111 @@ def test_reverse_kl_f_distill_is_dmd2_and_js_weights_each_samples_gradient():
     fdistill_objective(gan_weight=0.0)
 
 
+def test_running_ratio_means_change_at_generator_steps_only():
+  """state.extra["ratio_bins"] starts at ones, moves at each generator step (the train step writes
+  the objective's update into the state) and stays put at the fake score's steps."""
+  objective = fdistill_objective(gan_weight=3e-3, ratio_ema_rate=0.5, ratio_bins=4,
+                                 generator_update_every=2)
+  params, teacher = initial(objective)
+  states, history = train_steps(objective, params, teacher, 4)
+  bins = [np.asarray(s.extra[dmd2.RATIO_BINS]) for s in states]
+  assert [float(h["generator_active"]) for h in history] == [0.0, 1.0, 0.0, 1.0]
+  assert dmd2.RATIO_BINS not in history[0] and "extra_updates" not in history[0]
+  np.testing.assert_array_equal(bins[0], np.ones(4))
+  assert np.all(bins[1] != 1.0)
+  np.testing.assert_array_equal(bins[2], bins[1])
+  assert np.any(bins[3] != bins[2])
+  assert fdistill_objective(gan_weight=3e-3).kept_state() == {}
+  with pytest.raises(ValueError, match="ratio_ema_rate=1.0"):
+    fdistill_objective(gan_weight=3e-3, ratio_ema_rate=1.0)
+
+
 def test_f_distill_trains_through_the_trainer_with_its_gan_head(teacher):
-  config = config_lib.load_experiment(
-      "experiments/fdistill_toy2d.py", "tiny",
-      **{"objective.teacher_workdir": str(teacher / "teacher"), "train.log_every": 1,
-         "objective.generator_update_every": 2})
-  state = train.run(config, str(teacher / "fdistill"), devices=jax.devices()[:1])
+  """Through train.run with FastGen's running ratio means: the head in the fake score set, the
+  weights logged at generator steps, and a resumed run equal to an uninterrupted one, the
+  running means (checkpointed in state.extra) included."""
+  def config(steps):
+    return config_lib.load_experiment(
+        "experiments/fdistill_toy2d.py", "tiny",
+        **{"objective.teacher_workdir": str(teacher / "teacher"), "train.log_every": 1,
+           "objective.generator_update_every": 2, "objective.ratio_ema_rate": 0.5,
+           "train.steps": steps, "ckpt.every_steps": 2})
+  state = train.run(config(4), str(teacher / "fdistill"), devices=jax.devices()[:1])
   assert dmd2.GAN_HEAD in state.params["fake_score"]
+  assert np.any(np.asarray(state.extra[dmd2.RATIO_BINS]) != 1.0)
   records = [json.loads(line) for line in
              (teacher / "fdistill" / "metrics.jsonl").read_text().splitlines()]
   generator_steps = [r for r in records if r["generator_active"] == 1.0]
   assert generator_steps and all(r["weight_max"] >= r["weight_min"] > 0 for r in generator_steps)
   assert all(np.isfinite(r["gan_discriminator_loss"]) for r in records)
+  train.run(config(2), str(teacher / "fdistill_resumed"), devices=jax.devices()[:1])
+  resumed = train.run(config(4), str(teacher / "fdistill_resumed"), devices=jax.devices()[:1])
+  for a, b in zip(jax.tree.leaves((state.params, state.extra[dmd2.RATIO_BINS])),
+                  jax.tree.leaves((resumed.params, resumed.extra[dmd2.RATIO_BINS]))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# The ImageNet-64 presets: the official network layout, head and shardings, and a tiny run.
+
+def flow_matching_teacher(config, **overrides):
+  """`config` (a DMD2 experiment) as the flow-matching run that is its teacher: the same model
+  and data sections."""
+  teacher = ml_collections.ConfigDict(config.to_dict())
+  teacher.objective = objectives.default_config("flow_matching")
+  teacher.optim.sets = ml_collections.ConfigDict()
+  teacher.sample.update(dict(method="euler", num_steps=2))
+  for key, value in overrides.items():
+    config_lib.set_dotted(teacher, key, value)
+  return teacher
+
+
+@pytest.mark.parametrize("name", ["dmd2_imagenet64", "fdistill_imagenet64"])
+def test_imagenet64_presets_have_the_official_bottleneck_head_and_fsdp_shardings(tmp_path, name):
+  """On a 2 x 4 (data x fsdp) mesh: generator, fake score and teacher are one network whose big
+  kernels are fsdp-sharded; the GAN head reads the encoder's last 8x8 block (768 channels) through
+  the official convolutional branch."""
+  config = config_lib.load_experiment(f"experiments/{name}.py")
+  with config.unlocked():
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 4, 1
+    config.data.update(dict(name="synthetic", num_classes=1000))
+  teacher_dir = tmp_path / "teacher"
+  (teacher_dir / "checkpoints").mkdir(parents=True)
+  (teacher_dir / "config.json").write_text(config_lib.to_json(flow_matching_teacher(config)))
+  with config.unlocked():
+    config.objective.teacher_workdir = str(teacher_dir)
+  setup = train.build(config)
+  assert setup.objective.gan_layer() == "enc_8x8_block2"
+  params = setup.abstract_state.params
+  head = params["fake_score"][dmd2.GAN_HEAD]
+  assert head["conv0"]["kernel"].shape == (4, 4, 768, 768)
+  assert head["conv1"]["kernel"].shape == (4, 4, 768, 768)
+  assert head["conv2"]["kernel"].shape == (1, 1, 768, 1)
+  assert head["norm0"]["scale"].shape == (768,)
+  network = lambda tree: jax.tree.map(lambda leaf: leaf.shape, tree)
+  fake = {k: v for k, v in params["fake_score"].items() if k != dmd2.GAN_HEAD}
+  assert network(params["generator"]) == network(fake) == network(
+      setup.abstract_state.extra["teacher"])
+  kernels = [leaf for leaf in jax.tree.leaves(params) if leaf.size >= 2**20]
+  assert kernels and all("fsdp" in jax.tree.leaves(tuple(k.sharding.spec)) for k in kernels)
+  if name == "fdistill_imagenet64":
+    assert setup.abstract_state.extra[dmd2.RATIO_BINS].shape == (10,)
+
+
+def test_imagenet64_tiny_preset_trains_a_unet_with_the_conv_head(tmp_path):
+  """dmd2_imagenet64.py:tiny through train.run from a flow-matching teacher of its own model and
+  data: a U-Net generator, the convolutional head on its 8x8 bottleneck, finite terms."""
+  config = config_lib.load_experiment("experiments/dmd2_imagenet64.py", "tiny")
+  train.run(flow_matching_teacher(config, **{"train.steps": 2}), str(tmp_path / "teacher"),
+            devices=jax.devices()[:1])
+  with config.unlocked():
+    config.objective.teacher_workdir = str(tmp_path / "teacher")
+    config.train.steps = 2
+  state = train.run(config, str(tmp_path / "dmd2"), devices=jax.devices()[:1])
+  assert set(state.params["fake_score"][dmd2.GAN_HEAD]) == {"conv0", "norm0", "conv1", "norm1",
+                                                            "conv2"}
+  records = [json.loads(line) for line in
+             (tmp_path / "dmd2" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["generator_active"] for r in records] == [0.0, 1.0]
+  assert all(np.isfinite(r["gan_discriminator_loss"]) and np.isfinite(r["dm_loss"])
+             for r in records)
+  assert any(r["gan_generator_loss"] > 0 for r in records)

@@ -8,6 +8,13 @@ import jax.numpy as jnp
 from flowjax.models import layers
 
 
+# The metrics key under which an objective's loss returns new values for entries of
+# state.extra it keeps across steps (f-distill's running mean of the density ratio): the train
+# step takes them out of the metrics and writes them into state.extra (kept on a skipped,
+# non-finite step; averaged over gradient-accumulation microbatches); evaluations drop them.
+EXTRA_UPDATES = "extra_updates"
+
+
 def apply_model(model, params, x, times, cond, rng=None, train=False, capture=False):
   """Runs the backbone; `rng` feeds dropout when `train`.
 

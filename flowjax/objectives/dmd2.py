@@ -49,23 +49,27 @@ generator's terms). At the other steps the generator's forward runs without its 
 distribution-matching terms are not computed.
 
 GAN (DMD2 Sec. 4.3; the official `compute_cls_logits` with --gan_classifier --diffusion_gan):
-with objective.gan_weight > 0 a discriminator head (GanHead: the mean over positions of the
-features, then Dense, SiLU, Dense to one logit) reads the output of one module of the fake score
-network (objective.gan_feature_layer; '' = the middle block, block_{(depth - 1) // 2}, of a DiT
-or MLP) at images noised to a level drawn over the whole grid. The fake score's loss adds
-gan_discriminator_weight (1e-2) x mean[softplus(D(fake)) + softplus(-D(real))] on the batch's
-real images, trained into the head and the fake score network; the generator's adds gan_weight
-(3e-3 on ImageNet-64) x mean softplus(-D(G)) through the frozen fake score. The head's parameters
-sit beside the fake score network's, under `dmd2_gan_head`, in the fake_score set.
+with objective.gan_weight > 0 a discriminator head (objective.gan_head: 'mean', GanHead: the mean
+over positions of the features, then Dense, SiLU, Dense to one logit; 'conv', ConvGanHead: the
+official convolutional head on an 8x8 bottleneck) reads the output of one module of the fake
+score network (objective.gan_feature_layer; '' = the middle block, block_{(depth - 1) // 2}, of a
+DiT or MLP, or an EDM U-Net's bottleneck, its last encoder block at the lowest resolution, as the
+official `return_bottleneck`) at images noised to a level drawn over the whole grid. The fake
+score's loss adds gan_discriminator_weight (1e-2) x mean[softplus(D(fake)) + softplus(-D(real))]
+on the batch's real images, trained into the head and the fake score network; the generator's
+adds gan_weight (3e-3 on ImageNet-64) x mean softplus(-D(G)) through the frozen fake score.
+The head's parameters sit beside the fake score network's, under `dmd2_gan_head`, in the
+fake_score set.
 
 The official ImageNet-64 run (tianweiy/DMD2, experiments/imagenet/
 imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh and main/edm/train_edm.py):
 generator and fake-score lr 2e-6, AdamW (0.9, 0.999) with weight decay 0.01, a 500-step warm-up,
 gradient norms clipped at 10 per network, batch 40 x 7 GPUs, generator_update_every 5,
-gan_weight 3e-3, gan_discriminator_weight 1e-2, fp16, no EMA.
+gan_weight 3e-3, gan_discriminator_weight 1e-2, fp16, no EMA: experiments/dmd2_imagenet64.py.
 """
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import jax
@@ -97,6 +101,39 @@ class GanHead(nn.Module):
       h = jnp.mean(h, axis=tuple(range(1, h.ndim - 1)))
     h = nn.silu(layers.dense(h.shape[-1], ("embed", "mlp"), name="fc1")(h))
     return layers.dense(1, ("mlp", "embed"), name="fc2")(h)[:, 0]
+
+
+class ConvGanHead(nn.Module):
+  """DMD2's realism classifier for an EDM U-Net's bottleneck (the official `cls_pred_branch`,
+  tianweiy/DMD2 main/edm/edm_guidance.py): [B, H, W, C] -> Conv(C, 4x4, stride 2, padding 1) ->
+  GroupNorm -> SiLU -> Conv(C, 4x4, stride 4) -> GroupNorm -> SiLU -> Conv(1, 1x1), then the mean
+  over the positions left (one at 8x8, the official ImageNet-64 bottleneck): [B] float32 logits.
+  GroupNorm has gcd(32, C) groups (32 at the official 768 channels); kernels start as PyTorch's
+  Conv2d (uniform within 1 / sqrt(fan_in)), biases at zero, and shard like the U-Net's."""
+
+  @nn.compact
+  def __call__(self, features):
+    h = features.astype(jnp.float32)
+    channels = h.shape[-1]
+    groups = math.gcd(32, channels)
+    init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+    def conv(features, size, stride, padding, names, name):
+      return nn.Conv(features, (size, size), strides=(stride, stride), padding=padding,
+                     kernel_init=nn.with_logical_partitioning(init, (None, None) + names),
+                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
+                     name=name)
+
+    h = conv(channels, 4, 2, ((1, 1), (1, 1)), ("embed", "mlp"), "conv0")(h)
+    h = nn.silu(nn.GroupNorm(num_groups=groups, epsilon=1e-5, name="norm0")(h))
+    h = conv(channels, 4, 4, "VALID", ("mlp", "embed"), "conv1")(h)
+    h = nn.silu(nn.GroupNorm(num_groups=groups, epsilon=1e-5, name="norm1")(h))
+    h = conv(1, 1, 1, "VALID", ("embed", None), "conv2")(h)
+    return jnp.mean(h[..., 0], axis=(1, 2))
+
+
+GAN_HEADS = {"mean": GanHead, "conv": ConvGanHead}
+RATIO_BINS = "ratio_bins"
 
 
 def _check_choice(key: str, value: str, allowed) -> None:
@@ -157,13 +194,14 @@ class DMD2:
   gan_weight: float = 0.0
   gan_discriminator_weight: float = 1e-2
   gan_feature_layer: str = ""
+  gan_head: str = "mean"
 
   DEFAULTS: ClassVar[dict] = dict(
       teacher_workdir="", teacher_weights="ema", teacher_guidance=1.0, generator_steps=1,
       generator_inputs="backward", generator_update_every=5, noise_levels="karras",
       min_step_percent=0.02, max_step_percent=0.98, num_train_timesteps=1000, sigma_min=0.002,
       sigma_max=80.0, rho=7.0, regression_weight=0.0, regression_steps=16, gan_weight=0.0,
-      gan_discriminator_weight=1e-2, gan_feature_layer="")
+      gan_discriminator_weight=1e-2, gan_feature_layer="", gan_head="mean")
 
   def __post_init__(self):
     _check_choice("teacher_weights", self.teacher_weights, TEACHER_WEIGHTS)
@@ -189,6 +227,7 @@ class DMD2:
       raise ValueError(f"objective.gan_weight={self.gan_weight} and "
                        f"objective.gan_discriminator_weight={self.gan_discriminator_weight} must "
                        "be >= 0 (0 = no GAN; DMD2 ImageNet-64: 3e-3 and 1e-2).")
+    _check_choice("gan_head", self.gan_head, list(GAN_HEADS))
     if self.gan_weight > 0 and not self.gan_layer():
       raise ValueError(f"objective.gan_weight={self.gan_weight}: name the fake score module whose "
                        "output the discriminator reads with objective.gan_feature_layer (the "
@@ -237,10 +276,17 @@ class DMD2:
       features = jax.eval_shape(lambda p: self.features(nn.meta.unbox(p), x,
                                                         jnp.ones((1,)), cond),
                                 params[FAKE_SCORE])
-      head = GanHead().init(jax.random.fold_in(f_key, 1),
-                            jnp.zeros(features.shape, jnp.float32))["params"]
+      if self.gan_head == "conv" and (len(features.shape) != 4
+                                      or min(features.shape[1:3]) < 8):
+        raise ValueError(f"objective.gan_head='conv' reads [B, H, W, C] features of at least "
+                         f"8x8 positions (the official head takes an EDM U-Net's 8x8 "
+                         f"bottleneck), but objective.gan_feature_layer={self.gan_layer()!r} "
+                         f"gives {list(features.shape)}; use gan_head='mean' or another layer.")
+      head = GAN_HEADS[self.gan_head]().init(jax.random.fold_in(f_key, 1),
+                                             jnp.zeros(features.shape, jnp.float32))["params"]
       params[FAKE_SCORE] = {**params[FAKE_SCORE], GAN_HEAD: head}
-    return params, {"teacher": common.init_model(self.teacher_model, t_key, x, 1, cond)}
+    return params, {"teacher": common.init_model(self.teacher_model, t_key, x, 1, cond),
+                    **self.kept_state()}
 
   def load_extra(self, abstract_extra):
     """{"teacher": the teacher's saved weights} (fresh starts only; see train.py)."""
@@ -288,11 +334,16 @@ class DMD2:
                                   min(int(self.max_step_percent * n) + 1, n))
     return self.karras_times()[jax.random.randint(rng, (batch_size,), lo, hi)]
 
-  def sample_weights(self, fake_params, x_t, t, cond):
-    """Per-example weights of the distribution-matching gradient ([B]), or None (DMD2: none;
-    f-distill's h(r) below)."""
+  def sample_weights(self, fake_params, x_t, t, cond, kept):
+    """(per-example weights of the distribution-matching gradient ([B]) or None, new values of
+    the state.extra entries `kept` (those of `kept_state`)). DMD2: none; f-distill's h(r) below."""
     del fake_params, x_t, t, cond
-    return None
+    return None, kept
+
+  def kept_state(self) -> dict:
+    """Entries of state.extra this objective carries from one step to the next (their initial
+    values), updated through common.EXTRA_UPDATES. DMD2: none."""
+    return {}
 
   # Networks.
 
@@ -311,7 +362,15 @@ class DMD2:
     if self.gan_feature_layer:
       return self.gan_feature_layer
     depth = getattr(self.model, "depth", 0)
-    return f"block_{(depth - 1) // 2}" if depth else ""
+    if depth:
+      return f"block_{(depth - 1) // 2}"
+    mults, blocks = getattr(self.model, "channel_mult", ()), getattr(self.model, "num_blocks", 0)
+    if mults and blocks and len(self.image_shape) == 3:
+      # An EDM U-Net: the encoder's last block, at the lowest resolution (the official
+      # `return_bottleneck` of tianweiy/DMD2's EDM networks).
+      res = self.image_shape[0] >> (len(mults) - 1)
+      return f"enc_{res}x{res}_block{blocks - 1}"
+    return ""
 
   def features(self, params, x_t, t, cond):
     """The output of gan_layer() in the fake score network at (x_t, t): [B, ..., C]."""
@@ -345,7 +404,11 @@ class DMD2:
     t = self.noise_times(t_key, x.shape[0], full=True)
     te = paths.expand(t, x)
     x_t = (1.0 - te) * x.astype(jnp.float32) + te * jax.random.normal(e_key, x.shape)
-    return GanHead().apply({"params": params[GAN_HEAD]}, self.features(params, x_t, t, cond))
+    return self.head_logits(params, self.features(params, x_t, t, cond))
+
+  def head_logits(self, params, features):
+    """[B] logits of the GAN head (objective.gan_head) in the fake score's `params`."""
+    return GAN_HEADS[self.gan_head]().apply({"params": params[GAN_HEAD]}, features)
 
   def generate(self, params, x_t, t, cond):
     """G(x_t, t) = x_t - t v_G(x_t, t): [B, ...] float32; t: [B]."""
@@ -410,7 +473,7 @@ class DMD2:
       x0_real = self.real_x0(teacher, x_t, t, cond)
       x0_fake = x_t - te * self.velocity(fake_params, x_t, t, cond)
       grad = jax.lax.stop_gradient(distribution_matching_grad(sample, x0_real, x0_fake))
-      weights = self.sample_weights(fake_params, x_t, t, cond)
+      weights, new_kept = self.sample_weights(fake_params, x_t, t, cond, kept)
       metrics = {}
       if weights is not None:
         grad = paths.expand(weights, grad) * grad
@@ -437,19 +500,23 @@ class DMD2:
         gan = jnp.mean(jax.nn.softplus(-logits))
         total = total + self.gan_weight * gan
         metrics["gan_generator_loss"] = gan
-      return total, sample, metrics
+      return total, sample, metrics, new_kept
 
     def skipped(gen_params):
-      # Zeros in place of every metric the generator's terms log (eval_shape traces, never runs).
-      _, _, shapes = jax.eval_shape(generator_terms, gen_params)
+      # Zeros in place of every metric the generator's terms log (eval_shape traces, never runs);
+      # the kept state unchanged.
+      shapes = jax.eval_shape(generator_terms, gen_params)[2]
       metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), shapes)
       sample = self.generate(jax.lax.stop_gradient(gen_params), x_in, t_in, cond)
-      return jnp.zeros(()), sample, metrics
+      return jnp.zeros(()), sample, metrics, kept
 
+    kept = {k: view["extra"][k] for k in self.kept_state()}
     # An evaluation (view["evaluating"]) computes the generator's terms at every step.
     active = jnp.logical_or(self.active_sets(step)[GENERATOR], view.get("evaluating", False))
-    generator_loss, sample, metrics = jax.lax.cond(active, generator_terms, skipped,
-                                                   params[GENERATOR])
+    generator_loss, sample, metrics, kept = jax.lax.cond(active, generator_terms, skipped,
+                                                         params[GENERATOR])
+    if kept:
+      metrics[common.EXTRA_UPDATES] = kept
 
     # The fake score: flow matching on the generator's (stop-gradient) samples.
     sample = jax.lax.stop_gradient(sample)
@@ -510,22 +577,30 @@ F_DIVERGENCES = {
 }
 
 
-def f_divergence_weights(logits, t, divergence: str, lower: float, upper: float, bins: int):
-  """h(r) per example, normalised to mean 1 over the batch (stop-gradient).
+def f_divergence_weights(logits, t, divergence: str, lower: float, upper: float, bins: int,
+                         running=None, ema_rate: float = 0.0):
+  """(h(r) per example, normalised to mean 1 over the batch (stop-gradient), the new running
+  per-bin means (None without `running`)).
 
   logits: [B] discriminator logits at the noised generator samples; t: [B] their OT times.
-  r = exp(clip(logits, -10, 10)) clipped to [lower, upper]; with bins > 0, r is divided by its
-  batch mean within its bin of t (bins equal bins of [0, 1]; FastGen's ratio normalisation with
-  ratio_ema_rate 0, its default); then h = F_DIVERGENCES[divergence](r) / (mean h + 1e-6).
+  r = exp(clip(logits, -10, 10)) clipped to [lower, upper]; with bins > 0, r is divided by the
+  mean of r within its bin of t (bins equal bins of [0, 1]): the batch's mean m_b, or, with
+  `running` ([bins], FastGen's ratio_ema_rate > 0), the running mean updated first,
+  running_b <- ema_rate running_b + (1 - ema_rate) m_b in every bin the batch reaches (ema_rate 0
+  is the batch mean, FastGen's default); then h = F_DIVERGENCES[divergence](r) / (mean h + 1e-6).
   """
   r = jnp.clip(jnp.exp(jnp.clip(logits.astype(jnp.float32), -10.0, 10.0)), lower, upper)
   if bins > 0:
     index = jnp.clip(jnp.floor(t * bins).astype(jnp.int32), 0, bins - 1)
     one_hot = jax.nn.one_hot(index, bins, dtype=jnp.float32)
-    mean = (one_hot.T @ r) / (jnp.sum(one_hot, axis=0) + 1e-6)
+    count = jnp.sum(one_hot, axis=0)
+    mean = (one_hot.T @ r) / (count + 1e-6)
+    if running is not None:
+      mean = jnp.where(count > 0, ema_rate * running + (1.0 - ema_rate) * mean, running)
+      running = jax.lax.stop_gradient(mean)
     r = r / (mean[index] + 1e-6)
   h = F_DIVERGENCES[divergence](r)
-  return jax.lax.stop_gradient(h / (jnp.mean(h) + 1e-6))
+  return jax.lax.stop_gradient(h / (jnp.mean(h) + 1e-6)), running
 
 
 @OBJECTIVES.register("fdistill")
@@ -536,15 +611,17 @@ class FDistill(DMD2):
   x_t; FastGen reads the teacher's), and the gradient of each sample weighted by
   `f_divergence_weights` (objective.f_divergence: js (FastGen's default), kl, reverse_kl = DMD,
   squared_hellinger, jeffreys, softened_rkl, pearson; ratio_lower 0.1, ratio_upper 20,
-  ratio_bins 10; FastGen's running mean of the ratio per bin (ratio_ema_rate > 0) is not
-  built)."""
+  ratio_bins 10; ratio_ema_rate: FastGen's running mean of the ratio per bin, kept in
+  state.extra["ratio_bins"] and checkpointed, 0 = each batch's own mean)."""
   f_divergence: str = "js"
   ratio_lower: float = 0.1
   ratio_upper: float = 20.0
   ratio_bins: int = 10
+  ratio_ema_rate: float = 0.0
 
   DEFAULTS: ClassVar[dict] = dict(DMD2.DEFAULTS, gan_weight=3e-3, f_divergence="js",
-                                  ratio_lower=0.1, ratio_upper=20.0, ratio_bins=10)
+                                  ratio_lower=0.1, ratio_upper=20.0, ratio_bins=10,
+                                  ratio_ema_rate=0.0)
 
   def __post_init__(self):
     super().__post_init__()
@@ -552,13 +629,23 @@ class FDistill(DMD2):
     if self.gan_weight <= 0:
       raise ValueError(f"objective.gan_weight={self.gan_weight}: f-distill reads the density ratio "
                        "from the GAN head, so it needs gan_weight > 0 (3e-3 on ImageNet-64).")
+    if not 0.0 <= self.ratio_ema_rate < 1.0:
+      raise ValueError(f"objective.ratio_ema_rate={self.ratio_ema_rate} must be in [0, 1) (0: each "
+                       "batch's own per-bin mean, FastGen's default; its ImageNet-64 run: 0.5).")
     if not 0 < self.ratio_lower < self.ratio_upper or self.ratio_bins < 0:
       raise ValueError(f"objective.ratio_lower={self.ratio_lower}, ratio_upper={self.ratio_upper} "
                        f"and ratio_bins={self.ratio_bins} must satisfy 0 < lower < upper, "
                        "bins >= 0 (FastGen: 0.1, 20, 10).")
 
-  def sample_weights(self, fake_params, x_t, t, cond):
-    logits = GanHead().apply({"params": fake_params[GAN_HEAD]},
-                             self.features(fake_params, x_t, t, cond))
-    return f_divergence_weights(logits, t, self.f_divergence, self.ratio_lower,
-                                self.ratio_upper, self.ratio_bins)
+  def kept_state(self) -> dict:
+    """{"ratio_bins": ones} (FastGen's `bins` buffer) with ratio_ema_rate > 0 and bins."""
+    if self.ratio_ema_rate > 0 and self.ratio_bins > 0:
+      return {RATIO_BINS: jnp.ones((self.ratio_bins,), jnp.float32)}
+    return {}
+
+  def sample_weights(self, fake_params, x_t, t, cond, kept):
+    logits = self.head_logits(fake_params, self.features(fake_params, x_t, t, cond))
+    weights, running = f_divergence_weights(
+        logits, t, self.f_divergence, self.ratio_lower, self.ratio_upper, self.ratio_bins,
+        running=kept.get(RATIO_BINS), ema_rate=self.ratio_ema_rate)
+    return weights, ({RATIO_BINS: running} if RATIO_BINS in kept else kept)
