@@ -4,7 +4,9 @@ Yin et al., arXiv:2405.14622, as tianweiy/DMD2's
 experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh with
 main/edm/train_edm.py and main/edm/edm_guidance.py: generator and fake score started from the
 teacher, each trained by AdamW (lr 2e-6, betas (0.9, 0.999), weight decay 0.01 on every
-parameter) with a 500-step warm-up to a constant rate and gradients clipped at norm 10; the fake
+parameter) warmed up linearly to a constant rate and gradients clipped at norm 10 (the
+scheduler's 500 warm-up steps advance once per GPU on each iteration: 500 / 7, about 72
+iterations); the fake
 score updates every step, the generator every 5th (dfake_gen_update_ratio 5); noise levels on the
 1000-point Karras grid (sigma 0.002 to 80, rho 7; 2%-98% for distribution matching); no guidance
 in the real score; the GAN classifier on the fake score's bottleneck (the encoder's last 8x8 block)
@@ -17,7 +19,7 @@ Differences: the official teacher is EDM's ImageNet-64 ADM network (DhariwalUNet
 multipliers (1, 2, 3, 4), 3 blocks per level, attention at 32, 16 and 8); flowjax has no ADM, so
 generator, fake score and teacher are flowjax's EDM U-Net at those widths, and the teacher is a
 flowjax flow-matching run (velocity on x_t = (1 - t) x + t eps) rather than EDM's denoiser, so
-FIDs are not comparable with the paper's. bfloat16 instead of fp16; the generator starts at
+FIDs are not comparable with the paper's. The generator starts at
 t = 1 (pure noise) where the official code feeds noise at sigma = 80; labels for the generator
 come from the batch (the official code draws them uniformly).
 
@@ -51,7 +53,7 @@ def get_config(arg=None):
   c.data.update(dict(name="tfds:imagenet2012", image_size=64, channels=3, conditional=True,
                      random_flip=False))
   c.optim.update(dict(name="adamw", lr=2e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
-                      decay_norms_and_biases=True, schedule="constant", warmup_steps=500,
+                      decay_norms_and_biases=True, schedule="constant", warmup_steps=72,
                       grad_clip=10.0, ema_decays=()))
   c.train.update(dict(steps=200_000, batch_size=280, log_every=100))
   c.ckpt.update(dict(every_steps=5000, max_to_keep=3))

@@ -455,21 +455,35 @@ def load_experiment(path: str, arg: str | None = None, **overrides) -> ml_collec
   return config
 
 
-def derived_experiment(path: str, arg: str | None, objective: str,
+def derived_experiment(path: str, arg: str | None, objective: str, overrides=None,
                        **values) -> ml_collections.ConfigDict:
-  """The experiment file at `path` (with its preset `arg`) trained with another objective: the
-  objective section becomes `objective`'s defaults, then every key of the base experiment's
-  objective section (its teacher, guidance, schedule, ...) and `values` on top.
+  """The experiment file at `path` trained with another objective: its config without a preset,
+  the objective section replaced by `objective`'s defaults with every key of the base objective
+  section (its teacher, guidance, schedule, ...) and `values` on top, then the dotted
+  `overrides` (e.g. {"train.steps": 600_000}), then the base file's preset `arg`. Parameter
+  sets (config.optim.sets) are copied again from the final config.optim, keeping the keys in
+  which the base file made a set differ from config.optim and the `optim.sets.*` overrides.
 
   derived_experiment("experiments/dmd2_digits.py", arg, "fdistill", gan_weight=3e-3)
   """
   from flowjax import objectives
-  c = load_experiment(path, arg)
+  c = load_experiment(path)
   kept = {k: c.objective[k] for k in c.objective if k != "name"}
+  per_set = {name: {k: v for k, v in dict(keys).items() if v != c.optim[k]}
+             for name, keys in dict(c.optim.sets).items()}
   with c.unlocked():
     c.objective = objectives.default_config(objective)
     c.objective.update(kept)
     c.objective.update(values)
+    for key, value in dict(overrides or {}).items():
+      if key.startswith("optim.sets."):  # kept through the copy below
+        name, set_key = key[len("optim.sets."):].split(".", 1)
+        per_set.setdefault(name, {})[set_key] = value
+      else:
+        set_dotted(c, key, value)
+    apply_preset(c, arg, experiment_module(path).PRESETS)
+    if per_set:
+      parameter_sets(c, tuple(per_set), **per_set)
   return c.lock()
 
 

@@ -45,37 +45,47 @@ def make_gradient(objective, train_config, step_rng: jax.Array, state_shardings=
 
   With `state_shardings` (the state's storage shardings on a mesh), params, EMA and extra enter
   the objective gathered to their compute shardings (`sharding.for_compute`) and the gradients
-  leave on the parameters' storage shardings.
+  leave on the parameters' storage shardings. State an objective carries across steps
+  (metrics[common.EXTRA_UPDATES]) is threaded through the microbatches in order, each seeing the
+  previous one's update, and the last update is returned, not averaged.
   """
   accum = train_config.grad_accum_steps
 
   def grads_of(params, batch, key, step, view):
     (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(
         params, batch, key, step, view)
-    return loss, metrics, grads
+    metrics = dict(metrics)
+    updates = metrics.pop(common.EXTRA_UPDATES, {})
+    return loss, metrics, grads, updates
 
   def gradient(state: TrainState, batch: dict):
     step_key = jax.random.fold_in(step_rng, state.step)
     params, view = gather_params_and_view(state.params, view_of(state), state_shardings)
     if accum == 1:
-      loss, metrics, grads = grads_of(params, batch, step_key, state.step, view)
+      loss, metrics, grads, updates = grads_of(params, batch, step_key, state.step, view)
     else:
       micro = _split_microbatches(batch, accum)
 
       def body(carry, inputs):
+        total, updates = carry
         index, mb = inputs
-        loss, metrics, grads = grads_of(params, mb, jax.random.fold_in(step_key, index),
-                                        state.step, view)
-        carry = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
-        return carry, None
+        seen = dict(view, extra=dict(view["extra"], **updates)) if updates else view
+        loss, metrics, grads, updates = grads_of(params, mb, jax.random.fold_in(step_key, index),
+                                                 state.step, seen)
+        total = jax.tree.map(jnp.add, total, (loss, metrics, grads))
+        return (total, updates), None
 
-      zero = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro),
-                            step_key, state.step, view)
-      zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
-      (loss, metrics, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+      shapes = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro),
+                              step_key, state.step, view)
+      zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[:3])
+      initial = {k: view["extra"][k] for k in shapes[3]}
+      ((loss, metrics, grads), updates), _ = jax.lax.scan(body, (zero, initial),
+                                                          (jnp.arange(accum), micro))
       loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
     if state_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
+    if updates:
+      metrics = dict(metrics, **{common.EXTRA_UPDATES: updates})
     return loss, metrics, grads
 
   return gradient

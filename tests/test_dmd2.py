@@ -495,9 +495,9 @@ def test_running_ratio_means_change_at_generator_steps_only():
                                  generator_update_every=2)
   params, teacher = initial(objective)
   states, history = train_steps(objective, params, teacher, 4)
-  bins = [np.asarray(s.extra[dmd2.RATIO_BINS]) for s in states]
+  bins = [np.asarray(s.extra[dmd2.RATIO_MEANS]) for s in states]
   assert [float(h["generator_active"]) for h in history] == [0.0, 1.0, 0.0, 1.0]
-  assert dmd2.RATIO_BINS not in history[0] and "extra_updates" not in history[0]
+  assert dmd2.RATIO_MEANS not in history[0] and "extra_updates" not in history[0]
   np.testing.assert_array_equal(bins[0], np.ones(4))
   assert np.all(bins[1] != 1.0)
   np.testing.assert_array_equal(bins[2], bins[1])
@@ -505,6 +505,91 @@ def test_running_ratio_means_change_at_generator_steps_only():
   assert fdistill_objective(gan_weight=3e-3).kept_state() == {}
   with pytest.raises(ValueError, match="ratio_ema_rate=1.0"):
     fdistill_objective(gan_weight=3e-3, ratio_ema_rate=1.0)
+
+
+def test_running_ratio_means_thread_through_accumulated_microbatches_and_skip_nonfinite():
+  """With train.grad_accum_steps = 2 microbatch 1 sees microbatch 0's update of the running
+  means and the step keeps microbatch 1's (not an average); a non-finite step keeps them."""
+  objective = fdistill_objective(gan_weight=3e-3, ratio_ema_rate=0.5, ratio_bins=4,
+                                 generator_update_every=1)
+  params, teacher = initial(objective)
+  c = config_lib.base_config().optim
+  c.update(dict(lr=1e-3, grad_clip=0.0, ema_decays=()))
+  tx, schedules = optim.build_for(objective, c, 4)
+  ones = objective.kept_state()[dmd2.RATIO_MEANS]
+  state = train.TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                           opt_state=tx.init(params), ema={},
+                           extra={"teacher": teacher, dmd2.RATIO_MEANS: ones},
+                           skipped=jnp.zeros((), jnp.int32))
+  batch = {"image": jax.random.normal(jax.random.key(3), (64, 2))}
+  gradient = step_lib.make_gradient(objective, ml_collections.ConfigDict(
+      dict(grad_accum_steps=2)), jax.random.key(7))
+  _, metrics, _ = jax.jit(gradient)(state, batch)
+  got = metrics["extra_updates"][dmd2.RATIO_MEANS]
+  step_key = jax.random.fold_in(jax.random.key(7), 0)
+  micro = step_lib._split_microbatches(batch, 2)
+  running = ones
+  for index in range(2):
+    view = {"extra": {"teacher": teacher, dmd2.RATIO_MEANS: running}, "ema": {},
+            "step": state.step}
+    mb = jax.tree.map(lambda x, index=index: x[index], micro)
+    _, m = objective.loss(params, mb, jax.random.fold_in(step_key, index), state.step, view)
+    assert np.any(np.asarray(m["extra_updates"][dmd2.RATIO_MEANS]) != np.asarray(running))
+    running = m["extra_updates"][dmd2.RATIO_MEANS]
+  np.testing.assert_allclose(got, running, rtol=1e-6)
+  # A non-finite loss: the state, running means included, stays as it was.
+  broken = jax.tree.map(lambda x: x * jnp.nan, params)
+  train_step = jax.jit(step_lib.make_train_step(
+      objective, tx, schedules, c, ml_collections.ConfigDict(dict(grad_accum_steps=1)),
+      jax.random.key(7)))
+  new, metrics = train_step(state.replace(params=broken), batch)
+  assert int(metrics["nonfinite"]) == 1
+  np.testing.assert_array_equal(np.asarray(new.extra[dmd2.RATIO_MEANS]), np.asarray(ones))
+
+
+def numpy_conv(x, kernel, bias, stride, pad):
+  """NHWC convolution by hand: x [B, H, W, C], kernel [k, k, C, O]."""
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  k = kernel.shape[0]
+  out_h = (x.shape[1] - k) // stride + 1
+  out_w = (x.shape[2] - k) // stride + 1
+  out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[3]))
+  for i in range(out_h):
+    for j in range(out_w):
+      patch = x[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
+      out[:, i, j] = np.einsum("bhwc,hwco->bo", patch, kernel)
+  return out + bias
+
+
+def numpy_group_norm(x, groups, scale, bias, eps=1e-5):
+  b, h, w, c = x.shape
+  g = x.reshape(b, h, w, groups, c // groups)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = g.var(axis=(1, 2, 4), keepdims=True)
+  return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def test_conv_gan_head_is_the_official_branch_by_hand():
+  """ConvGanHead on [B, 8, 8, C]: 4x4 stride-2 conv (padding 1) -> GroupNorm(gcd(32, C)) ->
+  SiLU -> 4x4 stride-4 conv -> GroupNorm -> SiLU -> 1x1 conv, one logit per example (8 -> 4 ->
+  1 positions), recomputed in NumPy from the head's parameters."""
+  features = jax.random.normal(jax.random.key(0), (2, 8, 8, 64))
+  head = dmd2.ConvGanHead()
+  params = nn.meta.unbox(head.init(jax.random.key(1), features)["params"])
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape),
+                        params)  # non-zero biases, non-unit norms
+  got = head.apply({"params": params}, features)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  silu = lambda v: v / (1 + np.exp(-v))
+  h = numpy_conv(np.asarray(features, np.float64), p["conv0"]["kernel"], p["conv0"]["bias"], 2, 1)
+  assert h.shape == (2, 4, 4, 64)
+  h = silu(numpy_group_norm(h, 32, p["norm0"]["scale"], p["norm0"]["bias"]))
+  h = numpy_conv(h, p["conv1"]["kernel"], p["conv1"]["bias"], 4, 0)
+  assert h.shape == (2, 1, 1, 64)
+  h = silu(numpy_group_norm(h, 32, p["norm1"]["scale"], p["norm1"]["bias"]))
+  want = numpy_conv(h, p["conv2"]["kernel"], p["conv2"]["bias"], 1, 0)[:, 0, 0, 0]
+  assert got.shape == (2,)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
 def test_f_distill_trains_through_the_trainer_with_its_gan_head(teacher):
@@ -519,7 +604,7 @@ def test_f_distill_trains_through_the_trainer_with_its_gan_head(teacher):
            "train.steps": steps, "ckpt.every_steps": 2})
   state = train.run(config(4), str(teacher / "fdistill"), devices=jax.devices()[:1])
   assert dmd2.GAN_HEAD in state.params["fake_score"]
-  assert np.any(np.asarray(state.extra[dmd2.RATIO_BINS]) != 1.0)
+  assert np.any(np.asarray(state.extra[dmd2.RATIO_MEANS]) != 1.0)
   records = [json.loads(line) for line in
              (teacher / "fdistill" / "metrics.jsonl").read_text().splitlines()]
   generator_steps = [r for r in records if r["generator_active"] == 1.0]
@@ -527,8 +612,8 @@ def test_f_distill_trains_through_the_trainer_with_its_gan_head(teacher):
   assert all(np.isfinite(r["gan_discriminator_loss"]) for r in records)
   train.run(config(2), str(teacher / "fdistill_resumed"), devices=jax.devices()[:1])
   resumed = train.run(config(4), str(teacher / "fdistill_resumed"), devices=jax.devices()[:1])
-  for a, b in zip(jax.tree.leaves((state.params, state.extra[dmd2.RATIO_BINS])),
-                  jax.tree.leaves((resumed.params, resumed.extra[dmd2.RATIO_BINS]))):
+  for a, b in zip(jax.tree.leaves((state.params, state.extra[dmd2.RATIO_MEANS])),
+                  jax.tree.leaves((resumed.params, resumed.extra[dmd2.RATIO_MEANS]))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -575,7 +660,7 @@ def test_imagenet64_presets_have_the_official_bottleneck_head_and_fsdp_shardings
   kernels = [leaf for leaf in jax.tree.leaves(params) if leaf.size >= 2**20]
   assert kernels and all("fsdp" in jax.tree.leaves(tuple(k.sharding.spec)) for k in kernels)
   if name == "fdistill_imagenet64":
-    assert setup.abstract_state.extra[dmd2.RATIO_BINS].shape == (10,)
+    assert setup.abstract_state.extra[dmd2.RATIO_MEANS].shape == (10,)
 
 
 def test_imagenet64_tiny_preset_trains_a_unet_with_the_conv_head(tmp_path):

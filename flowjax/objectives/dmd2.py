@@ -63,9 +63,10 @@ fake_score set.
 
 The official ImageNet-64 run (tianweiy/DMD2, experiments/imagenet/
 imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh and main/edm/train_edm.py):
-generator and fake-score lr 2e-6, AdamW (0.9, 0.999) with weight decay 0.01, a 500-step warm-up,
-gradient norms clipped at 10 per network, batch 40 x 7 GPUs, generator_update_every 5,
-gan_weight 3e-3, gan_discriminator_weight 1e-2, fp16, no EMA: experiments/dmd2_imagenet64.py.
+generator and fake-score lr 2e-6, AdamW (0.9, 0.999) with weight decay 0.01, a warm-up of 500
+scheduler steps (about 72 iterations on 7 GPUs), gradient norms clipped at 10 per network, batch
+40 x 7 GPUs, generator_update_every 5, gan_weight 3e-3, gan_discriminator_weight 1e-2, bfloat16
+(its --use_fp16), no EMA: experiments/dmd2_imagenet64.py.
 """
 
 import dataclasses
@@ -133,7 +134,7 @@ class ConvGanHead(nn.Module):
 
 
 GAN_HEADS = {"mean": GanHead, "conv": ConvGanHead}
-RATIO_BINS = "ratio_bins"
+RATIO_MEANS = "ratio_running_means"
 
 
 def _check_choice(key: str, value: str, allowed) -> None:
@@ -612,7 +613,7 @@ class FDistill(DMD2):
   `f_divergence_weights` (objective.f_divergence: js (FastGen's default), kl, reverse_kl = DMD,
   squared_hellinger, jeffreys, softened_rkl, pearson; ratio_lower 0.1, ratio_upper 20,
   ratio_bins 10; ratio_ema_rate: FastGen's running mean of the ratio per bin, kept in
-  state.extra["ratio_bins"] and checkpointed, 0 = each batch's own mean)."""
+  state.extra["ratio_running_means"] and checkpointed, 0 = each batch's own mean)."""
   f_divergence: str = "js"
   ratio_lower: float = 0.1
   ratio_upper: float = 20.0
@@ -638,14 +639,14 @@ class FDistill(DMD2):
                        "bins >= 0 (FastGen: 0.1, 20, 10).")
 
   def kept_state(self) -> dict:
-    """{"ratio_bins": ones} (FastGen's `bins` buffer) with ratio_ema_rate > 0 and bins."""
+    """{"ratio_running_means": ones} (FastGen's `bins` buffer) with ratio_ema_rate > 0 and bins."""
     if self.ratio_ema_rate > 0 and self.ratio_bins > 0:
-      return {RATIO_BINS: jnp.ones((self.ratio_bins,), jnp.float32)}
+      return {RATIO_MEANS: jnp.ones((self.ratio_bins,), jnp.float32)}
     return {}
 
   def sample_weights(self, fake_params, x_t, t, cond, kept):
     logits = self.head_logits(fake_params, self.features(fake_params, x_t, t, cond))
     weights, running = f_divergence_weights(
         logits, t, self.f_divergence, self.ratio_lower, self.ratio_upper, self.ratio_bins,
-        running=kept.get(RATIO_BINS), ema_rate=self.ratio_ema_rate)
-    return weights, ({RATIO_BINS: running} if RATIO_BINS in kept else kept)
+        running=kept.get(RATIO_MEANS), ema_rate=self.ratio_ema_rate)
+    return weights, ({RATIO_MEANS: running} if RATIO_MEANS in kept else kept)
