@@ -47,7 +47,7 @@ DEFAULTS = {
                     scale="softplus", soft_clip=4.0, condition="deep", positions="learned",
                     order="r2l", label_input="add", label_null="learned",
                     final_norm="layernorm", norm_eps=1e-6, gelu="tanh", patch_channels="last",
-                    dtype="float32", param_dtype="float32"),
+                    text_dim=0, text_length=0, dtype="float32", param_dtype="float32"),
     "autoencoder": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                         latent_channels=4, norm_groups=32, mid_attention=True,
                         scaling_factor=0.18215, dtype="float32", param_dtype="float32"),

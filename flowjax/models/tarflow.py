@@ -20,6 +20,14 @@ first one inverted when sampling) has `deep_layers` transformer layers and the o
 `layers_per_block`. With `condition='deep'` only that block sees the class label; with 'all' every
 block does (plain TarFlow). Labels are embedded with a null row (index num_classes) for CFG.
 
+Text (STARFlow's text-to-image model, `text_dim` > 0): the conditioned blocks read text-encoder
+features [B, text_length, text_dim] projected by one Dense (with bias, apple/ml-starflow's
+`proj_txt`) as a prefix of text_length tokens before the image tokens, causal among themselves
+and for the image tokens, with RoPE's third coordinate k / text_length * H for text token k; their
+outputs are discarded. A class label is the one-token case (`label_input='token'`: the one-hot of
+num_classes + 1 entries through the same kind of Dense). The unconditional input of guidance is
+the features of an empty caption, which the caller passes; cond=None reads zero features.
+
 Flow-model contract (one sampler, `flowjax.samplers.autoregressive`, serves any model with it):
 - `__call__(x, cond) -> (z, logdet, intermediates)`: data -> noise. z has the shape of x;
   logdet: [B] float32, the sum over blocks of each block's -mean(log sigma) over tokens and
@@ -84,6 +92,15 @@ TARFLOW_OPTIONS = dict(start_token=False, scale="exp", soft_clip=0.0, condition=
                        positions="learned", label_input="add", label_null="mean",
                        final_norm="none", norm_eps=1e-5, gelu="exact", patch_channels="first",
                        order="r2l")
+# apple/ml-starflow's 3B text-to-image model (configs/starflow_3B_t2i_256x256.yaml): 256x256
+# images as 32x32x4 SD-VAE latents at patch 1, width 3072 (48 heads of 64), 6 blocks of 2 layers
+# with a deep block of 24, the text (flan-t5-xl's encoder features, 2048 wide, 128 tokens) read
+# by the deep block only (cond_top_only), noise_std 0.3 and classifier-free guidance with
+# captions dropped to the empty string at rate 0.1. Its flow has 3,858,281,544 parameters:
+# 34 layers of 12 D^2 + 13 D, 6 x 43,020 per block, and the 2048 -> 3072 text projection.
+STARFLOW_3B_T2I = dict(STARFLOW_OPTIONS, image_shape=(32, 32, 4), patch_size=1, hidden_size=3072,
+                       num_heads=48, num_blocks=6, layers_per_block=2, deep_layers=24,
+                       order="l2r", text_dim=2048, text_length=128, num_classes=0)
 ROPE_THETA = 10000.0
 ROPE_LABEL_FREQUENCIES = 8
 
@@ -319,12 +336,17 @@ class FlowBlock(nn.Module):
   final_norm: str = "layernorm"
   norm_eps: float = 1e-6
   exact_gelu: bool = False
+  text_dim: int = 0
+  text_length: int = 0
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
   @property
   def prefix(self) -> int:
-    """Label tokens before the sequence (1 for a conditioned block with label_input='token')."""
+    """Condition tokens before the sequence: text_length for a conditioned block of a text
+    model, 1 for one with label_input='token', else 0."""
+    if self.text_dim > 0:
+      return self.text_length if self.conditioned else 0
     return int(self.label_input == "token" and self.conditioned and self.num_classes > 0)
 
   def setup(self):
@@ -342,7 +364,10 @@ class FlowBlock(nn.Module):
       self.start = self.param(
           "start_token", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("conv_in",)),
           (self.channels,), self.param_dtype)
-    if self.conditioned and self.num_classes > 0:
+    if self.conditioned and self.text_dim > 0:
+      self.text_proj = layers.dense(self.hidden_size, ("vocab", "embed"), dtype=self.dtype,
+                                    param_dtype=self.param_dtype)
+    elif self.conditioned and self.num_classes > 0:
       if self.prefix:
         self.label_token = layers.dense(self.hidden_size, ("vocab", "embed"), dtype=self.dtype,
                                         param_dtype=self.param_dtype)
@@ -388,7 +413,17 @@ class FlowBlock(nn.Module):
     return h, (None if cache is None else tuple(new_cache))
 
   def _label_tokens(self, cond, batch):
-    """[B, prefix, D] float32 label tokens (labels in [0, num_classes], the last = null)."""
+    """[B, prefix, D] float32 condition tokens: the projected text features [B, text_length,
+    text_dim] (None: zeros), or the label token (labels in [0, num_classes], the last = null)."""
+    if self.text_dim > 0:
+      shape = (batch, self.text_length, self.text_dim)
+      if cond is None:
+        cond = jnp.zeros(shape, jnp.float32)
+      if tuple(cond.shape) != shape:
+        raise ValueError(f"This STARFlow model reads text features of shape "
+                         f"[B, {self.text_length}, {self.text_dim}] (model.text_length, "
+                         f"model.text_dim); got {list(cond.shape)}.")
+      return self.text_proj(cond.astype(self.dtype)).astype(jnp.float32)
     if cond is None:
       cond = jnp.full((batch,), self.num_classes, jnp.int32)
     one_hot = jax.nn.one_hot(cond, self.num_classes + 1, dtype=self.dtype)
@@ -419,7 +454,7 @@ class FlowBlock(nn.Module):
       if self.flip:
         source = self.length - 1 - source
       h = h + jnp.take(self.position_table(), source, axis=0)[None]
-    if self.conditioned and self.num_classes > 0 and not self.prefix:
+    if self.conditioned and self.num_classes > 0 and not self.prefix and not self.text_dim:
       h = h + self.label_embed(cond, batch)[:, None, :]
     h = nn.with_logical_constraint(h, TOKENS)
     cache_slots = slots + self.prefix
@@ -484,6 +519,9 @@ class TarFlow(nn.Module):
     gelu: 'tanh' (approximation) or 'exact' (erf) in the MLPs.
     patch_channels: 'last' (a patch flattened (p, p, c), STARFlow) or 'first' ((c, p, p),
       TarFlow's F.unfold).
+    text_dim, text_length: 0, or the width and length of the text-encoder features the
+      conditioned blocks read as a prefix (STARFlow text-to-image: 2048 and 128 for
+      flan-t5-xl); then num_classes must be 0.
     dtype, param_dtype: compute and parameter dtypes.
   """
   image_shape: tuple
@@ -507,6 +545,8 @@ class TarFlow(nn.Module):
   norm_eps: float = 1e-6
   gelu: str = "tanh"
   patch_channels: str = "last"
+  text_dim: int = 0
+  text_length: int = 0
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -515,7 +555,7 @@ class TarFlow(nn.Module):
     grid = ()
     if len(self.image_shape) == 3:
       grid = (self.image_shape[0] // self.patch_size, self.image_shape[1] // self.patch_size)
-    label_tokens = self.label_input == "token" and self.num_classes > 0
+    label_tokens = (self.label_input == "token" and self.num_classes > 0) or self.text_dim > 0
     self.blocks = [
         FlowBlock(length, channels, self.hidden_size, self.block_depth(i), self.num_heads,
                   self.mlp_ratio, flip=self.block_flipped(i), start_token=self.start_token,
@@ -524,7 +564,8 @@ class TarFlow(nn.Module):
                   positions=self.positions, grid=grid, rope_label_axis=label_tokens,
                   label_input=self.label_input, label_null=self.label_null,
                   final_norm=self.final_norm,
-                  norm_eps=self.norm_eps, exact_gelu=self.gelu == "exact", dtype=self.dtype,
+                  norm_eps=self.norm_eps, exact_gelu=self.gelu == "exact",
+                  text_dim=self.text_dim, text_length=self.text_length, dtype=self.dtype,
                   param_dtype=self.param_dtype)
         for i in range(self.num_blocks)]
 
@@ -543,12 +584,15 @@ class TarFlow(nn.Module):
     return block_index % 2 == (1 if self.order == "r2l" else 0)
 
   def block_prefix(self, block_index: int) -> int:
-    """Label tokens block `block_index` reads before its sequence (its cache has L + these)."""
+    """Condition tokens block `block_index` reads before its sequence (its cache has L + these):
+    text_length text tokens, or one label token."""
+    if self.text_dim > 0:
+      return self.text_length if self.block_conditioned(block_index) else 0
     return int(self.label_input == "token" and self.block_conditioned(block_index))
 
   def block_conditioned(self, block_index: int) -> bool:
-    """Whether block `block_index` reads the class label."""
-    if self.num_classes <= 0:
+    """Whether block `block_index` reads the class label or the text."""
+    if self.num_classes <= 0 and self.text_dim <= 0:
       return False
     return self.condition == "all" or block_index == self.num_blocks - 1
 
@@ -591,7 +635,8 @@ class TarFlow(nn.Module):
   # Parameterised maps (call through `model.apply(..., method=...)`).
 
   def __call__(self, x, cond):
-    """Data -> noise. x: [B, *image_shape]; cond: int labels [B] or None. Returns (z: [B,
+    """Data -> noise. x: [B, *image_shape]; cond: int labels [B], text features [B,
+    text_length, text_dim] (text models) or None. Returns (z: [B,
     *image_shape] float32, logdet: [B] float32 per dimension, intermediates: tuple of the
     num_blocks - 1 inner outputs [B, L, C])."""
     if tuple(x.shape[1:]) != tuple(self.image_shape):
@@ -665,13 +710,22 @@ def build(model_config: ml_collections.ConfigDict, info) -> TarFlow:
   token_shape(tuple(info.image_shape), int(c.patch_size))
   positions = _choice("positions", c.positions, POSITIONS)
   label_input = _choice("label_input", c.label_input, LABEL_INPUTS)
+  text_dim, text_length = int(c.get("text_dim", 0)), int(c.get("text_length", 0))
+  if text_dim < 0 or text_length < 0 or (text_dim > 0) != (text_length > 0):
+    raise ValueError(f"model.text_dim={text_dim} and model.text_length={text_length}: both 0 "
+                     "(no text), or both positive (the text encoder's width and the caption "
+                     "length in tokens, e.g. 2048 and 128 for flan-t5-xl).")
+  if text_dim > 0 and int(info.num_classes) > 0:
+    raise ValueError(f"model.text_dim={text_dim} with class labels (data.num_classes="
+                     f"{info.num_classes}): a text model reads captions; train on captioned data "
+                     "without labels, or set model.text_dim=0 and model.text_length=0.")
   if positions == "rope":
     if len(tuple(info.image_shape)) != 3:
       raise ValueError("model.positions='rope' rotates by 2-D token positions and needs images "
                        f"[H, W, C]; the data have per-example shape {tuple(info.image_shape)}. "
                        "Use positions='learned' or 'sincos'.")
     rope_angles((1, 1), hidden_size // num_heads, 0,
-                label_input == "token" and int(info.num_classes) > 0)
+                (label_input == "token" and int(info.num_classes) > 0) or text_dim > 0)
   return TarFlow(
       image_shape=tuple(info.image_shape), patch_size=int(c.patch_size), hidden_size=hidden_size,
       num_blocks=int(c.num_blocks), layers_per_block=int(c.layers_per_block),
@@ -684,5 +738,6 @@ def build(model_config: ml_collections.ConfigDict, info) -> TarFlow:
       gelu=_choice("gelu", c.gelu, GELUS),
       label_null=_choice("label_null", c.label_null, LABEL_NULLS),
       patch_channels=_choice("patch_channels", c.patch_channels, PATCH_CHANNELS),
+      text_dim=text_dim, text_length=text_length,
       dtype=layers.dtype_from_name(c.dtype, "dtype"),
       param_dtype=layers.dtype_from_name(c.param_dtype, "param_dtype"))

@@ -81,7 +81,7 @@ def guidance_weights(positions, length: int, start_token: bool, weight: float, a
 
 def invert(model, params, z, cond=None, *, method: str = "kv_cache",
            guidance: float | None = None,
-           rule: str = "starflow", anneal: bool = False, null_label: int | None = None,
+           rule: str = "starflow", anneal: bool = False, null_label=None,
            chunk_size: int = 16, tolerance: float = 1e-3, max_iterations: int = 32,
            attention_temperature: float = 1.0):
   """Noise -> data through every block of an autoregressive flow.
@@ -89,12 +89,13 @@ def invert(model, params, z, cond=None, *, method: str = "kv_cache",
   Args:
     model: a flow module with the contract above; params: its (unboxed) parameters.
     z: [B, *image_shape] noise (any values: the exact inverse of model's forward map).
-    cond: int labels [B] or None.
+    cond: int labels [B], text features [B, T, D] (a text model) or None.
     method: "kv_cache" | "jacobi" | "naive".
     guidance: None (no guidance), or the weight w >= 0 of `rule` ("starflow" | "tarflow"):
       the conditional and null-label halves are decoded together and combined at every token
-      (w = 0 reproduces the conditional model). Used only with labels; needs `null_label` (the
-      label table's null index).
+      (w = 0 reproduces the conditional model). Used only with a condition; needs
+      `null_label`: the label table's null index, or a text model's null caption features
+      [T, D] (the features of an empty caption).
     anneal: raise w linearly over the tokens (see guidance_weights).
     attention_temperature: attention logits are divided by it: in every pass with the
       "starflow" rule, in the unconditional pass of guided sampling with the TarFlow rules (as
@@ -122,7 +123,8 @@ def invert(model, params, z, cond=None, *, method: str = "kv_cache",
   tokens = model.to_tokens(z.astype(jnp.float32))
   if guided:
     tokens = jnp.concatenate([tokens, tokens])
-    cond = jnp.concatenate([cond, jnp.full_like(cond, null_label)])
+    null = jnp.broadcast_to(jnp.asarray(null_label, cond.dtype), cond.shape)
+    cond = jnp.concatenate([cond, null])
   temperature = None
   if attention_temperature != 1.0:
     rows = tokens.shape[0]
