@@ -123,6 +123,16 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: TrainState, chec
           f"The checkpoint at step {step} in {mngr.directory} holds parameters of other shapes "
           "than this config's model " + _listed(mismatch)
           + "\nA run resumes only with the same model; use a new --workdir.")
+    mismatch = _shape_mismatches(storage.join(str(mngr.directory), str(step), "state"),
+                                 ("extra",), abstract_state.extra)
+    if mismatch:
+      raise CheckpointError(
+          f"The checkpoint at step {step} in {mngr.directory} holds other objective state "
+          "(state.extra: a teacher, an encoder, statistics an objective keeps across steps) "
+          "than this config's objective " + _listed(mismatch)
+          + "\nAn option that adds or removes such state was changed (e.g. "
+          "objective.ratio_ema_rate, config.repa); resume with the checkpoint's objective "
+          "settings or use a new --workdir.")
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
@@ -229,7 +239,7 @@ def _shape_mismatches(path: str, keys: tuple[str, ...], abstract, skip=()) -> li
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
     for name in keys:
-      tree = tree[name]
+      tree = tree[name] if name in tree else {}
     if skip:
       tree = {name: value for name, value in tree.items() if name not in skip}
     saved = {jax.tree_util.keystr(p): tuple(leaf.shape)

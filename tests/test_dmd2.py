@@ -681,3 +681,20 @@ def test_imagenet64_tiny_preset_trains_a_unet_with_the_conv_head(tmp_path):
   assert all(np.isfinite(r["gan_discriminator_loss"]) and np.isfinite(r["dm_loss"])
              for r in records)
   assert any(r["gan_generator_loss"] > 0 for r in records)
+
+
+def test_resuming_with_the_running_means_switched_on_is_refused_and_loses_nothing(teacher):
+  """A checkpoint without the running ratio means, resumed (--allow_config_change) by a config
+  that keeps them: one error naming state.extra and the option, the checkpoint left in place."""
+  from flowjax import checkpoint
+
+  def config(rate):
+    return config_lib.load_experiment(
+        "experiments/fdistill_toy2d.py", "tiny",
+        **{"objective.teacher_workdir": str(teacher / "teacher"), "train.steps": 2,
+           "ckpt.every_steps": 2, "objective.ratio_ema_rate": rate})
+  workdir = teacher / "fdistill_switched"
+  train.run(config(0.0), str(workdir), devices=jax.devices()[:1])
+  with pytest.raises(checkpoint.CheckpointError, match=r"objective state[\s\S]*ratio_ema_rate"):
+    train.run(config(0.5), str(workdir), devices=jax.devices()[:1], allow_config_change=True)
+  assert (workdir / "checkpoints" / "2").is_dir()
