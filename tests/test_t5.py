@@ -30,11 +30,33 @@ def test_encoder_matches_transformers(name, feed_forward):
                              rtol=2e-5, atol=2e-5)
   out = t5.features(module, params, ids, mask)
   np.testing.assert_array_equal(np.asarray(out)[~keep], 0.0)
+  np.testing.assert_allclose(np.asarray(out)[keep], np.asarray(hidden)[keep], rtol=1e-4,
+                             atol=1e-6)
   # The padded row's 9 tokens encode as those 9 tokens alone: the padding is masked out.
   padded = module.apply({"params": params}, ids[1:], mask[1:])
   alone = module.apply({"params": params}, ids[1:, :9], mask[1:, :9])
   np.testing.assert_allclose(np.asarray(padded)[0, :9], np.asarray(alone)[0], rtol=1e-5,
                              atol=1e-5)
+
+
+def test_a_checkpoint_in_shards_loads_as_one(tmp_path):
+  """model.safetensors.index.json and its shards (how save_pretrained writes a large model such
+  as google/flan-t5-xl) load to the same parameters as the single file."""
+  from safetensors import numpy as safetensors_numpy
+  source = os.path.join(REFERENCE, "t5_tiny")
+  tensors = safetensors_numpy.load_file(os.path.join(source, t5.HF_WEIGHTS))
+  names = sorted(tensors)
+  halves = {"model-00001-of-00002.safetensors": names[::2],
+            "model-00002-of-00002.safetensors": names[1::2]}
+  for shard, keys in halves.items():
+    safetensors_numpy.save_file({k: tensors[k] for k in keys}, str(tmp_path / shard))
+  index = {"weight_map": {k: shard for shard, keys in halves.items() for k in keys}}
+  (tmp_path / t5.HF_INDEX).write_text(json.dumps(index))
+  (tmp_path / t5.HF_CONFIG).write_text(open(os.path.join(source, t5.HF_CONFIG)).read())
+  _, _, sharded = t5.load(str(tmp_path))
+  _, _, single = t5.load(source)
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_relative_position_buckets_by_hand():

@@ -31,6 +31,7 @@ from flowjax import state_dicts
 
 Params = Any
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"  # a checkpoint saved in shards (google/flan-t5-xl)
 FEED_FORWARDS = ("relu", "gated-gelu")
 
 
@@ -212,13 +213,18 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], module: T5Encod
 def load(path: str, config: "T5Config | str | None" = None,
          dtype: Any = jnp.float32) -> tuple[T5Config, T5Encoder, Params]:
   """(config, module, params) of a T5 encoder checkpoint: a HF folder (config.json and
-  model.safetensors, e.g. google/flan-t5-xl saved with save_pretrained) or a weights file
+  model.safetensors, or its shards with model.safetensors.index.json, as save_pretrained writes
+  them; e.g. google/flan-t5-xl) or a weights file
   (.safetensors, .npz, .pt/.pth with torch) with config= its config.json (None: the one beside
   it) or a T5Config."""
-  weights = os.path.join(path, HF_WEIGHTS) if os.path.isdir(path) else path
+  weights = path
+  if os.path.isdir(path):
+    index = os.path.join(path, HF_INDEX)
+    weights = index if os.path.isfile(index) else os.path.join(path, HF_WEIGHTS)
   if not os.path.isfile(weights):
     raise FileNotFoundError(f"No T5 weights at {weights!r}; give a HF checkpoint folder "
-                            f"(config.json + {HF_WEIGHTS}) or a weights file.")
+                            f"(config.json + {HF_WEIGHTS}, or the shards with {HF_INDEX}) or a "
+                            "weights file.")
   if not isinstance(config, T5Config):
     config_path = config or os.path.join(os.path.dirname(os.path.abspath(weights)), HF_CONFIG)
     if not os.path.isfile(config_path):
@@ -227,8 +233,15 @@ def load(path: str, config: "T5Config | str | None" = None,
     with open(config_path) as f:
       config = T5Config.from_hf_json(json.load(f))
   module = T5Encoder(config, dtype=dtype)
-  try:
-    state_dict = state_dicts.read_state_dict(weights)
-  except state_dicts.ConversionError as error:
-    raise ValueError(f"T5 weights {weights}: {error}") from error
+  shards = [weights]
+  if weights.endswith(HF_INDEX):
+    with open(weights) as f:
+      names = sorted(set(json.load(f)["weight_map"].values()))
+    shards = [os.path.join(os.path.dirname(weights), name) for name in names]
+  state_dict = {}
+  for shard in shards:
+    try:
+      state_dict.update(state_dicts.read_state_dict(shard))
+    except state_dicts.ConversionError as error:
+      raise ValueError(f"T5 weights {shard}: {error}") from error
   return config, module, params_from_state_dict(state_dict, module, weights)

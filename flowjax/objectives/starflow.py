@@ -110,6 +110,12 @@ class StarFlow:
   @classmethod
   def build(cls, config, model, info):
     keys = {key: config[key] for key in cls.DEFAULTS}
+    if getattr(model, "text_dim", 0):
+      raise ValueError(
+          f"model.text_dim={model.text_dim}: the text-conditioned STARFlow network exists as a "
+          "model (flowjax.models.tarflow, with flowjax.models.t5 for the caption features), but "
+          "flowjax cannot train or sample it from a config yet (no captioned data source or "
+          "caption cache); set model.text_dim=0 and model.text_length=0.")
     return cls(model=model, image_shape=tuple(info.image_shape), num_classes=info.num_classes,
                **keys)
 

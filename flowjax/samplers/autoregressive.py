@@ -115,7 +115,8 @@ def invert(model, params, z, cond=None, *, method: str = "kv_cache",
     raise ValueError(f"guidance weight w={guidance} must be >= 0 (sample.guidance = 1 + w).")
   guided = cond is not None and guidance is not None
   if guided and null_label is None:
-    raise ValueError("Guided sampling needs null_label, the index of the null class.")
+    raise ValueError("Guided sampling needs null_label: the index of the null class, or a text "
+                     "model's null caption features [T, D].")
   batch = z.shape[0]
   length, _ = model.token_shape
   apply = lambda name, *args: model.apply({"params": params}, *args, method=name)
