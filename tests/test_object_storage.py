@@ -56,10 +56,30 @@ def emulator():
       response["x-goog-generation"] = str(obj["generation"])
       response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
 
+  completed = {}
+  original_finalize, original_upload_partial = (objects._finalize_resumable_object,
+                                                objects.upload_partial)
+
+  def finalize(response, storage, obj, data, upload_id):
+    original_finalize(response, storage, obj, data, upload_id)
+    completed[upload_id] = obj
+
+  def upload_partial(request, response, storage, *args, **kwargs):
+    """A repeated final PUT of a finished resumable upload answers with the object, as GCS does
+    (the emulator forgets the session and answers 404; a client retries a PUT whose answer came
+    too late, as a loaded machine makes happen)."""
+    upload_id = request.query.get("upload_id", [None])[0]
+    if upload_id in completed:
+      response.json(completed[upload_id])
+      return
+    original_upload_partial(request, response, storage, *args, **kwargs)
+
+  objects._finalize_resumable_object = finalize
   objects.download = download  # objects.get calls it for ?alt=media
+  replaced = {original_download: download, original_upload_partial: upload_partial}
   route = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
            r"/moveTo/o/(?P<dest_object_id>.*[^/]+)$")
-  handlers = tuple((pattern, {method: download if handler is original_download else handler
+  handlers = tuple((pattern, {method: replaced.get(handler, handler)
                               for method, handler in methods.items()})
                    for pattern, methods in emulator_server.HANDLERS)
   emulator_server.HANDLERS = ((route, {"POST": move_to}),) + handlers
