@@ -94,16 +94,25 @@ class Trained:
 
   def sample(self, num: int = 16, *, num_steps: int | None = None, method: str | None = None,
              guidance: float | None = None, seed: int = 0, labels=None,
-             use_ema: bool | None = None, times=None) -> np.ndarray:
+             use_ema: bool | None = None, times=None, prompts=None) -> np.ndarray:
     """num samples as numpy [num, ...] (images in [-1, 1], or points for toy2d).
 
     labels: [num] class labels for a conditional model (default: 0, 1, ..., cycling);
+    prompts: captions of a text model, cycling over the samples (default: the data's sample
+      prompts, cycling);
     use_ema: sample with the configured EMA (default config.sample.use_ema);
     times: explicit sampling times from noise to data (see config.sample.times), for the
     objectives that take them.
     """
     info = self.setup.info
-    if labels is None:
+    if prompts is not None:
+      if info.text is None or labels is not None:
+        raise ValueError("prompts are read by a text model (data.text.encoder set), instead of "
+                         "labels.")
+      prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+      features = info.text.encode(prompts)
+      labels = features[np.arange(num) % len(prompts)]
+    elif labels is None:
       labels = train_lib.sample_labels(info, num)
     elif info.num_classes > 0:
       labels = np.asarray(labels, np.int32).reshape(num)

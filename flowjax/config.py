@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   # data.name='latents:<DIR>': 'channel' (per-channel standardisation by the cached statistics),
   # 'factor' (times the autoencoder's scaling_factor, 0.18215 for the SD-VAE) or 'none'.
   c.data.latent_scaling = "channel"
+  # Captions (flowjax.text): encoder '' (none), 'words' (offline hashed words through a random
+  # T5 of width dim) or 't5' (a local HF T5 folder at path); max_length tokens per caption.
+  c.data.text = ml_collections.ConfigDict(dict(
+      encoder="", path="", max_length=16, vocab_size=4096, dim=32, layers=2, heads=4, seed=0))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(preset="fsdp_tensor", rules=()))

@@ -20,6 +20,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+_PROMPTS = flags.DEFINE_string(
+    "prompts", None, "With --mode=sample and a text model: a text file of prompts, one per "
+    "line; writes samples/prompt_NN.png (and .npz) per prompt and samples/prompts.json.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume in a workdir whose config.json differs from --config.")
 _COORDINATOR = flags.DEFINE_string(
@@ -77,14 +80,18 @@ def main(argv):
                jax.device_count(), jax.default_backend())
   from flowjax import checkpoint, config as config_lib, health, modes, train
   user_errors = (config_lib.ConfigError, train.WorkdirError, train.NonFiniteError,
-                 health.DivergenceError, checkpoint.CheckpointError, FileNotFoundError)
+                 health.DivergenceError, checkpoint.CheckpointError, FileNotFoundError,
+                 modes.PromptError)
+  if _PROMPTS.value and _MODE.value != "sample":
+    sys.stderr.write("FATAL --prompts is read by --mode=sample only.\n")
+    exit_now(2)
   try:
     if _MODE.value == "train":
       train.run(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     elif _MODE.value == "eval":
       modes.run_eval(config, _WORKDIR.value)
     else:
-      modes.run_sample(config, _WORKDIR.value)
+      modes.run_sample(config, _WORKDIR.value, prompts=_PROMPTS.value)
   except user_errors as error:
     logging.error("%s: %s", type(error).__name__, error)
     exit_now(1)

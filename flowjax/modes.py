@@ -2,9 +2,11 @@
 then evaluated or sampled."""
 
 import io
+import json
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flowjax import checkpoint, config as config_lib, metrics, storage, train
@@ -57,14 +59,62 @@ def run_eval(config, workdir: str) -> dict:
   return result
 
 
-def run_sample(config, workdir: str) -> np.ndarray:
-  """Samples from the latest checkpoint; writes samples/final.png and samples/final.npz."""
+class PromptError(ValueError):
+  """--prompts that cannot be sampled: no file, no prompt, or a model without text."""
+
+
+def run_sample(config, workdir: str, prompts: str | None = None) -> np.ndarray:
+  """Samples from the latest checkpoint; writes samples/final.png and samples/final.npz, or with
+  `prompts` (a file of prompts, one per line, for a text model) samples/prompt_NN.png and .npz
+  per prompt (sample.num samples each) and samples/prompts.json."""
+  if prompts:
+    return run_prompts(config, workdir, prompts)
   setup, state = load(config, workdir)
   writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
   samples = train.write_samples(setup, state, int(state.step), workdir, writer, name="final.png")
   if jax.process_index() == 0:
-    buffer = io.BytesIO()
-    np.savez(buffer, samples=samples)
-    storage.write_bytes(storage.join(workdir, "samples", "final.npz"), buffer.getvalue())
+    _write_npz(storage.join(workdir, "samples", "final.npz"), samples=samples)
   writer.close()
   return samples
+
+
+def _write_npz(path: str, **arrays) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  storage.write_bytes(path, buffer.getvalue())
+
+
+def run_prompts(config, workdir: str, path: str) -> np.ndarray:
+  """One grid of sample.num samples per prompt of the file `path`; returns [P, num, ...]."""
+  from flowjax import text
+  try:
+    prompts = text.read_prompts(path)
+  except ValueError as error:
+    raise PromptError(str(error)) from error
+  setup, state = load(config, workdir)
+  if setup.info.text is None or getattr(setup.objective, "null_text", None) is None:
+    raise PromptError(f"--prompts={path}: this model reads no text (data.text.encoder="
+                      f"{config.data.text.encoder!r}); prompts need a text-to-image model.")
+  features = setup.info.text.encode(prompts)
+  num = config.sample.num
+  sample = train.sampler(setup)
+  params = train.sampling_params(state, config)
+  step = int(state.step)
+  out = []
+  for index, prompt_features in enumerate(features):
+    cond = jnp.broadcast_to(jnp.asarray(prompt_features), (num,) + prompt_features.shape)
+    rng = jax.random.fold_in(jax.random.fold_in(setup.eval_rng, step), index)
+    with train.context(setup):
+      samples = np.asarray(jax.device_get(sample(params, rng, cond)))
+    out.append(samples)
+    if jax.process_index() == 0:
+      picture = metrics.samples_picture(train.as_images(config, samples))
+      metrics.save_png(storage.join(workdir, "samples", f"prompt_{index:02d}.png"), picture)
+      _write_npz(storage.join(workdir, "samples", f"prompt_{index:02d}.npz"), samples=samples)
+  if jax.process_index() == 0:
+    storage.write_text(storage.join(workdir, "samples", "prompts.json"), json.dumps(
+        {"step": step, "guidance": config.sample.guidance,
+         "prompts": {f"prompt_{i:02d}": p for i, p in enumerate(prompts)}}, indent=2))
+  logging.info("Sampled %d prompts x %d at step %d into %s.", len(prompts), num, step,
+               storage.join(workdir, "samples"))
+  return np.stack(out)

@@ -250,6 +250,11 @@ def check_sampler(setup: Setup) -> None:
 
 
 def sample_labels(info, num: int):
+  """The condition of a sample grid: labels cycling over the classes (one class per column), a
+  captioned source's prompt features cycling over its sample prompts, or None."""
+  if info.text is not None:
+    prompts = info.text.prompt_features()
+    return jnp.asarray(prompts[np.arange(num) % len(prompts)])
   return jnp.arange(num, dtype=jnp.int32) % info.num_classes if info.num_classes > 0 else None
 
 
@@ -347,14 +352,14 @@ def write_samples(setup: Setup, state: TrainState, step: int, workdir: str, writ
     samples = sampler(setup)(sampling_params(state, config), rng,
                              sample_labels(setup.info, config.sample.num))
   samples = np.asarray(jax.device_get(samples))
-  picture = metrics.samples_picture(_as_images(config, samples))
+  picture = metrics.samples_picture(as_images(config, samples))
   if jax.process_index() == 0:
     metrics.save_png(storage.join(workdir, "samples", name or f"step_{step}.png"), picture)
     writer.image(step, "samples", picture)
   return samples
 
 
-def _as_images(config, samples: np.ndarray) -> np.ndarray:
+def as_images(config, samples: np.ndarray) -> np.ndarray:
   """Samples as pictures: latents go through the data source's decoder (shown raw, with a
   warning, when the decoder cannot be loaded)."""
   try:

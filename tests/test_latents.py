@@ -195,7 +195,7 @@ def test_flow_matching_trains_on_cached_latents(cached):
     assert json.load(f)["dataset"]["name"] == "digits"
   # The trainer's sample grids show decoded images, not latents.
   sampled = np.asarray(next(batches)["image"])[:4]
-  pictures = train._as_images(config, sampled)
+  pictures = train.as_images(config, sampled)
   assert pictures.shape == (4, 8, 8, 1)
   np.testing.assert_allclose(pictures, latents.decode(sampled, config.data), atol=1e-6)
 

@@ -106,13 +106,3 @@ def test_the_3b_text_to_image_configuration_has_the_official_parameter_count():
   for p, s in kernels:
     assert "fsdp" in jax.tree.leaves(tuple(s.spec)), (p.shape, s.spec)
   assert per_device * 4 < 1.01 * total * 4 / 4 + 50e6  # parameters split 4 ways (fsdp)
-
-
-def test_a_text_model_is_refused_by_the_trainer_until_captions_are_served():
-  """The objective refuses model.text_dim > 0 (no captioned data source yet) rather than train
-  on zero features."""
-  from flowjax import objectives
-  from flowjax.objectives import starflow
-  info = type("Info", (), dict(image_shape=(4, 4, 2), num_classes=0))()
-  with pytest.raises(ValueError, match="model.text_dim=5"):
-    starflow.StarFlow.build(objectives.default_config("starflow"), text_model(), info)

@@ -15,7 +15,7 @@ import importlib
 import jax
 
 from flowjax import registry
-from flowjax.data import pipeline
+from flowjax.data import captions, pipeline
 from flowjax.data.pipeline import Batches, DataInfo
 
 __all__ = ["Batches", "DataInfo", "build", "class_names", "data_info", "splits"]
@@ -60,8 +60,10 @@ SOURCE_NAMES = (sorted(name for name in _SOURCES if not name.endswith(":")) +
                  if name.endswith(":")])
 
 
-def _source_module(name):
-  """The module serving data.name (imported on first use)."""
+def _source_module(data_config):
+  """The module serving data.name (imported on first use); refuses data.text on a source that
+  has no captions."""
+  name = data_config.name
   key = name.split(":", 1)[0] + ":" if isinstance(name, str) and ":" in name else name
   source = _SOURCES.get(key) if isinstance(key, str) else None
   if source is None:
@@ -71,7 +73,10 @@ def _source_module(name):
     raise ConfigError(source.if_missing or (
         f"data.name={name!r} names no {source.argument}; write it after the prefix: "
         f"--config.data.name={name}{source.argument}."))
-  return importlib.import_module(f"flowjax.data.{source.module}")
+  module = importlib.import_module(f"flowjax.data.{source.module}")
+  if not getattr(module, "CAPTIONED", False):
+    captions.unsupported(data_config)
+  return module
 
 
 def describe(data_config, info: DataInfo, split: str = "train") -> str:
@@ -87,26 +92,26 @@ def data_info(data_config, split: str = "train") -> DataInfo:
 
   Raises the 'not prepared' FileNotFoundError for a TFDS dataset that is not built.
   """
-  return _source_module(data_config.name).info(data_config, split)
+  return _source_module(data_config).info(data_config, split)
 
 
 def image_decoder(data_config):
   """For sources whose examples are not images (cached autoencoder latents): a function from
   samples [B, ...] to images [B, H, W, C] in [-1, 1], for sample grids; None for image sources."""
-  return getattr(_source_module(data_config.name), "image_decoder", lambda _: None)(data_config)
+  return getattr(_source_module(data_config), "image_decoder", lambda _: None)(data_config)
 
 
 def class_names(data_config) -> tuple[str, ...]:
   """The class name of each label (label i is class_names[i]) for sources that have names
   (folder:<DIR>: its class subfolders, sorted); () for the others."""
-  names = getattr(_source_module(data_config.name), "class_names", lambda _: ())
+  names = getattr(_source_module(data_config), "class_names", lambda _: ())
   return tuple(names(data_config))
 
 
 def splits(data_config) -> tuple[str, ...]:
   """The splits a source has, for sources that list them (folder:, arrays:, packed:); () for the
   others."""
-  return tuple(getattr(_source_module(data_config.name), "splits", lambda _: ())(data_config))
+  return tuple(getattr(_source_module(data_config), "splits", lambda _: ())(data_config))
 
 
 def build(data_config, *, split: str, global_batch_size: int, seed: int,
@@ -129,7 +134,7 @@ def build(data_config, *, split: str, global_batch_size: int, seed: int,
   Returns:
     Batches yielding {'image': [B, *image_shape] float32, 'label': [B] int32 if conditional}.
   """
-  module = _source_module(data_config.name)
+  module = _source_module(data_config)
   seed = pipeline.check_non_negative_int(seed, "seed")
   rows = pipeline.process_rows(sharding, global_batch_size, process_index, process_count)
   info, local_batch = module.local_batches(

@@ -8,7 +8,9 @@ Layouts of DIR (image files end in .png, .jpg or .jpeg, in any case):
   DIR/train/, DIR/test/     splits, each in one of the layouts above; split 'test' reads
                             DIR/test, or DIR/val when there is no DIR/test. The classes and
                             labels of every split are those of DIR/train.
-Without DIR/train the whole folder is split 'train' and there is no split 'test'. Files and
+Without DIR/train the whole folder is split 'train' and there is no split 'test'. With
+data.text.encoder set, every image has a caption (a sidecar .txt or a line of captions.jsonl;
+`flowjax.data.captions`), served as the text features 'text'. Files and
 folders whose names start with '.' are ignored.
 
 Each image is resized and center cropped to data.image_size as ADM does
@@ -28,8 +30,11 @@ import os
 import numpy as np
 from PIL import Image
 
+from flowjax.data import captions as captions_lib
 from flowjax.data import images
 from flowjax.data import pipeline
+
+CAPTIONED = True
 
 PREFIX = "folder:"
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -246,8 +251,19 @@ def _describe(data_config, split: str) -> tuple[Listing, pipeline.DataInfo]:
         "(no class subfolders, so no labels); set data.conditional=False, or sort the images "
         "into <DIR>/<class>/ subfolders.")
   num_classes = len(listing.class_names) if data_config.conditional else 0
-  return listing, pipeline.DataInfo(image_shape=(image_size, image_size, listing.channels),
-                                    num_classes=num_classes, num_examples=len(listing.paths))
+  info = pipeline.DataInfo(image_shape=(image_size, image_size, listing.channels),
+                           num_classes=num_classes, num_examples=len(listing.paths))
+  if captions_lib.settings(data_config).enabled:
+    info = captions_lib.with_text(
+        info, captions_lib.text_source(data_config, split_captions(data_config, split)))
+  return listing, info
+
+
+def split_captions(data_config, split: str) -> list[str]:
+  """The caption of each image of a split, in the listing's order."""
+  listing = _listing(data_config.name, split)
+  folders = [_split_folder(data_config.name, split), directory(data_config.name)]
+  return captions_lib.folder_captions(listing.paths, folders)
 
 
 def info(data_config, split: str) -> pipeline.DataInfo:
@@ -279,9 +295,13 @@ def local_batches(data_config, *, split: str, seed: int, global_batch_size: int,
   The rows are {'image': [n, S, S, C] float32 in [-1, 1], 'label': [n] int32 if conditional}.
   """
   listing, data_info = _describe(data_config, split)
+  source = _Source(listing.paths, listing.labels, listing.channels, data_info.image_shape[0])
+  extra = ()
+  if data_info.text is not None:
+    source = captions_lib.in_memory(source, split_captions(data_config, split), data_config)
+    extra = (captions_lib.KEY,)
   transform = pipeline.ExampleTransform(
       seed=seed, random_flip=bool(data_config.random_flip) and split == "train",
-      with_labels=data_info.num_classes > 0)
-  source = _Source(listing.paths, listing.labels, listing.channels, data_info.image_shape[0])
+      with_labels=data_info.num_classes > 0, extra_keys=extra)
   examples = pipeline.example_stream(source, transform, seed=seed, shuffle=shuffle)
   return data_info, pipeline.ExampleBatch(examples, global_batch_size, rows)

@@ -37,12 +37,16 @@ class DataInfo:
     num_examples: size of the split; None for an infinite stream (toy2d).
     extra_arrays: per-example arrays the batches carry besides image and label, as (key,
       per-example shape, dtype name): ('repa_features', (256, 768), 'float16') for a latent
-      cache that holds REPA features (flowjax.data.latents).
+      cache that holds REPA features (flowjax.data.latents); ('text', (T, D), 'float32') for a
+      captioned source.
+    text: a captioned source's `flowjax.data.captions.TextSource` (encoder, sample prompts,
+      null caption), else None.
   """
   image_shape: tuple[int, ...]
   num_classes: int
   num_examples: int | None
   extra_arrays: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+  text: Any = None
 
   def extra_array(self, key: str) -> tuple[tuple[int, ...], str] | None:
     """(per-example shape, dtype name) of the extra array `key`, or None without it."""

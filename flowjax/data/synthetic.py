@@ -3,6 +3,10 @@
 Example i of global batch k is drawn from a NumPy generator keyed by (seed, split, k); with labels,
 the image is N(m_label, 0.5^2 I) with a fixed per-class mean m_label, so models have something to
 learn. Shape: [data.image_size, data.image_size, data.channels]; labels: data.num_classes.
+With data.text.encoder set, each example also carries random caption features 'text'
+[data.text.max_length, D] (D: the encoder's width; data.text.dim for a 't5' encoder without a
+path), for dry runs and benchmarks of text models; the null caption is zeros and the encoder never
+runs.
 """
 
 import dataclasses
@@ -10,7 +14,11 @@ import functools
 
 import numpy as np
 
+from flowjax import text as text_lib
+from flowjax.data import captions as captions_lib
 from flowjax.data import pipeline
+
+CAPTIONED = True
 
 SPLITS = ("train", "test")
 
@@ -33,8 +41,13 @@ def _num_classes(data_config) -> int:
 def info(data_config, split: str) -> pipeline.DataInfo:
   if split not in SPLITS:
     raise ValueError(f"split={split!r} is not a synthetic split; use one of {SPLITS}.")
-  return pipeline.DataInfo(image_shape=_shape(data_config),
+  info = pipeline.DataInfo(image_shape=_shape(data_config),
                            num_classes=_num_classes(data_config), num_examples=None)
+  settings = captions_lib.settings(data_config)
+  if not settings.enabled:
+    return info
+  return captions_lib.with_text(info, captions_lib.TextSource(
+      settings, (), text_lib.feature_dim(settings), features_file=captions_lib.ZEROS))
 
 
 @functools.lru_cache(maxsize=4)
@@ -50,6 +63,7 @@ class _LocalBatch:
   num_classes: int
   seed: int
   split_stream: int
+  text_shape: tuple[int, ...] | None
   global_batch_size: int
   rows: tuple[int, int]
 
@@ -63,6 +77,9 @@ class _LocalBatch:
       images = images + class_means(self.num_classes, self.shape)[labels]
       out["label"] = labels[start:stop]
     out["image"] = images[start:stop]
+    if self.text_shape is not None:
+      out[captions_lib.KEY] = rng.standard_normal(
+          (self.global_batch_size,) + self.text_shape, np.float32)[start:stop]
     return out
 
 
@@ -70,5 +87,6 @@ def local_batches(data_config, *, split: str, seed: int, global_batch_size: int,
                   rows: tuple[int, int], shuffle: bool):
   del shuffle
   data_info = info(data_config, split)
+  text_shape = None if data_info.text is None else data_info.text.shape
   return data_info, _LocalBatch(data_info.image_shape, data_info.num_classes, seed,
-                                SPLITS.index(split), global_batch_size, rows)
+                                SPLITS.index(split), text_shape, global_batch_size, rows)

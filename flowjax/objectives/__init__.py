@@ -33,6 +33,12 @@ def build(objective_config, model, info, repa_config=None):
   off), on the backbone with REPA's projector and aligning its hidden tokens (`repa.setup`)."""
   alignment, model = repa.setup(repa_config, objective_config.name, model, info)
   objective = OBJECTIVES.get(objective_config.name).build(objective_config, model, info)
+  if getattr(info, "text", None) is not None and getattr(objective, "null_text", None) is None:
+    raise ValueError(
+        f"data.text.encoder={info.text.settings.encoder!r} serves captions, but objective "
+        f"{objective_config.name!r} with this model does not read them (captions condition "
+        "'starflow' with model.text_dim = the encoder's width and model.text_length = "
+        "data.text.max_length); set data.text.encoder='' to train without captions.")
   return objective if alignment is None else dataclasses.replace(objective, repa=alignment)
 
 

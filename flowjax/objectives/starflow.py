@@ -13,6 +13,9 @@ y are either
 - "gaussian": y = x + noise_std n, n ~ N(0, I) (noise augmentation); samples then get the
   Tweedie step y + noise_std^2 grad log p(y) when `denoise`.
 Labels are replaced by the null label with probability label_dropout (classifier-free guidance).
+A text model (model.text_dim > 0) reads the batch's caption features 'text' [B, T, D] instead
+(`flowjax.data.captions`), replaced by the null (empty) caption's features with probability
+label_dropout; guided sampling contrasts the prompt with that null caption.
 Metrics: `nll` (nats per dimension of y, with the 0.5 log(2 pi)), `bits_per_dim` (dequantize),
 `prior` (0.5 mean z^2), `logdet`, `intermediate`.
 
@@ -24,10 +27,11 @@ g = 1 is the plain conditional model and the guidance weight of the per-token ru
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from flowjax.objectives import common
@@ -35,6 +39,7 @@ from flowjax.registry import OBJECTIVES, unknown_name_message
 from flowjax.samplers import autoregressive
 
 NOISES = ("dequantize", "gaussian")
+TEXT_KEY = "text"  # the batch's caption features (flowjax.data.captions.KEY)
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -46,7 +51,7 @@ class StarFlow:
 
   noise: "dequantize" (uniform, with data_levels K) or "gaussian" (std noise_std);
   intermediate_weight: weight of sum_k mean(z_k^2) over the inner block outputs (STARFlow 1e-4);
-  label_dropout: probability of the null label during training;
+  label_dropout: probability of the null label (a text model's null caption) in training;
   denoise: apply the Tweedie step to samples of a "gaussian" model;
   guidance_rule: "starflow" (product of Gaussians), "tarflow" (linear in mu and log sigma) or
     "tarflow_shift" (linear in mu only);
@@ -73,6 +78,7 @@ class StarFlow:
   jacobi_tolerance: float = 1e-3
   jacobi_max_iterations: int = 32
   attention_temperature: float = 1.0
+  null_text: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   DEFAULTS: ClassVar[dict] = dict(
       noise="dequantize", data_levels=256, noise_std=0.05, intermediate_weight=1e-4,
@@ -110,14 +116,46 @@ class StarFlow:
   @classmethod
   def build(cls, config, model, info):
     keys = {key: config[key] for key in cls.DEFAULTS}
-    if getattr(model, "text_dim", 0):
-      raise ValueError(
-          f"model.text_dim={model.text_dim}: the text-conditioned STARFlow network exists as a "
-          "model (flowjax.models.tarflow, with flowjax.models.t5 for the caption features), but "
-          "flowjax cannot train or sample it from a config yet (no captioned data source or "
-          "caption cache); set model.text_dim=0 and model.text_length=0.")
+    null_text = None
+    text_dim = getattr(model, "text_dim", 0)
+    if text_dim:
+      expected = (model.text_length, text_dim)
+      if info.text is None:
+        raise ValueError(
+            f"model.text_dim={text_dim}: a text-to-image STARFlow trains on captions; set "
+            "data.text.encoder (and a captioned data.name: digits, folder:<DIR> with captions, a "
+            "latent cache of one, or synthetic for a dry run), or model.text_dim=0 and "
+            "model.text_length=0.")
+      if tuple(info.text.shape) != expected:
+        raise ValueError(
+            f"model.text_length={model.text_length} and model.text_dim={text_dim} must equal the "
+            f"caption features' shape {tuple(info.text.shape)} (data.text.max_length and the "
+            "encoder's width).")
+      null_text = np.asarray(info.text.null(), np.float32)
     return cls(model=model, image_shape=tuple(info.image_shape), num_classes=info.num_classes,
-               **keys)
+               null_text=null_text, **keys)
+
+  def condition(self, batch):
+    """The condition of a batch: caption features [B, T, D] of a text model, labels [B] of a
+    class-conditional one, or None."""
+    if self.null_text is not None:
+      return batch[TEXT_KEY]
+    return common.labels(batch, self.num_classes)
+
+  def drop_condition(self, cond, rng):
+    """cond with each example's caption (or label) replaced by the null one with probability
+    label_dropout."""
+    if self.null_text is None:
+      return common.drop_labels(cond, rng, self.label_dropout, self.num_classes)
+    if self.label_dropout <= 0:
+      return cond
+    drop = jax.random.bernoulli(rng, self.label_dropout, (cond.shape[0],))
+    return jnp.where(drop[:, None, None], jnp.asarray(self.null_text, cond.dtype), cond)
+
+  @property
+  def null_condition(self):
+    """The null label index, or the null caption's features."""
+    return self.num_classes if self.null_text is None else self.null_text
 
   @property
   def num_dims(self) -> int:
@@ -125,7 +163,7 @@ class StarFlow:
 
   def init(self, rng, batch):
     x = batch["image"][:1].astype(jnp.float32)
-    cond = common.labels(batch, self.num_classes)
+    cond = self.condition(batch)
     cond = None if cond is None else cond[:1]
     return self.model.init(rng, x, cond)["params"], {}
 
@@ -169,8 +207,7 @@ class StarFlow:
     del step, view
     noise_key, drop_key = jax.random.split(rng)
     y = self.perturb(batch["image"], noise_key)
-    cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
-                              self.label_dropout, self.num_classes)
+    cond = self.drop_condition(self.condition(batch), drop_key)
     z, logdet, intermediates = self.forward(params, y, cond)
     loss, prior, intermediate = self.training_loss(z, logdet, intermediates)
     nll = jnp.mean(self.nll_per_dim(z, logdet))
@@ -184,7 +221,7 @@ class StarFlow:
     """Mean bits/dim of a batch with its true labels: discrete bits/dim of the dequantised data,
     or, for a "gaussian" model, -log2 p(y) / D of the noise-augmented data y."""
     y = self.perturb(batch["image"], rng)
-    z, logdet, _ = self.forward(params, y, common.labels(batch, self.num_classes))
+    z, logdet, _ = self.forward(params, y, self.condition(batch))
     nll = jnp.mean(self.nll_per_dim(z, logdet))
     if self.noise == "dequantize":
       return self.bits_per_dim(nll)
@@ -205,7 +242,7 @@ class StarFlow:
     x, steps = autoregressive.invert(
         self.model, params, z, cond, method=method,
         guidance=None if guidance == 1.0 else guidance - 1.0,
-        rule=self.guidance_rule, anneal=self.guidance_anneal, null_label=self.num_classes,
+        rule=self.guidance_rule, anneal=self.guidance_anneal, null_label=self.null_condition,
         chunk_size=self.jacobi_chunk, tolerance=self.jacobi_tolerance,
         max_iterations=self.jacobi_max_iterations,
         attention_temperature=self.attention_temperature)
@@ -218,7 +255,8 @@ class StarFlow:
              guidance=1.0):
     """num samples: z ~ N(0, I) inverted through the flow by `method` ("kv_cache", "jacobi" or
     "naive"; all exact), with CFG weight w = guidance - 1 on the label-reading blocks, then the
-    Tweedie denoising step for noise-augmented models. cond: [num] labels or None. num_steps is
+    Tweedie denoising step for noise-augmented models. cond: [num] labels, caption features
+    [num, T, D] of a text model, or None. num_steps is
     not used (the number of steps is set by the token count)."""
     del num_steps
     return self.sample_with_steps(params, rng, num, cond, method=method, guidance=guidance)[0]

@@ -1,0 +1,252 @@
+"""Caption encoders: captions -> frozen text features [N, T, D], the condition of text models.
+
+A text-to-image STARFlow reads its captions as the features of a frozen text encoder (apple/
+ml-starflow: google/flan-t5-xl's last hidden state times the attention mask, 128 tokens padded to
+full length; Gu et al., arXiv:2506.06276). flowjax computes them once, where the captions are read
+(`flowjax.data`: in memory for a small captioned source, batch by batch into a latent cache for a
+large one), so training never runs the encoder. The null caption of classifier-free guidance and
+of caption dropout is the encoding of the empty caption "", as the official code encodes it.
+
+The `data.text` config section picks the encoder:
+- encoder="t5": a HF T5 / Flan-T5 folder at `path` (config.json, model.safetensors or its shards,
+  and the tokenizer's tokenizer.json, as save_pretrained writes them): tokens padded and truncated
+  to `max_length` (the tokenizer's own post-processing appends T5's end-of-sequence token);
+  features = `flowjax.models.t5.features`.
+- encoder="words": an offline encoder for CPU runs and tests: each lower-cased word hashed
+  (CRC-32) into `vocab_size` ids, then an end-of-sequence id, through a randomly initialised T5
+  encoder (v1.1 layout: gated GELU) of width `dim`, `layers` layers and `heads` heads whose
+  weights come from `seed`. No download and no state besides the config: the same config gives
+  the same features on every machine.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import zlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowjax.registry import unknown_name_message
+
+ENCODERS = ("words", "t5")
+TOKENIZER_FILE = "tokenizer.json"
+PAD_ID, EOS_ID = 0, 1  # T5's
+NULL_CAPTION = ""
+
+
+class TextConfigError(ValueError):
+  """A data.text setting that cannot work; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSettings:
+  """The data.text section: encoder ('' = no captions), path, max_length, and the 'words'
+  encoder's vocab_size, dim, layers, heads and seed."""
+  encoder: str = ""
+  path: str = ""
+  max_length: int = 16
+  vocab_size: int = 4096
+  dim: int = 32
+  layers: int = 2
+  heads: int = 4
+  seed: int = 0
+
+  @classmethod
+  def of(cls, data_config) -> "TextSettings":
+    section = data_config.get("text", None)
+    if section is None:
+      return cls()
+    values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise TextConfigError(f"data.text has no key {unknown[0]!r}; its keys are "
+                            f"{[f.name for f in dataclasses.fields(cls)]}.")
+    return cls(**values)
+
+  def __post_init__(self):
+    if self.encoder and self.encoder not in ENCODERS:
+      raise TextConfigError("data.text.encoder: " + unknown_name_message(
+          "text encoder", self.encoder, list(ENCODERS)) + " ('' = no captions)")
+    for key in ("max_length", "vocab_size", "dim", "layers", "heads"):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TextConfigError(f"data.text.{key}={value!r} must be a positive integer.")
+    if self.encoder == "words" and (self.dim % self.heads or self.vocab_size < 3):
+      raise TextConfigError(f"data.text.dim={self.dim} must be a multiple of data.text.heads="
+                            f"{self.heads}, and data.text.vocab_size={self.vocab_size} >= 3.")
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.encoder)
+
+
+def words(caption: str) -> list[str]:
+  """The lower-cased words of a caption (runs of letters and digits)."""
+  return re.findall(r"[a-z0-9]+", caption.lower())
+
+
+def word_ids(caption: str, vocab_size: int, max_length: int) -> list[int]:
+  """The 'words' encoder's tokens: CRC-32 of each word into [2, vocab_size), at most
+  max_length - 1 of them, then the end-of-sequence id (as T5's tokenizer truncates)."""
+  ids = [2 + zlib.crc32(w.encode()) % (vocab_size - 2) for w in words(caption)]
+  return ids[:max_length - 1] + [EOS_ID]
+
+
+def pad(sequences: Sequence[Sequence[int]], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [N, max_length] int32 padded with T5's pad id, attention mask [N, max_length])."""
+  ids = np.full((len(sequences), max_length), PAD_ID, np.int32)
+  mask = np.zeros((len(sequences), max_length), np.int32)
+  for row, sequence in enumerate(sequences):
+    sequence = list(sequence)[:max_length]
+    ids[row, :len(sequence)] = sequence
+    mask[row, :len(sequence)] = 1
+  return ids, mask
+
+
+def hf_tokenizer(path: str, max_length: int):
+  """A `tokenizers.Tokenizer` from `path`/tokenizer.json, truncating to max_length (its
+  post-processor still appends the end-of-sequence token) and padding to exactly max_length."""
+  import tokenizers
+  file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise FileNotFoundError(
+        f"No tokenizer at {file!r}: data.text.path must be a HF T5 folder with its "
+        f"{TOKENIZER_FILE} (AutoTokenizer.from_pretrained(...).save_pretrained(folder) writes it).")
+  tokenizer = tokenizers.Tokenizer.from_file(file)
+  pad_token = tokenizer.id_to_token(PAD_ID) or "<pad>"
+  tokenizer.enable_truncation(max_length)
+  tokenizer.enable_padding(length=max_length, pad_id=PAD_ID, pad_token=pad_token)
+  return tokenizer
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextEncoder:
+  """A frozen encoder: `tokenize(captions) -> (ids, mask)` [N, max_length] and a jitted
+  `features(params, ids, mask) -> [N, max_length, dim]`."""
+  settings: TextSettings
+  dim: int
+  tokenize: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
+  params: Any
+  apply: Callable
+
+  @property
+  def max_length(self) -> int:
+    return self.settings.max_length
+
+  def encode(self, captions: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Features [N, max_length, dim] float32 of N captions (each distinct caption once)."""
+    table, index = self.encode_distinct(captions, batch_size)
+    return table[index]
+
+  def encode_distinct(self, captions: Sequence[str],
+                      batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(table [U, max_length, dim] float32 of the U distinct captions, index [N] int64): caption
+    i's features are table[index[i]]."""
+    captions = [str(c) for c in captions]
+    distinct = sorted(set(captions))
+    position = {caption: i for i, caption in enumerate(distinct)}
+    table = np.zeros((len(distinct), self.max_length, self.dim), np.float32)
+    for start in range(0, len(distinct), batch_size):
+      chunk = distinct[start:start + batch_size]
+      ids, mask = self.tokenize(chunk)
+      size = len(chunk)
+      if size < batch_size and len(distinct) > batch_size:  # one compiled shape
+        ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - size, 0)])
+        mask = np.concatenate([mask, np.repeat(mask[-1:], batch_size - size, 0)])
+      table[start:start + size] = np.asarray(self.apply(self.params, ids, mask))[:size]
+    return table, np.asarray([position[c] for c in captions], np.int64)
+
+  def null(self) -> np.ndarray:
+    """Features [max_length, dim] of the null (empty) caption."""
+    return self.encode([NULL_CAPTION])[0]
+
+
+def _jitted_features(module):
+  from flowjax.models import t5
+  return jax.jit(lambda params, ids, mask: t5.features(module, params, ids, mask))
+
+
+def _words_encoder(settings: TextSettings) -> TextEncoder:
+  from flowjax.models import t5
+  config = t5.T5Config(vocab_size=settings.vocab_size, d_model=settings.dim,
+                       d_kv=settings.dim // settings.heads, d_ff=2 * settings.dim,
+                       num_layers=settings.layers, num_heads=settings.heads,
+                       feed_forward_proj="gated-gelu")
+  module = t5.T5Encoder(config)
+  params = module.init(jax.random.key(settings.seed), jnp.zeros((1, 2), jnp.int32))["params"]
+
+  def tokenize(captions):
+    return pad([word_ids(c, settings.vocab_size, settings.max_length) for c in captions],
+               settings.max_length)
+
+  return TextEncoder(settings, settings.dim, tokenize, params, _jitted_features(module))
+
+
+def _t5_encoder(settings: TextSettings) -> TextEncoder:
+  from flowjax.models import t5
+  if not settings.path:
+    raise TextConfigError("data.text.encoder='t5' needs data.text.path: a local HF T5 folder "
+                          "(config.json, model.safetensors, tokenizer.json; e.g. "
+                          "google/flan-t5-xl saved with save_pretrained).")
+  tokenizer = hf_tokenizer(settings.path, settings.max_length)
+  config, module, params = t5.load(settings.path)
+  if tokenizer.get_vocab_size() > config.vocab_size:
+    raise TextConfigError(f"The tokenizer in {settings.path} has {tokenizer.get_vocab_size()} "
+                          f"tokens but the T5 there embeds {config.vocab_size}: they are not "
+                          "one model's.")
+
+  def tokenize(captions):
+    encodings = tokenizer.encode_batch(list(captions))
+    return (np.asarray([e.ids for e in encodings], np.int32),
+            np.asarray([e.attention_mask for e in encodings], np.int32))
+
+  return TextEncoder(settings, config.d_model, tokenize, params, _jitted_features(module))
+
+
+@functools.lru_cache(maxsize=4)
+def encoder_of(settings: TextSettings) -> TextEncoder:
+  """The encoder of a setting (built once)."""
+  if not settings.enabled:
+    raise TextConfigError("data.text.encoder is not set: there is no caption encoder (choose "
+                          f"one of {list(ENCODERS)}).")
+  return _words_encoder(settings) if settings.encoder == "words" else _t5_encoder(settings)
+
+
+def encoder(data_config) -> TextEncoder:
+  """The configured encoder (built once per setting), or a TextConfigError without one."""
+  return encoder_of(TextSettings.of(data_config))
+
+
+def feature_dim(settings: TextSettings) -> int:
+  """The feature width D without building the encoder: 'words': data.text.dim; 't5': d_model of
+  the config.json in data.text.path (data.text.dim when there is no path: a synthetic dry run)."""
+  if settings.encoder == "t5" and settings.path:
+    from flowjax.models import t5
+    config = os.path.join(settings.path, t5.HF_CONFIG)
+    if not os.path.isfile(config):
+      raise FileNotFoundError(f"data.text.path={settings.path!r} has no {t5.HF_CONFIG}: give a "
+                              "HF T5 folder (save_pretrained writes config.json, the weights "
+                              f"and {TOKENIZER_FILE}).")
+    with open(config) as f:
+      return int(json.load(f)["d_model"])
+  return settings.dim
+
+
+def settings_json(settings: TextSettings) -> str:
+  return json.dumps(dataclasses.asdict(settings), sort_keys=True)
+
+
+def read_prompts(path: str) -> list[str]:
+  """The prompts of a text file: one per non-empty line (surrounding spaces stripped)."""
+  from flowjax import storage
+  if not storage.exists(path):
+    raise FileNotFoundError(f"--prompts={path}: no such file; write one prompt per line.")
+  prompts = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
+  if not prompts:
+    raise ValueError(f"--prompts={path} holds no prompt; write one prompt per line.")
+  return prompts

@@ -1,0 +1,307 @@
+"""Captions and text-to-image STARFlow: the caption encoders (flowjax.text, the 't5' one against
+HuggingFace transformers), captioned data sources (digits, image folders, synthetic), caption
+dropout and text CFG in the objective, and sampling from prompts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from flowjax import config as config_lib, data, modes, objectives, sharding, text
+from flowjax.data import captions, digits
+from flowjax.models import tarflow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = os.path.join(ROOT, "tests", "reference")
+EXPERIMENT = os.path.join(ROOT, "experiments", "starflow_digits_text.py")
+
+
+def words_settings(**values):
+  return text.TextSettings(**{**dict(encoder="words", max_length=8, dim=16, layers=1, heads=2),
+                              **values})
+
+
+def data_config(name="digits", **text_values):
+  c = config_lib.base_config().data
+  c.name = name
+  c.text.update(dict(encoder="words", max_length=8, dim=16, layers=1, heads=2))
+  c.text.update(text_values)
+  return c
+
+
+def batches(config, split="train", batch_size=8, shuffle=False):
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+                            jax.devices()[:1])
+  return data.build(config, split=split, global_batch_size=batch_size, seed=0,
+                    sharding=sharding.batch_sharding(mesh), shuffle=shuffle)
+
+
+# --- encoders -----------------------------------------------------------------------------------
+
+def test_t5_encoder_matches_transformers():
+  """Tokens (padding, truncation, the appended </s>) and features (last hidden state times the
+  mask) of the 't5' encoder on the t5_tiny checkpoint with its tokenizer.json equal what
+  transformers' AutoTokenizer and T5EncoderModel make of the same captions."""
+  reference = np.load(os.path.join(REFERENCE, "t5_tiny_text.npz"))
+  settings = text.TextSettings(encoder="t5", path=os.path.join(REFERENCE, "t5_tiny"),
+                               max_length=reference["input_ids"].shape[1])
+  encoder = text.encoder_of(settings)
+  captions_list = [str(c) for c in reference["captions"]]
+  ids, mask = encoder.tokenize(captions_list)
+  np.testing.assert_array_equal(ids, reference["input_ids"])
+  np.testing.assert_array_equal(mask, reference["attention_mask"])
+  np.testing.assert_allclose(encoder.encode(captions_list), reference["features"], atol=2e-5,
+                             rtol=1e-4)
+  assert text.feature_dim(settings) == 16
+  np.testing.assert_allclose(encoder.null(), reference["features"][2], atol=2e-5, rtol=1e-4)
+
+
+def test_t5_encoder_errors_name_the_fix(tmp_path):
+  with pytest.raises(text.TextConfigError, match="needs data.text.path"):
+    text.encoder_of(text.TextSettings(encoder="t5"))
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    text.encoder_of(text.TextSettings(encoder="t5", path=str(tmp_path)))
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    text.feature_dim(text.TextSettings(encoder="t5", path=str(tmp_path)))
+
+
+def test_settings_are_checked():
+  with pytest.raises(text.TextConfigError, match="data.text.encoder"):
+    text.TextSettings(encoder="bert")
+  with pytest.raises(text.TextConfigError, match="max_length"):
+    text.TextSettings(encoder="words", max_length=0)
+  with pytest.raises(text.TextConfigError, match="multiple of data.text.heads"):
+    text.TextSettings(encoder="words", dim=10, heads=4)
+  config = data_config()
+  with config.text.unlocked() if hasattr(config.text, "unlocked") else config.text:
+    config.text.colour = 1
+  with pytest.raises(text.TextConfigError, match="no key 'colour'"):
+    text.TextSettings.of(config)
+
+
+def test_words_encoder_is_deterministic_and_masks_padding():
+  encoder = text.encoder_of(words_settings())
+  again = text._words_encoder(words_settings())  # a fresh build: same weights from the seed
+  other_seed = text._words_encoder(words_settings(seed=1))
+  prompts = ["a handwritten seven", "a thin handwritten seven", "A handwritten, SEVEN!", ""]
+  features = encoder.encode(prompts)
+  assert features.shape == (4, 8, 16) and features.dtype == np.float32
+  np.testing.assert_array_equal(features, again.encode(prompts))
+  assert np.abs(features - other_seed.encode(prompts)).max() > 0.1
+  # Words are lower-cased runs of letters and digits: prompts 0 and 2 are the same tokens.
+  np.testing.assert_array_equal(features[0], features[2])
+  assert np.abs(features[0] - features[1]).max() > 0.1
+  # Three words and </s> are 4 tokens; the padding rows are zero (features times the mask).
+  assert np.all(np.abs(features[0, :4]).sum(-1) > 0) and np.all(features[0, 4:] == 0)
+  # The null caption is </s> alone.
+  np.testing.assert_array_equal(encoder.null(), features[3])
+  assert np.abs(features[3, 0]).sum() > 0 and np.all(features[3, 1:] == 0)
+  # A long caption keeps its first max_length - 1 words and ends with </s>.
+  ids, mask = encoder.tokenize(["one two three four five six seven eight nine ten"])
+  assert ids[0, -1] == text.EOS_ID and mask.sum() == 8
+  assert list(ids[0, :-1]) == text.word_ids("one two three four five six seven", 4096, 8)[:-1]
+
+
+def test_encode_distinct_holds_each_caption_once():
+  encoder = text.encoder_of(words_settings())
+  prompts = ["b", "a", "b", "c", "a"] * 30  # more distinct batches than one
+  table, index = encoder.encode_distinct(prompts, batch_size=2)
+  assert table.shape[0] == 3
+  np.testing.assert_allclose(table[index], encoder.encode(prompts), atol=1e-6)
+  for i in (0, 1, 3):
+    np.testing.assert_allclose(table[index[i]], encoder.encode([prompts[i]])[0], atol=1e-6)
+
+
+# --- captioned data -----------------------------------------------------------------------------
+
+def test_digits_captions_follow_label_and_ink():
+  all_captions = digits.captions()
+  _, labels = digits.load()
+  assert len(all_captions) == digits.NUM_EXAMPLES and len(set(all_captions)) == 30
+  assert [digits.label_of(c) for c in all_captions] == list(labels)
+  from flowjax.evals import text_digits
+  ink = text_digits.real_ink_by_style()
+  assert ink["thin"] < ink["plain"] < ink["thick"]
+  assert digits.label_of("A thin three") == 3 and digits.label_of("a cat") is None
+
+
+def test_digits_batches_carry_caption_features():
+  config = data_config()
+  info = data.data_info(config)
+  assert info.extra_array("text") == ((8, 16), "float32")
+  assert info.text.prompts == captions.first_distinct(digits.captions()[:1500])
+  batch = next(batches(config, batch_size=8))
+  assert set(batch) == {"image", "text"}
+  expected = text.encoder(config).encode(digits.captions()[:8])
+  np.testing.assert_allclose(np.asarray(batch["text"]), expected, atol=1e-6)
+  test_batch = next(batches(config, split="test", batch_size=4))
+  np.testing.assert_allclose(np.asarray(test_batch["text"]),
+                             text.encoder(config).encode(digits.captions()[1500:1504]),
+                             atol=1e-6)
+
+
+def _write_folder(root, names, channels=3):
+  rng = np.random.default_rng(0)
+  for name in names:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = rng.integers(0, 255, (8, 8, channels), np.uint8)
+    Image.fromarray(pixels if channels == 3 else pixels[..., 0]).save(path)
+
+
+def test_folder_captions_from_sidecars_and_manifest(tmp_path):
+  _write_folder(tmp_path, ["cats/a.png", "cats/b.png", "dogs/c.png"])
+  (tmp_path / "cats" / "a.txt").write_text("a red square\n")
+  (tmp_path / "captions.jsonl").write_text(
+      json.dumps({"file": "cats/b.png", "caption": "a blue circle"}) + "\n\n" +
+      json.dumps({"file": "dogs/c.png", "caption": "a green line"}) + "\n" +
+      json.dumps({"file": "cats/a.png", "caption": "the sidecar wins"}) + "\n")
+  config = data_config(f"folder:{tmp_path}")
+  config.image_size = 8
+  from flowjax.data import folder
+  listing = folder.list_folder(str(tmp_path))
+  order = [os.path.relpath(p, tmp_path) for p in listing.paths]
+  expected = {os.path.join("cats", "a.png"): "a red square",
+              os.path.join("cats", "b.png"): "a blue circle",
+              os.path.join("dogs", "c.png"): "a green line"}
+  assert folder.split_captions(config, "train") == [expected[name] for name in order]
+  batch = next(batches(config, batch_size=3))
+  np.testing.assert_allclose(
+      np.asarray(batch["text"]),
+      text.encoder(config).encode([expected[name] for name in order]), atol=1e-6)
+  # An image without a caption is named with both ways to give one.
+  _write_folder(tmp_path, ["dogs/d.png"])
+  with pytest.raises(FileNotFoundError, match=r"No caption for .*d\.png.*d\.txt.*captions\.jsonl"):
+    data.data_info(config)
+  (tmp_path / "dogs" / "d.txt").write_text("a dot")
+  (tmp_path / "captions.jsonl").write_text('{"file": "cats/b.png"}\n')
+  with pytest.raises(ValueError, match=r"captions.jsonl, line 1: not a JSON object"):
+    data.data_info(config)
+
+
+def test_sources_without_captions_refuse_text():
+  config = data_config("toy2d")
+  with pytest.raises(ValueError, match="has no captions"):
+    data.data_info(config)
+
+
+def test_synthetic_text_for_dry_runs():
+  config = data_config("synthetic", encoder="t5", path="", dim=24, max_length=6)
+  config.image_size, config.channels = 4, 2
+  info = data.data_info(config)
+  assert info.text.shape == (6, 24) and np.all(info.text.null() == 0)
+  batch = next(batches(config, batch_size=4))
+  assert batch["text"].shape == (4, 6, 24) and float(jnp.std(batch["text"])) > 0.5
+
+
+# --- the objective ------------------------------------------------------------------------------
+
+def text_config(**overrides):
+  return config_lib.load_experiment(EXPERIMENT, "tiny", **overrides)
+
+
+def built(config):
+  info = data.data_info(config.data)
+  model = tarflow.build(config.model, info)
+  return objectives.build(config.objective, model, info), info
+
+
+def perturbed(params):
+  """Parameters moved off their initial values (the zero-initialised output layers of a fresh
+  flow otherwise make it ignore its condition)."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                   for p, k in zip(leaves, keys)])
+
+
+def test_objective_reads_captions_and_drops_them_to_the_null_caption():
+  objective, info = built(text_config())
+  null = text.encoder_of(info.text.settings).null()
+  np.testing.assert_array_equal(objective.null_text, null)
+  cond = jnp.asarray(text.encoder_of(info.text.settings).encode(
+      ["a handwritten seven"] * 4000))
+  dropped = objective.drop_condition(cond, jax.random.key(0))
+  is_null = np.all(np.asarray(dropped) == null, axis=(1, 2))
+  kept = np.all(np.asarray(dropped) == np.asarray(cond), axis=(1, 2))
+  assert np.all(is_null | kept)
+  assert abs(is_null.mean() - 0.1) < 0.015  # objective.label_dropout of the experiment
+  # The loss depends on the captions.
+  batch = next(batches(text_config().data, batch_size=8))
+  params = perturbed(objective.init(jax.random.key(0), batch)[0])
+  no_drop = objective.__class__(**{**objective.__dict__, "label_dropout": 0.0})
+  loss, _ = no_drop.loss(params, batch, jax.random.key(1), 0, None)
+  other = {**batch, "text": jnp.roll(batch["text"], 1, axis=0)}
+  other_loss, _ = no_drop.loss(params, other, jax.random.key(1), 0, None)
+  assert abs(float(loss) - float(other_loss)) > 1e-6
+
+
+def test_guided_sampling_contrasts_with_the_null_caption():
+  """CFG with the null caption as the prompt is the unguided model: the guided and unguided
+  passes agree only if guidance uses that same null caption."""
+  objective, info = built(text_config())
+  batch = next(batches(text_config().data, batch_size=4))
+  params = perturbed(objective.init(jax.random.key(0), batch)[0])
+  null = jnp.broadcast_to(jnp.asarray(objective.null_text), (4,) + objective.null_text.shape)
+  plain = objective.sample(params, jax.random.key(1), 4, null)
+  guided = objective.sample(params, jax.random.key(1), 4, null, guidance=3.0)
+  np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), atol=1e-4)
+  prompt = jnp.asarray(info.text.encode(["a thin handwritten three"] * 4))
+  prompted = objective.sample(params, jax.random.key(1), 4, prompt)
+  prompted_guided = objective.sample(params, jax.random.key(1), 4, prompt, guidance=3.0)
+  assert np.abs(np.asarray(prompted_guided) - np.asarray(prompted)).max() > 1e-3
+
+
+def test_text_model_and_captions_must_meet():
+  with pytest.raises(ValueError, match="trains on captions; set data.text.encoder"):
+    built(text_config(**{"data.text.encoder": ""}))
+  with pytest.raises(ValueError, match="must equal the caption features' shape"):
+    built(text_config(**{"data.text.max_length": 6}))
+  config = text_config(**{"model.text_dim": 0, "model.text_length": 0})
+  with pytest.raises(ValueError, match="does not read them"):
+    built(config)
+
+
+# --- training and sampling from prompts ---------------------------------------------------------
+
+def test_train_then_sample_one_grid_per_prompt(tmp_path):
+  from flowjax import api
+  config = text_config()
+  workdir = str(tmp_path / "run")
+  api.train(config, workdir)
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a handwritten seven\n\n  a thin handwritten three  \n")
+  samples = modes.run_sample(config, workdir, prompts=str(prompts))
+  assert samples.shape == (2, config.sample.num, 8, 8, 1)
+  written = json.loads((tmp_path / "run" / "samples" / "prompts.json").read_text())
+  assert written["prompts"] == {"prompt_00": "a handwritten seven",
+                                "prompt_01": "a thin handwritten three"}
+  for name in ("prompt_00.png", "prompt_00.npz", "prompt_01.png", "prompt_01.npz"):
+    assert (tmp_path / "run" / "samples" / name).is_file()
+  stored = np.load(tmp_path / "run" / "samples" / "prompt_01.npz")["samples"]
+  np.testing.assert_array_equal(stored, samples[1])
+  # The same prompt through the Python API: the same encoder features condition the samples.
+  model = api.load(workdir)
+  one = model.sample(4, prompts="a handwritten seven", seed=0)
+  other = model.sample(4, prompts="a thick handwritten zero", seed=0)
+  assert one.shape == (4, 8, 8, 1) and np.abs(one - other).max() > 1e-4
+  (tmp_path / "empty.txt").write_text("\n \n")
+  with pytest.raises(modes.PromptError, match="holds no prompt"):
+    modes.run_sample(config, workdir, prompts=str(tmp_path / "empty.txt"))
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    modes.run_sample(config, workdir, prompts=str(tmp_path / "missing.txt"))
+
+
+def test_prompts_flag_only_samples(tmp_path):
+  done = subprocess.run(
+      [sys.executable, "-m", "flowjax.main", f"--config={EXPERIMENT}:tiny",
+       f"--workdir={tmp_path}", "--num_cpu_devices=1", "--prompts=p.txt"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2 and "--prompts is read by --mode=sample only" in done.stderr
