@@ -305,3 +305,60 @@ def test_prompts_flag_only_samples(tmp_path):
        f"--workdir={tmp_path}", "--num_cpu_devices=1", "--prompts=p.txt"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 2 and "--prompts is read by --mode=sample only" in done.stderr
+
+
+# --- captions in a latent cache -----------------------------------------------------------------
+
+def test_latent_cache_holds_caption_features(tmp_path):
+  """cache_latents of captioned digits stores each record's caption features (float16) and the
+  null and prompt features; the cache serves them only to a config with the same data.text."""
+  from safetensors import numpy as safetensors_numpy
+
+  from flowjax.data import cache_latents, latents
+  from flowjax.data.pipeline import DataInfo
+  from flowjax.models import autoencoder
+  from helpers import random_autoencoder_params
+  settings = dict(encoder="words", max_length=8, dim=16, layers=1, heads=2)
+  config = config_lib.load_experiment(
+      "experiments/autoencoder_digits.py", "tiny",
+      **{f"data.text.{k}": v for k, v in settings.items()})
+  model = autoencoder.build(config.model, DataInfo((8, 8, 1), 0, None))
+  weights = str(tmp_path / "vae.safetensors")
+  safetensors_numpy.save_file(autoencoder.to_diffusers(
+      random_autoencoder_params(model, (8, 8, 1))), weights)
+  out = str(tmp_path / "cache")
+  result = cache_latents.cache(config, out, weights=weights, batch_size=64, shard_size=512)
+  assert result["written"] == [0, 1, 2]
+  spec, _ = latents.read_split(out, "train")
+  assert spec["text"]["feature_shape"] == [8, 16] and spec["text"]["settings"]["encoder"] == "words"
+  encoder = text.encoder_of(text.TextSettings(**settings))
+  config_data = latent_config(out, settings)
+  info = data.data_info(config_data)
+  assert info.extra_array("text") == ((8, 16), "float16")
+  assert info.text.prompts == captions.first_distinct(digits.captions()[:1500])
+  np.testing.assert_array_equal(info.text.null(), encoder.null())
+  np.testing.assert_allclose(info.text.prompt_features(), encoder.encode(info.text.prompts),
+                             atol=1e-6)
+  # Rows 504..515 straddle shards 0 and 1: each record holds its own caption's features.
+  batch_list = batches(config_data, batch_size=12)
+  for _ in range(43):
+    batch = next(batch_list)
+  assert batch["text"].dtype == jnp.float16
+  np.testing.assert_allclose(np.asarray(batch["text"], np.float32),
+                             encoder.encode(digits.captions()[504:516]), atol=2e-3, rtol=2e-3)
+  # Without data.text the cache serves latents alone; other settings are refused.
+  assert "text" not in next(batches(latent_config(out, dict(encoder=""))))
+  with pytest.raises(ValueError, match=r"data.text.dim: cache 16, config 32"):
+    data.data_info(latent_config(out, {**settings, "dim": 32}))
+  # A text STARFlow builds on the cache (its null caption read from text_features.npz).
+  tiny = text_config(**{"model.text_dim": 16})
+  model = tarflow.build(tiny.model, info)
+  objective = objectives.build(tiny.objective, model, info)
+  np.testing.assert_array_equal(objective.null_text, encoder.null())
+
+
+def latent_config(out, settings):
+  c = config_lib.base_config().data
+  c.update(dict(name=f"latents:{out}", conditional=False, prefetch=0))
+  c.text.update(settings)
+  return c

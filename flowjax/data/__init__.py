@@ -108,6 +108,15 @@ def class_names(data_config) -> tuple[str, ...]:
   return tuple(names(data_config))
 
 
+def split_captions(data_config, split: str) -> list[str]:
+  """The caption of every example of a split, in source order, for the sources that have
+  captions (digits, folder:<DIR> with captions); a ValueError for the others."""
+  module = _source_module(data_config)
+  if not hasattr(module, "split_captions"):
+    raise ValueError(f"data.name={data_config.name!r} has no captions to cache.")
+  return list(module.split_captions(data_config, split))
+
+
 def splits(data_config) -> tuple[str, ...]:
   """The splits a source has, for sources that list them (folder:, arrays:, packed:); () for the
   others."""

@@ -71,6 +71,13 @@ def captions() -> tuple[str, ...]:
   return tuple(out)
 
 
+def split_captions(data_config, split: str) -> tuple[str, ...]:
+  """The captions of a split, in source order."""
+  _check(data_config, split)
+  start, stop = SPLITS[split]
+  return captions()[start:stop]
+
+
 def label_of(prompt: str) -> int | None:
   """The digit a prompt names (its first number word), or None."""
   for word in prompt.lower().split():

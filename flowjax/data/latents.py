@@ -13,7 +13,10 @@ Layout of DIR, per split:
                               split in source order; one record per example: the unscaled
                               latent [h, w, c] as float32 bytes, then the label as int32 (-1 if
                               the dataset has none), then with repa the encoder's patch tokens
-                              [N, D] of the same image as float16 bytes;
+                              [N, D] of the same image as float16 bytes, then with text the
+                              caption's features [T, D] as float16 bytes;
+  <split>/text_features.npz   with text: the null caption's features 'null' [T, D] and those of
+                              the split's first distinct captions 'prompts' [K, T, D] (float32);
   <split>/stats.json          per-channel mean and std of the unscaled latents; written last, so
                               its presence marks a complete split.
 
@@ -26,12 +29,20 @@ encoder and no images in the train step, at 2 N D bytes per image (DINOv2-B at 2
 float16, 384 KiB, against 16 KiB for a 32 x 32 x 4 float32 latent; 0.5 TB for ImageNet's 1.28M
 training images).
 
+Captions (`cache_latents` of a captioned dataset with data.text.encoder set): each record holds
+its caption's text-encoder features, computed batch by batch while caching, so that neither the
+cache nor training holds the encoder; cache.json's "text" names the encoder settings, the feature
+shape and the sample prompts. Training on the cache with data.text set to the same settings serves
+them as 'text' (float16); the settings must match, since prompts at sampling time are encoded
+with them.
+
 The source serves {'image': scaled latent [h, w, c] float32, 'label': int32[, 'repa_features':
-[N, D] float16]} through the shared pipeline (same global order and per-process slices as every
-other source). The scaling is config.data.latent_scaling: 'channel' standardises each channel
-with the statistics of the 'train' split (of the split itself if no train split is cached),
-'factor' multiplies by the autoencoder's scaling_factor (0.18215 for the SD-VAE), 'none' serves
-the raw latents. The features are served whenever the cache holds them.
+[N, D] float16][, 'text': [T, D] float16]} through the shared pipeline (same global order and
+per-process slices as every other source). The scaling is config.data.latent_scaling: 'channel'
+standardises each channel with the statistics of the 'train' split (of the split itself if no
+train split is cached), 'factor' multiplies by the autoencoder's scaling_factor (0.18215 for the
+SD-VAE), 'none' serves the raw latents. The REPA features are served whenever the cache holds
+them.
 
 `decode(latents, data_config)` inverts the scaling and runs the autoencoder's decoder;
 `python -m flowjax.data.latents --workdir=W` decodes W/samples/final.npz (written by
@@ -47,6 +58,8 @@ import numpy as np
 
 from flowjax.data import pipeline
 
+CAPTIONED = True
+
 PREFIX = "latents:"
 FORMAT = "flowjax-latents-1"
 SPEC_FILE = "cache.json"
@@ -55,6 +68,9 @@ SCALINGS = ("channel", "factor", "none")
 NO_LABEL = -1
 REPA_KEY = "repa_features"
 REPA_DTYPE = "<f2"
+TEXT_KEY = "text"
+TEXT_DTYPE = "<f2"
+TEXT_FILE = "text_features.npz"
 
 
 def directory(name: str) -> str:
@@ -69,12 +85,15 @@ def shard_path(root: str, split: str, index: int, num_shards: int) -> str:
   return os.path.join(root, split, f"latents-{index:05d}-of-{num_shards:05d}.array_record")
 
 
-def encode_record(latent: np.ndarray, label: int, features: np.ndarray | None = None) -> bytes:
+def encode_record(latent: np.ndarray, label: int, features: np.ndarray | None = None,
+                  text: np.ndarray | None = None) -> bytes:
   """One example as bytes: latent [h, w, c] float32 (C order), then label int32, then the REPA
-  features [N, D] float16 when given."""
+  features [N, D] float16 and the caption features [T, D] float16 when given."""
   record = np.ascontiguousarray(latent, "<f4").tobytes() + np.asarray(label, "<i4").tobytes()
   if features is not None:
     record += np.ascontiguousarray(features, REPA_DTYPE).tobytes()
+  if text is not None:
+    record += np.ascontiguousarray(text, TEXT_DTYPE).tobytes()
   return record
 
 
@@ -155,37 +174,76 @@ class _Source(pipeline.ArrayRecordSource):
   offset: np.ndarray | float = 0.0
   multiplier: np.ndarray | float = 1.0
   feature_shape: tuple[int, ...] | None = None
+  text_shape: tuple[int, ...] | None = None
+  serve_text: bool = False
 
   def decode(self, records: list[bytes]) -> list[dict[str, Any]]:
     size = int(np.prod(self.latent_shape))
     features = 0 if self.feature_shape is None else int(np.prod(self.feature_shape))
-    rows = np.frombuffer(b"".join(records), np.uint8).reshape(len(records),
-                                                              4 * (size + 1) + 2 * features)
+    text = 0 if self.text_shape is None else int(np.prod(self.text_shape))
+    rows = np.frombuffer(b"".join(records), np.uint8).reshape(
+        len(records), 4 * (size + 1) + 2 * features + 2 * text)
     latents = rows[:, :4 * size].view("<f4").reshape((len(records),) + self.latent_shape)
     images = (latents - self.offset) * self.multiplier
     labels = rows[:, 4 * size:4 * (size + 1)].view("<i4")[:, 0]
     examples = [{"image": image, "label": int(label)} for image, label in zip(images, labels)]
+    start = 4 * (size + 1)
     if self.feature_shape is not None:
-      tokens = rows[:, 4 * (size + 1):].view(REPA_DTYPE).reshape(
+      tokens = rows[:, start:start + 2 * features].view(REPA_DTYPE).reshape(
           (len(records),) + self.feature_shape)
       for example, row in zip(examples, tokens):
         example[REPA_KEY] = row
+    if self.serve_text:
+      captions = rows[:, start + 2 * features:].view(TEXT_DTYPE).reshape(
+          (len(records),) + self.text_shape)
+      for example, row in zip(examples, captions):
+        example[TEXT_KEY] = row
     return examples
 
 
 def info(data_config, split: str) -> pipeline.DataInfo:
   """A cached split: image_shape = latent shape (h, w, c); labels when data.conditional; the
-  extra array 'repa_features' [N, D] float16 when the cache holds REPA features."""
-  spec, _ = read_split(directory(data_config.name), split)
+  extra array 'repa_features' [N, D] float16 when the cache holds REPA features, and 'text'
+  [T, D] float16 with `DataInfo.text` when data.text is set (the cache's caption encoder)."""
+  root = directory(data_config.name)
+  spec, _ = read_split(root, split)
   num_classes = int(spec["num_classes"])
   if data_config.conditional and num_classes == 0:
     raise ValueError(f"data.conditional=True but the latents in {directory(data_config.name)} "
                      "were cached without labels; set data.conditional=False.")
   repa = spec.get("repa")
   extra = () if repa is None else ((REPA_KEY, tuple(repa["feature_shape"]), repa["dtype"]),)
+  text = _text_source(data_config, root, split, spec)
+  if text is not None:
+    extra += ((TEXT_KEY, text.shape, "float16"),)
   return pipeline.DataInfo(image_shape=tuple(spec["latent_shape"]),
                            num_classes=num_classes if data_config.conditional else 0,
-                           num_examples=int(spec["num_examples"]), extra_arrays=extra)
+                           num_examples=int(spec["num_examples"]), extra_arrays=extra, text=text)
+
+
+def _text_source(data_config, root: str, split: str, spec: dict):
+  """The cache's TextSource when data.text is set (None when it is not); an error naming the fix
+  when the cache has no captions or holds another encoder's."""
+  from flowjax import text as text_lib
+  from flowjax.data import captions
+  wanted = captions.settings(data_config)
+  cached = spec.get("text")
+  if not wanted.enabled:
+    return None
+  if cached is None:
+    raise ValueError(f"data.text.encoder={wanted.encoder!r} but the latents in {root} were "
+                     "cached without captions; cache a captioned dataset with data.text set "
+                     "(python -m flowjax.data.cache_latents ...), or set data.text.encoder=''.")
+  settings = text_lib.TextSettings(**cached["settings"])
+  if settings != wanted:
+    differing = [f"data.text.{k}: cache {getattr(settings, k)!r}, config {getattr(wanted, k)!r}"
+                 for k in dataclasses.asdict(settings)
+                 if getattr(settings, k) != getattr(wanted, k)]
+    raise ValueError(f"The captions in {root} were encoded with other data.text settings ("
+                     + "; ".join(differing) + "); set data.text to the cache's.")
+  return captions.TextSource(settings, tuple(cached["prompts"]),
+                             int(cached["feature_shape"][1]),
+                             features_file=os.path.join(root, split, TEXT_FILE))
 
 
 def local_batches(data_config, *, split: str, seed: int, global_batch_size: int,
@@ -205,16 +263,20 @@ def local_batches(data_config, *, split: str, seed: int, global_batch_size: int,
   offset, multiplier = scaling_of(root, split, data_config.get("latent_scaling", "channel"))
   num_shards = int(spec["num_shards"])
   features = data_info.extra_array(REPA_KEY)
+  text = spec.get("text")
   source = _Source(tuple(shard_path(root, split, s, num_shards) for s in range(num_shards)),
                    data_info.image_shape, offset, multiplier,
-                   None if features is None else features[0])
+                   None if features is None else features[0],
+                   None if text is None else tuple(text["feature_shape"]),
+                   serve_text=data_info.text is not None)
   if len(source) != data_info.num_examples:
     raise ValueError(f"The shards of split {split!r} in {root} hold {len(source)} examples but "
                      f"{SPEC_FILE} says {data_info.num_examples}; rerun cache_latents into a new "
                      "directory.")
   transform = pipeline.ExampleTransform(seed=seed, random_flip=False,
                                         with_labels=data_info.num_classes > 0,
-                                        extra_keys=() if features is None else (REPA_KEY,))
+                                        extra_keys=tuple(
+                                            key for key, _, _ in data_info.extra_arrays))
   examples = pipeline.example_stream(source, transform, seed=seed, shuffle=shuffle)
   return data_info, pipeline.ExampleBatch(examples, global_batch_size, rows)
 
