@@ -2,6 +2,7 @@
 as a prefix of the deep block, and the 3B configuration's parameter count and FSDP layout."""
 
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -106,3 +107,42 @@ def test_the_3b_text_to_image_configuration_has_the_official_parameter_count():
   for p, s in kernels:
     assert "fsdp" in jax.tree.leaves(tuple(s.spec)), (p.shape, s.spec)
   assert per_device * 4 < 1.01 * total * 4 / 4 + 50e6  # parameters split 4 ways (fsdp)
+
+
+T2I_PRESET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "experiments", "starflow_t2i_3b.py")
+
+
+def t2i_preset(**overrides):
+  """experiments/starflow_t2i_3b.py on synthetic latents and caption features of its shapes
+  (its latent cache is not prepared in tests), on a 2 x 4 (data x fsdp) mesh of 8 devices."""
+  return config_lib.load_experiment(
+      T2I_PRESET, None, **{"data.name": "synthetic", "mesh.data": 2, "mesh.fsdp": 4, **overrides})
+
+
+def test_the_3b_preset_builds_the_official_network_sharded_over_fsdp():
+  """The preset's trainer state (nothing allocated): the official parameter count, the caption
+  features as the batch's 'text' [B, 128, 2048], every large kernel and its Adam moments split
+  over fsdp."""
+  from flowjax import train
+  config = t2i_preset()
+  setup = train.build(config)
+  params = setup.abstract_state.params
+  assert sum(math.prod(p.shape) for p in jax.tree.leaves(params)) == 3_858_281_544
+  assert setup.info.text.shape == (128, 2048) and setup.objective.null_text.shape == (128, 2048)
+  assert not setup.objective.null_text.any()  # synthetic: the zero null caption
+  for leaf in jax.tree.leaves(setup.abstract_state.opt_state):
+    if getattr(leaf, "size", 0) >= 2**20:
+      assert math.prod(leaf.sharding.shard_shape(leaf.shape)) * 4 == leaf.size
+  with pytest.raises(config_lib.ConfigError, match="latents:DIR"):
+    train.build(config_lib.load_experiment(T2I_PRESET))  # no stand-in data by default
+
+
+@pytest.mark.slow
+def test_the_3b_preset_dry_run_compiles():
+  """python -m pytest -m slow tests/test_starflow_text.py: the full 3B train step (batch 1024)
+  compiled from abstract shapes on 8 CPU devices, as --config.train.dry_run=True does."""
+  from flowjax import train
+  compiled, _, memory = train.compile_step(train.build(t2i_preset()))
+  assert compiled is not None
+  print(memory)

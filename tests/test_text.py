@@ -292,6 +292,14 @@ def test_train_then_sample_one_grid_per_prompt(tmp_path):
   one = model.sample(4, prompts="a handwritten seven", seed=0)
   other = model.sample(4, prompts="a thick handwritten zero", seed=0)
   assert one.shape == (4, 8, 8, 1) and np.abs(one - other).max() > 1e-4
+  # The prompt-following evaluation of the README's demonstration, at a tiny size.
+  from flowjax.evals import text_digits
+  scores = text_digits.evaluate(model, guidance=(1.0, 2.0), num=2)
+  assert len(scores["prompts"]) == 30 and set(scores) >= {"guidance=1", "guidance=2"}
+  assert 0.0 <= scores["guidance=2"]["accuracy"] <= 1.0
+  assert set(scores["guidance=1"]["ink_by_style"]) == {"thin", "plain", "thick"}
+  table = text_digits.report([scores, scores])
+  assert table.count("\n") == 3 and "| 2 | " in table and " ± 0.000" in table
   (tmp_path / "empty.txt").write_text("\n \n")
   with pytest.raises(modes.PromptError, match="holds no prompt"):
     modes.run_sample(config, workdir, prompts=str(tmp_path / "empty.txt"))
@@ -362,3 +370,20 @@ def latent_config(out, settings):
   c.update(dict(name=f"latents:{out}", conditional=False, prefetch=0))
   c.text.update(settings)
   return c
+
+
+def test_text_digits_figure_puts_each_prompt_in_its_column_and_style_rows():
+  from flowjax.evals import text_digits
+  num = 5
+  # Sample value encodes its prompt: style s, digit d -> (10 s + d) / 30 * 2 - 1.
+  values = np.repeat(np.arange(30, dtype=np.float32) / 30 * 2 - 1, num)
+  samples = np.broadcast_to(values[:, None, None, None], (30 * num, 8, 8, 1))
+  picture = text_digits.figure(samples, num)
+  cell, pad = 32, 2
+  for style in range(3):
+    for row in range(text_digits.FIGURE_ROWS):
+      for digit in range(10):
+        r = pad + (style * text_digits.FIGURE_ROWS + row) * (cell + pad)
+        c = pad + digit * (cell + pad)
+        expected = (10 * style + digit) / 30 * 255
+        assert abs(int(picture[r + 5, c + 5, 0]) - expected) <= 1, (style, row, digit)

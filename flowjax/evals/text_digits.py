@@ -9,6 +9,8 @@ thick prompts with the real digits' ink under the same captions.
   python -m flowjax.evals.text_digits --workdir=workdirs/starflow_digits_text \
       --guidance=1,2 --num=100 --seed=0 --out=experiments/results/starflow_digits_text.json \
       [--figure=experiments/gallery/starflow_digits_text.png]
+  python -m flowjax.evals.text_digits \
+      --report=experiments/results/starflow_digits_text_seed0.json,...   (the README table)
 
 The figure shows, at the last CFG scale, 4 samples of each prompt: one column per digit, rows of
 4 for the thin, plain and thick prompts (top to bottom).
@@ -88,15 +90,52 @@ def evaluate(trained, *, guidance=(1.0,), num: int = 100, seed: int = 0,
   return result
 
 
+def _spread(values) -> str:
+  values = np.asarray(values, np.float64)
+  if len(values) < 2:
+    return f"{values.mean():.3f}"
+  return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+
+
+def report(results: list[dict]) -> str:
+  """A markdown table of result files (one per seed): per CFG scale, label accuracy, FD and ink
+  per style of prompt, mean ± standard deviation over the files."""
+  scales = [k for k in results[0] if k.startswith("guidance=")]
+  lines = ["| guidance | label accuracy | FD | ink: thin | plain | thick |",
+           "|---|---|---|---|---|---|"]
+  for scale in scales:
+    cells = [_spread([r[scale]["accuracy"] for r in results]),
+             _spread([r[scale]["fd"] for r in results])]
+    cells += [_spread([r[scale]["ink_by_style"][style] for r in results])
+              for style in ("thin", "plain", "thick")]
+    lines.append(f"| {scale.split('=')[1]} | " + " | ".join(cells) + " |")
+  bits = [r["eval"]["eval_bits_per_dim"] for r in results if "eval_bits_per_dim" in
+          r.get("eval", {})]
+  if bits:
+    lines += ["", f"Test bits/dim of the runs: {_spread(bits)}."]
+  return "\n".join(lines)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--workdir", default="")
+  parser.add_argument("--report", default="", help="comma-separated result files: print the "
+                      "README table of their mean ± std and stop")
   parser.add_argument("--guidance", default="1", help="comma-separated CFG scales")
   parser.add_argument("--num", type=int, default=100, help="samples per prompt")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="")
   parser.add_argument("--figure", default="", help="PNG of samples at the last CFG scale")
   args = parser.parse_args(argv)
+  if args.report:
+    results = []
+    for path in args.report.split(","):
+      with open(path) as f:
+        results.append(json.load(f))
+    print(report(results))
+    return
+  if not args.workdir:
+    parser.error("--workdir is required (or --report)")
   from flowjax import api, provenance
   trained = api.load(args.workdir)
   command = "python -m flowjax.evals.text_digits " + " ".join(sys.argv[1:] if argv is None
@@ -108,6 +147,11 @@ def main(argv=None) -> None:
     Image.fromarray(figure(scores.pop("samples"), args.num)).save(args.figure)
   result = {**provenance.header(command), "workdir": args.workdir, "step": trained.step,
             "config_seed": int(trained.config.seed), **scores}
+  # The run's own test-split evaluation at that step (bits/dim of a STARFlow), when it wrote one.
+  from flowjax import storage
+  evaluated = storage.join(args.workdir, "eval", f"step_{trained.step}.json")
+  if storage.exists(evaluated):
+    result["eval"] = json.loads(storage.read_text(evaluated))
   text = json.dumps(result, indent=2)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
