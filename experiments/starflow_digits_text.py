@@ -16,17 +16,14 @@ Presets: :tiny (a few CPU steps in tests).
 
 import os
 
-from flowjax import config as config_lib
+from flowjax import blocks, config as config_lib
 
 _BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "starflow_digits.py")
 
 
 def get_config(arg=None):
-  c = config_lib.load_experiment(_BASE)
+  c = blocks.digits_captions(config_lib.load_experiment(_BASE))
   with c.unlocked():
-    c.data.conditional = False
-    c.data.text.update(dict(encoder="words", max_length=8, dim=32, layers=2, heads=4, seed=0))
-    c.model.update(dict(text_dim=32, text_length=8))
     config_lib.apply_preset(c, arg, PRESETS)
   return c.lock()
 

@@ -32,6 +32,20 @@ def digits_dit(c, **train):
   c.train.update(dict(DIGITS_TRAIN, **train))
 
 
+# The digits' captions through the offline 'words' encoder (flowjax.text): 8 tokens of 32.
+DIGITS_TEXT = dict(encoder="words", max_length=8, dim=32, layers=2, heads=4, seed=0)
+
+
+def digits_captions(c):
+  """Trains config `c` (a digits experiment) on the digits' captions instead of their labels: the
+  'words' encoder's features (DIGITS_TEXT) as the model's text input."""
+  with c.unlocked():
+    c.data.conditional = False
+    c.data.text.update(DIGITS_TEXT)
+    c.model.update(dict(text_dim=DIGITS_TEXT["dim"], text_length=DIGITS_TEXT["max_length"]))
+  return c
+
+
 def dit_size(name: str) -> dict:
   """Preset overrides selecting a DiT size of `flowjax.models.dit.DIT_PRESETS` (e.g. "XL/2")."""
   return {f"model.{key}": value for key, value in dit.DIT_PRESETS[name].items()}

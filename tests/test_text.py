@@ -387,3 +387,77 @@ def test_text_digits_figure_puts_each_prompt_in_its_column_and_style_rows():
         c = pad + digit * (cell + pad)
         expected = (10 * style + digit) / 30 * 255
         assert abs(int(picture[r + 5, c + 5, 0]) - expected) <= 1, (style, row, digit)
+
+
+# --- flow matching and MeanFlow on captions (the DiT's text input) ------------------------------
+
+FM_TEXT = os.path.join(ROOT, "experiments", "fm_digits_text.py")
+MEANFLOW_TEXT = os.path.join(ROOT, "experiments", "meanflow_digits_text.py")
+
+
+def test_dit_reads_captions_as_prefix_tokens_and_a_pooled_embedding():
+  from flowjax.models import dit
+  model = dit.DiT(patch_size=2, hidden_size=16, depth=2, num_heads=2, text_dim=6, text_length=3)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  t = jnp.array([0.3, 0.7])
+  captions_features = jax.random.normal(jax.random.key(1), (2, 3, 6))
+  from flax import linen as nn
+  params = perturbed(nn.meta.unbox(model.init(jax.random.key(2), x, (t,), captions_features,
+                                              train=False)["params"]))
+  assert params["text_proj"]["kernel"].shape == (6, 16) and "bias" in params["text_proj"]
+  assert params["text_pos"].shape == (3, 16) and "text_pool" in params
+  out = model.apply({"params": params}, x, (t,), captions_features, train=False)
+  assert out.shape == x.shape
+  # Each example reads its own caption only.
+  swapped = model.apply({"params": params}, x, (t,), captions_features.at[1].set(
+      captions_features[0]), train=False)
+  np.testing.assert_allclose(swapped[0], out[0], atol=1e-6)
+  assert float(jnp.abs(swapped[1] - out[1]).max()) > 1e-4
+  # Padding (zero features) is left out of the pooled embedding but still a prefix token.
+  padded = captions_features.at[:, 2].set(0.0)
+  assert float(jnp.abs(model.apply({"params": params}, x, (t,), padded, train=False)
+                       - out).max()) > 1e-5
+  with pytest.raises(ValueError, match=r"caption features of shape \[B, 3, 6\]"):
+    model.apply({"params": params}, x, (t,), None, train=False)
+
+
+@pytest.mark.parametrize("experiment", [FM_TEXT, MEANFLOW_TEXT], ids=["fm", "meanflow"])
+def test_dit_objectives_train_on_captions_and_guide_against_the_null_caption(experiment):
+  config = config_lib.load_experiment(experiment, "tiny")
+  info = data.data_info(config.data)
+  from flowjax import models
+  objective = objectives.build(config.objective, models.build(config.model, info), info)
+  encoder = text.encoder_of(info.text.settings)
+  np.testing.assert_array_equal(objective.null_text, encoder.null())
+  batch = next(batches(config.data, batch_size=8))
+  params = perturbed(objective.init(jax.random.key(0), batch)[0])
+  no_drop = objective.__class__(**{**objective.__dict__, "label_dropout": 0.0})
+  loss, _ = no_drop.loss(params, batch, jax.random.key(1), 0, None)
+  other = {**batch, "text": jnp.roll(batch["text"], 1, axis=0)}
+  assert abs(float(loss) - float(no_drop.loss(params, other, jax.random.key(1), 0, None)[0])) > 1e-6
+  # Caption dropout: whole captions become the null caption's features.
+  cond = jnp.asarray(encoder.encode(["a handwritten two"] * 2000))
+  from flowjax.objectives import common
+  dropped = common.drop_condition(cond, jax.random.key(2), 0.25, 0, objective.null_text)
+  is_null = np.asarray(common.is_null(dropped, objective.null_text))
+  assert abs(is_null.mean() - 0.25) < 0.03
+  assert np.all(np.asarray(common.is_null(cond, objective.null_text)) == 0)
+  prompt = jnp.asarray(encoder.encode(["a thin handwritten three"] * 2))
+  null = common.null_like(prompt, objective.null_text)
+  if isinstance(objective, objectives.flow_matching.FlowMatching):
+    # Guidance contrasts with the null caption: with the null caption as the prompt it is the
+    # unguided sampler.
+    plain = objective.sample(params, jax.random.key(3), 2, null, num_steps=2)
+    guided = objective.sample(params, jax.random.key(3), 2, null, num_steps=2, guidance=3.0)
+    np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), atol=1e-5)
+    a = objective.sample(params, jax.random.key(3), 2, prompt, num_steps=2)
+    b = objective.sample(params, jax.random.key(3), 2, prompt, num_steps=2, guidance=3.0)
+    assert float(jnp.abs(a - b).max()) > 1e-4
+  else:
+    # MeanFlow's training-time guidance leaves null-caption examples unguided.
+    guided = objective.__class__(**{**objective.__dict__, "guidance_w": 2.0})
+    z = jax.random.normal(jax.random.key(4), (2, 8, 8, 1))
+    t = jnp.array([0.5, 0.5])
+    v = jax.random.normal(jax.random.key(5), (2, 8, 8, 1))
+    np.testing.assert_array_equal(guided.guided_velocity(params, z, t, v, null), v)
+    assert float(jnp.abs(guided.guided_velocity(params, z, t, v, prompt) - v).max()) > 1e-4

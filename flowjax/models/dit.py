@@ -178,6 +178,13 @@ class DiT(nn.Module):
     repa_depth: 0, or the block (1-based) whose output tokens REPA aligns; repa_dim: the
       encoder's feature width; repa_projector_dim: the projector's hidden width. Set from
       config.repa by `flowjax.objectives.repa`, not from config.model.
+    text_dim, text_length: 0, or the width and token count of the caption features
+      [B, text_length, text_dim] (`flowjax.text`) a text-to-image DiT reads instead of labels:
+      projected by a Dense (with bias) plus a learned position per token, they are text_length
+      prefix tokens every block attends to jointly with the image tokens (DiT's in-context
+      conditioning, Peebles and Xie, arXiv:2212.09748, Sec. 3.1, with the caption's tokens), and
+      the mean of the caption's non-padding features, projected, joins the time embedding that
+      drives adaLN (as a pooled text embedding does in SD3, Esser et al., arXiv:2403.03206).
   """
   patch_size: int
   hidden_size: int
@@ -199,6 +206,8 @@ class DiT(nn.Module):
   repa_depth: int = 0
   repa_dim: int = 0
   repa_projector_dim: int = 2048
+  text_dim: int = 0
+  text_length: int = 0
 
   @property
   def repa_blocks(self) -> int:
@@ -213,7 +222,8 @@ class DiT(nn.Module):
     Args:
       x: [B, H, W, C] float.
       times: tuple of 1 to 5 arrays [B] in [0, 1]; one embedder per element.
-      cond: int32 labels [B] (num_classes = null label) or None (all null).
+      cond: int32 labels [B] (num_classes = null label), caption features [B, text_length,
+        text_dim] of a text model, or None (all null).
       train: enables dropout (rng collection 'dropout').
     Returns:
       [B, H, W, C] float32.
@@ -235,9 +245,31 @@ class DiT(nn.Module):
     spectral = self.linear_init == "spectral"
     layers.check_repa_depth(self.repa_depth, self.repa_blocks)
 
+    text = None
+    if self.text_dim > 0:
+      text, cond = cond, None
+      expected = (batch, self.text_length, self.text_dim)
+      if text is None or tuple(text.shape) != expected:
+        raise ValueError(f"This DiT reads caption features of shape [B, {self.text_length}, "
+                         f"{self.text_dim}] (model.text_length, model.text_dim); got "
+                         f"{None if text is None else list(text.shape)}.")
     c = layers.embed_conditioning(times, cond, batch_size=batch, hidden_size=self.hidden_size,
                                   num_classes=self.num_classes, time_scale=self.time_scale,
                                   param_dtype=self.param_dtype, time_init=self.time_init)
+    prefix = 0
+    if text is not None:
+      text = text.astype(jnp.float32)
+      present = jnp.any(text != 0, axis=-1, keepdims=True).astype(jnp.float32)
+      pooled = (text * present).sum(1) / jnp.maximum(present.sum(1), 1.0)
+      c = c + layers.dense(self.hidden_size, ("vocab", "embed"), param_dtype=self.param_dtype,
+                           name="text_pool")(pooled).astype(jnp.float32)
+      text_tokens = layers.dense(self.hidden_size, ("vocab", "embed"), dtype=self.dtype,
+                                 param_dtype=self.param_dtype, use_bias=True,
+                                 name="text_proj")(text.astype(self.dtype))
+      text_pos = self.param("text_pos", nn.initializers.normal(0.02),
+                            (self.text_length, self.hidden_size), self.param_dtype)
+      text_tokens = text_tokens.astype(jnp.float32) + text_pos.astype(jnp.float32)[None]
+      prefix = self.text_length
 
     tokens = patchify(x.astype(self.dtype), p)
     embed_init = layers.spectral_normal() if spectral else layers.xavier_uniform
@@ -245,6 +277,8 @@ class DiT(nn.Module):
                      dtype=self.dtype, param_dtype=self.param_dtype, name="x_embed")(tokens)
     pos = layers.sincos_pos_embed_2d(self.hidden_size, height // p, width // p)
     h = h.astype(jnp.float32) + pos[None]
+    if prefix:
+      h = jnp.concatenate([text_tokens, h], axis=1)
     h = nn.with_logical_constraint(h, TOKENS)
 
     block_cls = DiTBlock
@@ -257,11 +291,11 @@ class DiT(nn.Module):
                     modulation_norm=self.modulation_norm, spectral_init=spectral,
                     name=f"block_{i}")(h, c, train)
       if i + 1 == self.repa_depth:
-        layers.sow_repa_tokens(self, h, (height // p, width // p), self.repa_dim,
+        layers.sow_repa_tokens(self, h[:, prefix:], (height // p, width // p), self.repa_dim,
                                self.repa_projector_dim, self.dtype, self.param_dtype)
 
     out = FinalLayer(p * p * channels, param_dtype=self.param_dtype, norm=self.norm,
-                     modulation_norm=self.modulation_norm, name="final")(h, c)
+                     modulation_norm=self.modulation_norm, name="final")(h[:, prefix:], c)
     return unpatchify(out, p, height, width).astype(jnp.float32)
 
 
@@ -272,7 +306,8 @@ def build(model_config: ml_collections.ConfigDict, info) -> DiT:
   Keys: patch_size, hidden_size, depth, num_heads (required); mlp_ratio (4.0),
   time_scale (1000.0), dropout (0.0), attention_impl ('xla'), remat ('none'),
   dtype ('float32'), param_dtype ('float32'), norm ('layer'), qk_norm (False),
-  modulation_norm (False), linear_init ('xavier'), time_init ('normal').
+  modulation_norm (False), linear_init ('xavier'), time_init ('normal'), text_dim (0),
+  text_length (0).
   """
   if len(info.image_shape) != 3:
     raise ValueError(f"model.name='dit' needs image data [H, W, C]; got per-example shape "
@@ -295,4 +330,21 @@ def build(model_config: ml_collections.ConfigDict, info) -> DiT:
       qk_norm=bool(model_config.get("qk_norm", False)),
       modulation_norm=bool(model_config.get("modulation_norm", False)),
       linear_init=str(model_config.get("linear_init", "xavier")),
-      time_init=str(model_config.get("time_init", "normal")))
+      time_init=str(model_config.get("time_init", "normal")),
+      **text_settings(model_config, info))
+
+
+def text_settings(model_config, info) -> dict:
+  """{'text_dim', 'text_length'} of config.model, checked: both 0, or both positive on data
+  without class labels."""
+  text_dim = int(model_config.get("text_dim", 0))
+  text_length = int(model_config.get("text_length", 0))
+  if text_dim < 0 or text_length < 0 or (text_dim > 0) != (text_length > 0):
+    raise ValueError(f"model.text_dim={text_dim} and model.text_length={text_length}: both 0 "
+                     "(no text), or both positive (the caption features' width and token count: "
+                     "the text encoder's width and data.text.max_length).")
+  if text_dim > 0 and int(info.num_classes) > 0:
+    raise ValueError(f"model.text_dim={text_dim} with class labels (data.num_classes="
+                     f"{info.num_classes}): a text model reads captions; train on captioned data "
+                     "without labels, or set model.text_dim=0 and model.text_length=0.")
+  return dict(text_dim=text_dim, text_length=text_length)

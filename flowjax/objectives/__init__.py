@@ -28,17 +28,28 @@ from flowjax.objectives import tvm  # noqa: F401  (registers)
 from flowjax.registry import OBJECTIVES
 
 
+# The objectives that read caption features (a backbone with model.text_dim > 0).
+TEXT_OBJECTIVES = ("starflow", "flow_matching", "meanflow")
+
+
 def build(objective_config, model, info, repa_config=None):
   """The objective of config.objective on `model`; with config.repa on (`repa_config`, None =
   off), on the backbone with REPA's projector and aligning its hidden tokens (`repa.setup`)."""
   alignment, model = repa.setup(repa_config, objective_config.name, model, info)
   objective = OBJECTIVES.get(objective_config.name).build(objective_config, model, info)
-  if getattr(info, "text", None) is not None and getattr(objective, "null_text", None) is None:
+  reads_text = getattr(objective, "null_text", None) is not None
+  if getattr(info, "text", None) is not None and not reads_text:
     raise ValueError(
         f"data.text.encoder={info.text.settings.encoder!r} serves captions, but objective "
         f"{objective_config.name!r} with this model does not read them (captions condition "
-        "'starflow' with model.text_dim = the encoder's width and model.text_length = "
-        "data.text.max_length); set data.text.encoder='' to train without captions.")
+        f"{', '.join(map(repr, TEXT_OBJECTIVES))} on a backbone with model.text_dim = the "
+        "encoder's width and model.text_length = data.text.max_length); set "
+        "data.text.encoder='' to train without captions.")
+  if int(getattr(model, "text_dim", 0) or 0) and not reads_text:
+    raise ValueError(
+        f"model.text_dim={model.text_dim}: objective {objective_config.name!r} does not train "
+        f"on captions (those that do: {', '.join(map(repr, TEXT_OBJECTIVES))}); set "
+        "model.text_dim=0 and model.text_length=0.")
   return objective if alignment is None else dataclasses.replace(objective, repa=alignment)
 
 

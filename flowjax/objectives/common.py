@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flowjax.models import layers
 
@@ -44,6 +45,66 @@ def init_model(model, rng, x, num_times: int, cond):
 
 def labels(batch, num_classes: int):
   return batch["label"] if num_classes > 0 else None
+
+
+TEXT_KEY = "text"  # a captioned batch's caption features (flowjax.data.captions.KEY)
+
+
+def text_null(model, info):
+  """The null (empty) caption's features [T, D] float32 for a text model (`model.text_dim` > 0)
+  on captioned data, None for a model without text; a ValueError naming the fix when the model
+  and the data's captions do not meet."""
+  text_dim = int(getattr(model, "text_dim", 0) or 0)
+  if not text_dim:
+    return None
+  text_length = int(getattr(model, "text_length", 0))
+  if getattr(info, "text", None) is None:
+    raise ValueError(
+        f"model.text_dim={text_dim}: a text-to-image model trains on captions; set "
+        "data.text.encoder (and a captioned data.name: digits, folder:<DIR> with captions, a "
+        "latent cache of one, or synthetic for a dry run), or model.text_dim=0 and "
+        "model.text_length=0.")
+  if tuple(info.text.shape) != (text_length, text_dim):
+    raise ValueError(
+        f"model.text_length={text_length} and model.text_dim={text_dim} must equal the caption "
+        f"features' shape {tuple(info.text.shape)} (data.text.max_length and the encoder's "
+        "width).")
+  return np.asarray(info.text.null(), np.float32)
+
+
+def condition(batch, num_classes: int, null_text=None):
+  """A batch's condition: caption features [B, T, D] (a text model: null_text set), labels [B]
+  (num_classes > 0) or None."""
+  if null_text is not None:
+    return batch[TEXT_KEY]
+  return labels(batch, num_classes)
+
+
+def null_condition(num_classes: int, null_text=None):
+  """The null condition: the null caption's features, or the null label index."""
+  return num_classes if null_text is None else null_text
+
+
+def null_like(cond, null):
+  """cond's null: the null label index or caption features broadcast to cond's shape."""
+  return jnp.broadcast_to(jnp.asarray(null, cond.dtype), cond.shape)
+
+
+def is_null(cond, null):
+  """[B] bool: which examples' condition is the null one (label index or caption features)."""
+  same = cond == jnp.asarray(null, cond.dtype)
+  return same if cond.ndim == 1 else jnp.all(same.reshape(cond.shape[0], -1), axis=1)
+
+
+def drop_condition(cond, rng, rate: float, num_classes: int, null_text=None):
+  """cond with each example's label (or caption) replaced by the null one with probability
+  `rate`."""
+  if null_text is None:
+    return drop_labels(cond, rng, rate, num_classes)
+  if rate <= 0:
+    return cond
+  drop = jax.random.bernoulli(rng, rate, (cond.shape[0],))
+  return jnp.where(drop[:, None, None], null_like(cond, null_text), cond)
 
 
 def drop_labels(cond, rng, rate: float, num_classes: int):

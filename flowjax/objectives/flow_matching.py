@@ -15,10 +15,14 @@ objective.noise='gaussian' (the default), this is flow matching exactly.
 
 REPA (config.repa, arXiv:2410.06940; `repa`) aligns the hidden tokens of the training forward
 v_theta(x_t, t, c).
+
+Text-to-image (a backbone with model.text_dim > 0 on captioned data, `flowjax.data.captions`):
+c is the batch's caption features, dropped to the empty caption's with probability label_dropout,
+and classifier-free guidance contrasts a prompt with the empty caption.
 """
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +50,7 @@ class FlowMatching:
   noise: str = "gaussian"
   noise_nu: float = common.DEFAULT_NU
   repa: repa_lib.Alignment | None = None
+  null_text: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   DEFAULTS: ClassVar[dict] = dict(path="ot", time_sampler="uniform", logit_mean=0.0,
                                   logit_std=1.0, label_dropout=0.1, **common.NOISE_DEFAULTS)
@@ -59,11 +64,11 @@ class FlowMatching:
                path=config.path, time_sampler=config.time_sampler,
                logit_mean=config.logit_mean, logit_std=config.logit_std,
                label_dropout=config.label_dropout, noise=config.noise,
-               noise_nu=config.noise_nu)
+               noise_nu=config.noise_nu, null_text=common.text_null(model, info))
 
   def init(self, rng, batch):
     x = batch["image"][:1]
-    cond = common.labels(batch, self.num_classes)
+    cond = common.condition(batch, self.num_classes, self.null_text)
     cond = None if cond is None else cond[:1]
     return common.init_model(self.model, rng, x, 1, cond), repa_lib.init_extra(self.repa, {})
 
@@ -87,8 +92,8 @@ class FlowMatching:
     path = paths.get(self.path)
     x_t = path.interpolate(x, eps, t)
     target = path.velocity(x, eps, t)
-    cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
-                              self.label_dropout, self.num_classes)
+    cond = common.drop_condition(common.condition(batch, self.num_classes, self.null_text),
+                                 drop_key, self.label_dropout, self.num_classes, self.null_text)
     if repa_target is None:
       v = self.velocity(params, x_t, t, cond, model_key, train=True)
     else:
@@ -102,8 +107,10 @@ class FlowMatching:
   def sample(self, params, rng, num, cond=None, *, num_steps=50, method="euler",
              guidance=1.0):
     """num samples from the noise law (N(0, I), or Student-t with objective.noise='student_t')
-    at t = 1 integrated to t = 0; cond: [num] labels or None."""
+    at t = 1 integrated to t = 0; cond: [num] labels, caption features [num, T, D] of a text
+    model, or None; guidance contrasts with the null label or the null caption."""
     x1 = common.draw_noise(rng, (num,) + self.image_shape, self.noise, self.noise_nu)
     fn = lambda x, t, c: self.velocity(params, x, t, c)
-    return ode.solve(ode.guided(fn, cond, guidance, self.num_classes), x1, num_steps, method)
+    null = common.null_condition(self.num_classes, self.null_text)
+    return ode.solve(ode.guided(fn, cond, guidance, null), x1, num_steps, method)
 

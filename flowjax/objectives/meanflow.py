@@ -25,7 +25,7 @@ function differentiated returns them beside u, and the primal tokens enter the R
 import contextlib
 import dataclasses
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +161,8 @@ class MeanFlow:
     [t_min, t_max] and kept labels (effective scale w / (1 - kappa)); w = 1, kappa = 0 is off.
     With variant="imf", guidance_w and guidance_kappa stay 1 and 0, and [guidance_t_min,
     guidance_t_max] is the guidance interval the sampler passes to the network (below);
-  label_dropout: probability of the null label (index num_classes) during training;
+  label_dropout: probability of the null label (index num_classes; a text model: the null
+    caption) during training;
   jvp_precision: matmul precision of the JVP pass (see `meanflow_target`; "float32" by default, so
     the target's derivative is float32 on GPUs and TPUs too; "default" follows
     train.matmul_precision);
@@ -225,6 +226,7 @@ class MeanFlow:
   noise: str = "gaussian"
   noise_nu: float = common.DEFAULT_NU
   repa: repa_lib.Alignment | None = None
+  null_text: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   DEFAULTS: ClassVar[dict] = dict(
       time_sampler="logit_normal", time_mean=-0.4, time_std=1.0, pair_sampler="sorted",
@@ -268,10 +270,11 @@ class MeanFlow:
       raise ValueError(f"objective.guidance_t_min={self.guidance_t_min} and "
                        f"objective.guidance_t_max={self.guidance_t_max} must satisfy "
                        "0 <= guidance_t_min <= guidance_t_max <= 1.")
-    if self.guided and self.num_classes <= 0:
+    if self.guided and not self.conditional:
       raise ValueError(f"objective.guidance_w={self.guidance_w} and "
                        f"objective.guidance_kappa={self.guidance_kappa} ask for training-time "
-                       "guidance, which needs class labels (data.conditional=True); use "
+                       "guidance, which needs class labels (data.conditional=True) or captions; "
+                       "use "
                        "guidance_w=1.0 and guidance_kappa=0.0 for an unconditional model.")
     self._check_imf_keys()
 
@@ -310,10 +313,10 @@ class MeanFlow:
                        f"(objective.guidance_scale_max), not MeanFlow's fixed guidance_w="
                        f"{self.guidance_w} and guidance_kappa={self.guidance_kappa}: set "
                        "guidance_w=1.0, guidance_kappa=0.0 and e.g. guidance_scale_max=8.0.")
-    if self.guidance_scale_max > 1.0 and self.num_classes <= 0:
+    if self.guidance_scale_max > 1.0 and not self.conditional:
       raise ValueError(f"objective.guidance_scale_max={self.guidance_scale_max} trains "
                        "classifier-free guidance, which needs class labels "
-                       "(data.conditional=True); use guidance_scale_max=1.0 for an "
+                       "(data.conditional=True) or captions; use guidance_scale_max=1.0 for an "
                        "unconditional model.")
     interval = (self.guidance_t_min, self.guidance_t_max)
     if interval != (0.0, 1.0) and not (self.guidance_conditioned and self.guidance_interval):
@@ -326,7 +329,17 @@ class MeanFlow:
   def build(cls, config, model, info):
     keys = {key: config[key] for key in cls.DEFAULTS}
     return cls(model=model, image_shape=tuple(info.image_shape), num_classes=info.num_classes,
-               **keys)
+               null_text=common.text_null(model, info), **keys)
+
+  @property
+  def conditional(self) -> bool:
+    """Whether the model reads class labels or captions (what guidance contrasts with null)."""
+    return self.num_classes > 0 or self.null_text is not None
+
+  @property
+  def null(self):
+    """The null label index, or the null caption's features."""
+    return common.null_condition(self.num_classes, self.null_text)
 
   @property
   def guided(self) -> bool:
@@ -360,7 +373,7 @@ class MeanFlow:
 
   def init(self, rng, batch):
     x = batch["image"][:1]
-    cond = common.labels(batch, self.num_classes)
+    cond = common.condition(batch, self.num_classes, self.null_text)
     cond = None if cond is None else cond[:1]
     params = common.init_model(self.model, rng, x, 2 + self.num_guidance_inputs, cond)
     return params, repa_lib.init_extra(self.repa, {})
@@ -440,12 +453,13 @@ class MeanFlow:
     if not self.guided:
       return v
     zeros = jnp.zeros_like(t)
-    null = jnp.full_like(cond, self.num_classes)
+    null = common.null_like(cond, self.null)
     w, kappa = self.guidance_w, self.guidance_kappa
     v_g = w * v + (1.0 - w - kappa) * self.network(params, z_t, t, zeros, null)
     if kappa != 0.0:
       v_g = v_g + kappa * self.network(params, z_t, t, zeros, cond)
-    use = (t >= self.guidance_t_min) & (t <= self.guidance_t_max) & (cond != self.num_classes)
+    use = ((t >= self.guidance_t_min) & (t <= self.guidance_t_max)
+           & ~common.is_null(cond, self.null))
     return jax.lax.stop_gradient(jnp.where(paths.expand(use, v), v_g, v))
 
   def imf_target(self, params, z_t, t, v, cond, omega, t_min, t_max):
@@ -466,10 +480,10 @@ class MeanFlow:
     v_theta = self.velocity(params, z_t, t, cond, self.guidance_inputs(omega, zeros, ones))
     if not self.guidance_conditioned:
       return v, jax.lax.stop_gradient(v_theta)
-    null = jnp.full_like(cond, self.num_classes)
+    null = common.null_like(cond, self.null)
     v_null = self.velocity(params, z_t, t, null, self.guidance_inputs(ones, zeros, ones))
     guided = v + paths.expand(1.0 - 1.0 / omega, v) * (v_theta - v_null)
-    v_g = jnp.where(paths.expand(cond != self.num_classes, v), guided, v)
+    v_g = jnp.where(paths.expand(~common.is_null(cond, self.null), v), guided, v)
     return jax.lax.stop_gradient(v_g), jax.lax.stop_gradient(v_theta)
 
   def imf_compound(self, params, z_t, t, r, cond, v_theta, guidance=(), rng=None, train=False,
@@ -495,8 +509,8 @@ class MeanFlow:
     time_key, noise_key, drop_key, model_key = keys[:4]
     t, r = self.sample_time_pairs(time_key, x.shape[0])
     eps = common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu, jnp.float32)
-    cond = common.drop_labels(common.labels(batch, self.num_classes), drop_key,
-                              self.label_dropout, self.num_classes)
+    cond = common.drop_condition(common.condition(batch, self.num_classes, self.null_text),
+                                 drop_key, self.label_dropout, self.num_classes, self.null_text)
     guidance = self.sample_guidance(keys[4], r == t) if self.variant == "imf" else None
     return self.loss_at(params, x, cond, t, r, eps, model_key, guidance, repa_target)
 

@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from flowjax.objectives import common
@@ -39,7 +38,6 @@ from flowjax.registry import OBJECTIVES, unknown_name_message
 from flowjax.samplers import autoregressive
 
 NOISES = ("dequantize", "gaussian")
-TEXT_KEY = "text"  # the batch's caption features (flowjax.data.captions.KEY)
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -116,46 +114,24 @@ class StarFlow:
   @classmethod
   def build(cls, config, model, info):
     keys = {key: config[key] for key in cls.DEFAULTS}
-    null_text = None
-    text_dim = getattr(model, "text_dim", 0)
-    if text_dim:
-      expected = (model.text_length, text_dim)
-      if info.text is None:
-        raise ValueError(
-            f"model.text_dim={text_dim}: a text-to-image STARFlow trains on captions; set "
-            "data.text.encoder (and a captioned data.name: digits, folder:<DIR> with captions, a "
-            "latent cache of one, or synthetic for a dry run), or model.text_dim=0 and "
-            "model.text_length=0.")
-      if tuple(info.text.shape) != expected:
-        raise ValueError(
-            f"model.text_length={model.text_length} and model.text_dim={text_dim} must equal the "
-            f"caption features' shape {tuple(info.text.shape)} (data.text.max_length and the "
-            "encoder's width).")
-      null_text = np.asarray(info.text.null(), np.float32)
+    null_text = common.text_null(model, info)
     return cls(model=model, image_shape=tuple(info.image_shape), num_classes=info.num_classes,
                null_text=null_text, **keys)
 
   def condition(self, batch):
     """The condition of a batch: caption features [B, T, D] of a text model, labels [B] of a
     class-conditional one, or None."""
-    if self.null_text is not None:
-      return batch[TEXT_KEY]
-    return common.labels(batch, self.num_classes)
+    return common.condition(batch, self.num_classes, self.null_text)
 
   def drop_condition(self, cond, rng):
     """cond with each example's caption (or label) replaced by the null one with probability
     label_dropout."""
-    if self.null_text is None:
-      return common.drop_labels(cond, rng, self.label_dropout, self.num_classes)
-    if self.label_dropout <= 0:
-      return cond
-    drop = jax.random.bernoulli(rng, self.label_dropout, (cond.shape[0],))
-    return jnp.where(drop[:, None, None], jnp.asarray(self.null_text, cond.dtype), cond)
+    return common.drop_condition(cond, rng, self.label_dropout, self.num_classes, self.null_text)
 
   @property
   def null_condition(self):
     """The null label index, or the null caption's features."""
-    return self.num_classes if self.null_text is None else self.null_text
+    return common.null_condition(self.num_classes, self.null_text)
 
   @property
   def num_dims(self) -> int:

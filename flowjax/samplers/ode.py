@@ -38,18 +38,20 @@ def solve(velocity, x1, num_steps: int, method: str = "euler", t_max: float = 1.
   return x0
 
 
-def guided(fn, cond, guidance: float, null_label: int):
+def guided(fn, cond, guidance: float, null_label):
   """Classifier-free guidance: out_u + w (out_c - out_u) from one batched call of fn.
 
-  fn: (x: [B, ...], t: [B], cond: [B] | None) -> [B, ...]. Returns (x, t) -> guided output.
-  With cond None or guidance == 1 it is the plain conditional call.
+  fn: (x: [B, ...], t: [B], cond: [B] | [B, T, D] | None) -> [B, ...]. null_label: the null
+  label index, or a text model's null caption features [T, D]. Returns (x, t) -> guided
+  output. With cond None or guidance == 1 it is the plain conditional call.
   """
   if cond is None or guidance == 1.0:
     return lambda x, t: fn(x, t, cond)
 
   def call(x, t):
     both = fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-              jnp.concatenate([cond, jnp.full_like(cond, null_label)]))
+              jnp.concatenate([cond, jnp.broadcast_to(jnp.asarray(null_label, cond.dtype),
+                                                      cond.shape)]))
     out_c, out_u = jnp.split(both, 2)
     return out_u + guidance * (out_c - out_u)
 
