@@ -307,6 +307,32 @@ def test_converted_workdir_restores_the_converted_parameters(starflow):
   assert int(state.step) == 0
 
 
+def test_starflow_text_path_reproduces_the_official_caption_model(tmp_path):
+  """The fixture's label is the official model's one-token caption: its one-hot [B, 1, 11],
+  projected by the top block's proj_txt. The same network built as a text model (text_dim=11,
+  text_length=1, the projection as its text_proj) reading those one-hots as caption features
+  gives the official z, and guided against the null one-hot as its null caption, the official
+  guided samples."""
+  import dataclasses
+  ref = np.load(os.path.join(REFERENCE, "starflow_tiny_l2r.npz"))
+  config = starflow_config("l2r", conditional=True)
+  params = convert.convert(config, os.path.join(REFERENCE, "starflow_tiny_l2r.safetensors"),
+                           "starflow", str(tmp_path / "workdir"))
+  labelled = train.build(config).objective.model
+  model = dataclasses.replace(labelled, num_classes=0, text_dim=11, text_length=1)
+  top = f"blocks_{model.num_blocks - 1}"
+  params = {**params, top: {("text_proj" if k == "label_token" else k): v
+                            for k, v in params[top].items()}}
+  captions, null = jnp.asarray(ref["y"], jnp.float32), jnp.asarray(ref["y_null"][0], jnp.float32)
+  z, _, _ = model.apply({"params": params}, nhwc(ref["x_noisy"]), captions)
+  assert_matches(z, ref["z"], "z")
+  noise = nhwc(ref["sample_noise"])
+  for key, guidance in (("sample_noguide", None), ("sample_cfg2", 2.0)):
+    got, _ = autoregressive.invert(model, params, noise, captions, guidance=guidance,
+                                   null_label=null)
+    assert_matches(got, ref[key], key)
+
+
 def test_conversion_lists_missing_extra_and_misshaped_keys(tmp_path):
   from safetensors import numpy as safetensors_numpy
   state = safetensors_numpy.load_file(os.path.join(REFERENCE, "starflow_tiny_l2r.safetensors"))
