@@ -137,6 +137,8 @@ def test_digits_batches_carry_caption_features():
   info = data.data_info(config)
   assert info.extra_array("text") == ((8, 16), "float32")
   assert info.text.prompts == captions.first_distinct(digits.captions()[:1500])
+  assert data.describe(config, info).endswith(
+      "(8, 8, 1), captioned ('words' caption features, 8 tokens of 16).")
   batch = next(batches(config, batch_size=8))
   assert set(batch) == {"image", "text"}
   expected = text.encoder(config).encode(digits.captions()[:8])

@@ -83,6 +83,10 @@ def describe(data_config, info: DataInfo, split: str = "train") -> str:
   """One line naming the data source, the split and its size, for the start of a run's log."""
   size = "an endless stream" if info.num_examples is None else f"{info.num_examples:,} examples"
   classes = f", {info.num_classes} classes" if info.num_classes else ", unconditional"
+  if info.text is not None:
+    length, dim = info.text.shape
+    classes = (f", captioned ({info.text.settings.encoder!r} caption features, {length} tokens "
+               f"of {dim})")
   return (f"Data: {data_config.name}, split {split!r}: {size} of shape "
           f"{tuple(info.image_shape)}{classes}.")
 
