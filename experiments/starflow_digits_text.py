@@ -22,10 +22,7 @@ _BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "starflow_digit
 
 
 def get_config(arg=None):
-  c = blocks.digits_captions(config_lib.load_experiment(_BASE))
-  with c.unlocked():
-    config_lib.apply_preset(c, arg, PRESETS)
-  return c.lock()
+  return blocks.captioned_experiment(_BASE, arg)
 
 
 PRESETS = config_lib.experiment_module(_BASE).PRESETS

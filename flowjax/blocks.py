@@ -46,6 +46,16 @@ def digits_captions(c):
   return c
 
 
+def captioned_experiment(path: str, arg=None):
+  """The experiment file at `path` trained on the digits' captions (`digits_captions`), with its
+  preset `arg`; locked."""
+  from flowjax import config as config_lib
+  c = digits_captions(config_lib.load_experiment(path))
+  with c.unlocked():
+    config_lib.apply_preset(c, arg, config_lib.experiment_module(path).PRESETS)
+  return c.lock()
+
+
 def dit_size(name: str) -> dict:
   """Preset overrides selecting a DiT size of `flowjax.models.dit.DIT_PRESETS` (e.g. "XL/2")."""
   return {f"model.{key}": value for key, value in dit.DIT_PRESETS[name].items()}

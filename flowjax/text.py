@@ -237,10 +237,6 @@ def feature_dim(settings: TextSettings) -> int:
   return settings.dim
 
 
-def settings_json(settings: TextSettings) -> str:
-  return json.dumps(dataclasses.asdict(settings), sort_keys=True)
-
-
 def read_prompts(path: str) -> list[str]:
   """The prompts of a text file: one per non-empty line (surrounding spaces stripped)."""
   from flowjax import storage

@@ -331,20 +331,5 @@ def build(model_config: ml_collections.ConfigDict, info) -> DiT:
       modulation_norm=bool(model_config.get("modulation_norm", False)),
       linear_init=str(model_config.get("linear_init", "xavier")),
       time_init=str(model_config.get("time_init", "normal")),
-      **text_settings(model_config, info))
+      **layers.text_settings(model_config, info))
 
-
-def text_settings(model_config, info) -> dict:
-  """{'text_dim', 'text_length'} of config.model, checked: both 0, or both positive on data
-  without class labels."""
-  text_dim = int(model_config.get("text_dim", 0))
-  text_length = int(model_config.get("text_length", 0))
-  if text_dim < 0 or text_length < 0 or (text_dim > 0) != (text_length > 0):
-    raise ValueError(f"model.text_dim={text_dim} and model.text_length={text_length}: both 0 "
-                     "(no text), or both positive (the caption features' width and token count: "
-                     "the text encoder's width and data.text.max_length).")
-  if text_dim > 0 and int(info.num_classes) > 0:
-    raise ValueError(f"model.text_dim={text_dim} with class labels (data.num_classes="
-                     f"{info.num_classes}): a text model reads captions; train on captioned data "
-                     "without labels, or set model.text_dim=0 and model.text_length=0.")
-  return dict(text_dim=text_dim, text_length=text_length)

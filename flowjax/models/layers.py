@@ -366,3 +366,19 @@ def check_repa_depth(repa_depth: int, blocks: int) -> None:
     raise ValueError(f"config.repa.depth={repa_depth}: REPA aligns the tokens after block "
                      f"repa.depth (1-based) of the backbone's {blocks} alignable blocks; use 1 to "
                      f"{blocks}.")
+
+
+def text_settings(model_config, info) -> dict:
+  """{'text_dim', 'text_length'} of config.model, checked: both 0 (no text), or both positive (a
+  text-to-image backbone) on data without class labels."""
+  text_dim = int(model_config.get("text_dim", 0))
+  text_length = int(model_config.get("text_length", 0))
+  if text_dim < 0 or text_length < 0 or (text_dim > 0) != (text_length > 0):
+    raise ValueError(f"model.text_dim={text_dim} and model.text_length={text_length}: both 0 "
+                     "(no text), or both positive (the text encoder's width and the caption "
+                     "length in tokens, data.text.max_length: e.g. 2048 and 128 for flan-t5-xl).")
+  if text_dim > 0 and int(info.num_classes) > 0:
+    raise ValueError(f"model.text_dim={text_dim} with class labels (data.num_classes="
+                     f"{info.num_classes}): a text model reads captions; train on captioned data "
+                     "without labels, or set model.text_dim=0 and model.text_length=0.")
+  return dict(text_dim=text_dim, text_length=text_length)

@@ -710,15 +710,8 @@ def build(model_config: ml_collections.ConfigDict, info) -> TarFlow:
   token_shape(tuple(info.image_shape), int(c.patch_size))
   positions = _choice("positions", c.positions, POSITIONS)
   label_input = _choice("label_input", c.label_input, LABEL_INPUTS)
-  text_dim, text_length = int(c.get("text_dim", 0)), int(c.get("text_length", 0))
-  if text_dim < 0 or text_length < 0 or (text_dim > 0) != (text_length > 0):
-    raise ValueError(f"model.text_dim={text_dim} and model.text_length={text_length}: both 0 "
-                     "(no text), or both positive (the text encoder's width and the caption "
-                     "length in tokens, e.g. 2048 and 128 for flan-t5-xl).")
-  if text_dim > 0 and int(info.num_classes) > 0:
-    raise ValueError(f"model.text_dim={text_dim} with class labels (data.num_classes="
-                     f"{info.num_classes}): a text model reads captions; train on captioned data "
-                     "without labels, or set model.text_dim=0 and model.text_length=0.")
+  text = layers.text_settings(c, info)
+  text_dim, text_length = text["text_dim"], text["text_length"]
   if positions == "rope":
     if len(tuple(info.image_shape)) != 3:
       raise ValueError("model.positions='rope' rotates by 2-D token positions and needs images "
