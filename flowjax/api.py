@@ -110,12 +110,18 @@ class Trained:
         raise ValueError("prompts are read by a text model (data.text.encoder set), instead of "
                          "labels.")
       prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+      if not 1 <= len(prompts) <= num:
+        raise ValueError(f"{len(prompts)} prompts for {num} samples: give 1 to num prompts "
+                         "(they cycle over the samples).")
       features = info.text.encode(prompts)
       labels = features[np.arange(num) % len(prompts)]
     elif labels is None:
       labels = train_lib.sample_labels(info, num)
     elif info.num_classes > 0:
       labels = np.asarray(labels, np.int32).reshape(num)
+    elif info.text is not None:
+      raise ValueError("labels were given, but this model reads captions: pass prompts=[...] "
+                       "instead.")
     else:
       raise ValueError("labels were given, but this model is unconditional (data.conditional="
                        "False); call sample() without labels.")

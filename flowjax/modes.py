@@ -91,11 +91,16 @@ def run_prompts(config, workdir: str, path: str) -> np.ndarray:
     prompts = text.read_prompts(path)
   except ValueError as error:
     raise PromptError(str(error)) from error
-  setup, state = load(config, workdir)
-  if setup.info.text is None or getattr(setup.objective, "null_text", None) is None:
+  if not config.data.text.encoder or not config.model.get("text_dim", 0):
     raise PromptError(f"--prompts={path}: this model reads no text (data.text.encoder="
-                      f"{config.data.text.encoder!r}); prompts need a text-to-image model.")
-  features = setup.info.text.encode(prompts)
+                      f"{config.data.text.encoder!r}, model.text_dim="
+                      f"{config.model.get('text_dim', 0)}); prompts need a text-to-image model.")
+  setup, state = load(config, workdir)
+  try:
+    features = setup.info.text.encode(prompts)
+  except (ValueError, FileNotFoundError) as error:  # e.g. the encoder's folder is not here
+    raise PromptError(f"--prompts={path}: the prompts cannot be encoded with data.text "
+                      f"({type(error).__name__}: {error}).") from error
   num = config.sample.num
   sample = train.sampler(setup)
   params = train.sampling_params(state, config)

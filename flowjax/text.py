@@ -84,6 +84,14 @@ class TextSettings:
   def enabled(self) -> bool:
     return bool(self.encoder)
 
+  def feature_keys(self) -> tuple[str, ...]:
+    """The settings that determine the features: every 'words' setting but the path; for 't5'
+    the encoder and max_length (its weights are the folder's, wherever it lies; the width is
+    the folder's d_model, checked against a cache's feature shape)."""
+    if self.encoder == "t5":
+      return ("encoder", "max_length")
+    return tuple(f.name for f in dataclasses.fields(self) if f.name != "path")
+
 
 def words(caption: str) -> list[str]:
   """The lower-cased words of a caption (runs of letters and digits)."""
@@ -146,24 +154,26 @@ class TextEncoder:
   def encode_distinct(self, captions: Sequence[str],
                       batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(table [U, max_length, dim] float32 of the U distinct captions, index [N] int64): caption
-    i's features are table[index[i]]."""
+    i's features are table[index[i]]. Chunks are padded to a power of two (at most batch_size),
+    so the encoder compiles for a few sizes only. The empty caption's row is `null()` exactly,
+    computed alone, so that a dropped caption and an empty one are the same features."""
     captions = [str(c) for c in captions]
     distinct = sorted(set(captions))
     position = {caption: i for i, caption in enumerate(distinct)}
     table = np.zeros((len(distinct), self.max_length, self.dim), np.float32)
     for start in range(0, len(distinct), batch_size):
       chunk = distinct[start:start + batch_size]
-      ids, mask = self.tokenize(chunk)
       size = len(chunk)
-      if size < batch_size and len(distinct) > batch_size:  # one compiled shape
-        ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - size, 0)])
-        mask = np.concatenate([mask, np.repeat(mask[-1:], batch_size - size, 0)])
+      padded = min(batch_size, 1 << (size - 1).bit_length())
+      ids, mask = self.tokenize(chunk + [chunk[-1]] * (padded - size))
       table[start:start + size] = np.asarray(self.apply(self.params, ids, mask))[:size]
+    if NULL_CAPTION in position and len(distinct) > 1:
+      table[position[NULL_CAPTION]] = self.null()
     return table, np.asarray([position[c] for c in captions], np.int64)
 
   def null(self) -> np.ndarray:
-    """Features [max_length, dim] of the null (empty) caption."""
-    return self.encode([NULL_CAPTION])[0]
+    """Features [max_length, dim] of the null (empty) caption, encoded alone."""
+    return self.encode_distinct([NULL_CAPTION])[0][0]
 
 
 def _jitted_features(module):

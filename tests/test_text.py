@@ -117,6 +117,9 @@ def test_encode_distinct_holds_each_caption_once():
   np.testing.assert_allclose(table[index], encoder.encode(prompts), atol=1e-6)
   for i in (0, 1, 3):
     np.testing.assert_allclose(table[index[i]], encoder.encode([prompts[i]])[0], atol=1e-6)
+  # An empty caption among others is the null caption's features exactly (what dropout uses).
+  table, index = encoder.encode_distinct(["x y", "", "a b c"])
+  np.testing.assert_array_equal(table[index[1]], encoder.null())
 
 
 # --- captioned data -----------------------------------------------------------------------------
@@ -291,6 +294,10 @@ def test_train_then_sample_one_grid_per_prompt(tmp_path):
   np.testing.assert_array_equal(stored, samples[1])
   # The same prompt through the Python API: the same encoder features condition the samples.
   model = api.load(workdir)
+  with pytest.raises(ValueError, match="reads captions: pass prompts"):
+    model.sample(4, labels=[1, 2, 3, 4])
+  with pytest.raises(ValueError, match="5 prompts for 4 samples"):
+    model.sample(4, prompts=["a"] * 5)
   one = model.sample(4, prompts="a handwritten seven", seed=0)
   other = model.sample(4, prompts="a thick handwritten zero", seed=0)
   assert one.shape == (4, 8, 8, 1) and np.abs(one - other).max() > 1e-4
@@ -360,6 +367,20 @@ def test_latent_cache_holds_caption_features(tmp_path):
   assert "text" not in next(batches(latent_config(out, dict(encoder=""))))
   with pytest.raises(ValueError, match=r"data.text.dim: cache 16, config 32"):
     data.data_info(latent_config(out, {**settings, "dim": 32}))
+  with pytest.raises(ValueError, match=r"data.text.encoder: cache 'words', config 't5'"):
+    data.data_info(latent_config(out, {**settings, "encoder": "t5"}))
+  assert data.data_info(latent_config(out, {**settings, "path": "/elsewhere"})).text is not None
+  # The command line writes the same records (the test split, into a second cache).
+  command = [sys.executable, "-m", "flowjax.data.cache_latents",
+             "--config=experiments/autoencoder_digits.py:tiny", f"--weights={weights}",
+             f"--out={tmp_path / 'cli'}", "--split=test", "--batch_size=64", "--shard_size=320"]
+  command += [f"--config.data.text.{k}={v}" for k, v in settings.items()]
+  done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  written = np.load(tmp_path / "cli" / "test" / latents.TEXT_FILE)
+  np.testing.assert_array_equal(written["null"], encoder.null())
+  test_info = data.data_info(latent_config(str(tmp_path / "cli"), settings), "test")
+  assert test_info.num_examples == 297 and test_info.text.prompts[0] == digits.captions()[1500]
   # A text STARFlow builds on the cache (its null caption read from text_features.npz).
   tiny = text_config(**{"model.text_dim": 16})
   model = tarflow.build(tiny.model, info)
@@ -415,10 +436,15 @@ def test_dit_reads_captions_as_prefix_tokens_and_a_pooled_embedding():
       captions_features[0]), train=False)
   np.testing.assert_allclose(swapped[0], out[0], atol=1e-6)
   assert float(jnp.abs(swapped[1] - out[1]).max()) > 1e-4
-  # Padding (zero features) is left out of the pooled embedding but still a prefix token.
+  # The pooled embedding is the projected mean of the non-padding (non-zero) tokens.
   padded = captions_features.at[:, 2].set(0.0)
-  assert float(jnp.abs(model.apply({"params": params}, x, (t,), padded, train=False)
-                       - out).max()) > 1e-5
+  _, captured = model.apply({"params": params}, x, (t,), padded, train=False,
+                            capture_intermediates=lambda m, _: m.name == "text_pool",
+                            mutable=["intermediates"])
+  pooled = captured["intermediates"]["text_pool"]["__call__"][0]
+  mean = padded[:, :2].mean(axis=1)
+  expected = mean @ params["text_pool"]["kernel"] + params["text_pool"]["bias"]
+  np.testing.assert_allclose(pooled, expected, atol=1e-5)
   with pytest.raises(ValueError, match=r"caption features of shape \[B, 3, 6\]"):
     model.apply({"params": params}, x, (t,), None, train=False)
 

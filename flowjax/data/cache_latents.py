@@ -147,6 +147,12 @@ def _write_shard(path: str, latent_rows: np.ndarray, labels: np.ndarray,
   os.replace(tmp, path)
 
 
+def _write_bytes_atomically(path: str, content: bytes) -> None:
+  with open(path + ".tmp", "wb") as f:
+    f.write(content)
+  os.replace(path + ".tmp", path)
+
+
 def _statistics(paths: list[str], latent_shape: tuple[int, ...]) -> dict[str, Any]:
   """Per-channel mean and std (float64 sums) of every latent in the shards."""
   import grain
@@ -292,7 +298,7 @@ def cache(config: ml_collections.ConfigDict, out: str, *, weights: str, split: s
                            "float16 (beyond its range of 65504, or NaN); check the encoder "
                            "weights --repa_encoder_path.")
         feature_rows.append(tokens[:valid])
-      if text_encoder is not None:
+      if text_encoder is not None and is_host0:  # only process 0 writes the records
         start = index * batch_size
         features = text_encoder.encode(split_captions[start:start + valid]).astype(np.float16)
         if not np.all(np.isfinite(features)):
@@ -380,8 +386,3 @@ if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "weights", "out"])
   app.run(main)
 
-
-def _write_bytes_atomically(path: str, content: bytes) -> None:
-  with open(path + ".tmp", "wb") as f:
-    f.write(content)
-  os.replace(path + ".tmp", path)

@@ -121,10 +121,22 @@ class Captioned:
     return {**self.source[i], KEY: self.table[self.index[i]]}
 
 
+# The most caption features a source holds in memory; beyond, the captions go into a latent cache.
+MAX_IN_MEMORY_BYTES = 4 << 30
+
+
 def in_memory(source, captions: Sequence[str], data_config) -> Captioned:
   """`source` with the features of its captions, encoded once per distinct caption."""
   if len(captions) != len(source):
     raise ValueError(f"{len(captions)} captions for {len(source)} examples.")
+  config = settings(data_config)
+  size = len(set(captions)) * config.max_length * text_lib.feature_dim(config) * 4
+  if size > MAX_IN_MEMORY_BYTES:
+    raise ValueError(
+        f"data.name={data_config.name!r}: the features of its {len(set(captions)):,} distinct "
+        f"captions take {size / 2**30:.1f} GiB, more than flowjax holds in memory "
+        f"({MAX_IN_MEMORY_BYTES >> 30} GiB); encode them once into a latent cache (python -m "
+        "flowjax.data.cache_latents with data.text set) and train on data.name='latents:DIR'.")
   table, index = text_lib.encoder(data_config).encode_distinct(list(captions))
   return Captioned(source, table, index)
 

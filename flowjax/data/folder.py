@@ -260,10 +260,17 @@ def _describe(data_config, split: str) -> tuple[Listing, pipeline.DataInfo]:
 
 
 def split_captions(data_config, split: str) -> list[str]:
-  """The caption of each image of a split, in the listing's order."""
-  listing = _listing(data_config.name, split)
-  folders = [_split_folder(data_config.name, split), directory(data_config.name)]
-  return captions_lib.folder_captions(listing.paths, folders)
+  """The caption of each image of a split, in the listing's order (read once per folder
+  state)."""
+  folders = (_split_folder(data_config.name, split), directory(data_config.name))
+  return list(_split_captions(data_config.name, split, folders,
+                              _state(folders[0]) + _state(folders[1])))
+
+
+@functools.lru_cache(maxsize=8)
+def _split_captions(name: str, split: str, folders: tuple, state: tuple) -> tuple[str, ...]:
+  del state
+  return tuple(captions_lib.folder_captions(_listing(name, split).paths, folders))
 
 
 def info(data_config, split: str) -> pipeline.DataInfo:

@@ -235,13 +235,19 @@ def _text_source(data_config, root: str, split: str, spec: dict):
                      "cached without captions; cache a captioned dataset with data.text set "
                      "(python -m flowjax.data.cache_latents ...), or set data.text.encoder=''.")
   settings = text_lib.TextSettings(**cached["settings"])
-  if settings != wanted:
-    differing = [f"data.text.{k}: cache {getattr(settings, k)!r}, config {getattr(wanted, k)!r}"
-                 for k in dataclasses.asdict(settings)
-                 if getattr(settings, k) != getattr(wanted, k)]
+  differing = [f"data.text.{k}: cache {getattr(settings, k)!r}, config {getattr(wanted, k)!r}"
+               for k in sorted(set(settings.feature_keys()) | set(wanted.feature_keys()))
+               if getattr(settings, k) != getattr(wanted, k)]
+  if differing:
     raise ValueError(f"The captions in {root} were encoded with other data.text settings ("
                      + "; ".join(differing) + "); set data.text to the cache's.")
-  return captions.TextSource(settings, tuple(cached["prompts"]),
+  if wanted.encoder == "t5" and wanted.path:
+    width = text_lib.feature_dim(wanted)
+    if width != int(cached["feature_shape"][1]):
+      raise ValueError(f"data.text.path={wanted.path!r} is a T5 of width {width}, but the "
+                       f"captions in {root} are {cached['feature_shape'][1]} wide: another "
+                       "encoder's; point data.text.path at the one the cache was written with.")
+  return captions.TextSource(wanted, tuple(cached["prompts"]),
                              int(cached["feature_shape"][1]),
                              features_file=os.path.join(root, split, TEXT_FILE))
 

@@ -77,9 +77,10 @@ class _LocalBatch:
       images = images + class_means(self.num_classes, self.shape)[labels]
       out["label"] = labels[start:stop]
     out["image"] = images[start:stop]
-    if self.text_shape is not None:
-      out[captions_lib.KEY] = rng.standard_normal(
-          (self.global_batch_size,) + self.text_shape, np.float32)[start:stop]
+    if self.text_shape is not None:  # row r from (seed, split, k, r): only this process's rows
+      out[captions_lib.KEY] = np.stack([
+          np.random.default_rng((self.seed, self.split_stream, k, row)).standard_normal(
+              self.text_shape, np.float32) for row in range(start, stop)])
     return out
 
 

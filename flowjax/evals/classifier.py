@@ -214,6 +214,8 @@ def labelled_data(config, split: str = "train"):
   from flowjax import data
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.conditional = True
+  if "text" in data_config:
+    data_config.text.encoder = ""  # the classifier reads images and labels, not captions
   try:
     info = data.data_info(data_config, split)
   except ValueError:  # a flat folder or an .npy file: no labels

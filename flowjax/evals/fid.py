@@ -797,6 +797,8 @@ def dataset_statistics(config, extractor, split: str = "train", num_examples: in
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   data_config.random_flip = False
   data_config.conditional = False  # statistics need no labels; a flat folder has none
+  if "text" in data_config:
+    data_config.text.encoder = ""  # nor captions
   info = data.data_info(data_config, split)
   total = num_examples or info.num_examples
   if not total or total < 2:
