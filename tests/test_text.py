@@ -489,3 +489,15 @@ def test_dit_objectives_train_on_captions_and_guide_against_the_null_caption(exp
     v = jax.random.normal(jax.random.key(5), (2, 8, 8, 1))
     np.testing.assert_array_equal(guided.guided_velocity(params, z, t, v, null), v)
     assert float(jnp.abs(guided.guided_velocity(params, z, t, v, prompt) - v).max()) > 1e-4
+
+
+def test_text_eval_reports_the_committed_results():
+  """The README's tables come from `python -m flowjax.text_eval --report=...` on the committed
+  result files."""
+  files = [os.path.join(ROOT, "experiments", "results", f"starflow_digits_text_seed{s}.json")
+           for s in range(3)]
+  done = subprocess.run([sys.executable, "-m", "flowjax.text_eval", "--report=" + ",".join(files)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.splitlines()[0].startswith("| guidance | label accuracy |")
+  assert done.stdout.strip() in open(os.path.join(ROOT, "README.md")).read()

@@ -6,20 +6,13 @@ scores each sample against the digit its prompt names (label accuracy), and the 
 samples (the sum of the 64 pixel intensities in [0, 1]) is compared between the thin, plain and
 thick prompts with the real digits' ink under the same captions.
 
-  python -m flowjax.evals.text_digits --workdir=workdirs/starflow_digits_text \
-      --guidance=1,2 --num=100 --seed=0 --out=experiments/results/starflow_digits_text.json \
-      [--figure=experiments/gallery/starflow_digits_text.png]
-  python -m flowjax.evals.text_digits \
-      --report=experiments/results/starflow_digits_text_seed0.json,...   (the README table)
+The command (a driver outside flowjax.evals, which reaches trained models only through what it
+is given): `python -m flowjax.text_eval --workdir=W ...` (see flowjax/text_eval.py).
 
 The figure shows, at the last CFG scale, 4 samples of each prompt: one column per digit, rows of
 4 for the thin, plain and thick prompts (top to bottom).
 """
 
-import argparse
-import json
-import os
-import sys
 
 import numpy as np
 
@@ -59,7 +52,8 @@ def figure(samples: np.ndarray, num: int) -> np.ndarray:
 def evaluate(trained, *, guidance=(1.0,), num: int = 100, seed: int = 0,
              keep_samples: bool = False) -> dict:
   """{'guidance=g': {accuracy, accuracy_by_style, ink_by_style, fd, fd_floor}, 'real_ink_by_style'}
-  for a restored text model `trained` (flowjax.api.Trained); with keep_samples, also
+  for a text model `trained`: anything with `sample(num, prompts=[...], guidance=g, seed=s)`
+  returning [num, 8, 8, 1] images (flowjax.api.Trained); with keep_samples, also
   'samples': the last scale's samples [30 * num, 8, 8, 1] (prompts in style-major order)."""
   from flowjax.evals import digits as digits_eval
   prompts = [(label, style, digits_data.caption(label, style))
@@ -114,51 +108,3 @@ def report(results: list[dict]) -> str:
   if bits:
     lines += ["", f"Test bits/dim of the runs: {_spread(bits)}."]
   return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="")
-  parser.add_argument("--report", default="", help="comma-separated result files: print the "
-                      "README table of their mean ± std and stop")
-  parser.add_argument("--guidance", default="1", help="comma-separated CFG scales")
-  parser.add_argument("--num", type=int, default=100, help="samples per prompt")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", default="")
-  parser.add_argument("--figure", default="", help="PNG of samples at the last CFG scale")
-  args = parser.parse_args(argv)
-  if args.report:
-    results = []
-    for path in args.report.split(","):
-      with open(path) as f:
-        results.append(json.load(f))
-    print(report(results))
-    return
-  if not args.workdir:
-    parser.error("--workdir is required (or --report)")
-  from flowjax import api, provenance
-  trained = api.load(args.workdir)
-  command = "python -m flowjax.evals.text_digits " + " ".join(sys.argv[1:] if argv is None
-                                                              else argv)
-  scores = evaluate(trained, guidance=[float(g) for g in args.guidance.split(",")],
-                    num=args.num, seed=args.seed, keep_samples=bool(args.figure))
-  if args.figure:
-    from PIL import Image
-    Image.fromarray(figure(scores.pop("samples"), args.num)).save(args.figure)
-  result = {**provenance.header(command), "workdir": args.workdir, "step": trained.step,
-            "config_seed": int(trained.config.seed), **scores}
-  # The run's own test-split evaluation at that step (bits/dim of a STARFlow), when it wrote one.
-  from flowjax import storage
-  evaluated = storage.join(args.workdir, "eval", f"step_{trained.step}.json")
-  if storage.exists(evaluated):
-    result["eval"] = json.loads(storage.read_text(evaluated))
-  text = json.dumps(result, indent=2)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-  print(text)
-
-
-if __name__ == "__main__":
-  main()
