@@ -55,20 +55,25 @@ class TextSource:
     return text_lib.encoder_of(self.settings).encode(list(captions))
 
   def null(self) -> np.ndarray:
-    """Features [T, D] float32 of the null caption."""
-    if self.features_file == ZEROS:
-      return np.zeros(self.shape, np.float32)
-    if self.features_file:
-      return _features_file(self.features_file)["null"]
-    return text_lib.encoder_of(self.settings).null()
+    """Features [T, D] float32 of the null caption (computed once per source)."""
+    return _fixed_features(self)[0]
 
   def prompt_features(self) -> np.ndarray:
-    """Features [K, T, D] float32 of `prompts`."""
-    if self.features_file == ZEROS:
-      return np.zeros((1,) + self.shape, np.float32)
-    if self.features_file:
-      return _features_file(self.features_file)["prompts"]
-    return self.encode(self.prompts)
+    """Features [K, T, D] float32 of `prompts` (computed once per source: sample grids and
+    evaluations reuse them)."""
+    return _fixed_features(self)[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_features(source: TextSource) -> tuple[np.ndarray, np.ndarray]:
+  """(null [T, D], prompts [K, T, D]) of a source: zeros, a cache's file, or the encoder's."""
+  if source.features_file == ZEROS:
+    return np.zeros(source.shape, np.float32), np.zeros((1,) + source.shape, np.float32)
+  if source.features_file:
+    stored = _features_file(source.features_file)
+    return stored["null"], stored["prompts"]
+  encoder = text_lib.encoder_of(source.settings)
+  return encoder.null(), encoder.encode(list(source.prompts))
 
 
 @functools.lru_cache(maxsize=8)
