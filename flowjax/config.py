@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   # T5 of width dim) or 't5' (a local HF T5 folder at path); max_length tokens per caption.
   c.data.text = ml_collections.ConfigDict(dict(
       encoder="", path="", max_length=16, vocab_size=4096, dim=32, layers=2, heads=4, seed=0))
+  # data.name='tfds:<NAME>' with captions: the Text feature holding them ('captions/text'), or ''
+  # for the first of 'caption', 'captions/text', 'text' the dataset has (flowjax.data.tfds).
+  c.data.caption_feature = ""
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(preset="fsdp_tensor", rules=()))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from flowjax import config as config_lib, data, modes, objectives, sharding, text
@@ -188,6 +189,64 @@ def test_folder_captions_from_sidecars_and_manifest(tmp_path):
   (tmp_path / "dogs" / "d.txt").write_text("a dot")
   (tmp_path / "captions.jsonl").write_text('{"file": "cats/b.png"}\n')
   with pytest.raises(ValueError, match=r"captions.jsonl, line 1: not a JSON object"):
+    data.data_info(config)
+
+
+class CaptionedTestSet(tfds.core.GeneratorBasedBuilder):
+  """A TFDS dataset made here (no TensorFlow needed to build it): 8x8 images of one grey level
+  each, a 'captions' sequence of {'text', 'id'} as coco_captions has (the first names the grey
+  level), a single 'caption', and a label."""
+  VERSION = tfds.core.Version("1.0.0")
+  LEVELS = (0, 40, 80, 120, 160, 200, 240, 40, 80, 0)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(8, 8, 3)),
+        "captions": tfds.features.Sequence({"text": tfds.features.Text(), "id": np.int64}),
+        "caption": tfds.features.Text(),
+        "label": tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    folder = self.data_dir_root
+    for i, level in enumerate(self.LEVELS):
+      path = os.path.join(folder, f"image{i}.png")
+      Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(path)
+      yield i, {"image": path, "label": i % 3, "caption": f"example {i}",
+                "captions": [{"text": f"grey level {level}", "id": 0},
+                             {"text": f"another caption {i}", "id": 1}]}
+
+
+def test_tfds_captions_from_a_text_feature(tmp_path):
+  """A prepared TFDS dataset with a coco_captions-style sequence of captions: each example's
+  features are those of its first caption (checked row by row against the image's grey level),
+  prompts are the split's first distinct captions, and a missing feature is named with the fix."""
+  CaptionedTestSet(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  config = data_config("tfds:captioned_test_set")
+  config.tfds_data_dir, config.image_size = str(tmp_path), 8
+  config.caption_feature = "captions/text"
+  from flowjax.data import tfds as tfds_source
+  source = tfds.data_source("captioned_test_set", split="train", data_dir=str(tmp_path))
+  order = [int(np.asarray(source[i]["image"])[0, 0, 0]) for i in range(len(source))]
+  assert sorted(order) == sorted(CaptionedTestSet.LEVELS)
+  captions_in_order = tuple(f"grey level {level}" for level in order)
+  assert tfds_source.split_captions(config, "train") == captions_in_order
+  info = data.data_info(config)
+  assert info.text.prompts == captions.first_distinct(captions_in_order)
+  batch = next(batches(config, batch_size=8, shuffle=True))
+  levels = np.round((np.asarray(batch["image"])[:, 0, 0, 0] + 1) * 127.5).astype(int)
+  np.testing.assert_allclose(
+      np.asarray(batch["text"]),
+      text.encoder(config).encode([f"grey level {level}" for level in levels]), atol=1e-6)
+  config.caption_feature = ""  # 'caption' comes first among the features looked for
+  assert tfds_source.split_captions(config, "train")[0].startswith("example ")
+  config.caption_feature = "label"
+  with pytest.raises(ValueError, match=r"data.caption_feature='label' is not a Text feature \(its "
+                                       r"text features: \['caption', 'captions/text'\]\).*"
+                                       r"--config.data.caption_feature=<path>"):
     data.data_info(config)
 
 

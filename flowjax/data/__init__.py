@@ -114,7 +114,8 @@ def class_names(data_config) -> tuple[str, ...]:
 
 def split_captions(data_config, split: str) -> list[str]:
   """The caption of every example of a split, in source order, for the sources that have
-  captions (digits, folder:<DIR> with captions); a ValueError for the others."""
+  captions (digits, folder:<DIR> with captions, tfds:<NAME> with a text feature); a ValueError
+  for the others."""
   module = _source_module(data_config)
   if not hasattr(module, "split_captions"):
     raise ValueError(f"data.name={data_config.name!r} has no captions to cache.")

@@ -152,8 +152,9 @@ def unsupported(data_config) -> None:
     raise ValueError(
         f"data.text.encoder={settings(data_config).encoder!r}: data.name={data_config.name!r} "
         "has no captions. Captions come with data.name='digits' (generated from the label and "
-        "stroke width), 'folder:<DIR>' (sidecar .txt files or captions.jsonl), a latent cache "
-        "written from one of those, and 'synthetic' (random features, for dry runs); or set "
+        "stroke width), 'folder:<DIR>' (sidecar .txt files or captions.jsonl), 'tfds:<NAME>' "
+        "(a text feature, data.caption_feature), a latent cache written from one of those, and "
+        "'synthetic' (random features, for dry runs); or set "
         "data.text.encoder=''.")
 
 

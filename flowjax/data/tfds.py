@@ -3,20 +3,32 @@
 `tfds.data_source` decodes images to uint8 [H, W, C]; each is center cropped and resized the
 way ADM (guided-diffusion) does, then scaled to [-1, 1]. Nothing is ever downloaded here: an
 unprepared dataset raises one error that names the command preparing it.
+
+Captions (data.text.encoder set) come from a text feature of the dataset named by
+data.caption_feature: a path through the features ('caption', 'captions/text' for coco_captions'
+sequence of {'text', 'id'}), or '' to take the first of 'caption', 'captions/text' and 'text'
+that exists. A feature inside a sequence gives the example's first caption. The captions of a
+split are read once (images are not decoded for it) and encoded once per distinct caption
+(`flowjax.data.captions`); a split too large for that goes into a latent cache first.
 """
 
 import dataclasses
 import difflib
+import functools
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from flowjax.data import captions as captions_lib
 from flowjax.data import pipeline
 from flowjax.data.images import center_crop_arr, uint8_to_unit_range
 
 PREFIX = "tfds:"
 _SUPPORTED_CHANNELS = (1, 2, 3, 4)
+CAPTIONED = True
+CAPTION_FEATURES = ("caption", "captions/text", "text")  # tried in order when none is named
+_READ_CHUNK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +131,88 @@ def _describe(data_config, split: str) -> tuple[Any, pipeline.DataInfo]:
     num_classes = label_feature.num_classes
   info = pipeline.DataInfo(image_shape=(image_size, image_size, channels),
                            num_classes=num_classes, num_examples=len(source))
+  if captions_lib.settings(data_config).enabled:
+    info = captions_lib.with_text(
+        info, captions_lib.text_source(data_config, split_captions(data_config, split)))
   return source, info
+
+
+def _feature_at(features, path: str):
+  """(the feature at a '/'-separated path, whether the path crosses a Sequence), or None."""
+  feature, in_sequence = features, False
+  for part in path.split("/"):
+    while isinstance(feature, tfds.features.Sequence):
+      feature, in_sequence = feature.feature, True
+    if not isinstance(feature, tfds.features.FeaturesDict) or part not in feature:
+      return None
+    feature = feature[part]
+  return feature, in_sequence or isinstance(feature, tfds.features.Sequence)
+
+
+def _text_paths(feature, prefix: str = "") -> list[str]:
+  """The '/'-separated paths of every Text feature."""
+  while isinstance(feature, tfds.features.Sequence):
+    feature = feature.feature
+  if isinstance(feature, tfds.features.Text):
+    return [prefix]
+  if isinstance(feature, tfds.features.FeaturesDict):
+    return [path for name in sorted(feature.keys())
+            for path in _text_paths(feature[name], f"{prefix}/{name}" if prefix else name)]
+  return []
+
+
+def _caption_path(data_config, features) -> str:
+  """The caption feature's path (data.caption_feature, or the first of CAPTION_FEATURES)."""
+  named = data_config.get("caption_feature", "")
+  for path in ([named] if named else CAPTION_FEATURES):
+    found = _feature_at(features, path)
+    if found is not None and isinstance(found[0], tfds.features.Text):
+      return path
+  what = (f"data.caption_feature={named!r} is not a Text feature" if named else
+          f"none of {list(CAPTION_FEATURES)} is a Text feature")
+  raise ValueError(
+      f"data.text.encoder={captions_lib.settings(data_config).encoder!r}: in "
+      f"data.name={data_config.name!r}, {what} (its text features: {_text_paths(features)}); "
+      "name the caption "
+      "feature with --config.data.caption_feature=<path> (e.g. 'captions/text'), or set "
+      "data.text.encoder=''.")
+
+
+def _caption(value, path: str, data_name: str, index: int) -> str:
+  """The caption string of one example's value at `path` (the first of a sequence)."""
+  for part in path.split("/"):
+    value = value[part]
+  while isinstance(value, (list, tuple, np.ndarray)) and not isinstance(value, (bytes, str)):
+    if len(value) == 0:
+      raise ValueError(f"data.name={data_name!r}: example {index} has no caption in its "
+                       f"{path!r} sequence; every example needs one (or set "
+                       "data.text.encoder='').")
+    value = value[0]
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def split_captions(data_config, split: str) -> tuple[str, ...]:
+  """The caption of each example of a split, in the source's order (read once per split)."""
+  source, data_name = _open(data_config, split)
+  path = _caption_path(data_config, source.dataset_info.features)
+  return _split_captions(data_name, split, data_config.tfds_data_dir or "", path)
+
+
+@functools.lru_cache(maxsize=4)
+def _split_captions(data_name: str, split: str, data_dir: str, path: str) -> tuple[str, ...]:
+  features = tfds.data_source(data_name[len(PREFIX):], split=split, data_dir=data_dir or None,
+                              download=False).dataset_info.features
+  skip = {name: tfds.decode.SkipDecoding() for name, feature in features.items()
+          if isinstance(feature, tfds.features.Image)}  # no image is decoded to read captions
+  source = tfds.data_source(data_name[len(PREFIX):], split=split, data_dir=data_dir or None,
+                            download=False, decoders=skip)
+  out = []
+  for start in range(0, len(source), _READ_CHUNK):
+    indices = range(start, min(start + _READ_CHUNK, len(source)))
+    examples = (source.__getitems__(list(indices)) if hasattr(source, "__getitems__")
+                else [source[i] for i in indices])
+    out.extend(_caption(example, path, data_name, i) for i, example in zip(indices, examples))
+  return tuple(out)
 
 
 def info(data_config, split: str) -> pipeline.DataInfo:
@@ -135,10 +228,13 @@ def local_batches(data_config, *, split: str, seed: int, global_batch_size: int,
   The rows are {'image': [n, S, S, C] float32 in [-1, 1], 'label': [n] int32 if conditional}.
   """
   source, data_info = _describe(data_config, split)
+  examples = _Source(source, data_config.name, data_info.image_shape, data_info.num_classes)
+  extra = ()
+  if data_info.text is not None:
+    examples = captions_lib.in_memory(examples, split_captions(data_config, split), data_config)
+    extra = (captions_lib.KEY,)
   transform = pipeline.ExampleTransform(
       seed=seed, random_flip=bool(data_config.random_flip) and split.startswith("train"),
-      with_labels=data_info.num_classes > 0)
-  examples = pipeline.example_stream(
-      _Source(source, data_config.name, data_info.image_shape, data_info.num_classes),
-      transform, seed=seed, shuffle=shuffle)
+      with_labels=data_info.num_classes > 0, extra_keys=extra)
+  examples = pipeline.example_stream(examples, transform, seed=seed, shuffle=shuffle)
   return data_info, pipeline.ExampleBatch(examples, global_batch_size, rows)
