@@ -1,6 +1,7 @@
 """Sharded training computes what one device computes, on every mesh layout.
 
-For every backbone (mlp, dit, unet, tarflow in two architectures, autoencoder) and the meshes
+For every backbone (mlp, dit, unet, tarflow in two architectures, autoencoder, and the text-
+conditioned tarflow and dit reading caption features from the batch) and the meshes
 (data, fsdp, tensor) in MESHES, under every sharding preset that gives a distinct layout on that
 mesh: the gradients of one train step (`step.make_gradient`, the function the train step calls)
 equal the 1-device gradients leaf by leaf, and 10 train steps give the 1-device losses.
@@ -46,6 +47,11 @@ CASES = {
     # and an EMA of the generator only (both sets update at every step, so that the first step's
     # gradients reach every parameter).
     "dmd2_parameter_sets": ("dmd2_toy2d", "tiny", {"objective.generator_update_every": 1}),
+    # Captioned digits: the batch's caption features [B, T, D] sharded with the images; the
+    # flow's caption prefix and the DiT's caption tokens and pooled caption embedding, with
+    # caption dropout (objective.label_dropout) drawing the null caption's features.
+    "tarflow_text": ("starflow_digits_text", "tiny", {}),
+    "dit_text": ("fm_digits_text", "tiny", {"model.dropout": 0.1}),
 }
 
 
@@ -184,8 +190,9 @@ def compare(name, mesh, selected):
 EVERY_PRESET_IN_CI = ("mlp",)
 LOSS_MESHES_IN_CI = ((2, 2, 2),)
 # Cases whose sharded layers the cases above already check on every mesh (DMD2's networks are
-# the MLP's): in CI only on the mesh with every axis above 1, the other meshes marked slow.
-FULL_MESH_ONLY_IN_CI = ("dmd2_parameter_sets",)
+# the MLP's; the text cases' layers are those of tarflow and dit plus a caption projection): in CI
+# only on the mesh with every axis above 1, the other meshes marked slow.
+FULL_MESH_ONLY_IN_CI = ("dmd2_parameter_sets", "tarflow_text", "dit_text")
 
 
 def in_ci(name, mesh, preset):
