@@ -107,6 +107,32 @@ def drop_condition(cond, rng, rate: float, num_classes: int, null_text=None):
   return jnp.where(drop[:, None, None], null_like(cond, null_text), cond)
 
 
+class Conditioned:
+  """The condition handling of an objective with `num_classes`, `label_dropout` and `null_text`
+  fields (labels, captions or none): one place for what each condition-reading objective does
+  with its batch's labels or caption features."""
+
+  def condition(self, batch):
+    """The batch's caption features [B, T, D] (a text model), labels [B] (class-conditional) or
+    None."""
+    return condition(batch, self.num_classes, self.null_text)
+
+  def drop_condition(self, cond, rng):
+    """cond with each example's caption (or label) replaced by the null one with probability
+    label_dropout."""
+    return drop_condition(cond, rng, self.label_dropout, self.num_classes, self.null_text)
+
+  @property
+  def null(self):
+    """The null condition: the null label index, or the null caption's features [T, D]."""
+    return null_condition(self.num_classes, self.null_text)
+
+  @property
+  def conditional(self) -> bool:
+    """Whether the model reads class labels or captions (what guidance contrasts with null)."""
+    return self.num_classes > 0 or self.null_text is not None
+
+
 def drop_labels(cond, rng, rate: float, num_classes: int):
   """Replaces each label by the null label (index num_classes) with probability `rate`."""
   if cond is None or rate <= 0:

@@ -36,7 +36,7 @@ from flowjax.samplers import ode
 
 @OBJECTIVES.register("flow_matching")
 @dataclasses.dataclass(frozen=True)
-class FlowMatching:
+class FlowMatching(common.Conditioned):
   """model: backbone v_theta(x, (t,), cond); image_shape: per-example shape; num_classes: 0 for
   unconditional models."""
   model: nn.Module
@@ -68,7 +68,7 @@ class FlowMatching:
 
   def init(self, rng, batch):
     x = batch["image"][:1]
-    cond = common.condition(batch, self.num_classes, self.null_text)
+    cond = self.condition(batch)
     cond = None if cond is None else cond[:1]
     return common.init_model(self.model, rng, x, 1, cond), repa_lib.init_extra(self.repa, {})
 
@@ -92,8 +92,7 @@ class FlowMatching:
     path = paths.get(self.path)
     x_t = path.interpolate(x, eps, t)
     target = path.velocity(x, eps, t)
-    cond = common.drop_condition(common.condition(batch, self.num_classes, self.null_text),
-                                 drop_key, self.label_dropout, self.num_classes, self.null_text)
+    cond = self.drop_condition(self.condition(batch), drop_key)
     if repa_target is None:
       v = self.velocity(params, x_t, t, cond, model_key, train=True)
     else:
@@ -111,6 +110,5 @@ class FlowMatching:
     model, or None; guidance contrasts with the null label or the null caption."""
     x1 = common.draw_noise(rng, (num,) + self.image_shape, self.noise, self.noise_nu)
     fn = lambda x, t, c: self.velocity(params, x, t, c)
-    null = common.null_condition(self.num_classes, self.null_text)
-    return ode.solve(ode.guided(fn, cond, guidance, null), x1, num_steps, method)
+    return ode.solve(ode.guided(fn, cond, guidance, self.null), x1, num_steps, method)
 

@@ -132,7 +132,7 @@ def sample_guidance_scale(rng, shape, scale_max: float, beta: float):
 
 @OBJECTIVES.register("meanflow")
 @dataclasses.dataclass(frozen=True)
-class MeanFlow:
+class MeanFlow(common.Conditioned):
   """model: backbone u_theta(z, (t, t - r), cond), with iMF's guidance conditioning
   u_theta(z, (t, t - r, 1 - 1/omega, t_min, t_max), cond) (arXiv:2512.02012; the official
   network, Lyy-iiis/imeanflow `models/mit.py` `_build_sequence`, conditions on h = t - r, not on
@@ -332,16 +332,6 @@ class MeanFlow:
                null_text=common.text_null(model, info), **keys)
 
   @property
-  def conditional(self) -> bool:
-    """Whether the model reads class labels or captions (what guidance contrasts with null)."""
-    return self.num_classes > 0 or self.null_text is not None
-
-  @property
-  def null(self):
-    """The null label index, or the null caption's features."""
-    return common.null_condition(self.num_classes, self.null_text)
-
-  @property
   def guided(self) -> bool:
     """Whether training uses guidance (extra network calls); a Python-level switch."""
     return self.guidance_w != 1.0 or self.guidance_kappa != 0.0
@@ -373,7 +363,7 @@ class MeanFlow:
 
   def init(self, rng, batch):
     x = batch["image"][:1]
-    cond = common.condition(batch, self.num_classes, self.null_text)
+    cond = self.condition(batch)
     cond = None if cond is None else cond[:1]
     params = common.init_model(self.model, rng, x, 2 + self.num_guidance_inputs, cond)
     return params, repa_lib.init_extra(self.repa, {})
@@ -509,8 +499,7 @@ class MeanFlow:
     time_key, noise_key, drop_key, model_key = keys[:4]
     t, r = self.sample_time_pairs(time_key, x.shape[0])
     eps = common.draw_noise(noise_key, x.shape, self.noise, self.noise_nu, jnp.float32)
-    cond = common.drop_condition(common.condition(batch, self.num_classes, self.null_text),
-                                 drop_key, self.label_dropout, self.num_classes, self.null_text)
+    cond = self.drop_condition(self.condition(batch), drop_key)
     guidance = self.sample_guidance(keys[4], r == t) if self.variant == "imf" else None
     return self.loss_at(params, x, cond, t, r, eps, model_key, guidance, repa_target)
 

@@ -43,7 +43,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 @OBJECTIVES.register("starflow")
 @dataclasses.dataclass(frozen=True)
-class StarFlow:
+class StarFlow(common.Conditioned):
   """model: a flow with the contract of flowjax.models.tarflow; image_shape: per-example shape;
   num_classes: 0 for unconditional models. The other fields are the `objective` config keys:
 
@@ -117,21 +117,6 @@ class StarFlow:
     null_text = common.text_null(model, info)
     return cls(model=model, image_shape=tuple(info.image_shape), num_classes=info.num_classes,
                null_text=null_text, **keys)
-
-  def condition(self, batch):
-    """The condition of a batch: caption features [B, T, D] of a text model, labels [B] of a
-    class-conditional one, or None."""
-    return common.condition(batch, self.num_classes, self.null_text)
-
-  def drop_condition(self, cond, rng):
-    """cond with each example's caption (or label) replaced by the null one with probability
-    label_dropout."""
-    return common.drop_condition(cond, rng, self.label_dropout, self.num_classes, self.null_text)
-
-  @property
-  def null_condition(self):
-    """The null label index, or the null caption's features."""
-    return common.null_condition(self.num_classes, self.null_text)
 
   @property
   def num_dims(self) -> int:
@@ -218,7 +203,7 @@ class StarFlow:
     x, steps = autoregressive.invert(
         self.model, params, z, cond, method=method,
         guidance=None if guidance == 1.0 else guidance - 1.0,
-        rule=self.guidance_rule, anneal=self.guidance_anneal, null_label=self.null_condition,
+        rule=self.guidance_rule, anneal=self.guidance_anneal, null_label=self.null,
         chunk_size=self.jacobi_chunk, tolerance=self.jacobi_tolerance,
         max_iterations=self.jacobi_max_iterations,
         attention_temperature=self.attention_temperature)
