@@ -58,9 +58,10 @@ VARIANTS = {
     "starflow_official": dict(tarflow.STARFLOW_OPTIONS, order="l2r", hidden_size=48),
     # apple/ml-tarflow's: class-mean null label, no final norm, channel-first patches.
     "tarflow_official": dict(tarflow.TARFLOW_OPTIONS, patch_size=2, image_shape=(8, 8, 2)),
-    # ml-starflow's text-to-image model: 3 text tokens of 5 features as the deep block's prefix.
+    # ml-starflow's text-to-image model: 3 text tokens of 5 features as the deep block's prefix
+    # (here through one trainable caption-encoder layer, model.text_layers).
     "starflow_text": dict(tarflow.STARFLOW_OPTIONS, order="l2r", hidden_size=48, num_classes=0,
-                          text_dim=5, text_length=3),
+                          text_dim=5, text_length=3, text_layers=1, text_heads=1),
 }
 
 

@@ -550,6 +550,51 @@ def test_dit_objectives_train_on_captions_and_guide_against_the_null_caption(exp
     assert float(jnp.abs(guided.guided_velocity(params, z, t, v, prompt) - v).max()) > 1e-4
 
 
+def test_trainable_text_encoder_reads_only_the_caption_tokens():
+  """model.text_layers' encoder: the identity at initialisation (zero output projections),
+  attention over the caption's tokens only (the same caption padded to 8 or to 5 tokens gives the
+  same features), padding kept at zero, and an all-zero caption (synthetic text's null) finite."""
+  from flowjax.models import layers
+  encoder = layers.TextEncoder(depth=2, num_heads=2)
+  rng = np.random.default_rng(0)
+  caption = np.zeros((3, 8, 16), np.float32)
+  for row, tokens in enumerate((3, 5, 1)):
+    caption[row, :tokens] = rng.standard_normal((tokens, 16))
+  params = encoder.init(jax.random.key(0), caption)["params"]
+  np.testing.assert_array_equal(encoder.apply({"params": params}, caption), caption)
+  params = perturbed(params)
+  long = np.asarray(encoder.apply({"params": params}, caption))
+  short = np.asarray(encoder.apply({"params": params}, caption[:, :5]))
+  assert np.abs(long - caption).max() > 0.1
+  np.testing.assert_allclose(long[:, :5], short, atol=1e-5)
+  np.testing.assert_array_equal(long[0, 3:], 0.0)
+  empty = np.asarray(encoder.apply({"params": params}, np.zeros((1, 8, 16), np.float32)))
+  np.testing.assert_array_equal(empty, 0.0)
+
+
+@pytest.mark.parametrize("experiment", [EXPERIMENT, FM_TEXT], ids=["starflow", "fm"])
+def test_trainable_text_encoder_trains_with_the_backbone(experiment):
+  """With model.text_layers the caption features pass through encoder layers the loss trains:
+  their gradients are non-zero and the loss depends on them."""
+  config = config_lib.load_experiment(experiment, "tiny",
+                                      **{"model.text_layers": 1, "model.text_heads": 2})
+  info = data.data_info(config.data)
+  from flowjax import models
+  objective = objectives.build(config.objective, models.build(config.model, info), info)
+  batch = next(batches(config.data, batch_size=8))
+  params = perturbed(objective.init(jax.random.key(0), batch)[0])
+  found = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+           if "text_encoder" in jax.tree_util.keystr(path)]
+  assert len(found) == 16  # 2 LayerNorms (scale, bias), 6 Dense layers (kernel, bias)
+  grads = jax.grad(lambda p: objective.loss(p, batch, jax.random.key(1), 0, None)[0])(params)
+  for path, grad in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    if "text_encoder" in jax.tree_util.keystr(path):
+      assert float(jnp.abs(grad).max()) > 0, jax.tree_util.keystr(path)
+  with pytest.raises(ValueError, match="text_heads must divide model.text_dim"):
+    models.build(config_lib.load_experiment(experiment, "tiny", **{
+        "model.text_layers": 1, "model.text_heads": 5}).model, info)
+
+
 def test_text_eval_reports_the_committed_results():
   """The README's tables come from `python -m flowjax.text_eval --report=...` on the committed
   result files."""

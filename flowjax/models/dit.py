@@ -185,6 +185,8 @@ class DiT(nn.Module):
       conditioning, Peebles and Xie, arXiv:2212.09748, Sec. 3.1, with the caption's tokens), and
       the mean of the caption's non-padding features, projected, joins the time embedding that
       drives adaLN (as a pooled text embedding does in SD3, Esser et al., arXiv:2403.03206).
+    text_layers, text_heads: trainable caption-encoder layers (`layers.TextEncoder`) over the
+      frozen caption features before both, 0 = none.
   """
   patch_size: int
   hidden_size: int
@@ -208,6 +210,8 @@ class DiT(nn.Module):
   repa_projector_dim: int = 2048
   text_dim: int = 0
   text_length: int = 0
+  text_layers: int = 0
+  text_heads: int = 4
 
   @property
   def repa_blocks(self) -> int:
@@ -259,6 +263,9 @@ class DiT(nn.Module):
     prefix = 0
     if text is not None:
       text = text.astype(jnp.float32)
+      if self.text_layers:
+        text = layers.TextEncoder(self.text_layers, self.text_heads, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name="text_encoder")(text)
       present = jnp.any(text != 0, axis=-1, keepdims=True).astype(jnp.float32)
       pooled = (text * present).sum(1) / jnp.maximum(present.sum(1), 1.0)
       c = c + layers.dense(self.hidden_size, ("vocab", "embed"), param_dtype=self.param_dtype,
@@ -307,7 +314,7 @@ def build(model_config: ml_collections.ConfigDict, info) -> DiT:
   time_scale (1000.0), dropout (0.0), attention_impl ('xla'), remat ('none'),
   dtype ('float32'), param_dtype ('float32'), norm ('layer'), qk_norm (False),
   modulation_norm (False), linear_init ('xavier'), time_init ('normal'), text_dim (0),
-  text_length (0).
+  text_length (0), text_layers (0), text_heads (4).
   """
   if len(info.image_shape) != 3:
     raise ValueError(f"model.name='dit' needs image data [H, W, C]; got per-example shape "

@@ -368,11 +368,68 @@ def check_repa_depth(repa_depth: int, blocks: int) -> None:
                      f"{blocks}.")
 
 
+class TextEncoder(nn.Module):
+  """A trainable caption encoder over the frozen caption features [B, T, D]: `depth` pre-norm
+  transformer layers (bidirectional attention over the caption's non-padding tokens, GELU MLP of
+  4 D), trained with the backbone. Each residual branch's output projection starts at zero, so a
+  fresh encoder passes the frozen features through unchanged; padding rows (all zero) stay zero,
+  so what reads the features can still tell the caption's tokens from its padding.
+  """
+  depth: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text: jax.Array) -> jax.Array:
+    """text: [B, T, D] -> [B, T, D] float32."""
+    batch, length, width = text.shape
+    if width % self.num_heads:
+      raise ValueError(f"model.text_heads={self.num_heads} does not divide the caption features' "
+                       f"width {width} (model.text_dim).")
+    head_dim = width // self.num_heads
+    present = jnp.any(text != 0, axis=-1)  # [B, T]
+    # A caption with no token at all (zero features) attends everywhere instead of nowhere.
+    keys = present | ~jnp.any(present, axis=-1, keepdims=True)
+    mask = jnp.broadcast_to(keys[:, None, None, :], (batch, 1, length, length))
+    h = text.astype(jnp.float32)
+    for index in range(self.depth):
+      y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name=f"layer_{index}_attention_norm")(h)
+      q, k, v = (dense(width, ("vocab", "heads"), dtype=self.dtype, param_dtype=self.param_dtype,
+                       name=f"layer_{index}_{name}")(y).reshape(batch, length, self.num_heads,
+                                                                head_dim)
+                 for name in ("query", "key", "value"))
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(batch, length, width)
+      h = h + dense(width, ("heads", "vocab"), kernel_init=nn.initializers.zeros,
+                    dtype=self.dtype, param_dtype=self.param_dtype,
+                    name=f"layer_{index}_out")(y).astype(jnp.float32)
+      y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name=f"layer_{index}_mlp_norm")(h)
+      y = nn.gelu(dense(4 * width, ("vocab", "mlp"), dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=f"layer_{index}_fc1")(y))
+      h = h + dense(width, ("mlp", "vocab"), kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=f"layer_{index}_fc2")(y).astype(jnp.float32)
+    return h * present[..., None]
+
+
 def text_settings(model_config, info) -> dict:
-  """{'text_dim', 'text_length'} of config.model, checked: both 0 (no text), or both positive (a
-  text-to-image backbone) on data without class labels."""
+  """{'text_dim', 'text_length', 'text_layers', 'text_heads'} of config.model, checked: text_dim
+  and text_length both 0 (no text), or both positive (a text-to-image backbone) on data without
+  class labels; text_layers >= 0 trainable encoder layers (`TextEncoder`) of text_heads heads
+  over the caption features."""
   text_dim = int(model_config.get("text_dim", 0))
   text_length = int(model_config.get("text_length", 0))
+  text_layers = int(model_config.get("text_layers", 0))
+  text_heads = int(model_config.get("text_heads", 4))
+  if text_layers < 0 or (text_layers and (text_heads < 1 or text_dim % text_heads)):
+    raise ValueError(f"model.text_layers={text_layers} and model.text_heads={text_heads}: "
+                     "text_layers >= 0 trainable caption-encoder layers, whose text_heads must "
+                     f"divide model.text_dim={text_dim}.")
+  if text_layers and not text_dim:
+    raise ValueError(f"model.text_layers={text_layers} encodes captions, but model.text_dim=0 "
+                     "(no text); set model.text_dim and model.text_length, or text_layers=0.")
   if text_dim < 0 or text_length < 0 or (text_dim > 0) != (text_length > 0):
     raise ValueError(f"model.text_dim={text_dim} and model.text_length={text_length}: both 0 "
                      "(no text), or both positive (the text encoder's width and the caption "
@@ -381,4 +438,5 @@ def text_settings(model_config, info) -> dict:
     raise ValueError(f"model.text_dim={text_dim} with class labels (data.num_classes="
                      f"{info.num_classes}): a text model reads captions; train on captioned data "
                      "without labels, or set model.text_dim=0 and model.text_length=0.")
-  return dict(text_dim=text_dim, text_length=text_length)
+  return dict(text_dim=text_dim, text_length=text_length, text_layers=text_layers,
+              text_heads=text_heads)

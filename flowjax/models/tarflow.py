@@ -338,6 +338,8 @@ class FlowBlock(nn.Module):
   exact_gelu: bool = False
   text_dim: int = 0
   text_length: int = 0
+  text_layers: int = 0
+  text_heads: int = 4
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -367,6 +369,9 @@ class FlowBlock(nn.Module):
     if self.conditioned and self.text_dim > 0:
       self.text_proj = layers.dense(self.hidden_size, ("vocab", "embed"), dtype=self.dtype,
                                     param_dtype=self.param_dtype)
+      if self.text_layers:
+        self.text_encoder = layers.TextEncoder(self.text_layers, self.text_heads,
+                                               dtype=self.dtype, param_dtype=self.param_dtype)
     elif self.conditioned and self.num_classes > 0:
       if self.prefix:
         self.label_token = layers.dense(self.hidden_size, ("vocab", "embed"), dtype=self.dtype,
@@ -423,6 +428,8 @@ class FlowBlock(nn.Module):
         raise ValueError(f"This STARFlow model reads text features of shape "
                          f"[B, {self.text_length}, {self.text_dim}] (model.text_length, "
                          f"model.text_dim); got {list(cond.shape)}.")
+      if self.text_layers:
+        cond = self.text_encoder(cond)
       return self.text_proj(cond.astype(self.dtype)).astype(jnp.float32)
     if cond is None:
       cond = jnp.full((batch,), self.num_classes, jnp.int32)
@@ -522,6 +529,8 @@ class TarFlow(nn.Module):
     text_dim, text_length: 0, or the width and length of the text-encoder features the
       conditioned blocks read as a prefix (STARFlow text-to-image: 2048 and 128 for
       flan-t5-xl); then num_classes must be 0.
+    text_layers, text_heads: trainable caption-encoder layers (`layers.TextEncoder`) over the
+      frozen features before the projection, 0 = none (the official model's).
     dtype, param_dtype: compute and parameter dtypes.
   """
   image_shape: tuple
@@ -547,6 +556,8 @@ class TarFlow(nn.Module):
   patch_channels: str = "last"
   text_dim: int = 0
   text_length: int = 0
+  text_layers: int = 0
+  text_heads: int = 4
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -565,7 +576,8 @@ class TarFlow(nn.Module):
                   label_input=self.label_input, label_null=self.label_null,
                   final_norm=self.final_norm,
                   norm_eps=self.norm_eps, exact_gelu=self.gelu == "exact",
-                  text_dim=self.text_dim, text_length=self.text_length, dtype=self.dtype,
+                  text_dim=self.text_dim, text_length=self.text_length,
+                  text_layers=self.text_layers, text_heads=self.text_heads, dtype=self.dtype,
                   param_dtype=self.param_dtype)
         for i in range(self.num_blocks)]
 
@@ -731,6 +743,6 @@ def build(model_config: ml_collections.ConfigDict, info) -> TarFlow:
       gelu=_choice("gelu", c.gelu, GELUS),
       label_null=_choice("label_null", c.label_null, LABEL_NULLS),
       patch_channels=_choice("patch_channels", c.patch_channels, PATCH_CHANNELS),
-      text_dim=text_dim, text_length=text_length,
-      dtype=layers.dtype_from_name(c.dtype, "dtype"),
+      text_dim=text_dim, text_length=text_length, text_layers=text["text_layers"],
+      text_heads=text["text_heads"], dtype=layers.dtype_from_name(c.dtype, "dtype"),
       param_dtype=layers.dtype_from_name(c.param_dtype, "param_dtype"))
