@@ -51,12 +51,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, steps: int | None = N
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (its config.json)."""
+  """The config a workdir was trained with (its config.json), with the keys flowjax added since
+  at their defaults."""
   path = storage.join(workdir, "config.json")
   if not storage.exists(path):
     raise FileNotFoundError(f"{path} does not exist; {workdir!r} is not a flowjax workdir "
                             "(train one with api.train or python -m flowjax.main).")
-  return config_lib.from_json(storage.read_text(path))
+  return config_lib.with_defaults(config_lib.from_json(storage.read_text(path)))
 
 
 @dataclasses.dataclass

@@ -203,6 +203,31 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(tuples(json.loads(text))).lock()
 
 
+def with_defaults(config) -> ml_collections.ConfigDict:
+  """A stored config (a workdir's config.json) with every key flowjax added since it was written
+  set to its default (which keeps what the older code did): model.* and objective.* from their
+  registries' defaults for the model and objective it names, every other key from base_config.
+  Keys it holds keep their values."""
+  from flowjax import models, objectives  # noqa: F401  (registers the objectives)
+  from flowjax.registry import OBJECTIVES
+  tree = config.to_dict()
+
+  def fill(target: dict, defaults: dict) -> None:
+    for key, value in defaults.items():
+      if key not in target:
+        target[key] = value
+      elif isinstance(value, dict) and isinstance(target[key], dict):
+        fill(target[key], value)
+
+  fill(tree, base_config().to_dict())
+  fill(tree["model"], dict(models.DEFAULTS.get(tree["model"].get("name"), {})))
+  try:
+    fill(tree["objective"], dict(OBJECTIVES.get(tree["objective"].get("name")).DEFAULTS))
+  except KeyError:
+    pass
+  return ml_collections.ConfigDict(tree).lock()
+
+
 def _jsonable(x):
   if isinstance(x, dict):
     return {k: _jsonable(v) for k, v in x.items()}

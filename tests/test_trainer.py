@@ -227,6 +227,13 @@ def test_workdir_from_before_a_key_existed_resumes_at_its_default(tmp_path):
   path.write_text(json.dumps(saved))
   state = train.run(toy_config(**{"train.steps": 8}), str(tmp_path))
   assert int(state.step) == 8
+  # Loading it for sampling or evaluation reads its config.json with the added keys at their
+  # defaults (a model whose builder reads every key of its section would otherwise refuse it).
+  path.write_text(json.dumps(saved))
+  from flowjax import api
+  config = api.read_config(str(tmp_path))
+  assert config.model.dropout == 0.0 and config.optim.b2 == config_lib.base_config().optim.b2
+  assert api.load(str(tmp_path)).sample(2).shape == (2, 2)
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
