@@ -595,10 +595,11 @@ def test_trainable_text_encoder_trains_with_the_backbone(experiment):
         "model.text_layers": 1, "model.text_heads": 5}).model, info)
 
 
-def test_text_eval_reports_the_committed_results():
+@pytest.mark.parametrize("method", ["starflow", "fm", "meanflow"])
+def test_text_eval_reports_the_committed_results(method):
   """The README's tables come from `python -m flowjax.text_eval --report=...` on the committed
-  result files."""
-  files = [os.path.join(ROOT, "experiments", "results", f"starflow_digits_text_seed{s}.json")
+  result files (three seeds of each method)."""
+  files = [os.path.join(ROOT, "experiments", "results", f"{method}_digits_text_seed{s}.json")
            for s in range(3)]
   done = subprocess.run([sys.executable, "-m", "flowjax.text_eval", "--report=" + ",".join(files)],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
