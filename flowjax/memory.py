@@ -9,13 +9,14 @@ Analytic parts, per device:
   state: parameters, optimizer state and EMA trees, from their shardings (exact);
   gradients: one parameter-sized tree, sharded like the parameters (exact);
   activations: what the backward pass keeps, for transformer backbones (DiT, TarFlow) only.
-    Per block and example, with s tokens, width h, a heads and a c-byte compute dtype, without
-    rematerialisation: c (18 s h + a s^2): the normalised inputs of the attention and MLP, q, k,
-    v, the attention probabilities, the attention output, the MLP's hidden layer before and after
-    its activation (4 h each) and the gated branches (the transformer count of Korthikanti et
-    al., 2022, without dropout masks); with `remat='full'` only each block's float32 input
-    (4 s h) plus one block being recomputed. Forward-mode objectives (MeanFlow's JVP) keep primal
-    and tangent: twice.
+    Per layer and example, with s tokens (counting the prefix tokens of a text model's caption
+    or a flow's label token), width h, a heads and a c-byte compute dtype, without
+    rematerialisation (`model.remat='none'`; 'dots' is counted as 'none'): c (18 s h + a s^2):
+    the normalised inputs of the attention and MLP, q, k, v, the attention probabilities, the
+    attention output, the MLP's hidden layer before and after its activation (4 h each) and the
+    gated branches (the transformer count of Korthikanti et al., 2022, without dropout masks);
+    with `remat='full'` only each layer's float32 input (4 s h) plus one layer being recomputed.
+    Forward-mode objectives (MeanFlow's JVP) keep primal and tangent: twice.
 """
 
 import math
@@ -35,19 +36,29 @@ def _tree_bytes_per_device(abstract, shardings) -> int:
 
 
 def _transformer_shape(config, info):
-  """(transformer layers, tokens, width, heads, compute bytes) of a DiT or an autoregressive
-  flow on images, or None."""
+  """(tokens of each transformer layer, width, heads, compute bytes) of a DiT or an
+  autoregressive flow on images, or None. A flow block that reads the condition as prefix
+  tokens (the caption's text_length, or one label token) attends over them too."""
   model = config.model
   if model.name not in ("dit", "tarflow") or len(info.image_shape) != 3:
     return None
   height, width = info.image_shape[:2]
   tokens = (height // model.patch_size) * (width // model.patch_size)
   if model.name == "dit":
-    layers = model.depth
+    prefix = int(model.get("text_length", 0)) if int(model.get("text_dim", 0)) else 0
+    layers = [tokens + prefix] * model.depth
   else:  # autoregressive flow: shallow blocks and the deep one
-    deep = model.deep_layers or model.layers_per_block
-    layers = (model.num_blocks - 1) * model.layers_per_block + deep
-  return (layers, tokens, model.hidden_size, model.num_heads, jnp.dtype(model.dtype).itemsize)
+    if int(model.get("text_dim", 0)):
+      prefix = int(model.text_length)
+    else:
+      prefix = int(model.label_input == "token" and int(info.num_classes) > 0)
+    layers = []
+    for index in range(model.num_blocks):
+      last = index == model.num_blocks - 1
+      depth = model.deep_layers if last and model.deep_layers else model.layers_per_block
+      conditioned = model.condition == "all" or last
+      layers += [tokens + (prefix if conditioned else 0)] * depth
+  return (layers, model.hidden_size, model.num_heads, jnp.dtype(model.dtype).itemsize)
 
 
 def activation_bytes(config, info, examples_per_device: int) -> int | None:
@@ -56,12 +67,12 @@ def activation_bytes(config, info, examples_per_device: int) -> int | None:
   shape = _transformer_shape(config, info)
   if shape is None:
     return None
-  blocks, s, h, a, c = shape
-  per_block = c * (18 * s * h + a * s * s)
+  layers, h, a, c = shape
+  per_layer = [c * (18 * s * h + a * s * s) for s in layers]
   if config.model.get("remat", "none") == "full":
-    kept = blocks * 4 * s * h + per_block
+    kept = sum(4 * s * h for s in layers) + max(per_layer)
   else:
-    kept = blocks * per_block
+    kept = sum(per_layer)
   passes = _PASSES.get(config.objective.name, 1)
   return passes * kept * examples_per_device
 

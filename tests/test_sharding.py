@@ -373,3 +373,20 @@ def test_main_starts_cpu_runs_with_the_xla_flags(tmp_path, extra, added):
   assert done.returncode == 1 and "Unknown ODE method" in done.stderr, done.stderr[-3000:]
   assert "flowjax: process 0 of 1" in done.stderr
   assert (f"XLA_FLAGS={sharding.CPU_XLA_FLAGS[0]}" in done.stderr) == added, done.stderr[-3000:]
+
+
+def test_analytic_activations_count_prefix_tokens_and_remat():
+  """A text flow's conditioned (deep) block attends over its caption's prefix tokens too, and
+  model.remat='full' keeps only each layer's float32 input plus one layer being recomputed."""
+  from flowjax import memory
+  model = models.default_config("tarflow")
+  model.update(dict(patch_size=1, hidden_size=8, num_heads=2, num_blocks=3, layers_per_block=2,
+                    deep_layers=4, text_dim=6, text_length=5, dtype="bfloat16"))
+  config = ml_collections.ConfigDict(dict(model=model, objective=dict(name="starflow")))
+  info = data.DataInfo((4, 4, 3), 0, 100)
+  layer = lambda s: 2 * (18 * s * 8 + 2 * s * s)
+  shallow, deep = 16, 16 + 5  # 4x4 tokens; the deep block reads the 5 caption tokens first
+  assert memory.activation_bytes(config, info, 3) == 3 * (4 * layer(shallow) + 4 * layer(deep))
+  model.remat = "full"
+  kept = 4 * 4 * shallow * 8 + 4 * 4 * deep * 8 + layer(deep)
+  assert memory.activation_bytes(config, info, 3) == 3 * kept

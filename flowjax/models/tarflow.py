@@ -72,6 +72,7 @@ FINAL_NORMS = ("layernorm", "rmsnorm", "none")
 PATCH_CHANNELS = ("last", "first")
 LABEL_NULLS = ("learned", "mean")
 GELUS = ("tanh", "exact")
+REMATS = ("none", "full", "dots")
 TOKENS = ("batch", "length", "embed")
 # Causal attention without a cache over at least 2x this many tokens attends in two halves
 # (CausalAttention): 0.72x the time of one masked attention over 256 tokens, forward plus
@@ -340,6 +341,7 @@ class FlowBlock(nn.Module):
   text_length: int = 0
   text_layers: int = 0
   text_heads: int = 4
+  remat: str = "none"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -383,7 +385,10 @@ class FlowBlock(nn.Module):
         self.label_embed = layers.LabelEmbedder(self.num_classes, self.hidden_size,
                                                 param_dtype=self.param_dtype)
     hidden_slot = -1 if self.start_token else self.prefix
-    self.layers = [TransformerLayer(self.num_heads, self.mlp_ratio, hidden_slot=hidden_slot,
+    layer_cls = TransformerLayer
+    if self.remat != "none":  # each layer's activations recomputed in the backward pass
+      layer_cls = nn.remat(TransformerLayer, policy=dit.REMAT_POLICIES[self.remat])
+    self.layers = [layer_cls(self.num_heads, self.mlp_ratio, hidden_slot=hidden_slot,
                                     norm_eps=self.norm_eps, exact_gelu=self.exact_gelu,
                                     dtype=self.dtype, param_dtype=self.param_dtype)
                    for _ in range(self.depth)]
@@ -531,6 +536,9 @@ class TarFlow(nn.Module):
       flan-t5-xl); then num_classes must be 0.
     text_layers, text_heads: trainable caption-encoder layers (`layers.TextEncoder`) over the
       frozen features before the projection, 0 = none (the official model's).
+    remat: 'none' | 'full' | 'dots': rematerialisation of each transformer layer in training
+      (its activations recomputed in the backward pass: 'full' keeps only each layer's input,
+      'dots' also the products without batch dimensions); the same values, less memory.
     dtype, param_dtype: compute and parameter dtypes.
   """
   image_shape: tuple
@@ -558,6 +566,7 @@ class TarFlow(nn.Module):
   text_length: int = 0
   text_layers: int = 0
   text_heads: int = 4
+  remat: str = "none"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
 
@@ -577,7 +586,8 @@ class TarFlow(nn.Module):
                   final_norm=self.final_norm,
                   norm_eps=self.norm_eps, exact_gelu=self.gelu == "exact",
                   text_dim=self.text_dim, text_length=self.text_length,
-                  text_layers=self.text_layers, text_heads=self.text_heads, dtype=self.dtype,
+                  text_layers=self.text_layers, text_heads=self.text_heads,
+                  remat=self.remat, dtype=self.dtype,
                   param_dtype=self.param_dtype)
         for i in range(self.num_blocks)]
 
@@ -744,5 +754,6 @@ def build(model_config: ml_collections.ConfigDict, info) -> TarFlow:
       label_null=_choice("label_null", c.label_null, LABEL_NULLS),
       patch_channels=_choice("patch_channels", c.patch_channels, PATCH_CHANNELS),
       text_dim=text_dim, text_length=text_length, text_layers=text["text_layers"],
-      text_heads=text["text_heads"], dtype=layers.dtype_from_name(c.dtype, "dtype"),
+      text_heads=text["text_heads"], remat=_choice("remat", c.get("remat", "none"), REMATS),
+      dtype=layers.dtype_from_name(c.dtype, "dtype"),
       param_dtype=layers.dtype_from_name(c.param_dtype, "param_dtype"))
