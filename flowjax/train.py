@@ -303,6 +303,24 @@ def check_workdir(config, workdir: str, allow_config_change: bool) -> None:
         f"{workdir} in a new workdir, or pass --allow_config_change to resume anyway.")
 
 
+def evaluation_conditions(setup: Setup, num: int):
+  """() -> the condition of the next batch of `num` evaluation samples: for a captioned source,
+  the caption features of the next `num` examples of eval.split (shuffled by the run's seed, so
+  the samples' captions follow the split's as the real statistics FID compares with do), else
+  `sample_labels` (the classes in turn) or None."""
+  info = setup.info
+  if info.text is None:
+    labels = sample_labels(info, num)
+    return lambda: labels
+  import ml_collections
+  data_config = ml_collections.ConfigDict(setup.config.data.to_dict())
+  data_config.prefetch, data_config.num_workers = 0, 0  # no reader threads left behind
+  captions = data.build(data_config, split=setup.config.eval.split, global_batch_size=num,
+                        seed=setup.config.seed, sharding=sharding.batch_sharding(setup.mesh),
+                        shuffle=True)
+  return lambda: next(captions)[data.captions.KEY]
+
+
 def evaluable(setup: Setup, state: TrainState) -> evals.Evaluable:
   """The trained model as the evaluators see it: the sampled parameters and a sampler of
   train.batch_size samples under this run's mesh."""
@@ -310,11 +328,11 @@ def evaluable(setup: Setup, state: TrainState) -> evals.Evaluable:
   num = config.train.batch_size
   params = sampling_params(state, config)
   sample_batch = sampler(setup, num)
-  labels = sample_labels(setup.info, num)
+  conditions = evaluation_conditions(setup, num)
 
   def sample(rng):
     with context(setup):
-      return sample_batch(params, rng, labels)
+      return sample_batch(params, rng, conditions())
 
   return evals.Evaluable(config=config, objective=setup.objective, mesh=setup.mesh,
                          rules=setup.rules, precision=matmul_precision(config), info=setup.info,

@@ -323,6 +323,22 @@ def test_guided_sampling_contrasts_with_the_null_caption():
   assert np.abs(np.asarray(prompted_guided) - np.asarray(prompted)).max() > 1e-3
 
 
+def test_evaluation_samples_follow_the_eval_splits_captions():
+  """Periodic evaluations (FID) sample each batch from the captions of the next examples of
+  eval.split, not from the 10 prompts of the sample grids."""
+  from flowjax import train
+  config = text_config()
+  setup = train.build(config, devices=jax.devices()[:1])
+  conditions = train.evaluation_conditions(setup, 16)
+  rows = np.concatenate([np.asarray(conditions()) for _ in range(6)])
+  assert rows.shape == (96,) + setup.info.text.shape
+  distinct = sorted(set(digits.captions()[1500:]))
+  table = text.encoder(config.data).encode(distinct)
+  nearest = np.abs(rows[:, None] - table[None]).max(axis=(2, 3)).argmin(axis=1)
+  np.testing.assert_allclose(rows, table[nearest], atol=1e-6)
+  assert len(set(nearest.tolist())) > len(setup.info.text.prompts)
+
+
 def test_text_model_and_captions_must_meet():
   with pytest.raises(ValueError, match="trains on captions; set data.text.encoder"):
     built(text_config(**{"data.text.encoder": ""}))
