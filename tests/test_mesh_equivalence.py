@@ -8,7 +8,9 @@ equal the 1-device gradients leaf by leaf, and 10 train steps give the 1-device 
 Parameters, EMA and extra networks are random and non-zero (a zero-initialised output layer
 would hide every layer below it), dropout is on where the backbone has it, and the cases include
 gradient accumulation, an objective with extra networks (CTM: a teacher and an EMA target) and one
-with several parameter sets (DMD2).
+with several parameter sets (DMD2). CI runs the part of this matrix that `in_ci` picks (every
+layout of the MLP, every backbone on the mesh with every axis above 1 and most on one more
+mesh); the rest is marked slow.
 
 8 fake CPU devices from conftest.
 """
@@ -183,41 +185,40 @@ def compare(name, mesh, selected):
   return checked
 
 
-# In CI: every case's gradients on every mesh under the default preset and its 10-step losses on
-# the mesh with every axis above 1; for the MLP, every preset's layout with both. The rest of the
-# matrix (every other preset, and the losses on every mesh) is marked slow:
-# python -m pytest -q -m slow tests/test_mesh_equivalence.py (42 tests, 11 minutes on 2 cores).
+# In CI: the MLP on every mesh under every preset that gives a distinct layout, with its 10-step
+# losses (the layouts themselves); every other case's gradients under the default preset on the
+# mesh with every axis above 1, with its 10-step losses, and on one more mesh each (EXTRA_MESH:
+# between them every mesh, tensor-heavy ones for the attention models). The rest of the matrix
+# (every other mesh and preset of each backbone) is marked slow:
+# python -m pytest -q -m slow tests/test_mesh_equivalence.py.
 EVERY_PRESET_IN_CI = ("mlp",)
-LOSS_MESHES_IN_CI = ((2, 2, 2),)
-# Cases whose sharded layers the cases above already check on every mesh (DMD2's networks are
-# the MLP's; the text cases' layers are those of tarflow and dit plus a caption projection): in CI
-# only on the mesh with every axis above 1, the other meshes marked slow.
-FULL_MESH_ONLY_IN_CI = ("dmd2_parameter_sets", "tarflow_text", "dit_text")
+FULL_MESH = (2, 2, 2)
+EXTRA_MESH = {
+    "dit": (1, 8, 1),
+    "unet": (2, 4, 1),
+    "tarflow": (1, 1, 8),
+    "tarflow_starflow_official": (1, 2, 4),
+    "autoencoder": (4, 1, 2),
+    "dit_grad_accum": (8, 1, 1),
+    "ctm_teacher_and_ema": (2, 4, 1),
+}
 
 
 def in_ci(name, mesh, preset):
   """(compare gradients, compare 10-step losses) in CI for this layout."""
   if name in EVERY_PRESET_IN_CI:
     return True, True
-  default = preset == "fsdp_tensor"
-  return default, default and mesh in LOSS_MESHES_IN_CI
+  default = preset == "fsdp_tensor" and mesh in (FULL_MESH, EXTRA_MESH.get(name))
+  return default, default and mesh == FULL_MESH
 
 
 CI_PAIRS = [(name, mesh) for name in CASES for mesh in MESHES
-            if name not in FULL_MESH_ONLY_IN_CI or mesh == (2, 2, 2)]
+            if name in EVERY_PRESET_IN_CI or mesh in (FULL_MESH, EXTRA_MESH.get(name))]
 
 
 @pytest.mark.parametrize("name,mesh", CI_PAIRS,
                          ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
 def test_gradients_and_losses_equal_one_device(name, mesh):
-  assert compare(name, mesh, lambda preset: in_ci(name, mesh, preset)) >= 1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mesh", [m for m in MESHES if m != (2, 2, 2)],
-                         ids=lambda m: "x".join(map(str, m)))
-@pytest.mark.parametrize("name", FULL_MESH_ONLY_IN_CI)
-def test_parameter_sets_on_every_mesh(name, mesh):
   assert compare(name, mesh, lambda preset: in_ci(name, mesh, preset)) >= 1
 
 
