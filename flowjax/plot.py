@@ -150,7 +150,8 @@ def compare_workdirs(workdirs, keys, out: str, window: int = 100) -> dict:
   for workdir in workdirs:
     label = str(workdir).rstrip("/").rsplit("/", 1)[-1]
     series = metric_series(metrics.read_metrics(workdir), keys)
-    config = config_lib.from_json(storage.read_text(storage.join(workdir, "config.json")))
+    config = config_lib.with_defaults(
+        config_lib.from_json(storage.read_text(storage.join(workdir, "config.json"))))
     runs[label] = {"workdir": str(workdir), "seed": int(config.seed),
                    "fingerprint": config_lib.fingerprint(config),
                    "medians": {key: window_medians(series[key], window) for key in keys}}

@@ -313,12 +313,18 @@ def evaluation_conditions(setup: Setup, num: int):
     labels = sample_labels(info, num)
     return lambda: labels
   import ml_collections
-  data_config = ml_collections.ConfigDict(setup.config.data.to_dict())
-  data_config.prefetch, data_config.num_workers = 0, 0  # no reader threads left behind
-  captions = data.build(data_config, split=setup.config.eval.split, global_batch_size=num,
-                        seed=setup.config.seed, sharding=sharding.batch_sharding(setup.mesh),
-                        shuffle=True)
-  return lambda: next(captions)[data.captions.KEY]
+  captions = []  # the caption stream, opened at the first call (evaluators may sample nothing)
+
+  def next_captions():
+    if not captions:
+      data_config = ml_collections.ConfigDict(setup.config.data.to_dict())
+      data_config.prefetch, data_config.num_workers = 0, 0  # no reader threads left behind
+      captions.append(data.build(
+          data_config, split=setup.config.eval.split, global_batch_size=num,
+          seed=setup.config.seed, sharding=sharding.batch_sharding(setup.mesh), shuffle=True))
+    return next(captions[0])[data.captions.KEY]
+
+  return next_captions
 
 
 def evaluable(setup: Setup, state: TrainState) -> evals.Evaluable:

@@ -94,6 +94,29 @@ def test_a_second_run_skips_the_written_shards(cached):
                         shard_size=SHARD, posterior="sample")
 
 
+def test_a_cache_written_before_a_data_key_existed_resumes(cached):
+  """A cache.json written before flowjax had a data key (absent from its dataset section)
+  resumes when the config leaves the key at its default, and is refused otherwise."""
+  import json
+  out, config = cached["out"], cached["config"]
+  spec_path = os.path.join(out, "train", latents.SPEC_FILE)
+  with open(spec_path) as f:
+    spec = json.load(f)
+  assert spec["dataset"].pop("caption_feature") == ""
+  with open(spec_path, "w") as f:
+    json.dump(spec, f)
+  result = cache_latents.cache(config, out, weights=cached["weights"], batch_size=BATCH,
+                               shard_size=SHARD)
+  assert result["written"] == []
+  with config.unlocked():
+    config.data.caption_feature = "captions/text"
+  with pytest.raises(ValueError, match="written with other settings"):
+    cache_latents.cache(config, out, weights=cached["weights"], batch_size=BATCH,
+                        shard_size=SHARD)
+  with config.unlocked():
+    config.data.caption_feature = ""
+
+
 def test_latent_source_serves_scaled_latents_in_the_global_order(cached):
   out = cached["out"]
   raw, labels = raw_latents(out)

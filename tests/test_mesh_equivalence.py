@@ -50,10 +50,12 @@ CASES = {
     # gradients reach every parameter).
     "dmd2_parameter_sets": ("dmd2_toy2d", "tiny", {"objective.generator_update_every": 1}),
     # Captioned digits: the batch's caption features [B, T, D] sharded with the images; the
-    # flow's caption prefix and the DiT's caption tokens and pooled caption embedding, with
-    # caption dropout (objective.label_dropout) drawing the null caption's features.
+    # flow's caption prefix and the DiT's caption tokens and pooled caption embedding (through a
+    # trainable caption-encoder layer), with caption dropout (objective.label_dropout) drawing the
+    # null caption's features.
     "tarflow_text": ("starflow_digits_text", "tiny", {}),
-    "dit_text": ("fm_digits_text", "tiny", {"model.dropout": 0.1}),
+    "dit_text": ("fm_digits_text", "tiny", {"model.dropout": 0.1, "model.text_layers": 1,
+                                             "model.text_heads": 2}),
 }
 
 
@@ -187,7 +189,7 @@ def compare(name, mesh, selected):
 
 # In CI: the MLP on every mesh under every preset that gives a distinct layout, with its 10-step
 # losses (the layouts themselves); every other case's gradients under the default preset on the
-# mesh with every axis above 1, with its 10-step losses, and on one more mesh each (EXTRA_MESH:
+# mesh with every axis above 1, with its 10-step losses, and most on one more mesh (EXTRA_MESH:
 # between them every mesh, tensor-heavy ones for the attention models). The rest of the matrix
 # (every other mesh and preset of each backbone) is marked slow:
 # python -m pytest -q -m slow tests/test_mesh_equivalence.py.
@@ -201,6 +203,7 @@ EXTRA_MESH = {
     "autoencoder": (4, 1, 2),
     "dit_grad_accum": (8, 1, 1),
     "ctm_teacher_and_ema": (2, 4, 1),
+    "dit_text": (1, 2, 4),
 }
 
 

@@ -204,6 +204,7 @@ class CaptionedTestSet(tfds.core.GeneratorBasedBuilder):
         "image": tfds.features.Image(shape=(8, 8, 3)),
         "captions": tfds.features.Sequence({"text": tfds.features.Text(), "id": np.int64}),
         "caption": tfds.features.Text(),
+        "tags": tfds.features.Sequence(tfds.features.Text()),
         "label": tfds.features.ClassLabel(num_classes=3)}))
 
   def _split_generators(self, dl_manager):
@@ -216,11 +217,12 @@ class CaptionedTestSet(tfds.core.GeneratorBasedBuilder):
       path = os.path.join(folder, f"image{i}.png")
       Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(path)
       yield i, {"image": path, "label": i % 3, "caption": f"example {i}",
+                "tags": [f"tag {level}", "second tag"],
                 "captions": [{"text": f"grey level {level}", "id": 0},
                              {"text": f"another caption {i}", "id": 1}]}
 
 
-def test_tfds_captions_from_a_text_feature(tmp_path):
+def test_tfds_captions_from_a_text_feature(tmp_path, monkeypatch):
   """A prepared TFDS dataset with a coco_captions-style sequence of captions: each example's
   features are those of its first caption (checked row by row against the image's grey level),
   prompts are the split's first distinct captions, and a missing feature is named with the fix."""
@@ -233,7 +235,16 @@ def test_tfds_captions_from_a_text_feature(tmp_path):
   order = [int(np.asarray(source[i]["image"])[0, 0, 0]) for i in range(len(source))]
   assert sorted(order) == sorted(CaptionedTestSet.LEVELS)
   captions_in_order = tuple(f"grey level {level}" for level in order)
+  # The captions are read without decoding a single image.
+  def no_decoding(*args, **kwargs):
+    raise AssertionError("an image was decoded to read captions")
+  monkeypatch.setattr(tfds.features.Image, "decode_example", no_decoding)
+  monkeypatch.setattr(tfds.features.Image, "decode_example_np", no_decoding, raising=False)
   assert tfds_source.split_captions(config, "train") == captions_in_order
+  config.caption_feature = "tags"  # a list of captions, Sequence(Text())
+  assert tfds_source.split_captions(config, "train") == tuple(f"tag {level}" for level in order)
+  monkeypatch.undo()
+  config.caption_feature = "captions/text"
   info = data.data_info(config)
   assert info.text.prompts == captions.first_distinct(captions_in_order)
   batch = next(batches(config, batch_size=8, shuffle=True))
@@ -245,7 +256,7 @@ def test_tfds_captions_from_a_text_feature(tmp_path):
   assert tfds_source.split_captions(config, "train")[0].startswith("example ")
   config.caption_feature = "label"
   with pytest.raises(ValueError, match=r"data.caption_feature='label' is not a Text feature \(its "
-                                       r"text features: \['caption', 'captions/text'\]\).*"
+                                       r"text features: \['caption', 'captions/text', 'tags'\]\).*"
                                        r"--config.data.caption_feature=<path>"):
     data.data_info(config)
 

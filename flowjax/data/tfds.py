@@ -146,7 +146,9 @@ def _feature_at(features, path: str):
     if not isinstance(feature, tfds.features.FeaturesDict) or part not in feature:
       return None
     feature = feature[part]
-  return feature, in_sequence or isinstance(feature, tfds.features.Sequence)
+  while isinstance(feature, tfds.features.Sequence):  # a list of captions: Sequence(Text())
+    feature, in_sequence = feature.feature, True
+  return feature, in_sequence
 
 
 def _text_paths(feature, prefix: str = "") -> list[str]:
@@ -194,16 +196,17 @@ def _caption(value, path: str, data_name: str, index: int) -> str:
 def split_captions(data_config, split: str) -> tuple[str, ...]:
   """The caption of each example of a split, in the source's order (read once per split)."""
   source, data_name = _open(data_config, split)
-  path = _caption_path(data_config, source.dataset_info.features)
-  return _split_captions(data_name, split, data_config.tfds_data_dir or "", path)
+  features = source.dataset_info.features
+  images = tuple(sorted(name for name, feature in features.items()
+                        if isinstance(feature, tfds.features.Image)))
+  return _split_captions(data_name, split, data_config.tfds_data_dir or "",
+                         _caption_path(data_config, features), images)
 
 
 @functools.lru_cache(maxsize=4)
-def _split_captions(data_name: str, split: str, data_dir: str, path: str) -> tuple[str, ...]:
-  features = tfds.data_source(data_name[len(PREFIX):], split=split, data_dir=data_dir or None,
-                              download=False).dataset_info.features
-  skip = {name: tfds.decode.SkipDecoding() for name, feature in features.items()
-          if isinstance(feature, tfds.features.Image)}  # no image is decoded to read captions
+def _split_captions(data_name: str, split: str, data_dir: str, path: str,
+                    images: tuple[str, ...]) -> tuple[str, ...]:
+  skip = {name: tfds.decode.SkipDecoding() for name in images}  # no image is decoded
   source = tfds.data_source(data_name[len(PREFIX):], split=split, data_dir=data_dir or None,
                             download=False, decoders=skip)
   out = []
@@ -216,7 +219,8 @@ def _split_captions(data_name: str, split: str, data_dir: str, path: str) -> tup
 
 
 def info(data_config, split: str) -> pipeline.DataInfo:
-  """DataInfo of a TFDS split; opens the files' index, reads no examples."""
+  """DataInfo of a TFDS split; opens the files' index, and reads no examples unless captions
+  are on (then every example's caption, once per split)."""
   return _describe(data_config, split)[1]
 
 
