@@ -245,7 +245,9 @@ class Attention(nn.Module):
   impl='cudnn' is the fused cuDNN kernel (GPU, bfloat16/float16 only).
   qk_norm: RMSNorm with a learned per-channel scale on each head's queries and keys (QK-norm,
   arXiv:2511.19797 Sec. 4). spectral_init: the projections start from `spectral_normal`, the
-  query, key and value kernels each as one block of a fused [D, 3D] kernel.
+  query, key and value kernels each as one block of a fused [D, 3D] kernel. embed_axis: the
+  logical name of the D dimension of the kernels. zero_out: the output projection starts at zero
+  (a residual branch that begins as the identity).
   """
   num_heads: int
   impl: str = "xla"
@@ -253,10 +255,13 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
   qk_norm: bool = False
   spectral_init: bool = False
+  embed_axis: str = "embed"
+  zero_out: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, L, D] -> [B, L, D]."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x: [B, L, D] -> [B, L, D]; mask: optional boolean [B, 1, L, L] (True: the query at row i
+    may attend to the key at column j)."""
     if self.impl not in ("xla", "cudnn"):
       raise ValueError(f"model.attention_impl={self.impl!r}; use 'xla' or 'cudnn'.")
     width = x.shape[-1]
@@ -270,7 +275,7 @@ class Attention(nn.Module):
     projections = []
     for part, name in enumerate(("query", "key", "value")):
       init = spectral_normal(3, part) if self.spectral_init else qkv_init
-      y = dense(width, ("embed", "heads"), kernel_init=init, dtype=self.dtype,
+      y = dense(width, (self.embed_axis, "heads"), kernel_init=init, dtype=self.dtype,
                 param_dtype=self.param_dtype, name=name)(x)
       y = y.reshape(batch, length, self.num_heads, head_dim)
       if self.qk_norm and name != "value":
@@ -282,36 +287,41 @@ class Attention(nn.Module):
     if self.impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"model.attention_impl='cudnn' runs in bfloat16 or float16, but the "
                        f"compute dtype is {q.dtype}; set model.dtype='bfloat16' or use 'xla'.")
-    y = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
     y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
     y = y.reshape(batch, length, width)
-    out_init = spectral_normal() if self.spectral_init else xavier_uniform
-    return dense(width, ("heads", "embed"), kernel_init=out_init, dtype=self.dtype,
+    out_init = (nn.initializers.zeros if self.zero_out else
+                spectral_normal() if self.spectral_init else xavier_uniform)
+    return dense(width, ("heads", self.embed_axis), kernel_init=out_init, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="out")(y)
 
 
 class FeedForward(nn.Module):
   """Dense -> GELU -> dropout -> Dense: [B, L, D] -> [B, L, D]; the GELU is the tanh
   approximation unless `exact_gelu` (the erf form); spectral_init: both kernels start from
-  `spectral_normal`."""
+  `spectral_normal`; embed_axis: the logical name of the D dimension; zero_out: fc2 starts at
+  zero."""
   hidden_features: int
   dropout: float = 0.0
   exact_gelu: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   spectral_init: bool = False
+  embed_axis: str = "embed"
+  zero_out: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     width = x.shape[-1]
     init = spectral_normal() if self.spectral_init else xavier_uniform
-    h = dense(self.hidden_features, ("embed", "mlp"), kernel_init=init, dtype=self.dtype,
-              param_dtype=self.param_dtype, name="fc1")(x)
+    h = dense(self.hidden_features, (self.embed_axis, "mlp"), kernel_init=init,
+              dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.gelu(h, approximate=not self.exact_gelu)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    return dense(width, ("mlp", "embed"), kernel_init=init, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="fc2")(h)
+    return dense(width, ("mlp", self.embed_axis),
+                 kernel_init=nn.initializers.zeros if self.zero_out else init,
+                 dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(h)
 
 
 # REPA (Yu et al., "Representation Alignment for Generation", arXiv:2410.06940): the projected
@@ -387,7 +397,6 @@ class TextEncoder(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"model.text_heads={self.num_heads} does not divide the caption features' "
                        f"width {width} (model.text_dim).")
-    head_dim = width // self.num_heads
     present = jnp.any(text != 0, axis=-1)  # [B, T]
     # A caption with no token at all (zero features) attends everywhere instead of nowhere.
     keys = present | ~jnp.any(present, axis=-1, keepdims=True)
@@ -396,21 +405,14 @@ class TextEncoder(nn.Module):
     for index in range(self.depth):
       y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                        name=f"layer_{index}_attention_norm")(h)
-      q, k, v = (dense(width, ("vocab", "heads"), dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f"layer_{index}_{name}")(y).reshape(batch, length, self.num_heads,
-                                                                head_dim)
-                 for name in ("query", "key", "value"))
-      y = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(batch, length, width)
-      h = h + dense(width, ("heads", "vocab"), kernel_init=nn.initializers.zeros,
-                    dtype=self.dtype, param_dtype=self.param_dtype,
-                    name=f"layer_{index}_out")(y).astype(jnp.float32)
+      h = h + Attention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                        embed_axis="vocab", zero_out=True,
+                        name=f"layer_{index}_attention")(y, mask).astype(jnp.float32)
       y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
                        name=f"layer_{index}_mlp_norm")(h)
-      y = nn.gelu(dense(4 * width, ("vocab", "mlp"), dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=f"layer_{index}_fc1")(y))
-      h = h + dense(width, ("mlp", "vocab"), kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                    param_dtype=self.param_dtype,
-                    name=f"layer_{index}_fc2")(y).astype(jnp.float32)
+      h = h + FeedForward(4 * width, dtype=self.dtype, param_dtype=self.param_dtype,
+                          embed_axis="vocab", zero_out=True,
+                          name=f"layer_{index}_mlp")(y, train=False).astype(jnp.float32)
     return h * present[..., None]
 
 
