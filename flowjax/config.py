@@ -203,28 +203,50 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(tuples(json.loads(text))).lock()
 
 
-def with_defaults(config) -> ml_collections.ConfigDict:
-  """A stored config (a workdir's config.json) with every key flowjax added since it was written
-  set to its default (which keeps what the older code did): model.* and objective.* from their
-  registries' defaults for the model and objective it names, every other key from base_config.
-  Keys it holds keep their values."""
+def defaults(model: str | None = None, objective: str | None = None) -> dict[str, Any]:
+  """The value flowjax gives every key a config may leave out, flattened ("a.b": value) and as
+  JSON would write it: model.* and objective.* from the registries' defaults of the named model
+  and objective, every other key from base_config. One table for every reader of an older
+  config: `with_defaults`, `differences` and the latent cache's spec check."""
   from flowjax import models, objectives  # noqa: F401  (registers the objectives)
   from flowjax.registry import OBJECTIVES
-  tree = config.to_dict()
+  def leaves(tree, prefix: str) -> dict[str, Any]:  # an empty section is a leaf here
+    out = {}
+    for key, value in tree.items():
+      if isinstance(value, (ml_collections.ConfigDict, dict)) and len(value):
+        out.update(leaves(value, f"{prefix}{key}."))
+      else:
+        out[f"{prefix}{key}"] = value.to_dict() if hasattr(value, "to_dict") else value
+    return out
 
-  def fill(target: dict, defaults: dict) -> None:
-    for key, value in defaults.items():
-      if key not in target:
-        target[key] = value
-      elif isinstance(value, dict) and isinstance(target[key], dict):
-        fill(target[key], value)
-
-  fill(tree, base_config().to_dict())
-  fill(tree["model"], dict(models.DEFAULTS.get(tree["model"].get("name"), {})))
+  table = leaves(base_config(), "")
+  table.update(leaves(models.DEFAULTS.get(model, {}), "model."))
   try:
-    fill(tree["objective"], dict(OBJECTIVES.get(tree["objective"].get("name")).DEFAULTS))
+    if objective:
+      table.update(leaves(OBJECTIVES.get(objective).DEFAULTS, "objective."))
   except KeyError:
     pass
+  return json.loads(json.dumps(_jsonable(table)))
+
+
+def _named_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+  return defaults(flat.get("model.name"), flat.get("objective.name"))
+
+
+def with_defaults(config) -> ml_collections.ConfigDict:
+  """A stored config (a workdir's config.json) with every key flowjax added since it was written
+  set to its default (`defaults`, which keeps what the older code did). Keys it holds keep their
+  values."""
+  tree = config.to_dict()
+  for key, value in _named_defaults(flatten(tree)).items():
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        break
+    else:
+      node.setdefault(leaf, tuple(value) if isinstance(value, list) else value)
   return ml_collections.ConfigDict(tree).lock()
 
 
@@ -251,25 +273,9 @@ def fingerprint(config) -> str:
 
 
 def default_value(key: str, flat: dict[str, Any]):
-  """The value flowjax gives `key` when a config does not set it, as JSON would write it, for
-  the model and objective that the flattened config `flat` names (model.* and objective.* keys
-  from their registries' defaults, every other key from base_config); None when there is none."""
-  section, _, name = key.partition(".")
-  if section == "model":
-    from flowjax import models
-    defaults = models.DEFAULTS.get(flat.get("model.name"), {})
-  elif section == "objective":
-    from flowjax.registry import OBJECTIVES
-    from flowjax import objectives  # noqa: F401  (registers)
-    try:
-      defaults = OBJECTIVES.get(flat.get("objective.name")).DEFAULTS
-    except KeyError:
-      defaults = {}
-  else:
-    defaults, name = flatten(base_config()), key
-  if name not in defaults:
-    return None
-  return json.loads(json.dumps(_jsonable(defaults[name])))
+  """The value flowjax gives `key` when a config does not set it (`defaults` for the model and
+  objective that the flattened config `flat` names); None when there is none."""
+  return _named_defaults(flat).get(key)
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -279,8 +285,9 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
   keys = sorted(set(old) | set(new))
   missing = object()
   new_json = json.loads(json.dumps(_jsonable(new)))
+  table = _named_defaults(new)
   added_at_default = {k for k in set(new) - set(old)
-                      if new_json[k] is not None and new_json[k] == default_value(k, new)}
+                      if new_json[k] is not None and new_json[k] == table.get(k)}
   return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys
           if k not in added_at_default and old.get(k, missing) != new.get(k, missing)]
 

@@ -103,6 +103,7 @@ def test_a_cache_written_before_a_data_key_existed_resumes(cached):
   with open(spec_path) as f:
     spec = json.load(f)
   assert spec["dataset"].pop("caption_feature") == ""
+  assert spec["dataset"].pop("text")["encoder"] == ""  # a whole section added since
   with open(spec_path, "w") as f:
     json.dump(spec, f)
   result = cache_latents.cache(config, out, weights=cached["weights"], batch_size=BATCH,

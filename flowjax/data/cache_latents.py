@@ -117,11 +117,11 @@ def _check_or_write_spec(path: str, spec: dict) -> None:
     with open(path) as f:
       old = json.load(f)
     new = _jsonable(spec)
-    if isinstance(old.get("dataset"), dict) and isinstance(new.get("dataset"), dict):
-      # A data key flowjax added after the cache was written, at its default, changes nothing.
-      defaults = _jsonable(config_lib.base_config().data.to_dict())
-      new["dataset"] = {k: v for k, v in new["dataset"].items()
-                        if k in old["dataset"] or defaults.get(k, object()) != v}
+    if (isinstance(old.get("dataset"), dict) and isinstance(new.get("dataset"), dict)
+        and not config_lib.differences(config_lib.flatten(old["dataset"], "data."),
+                                       config_lib.flatten(new["dataset"], "data."))):
+      # Data keys flowjax added after the cache was written, at their defaults, change nothing.
+      new["dataset"] = old["dataset"]
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
       raise ValueError(
