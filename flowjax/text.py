@@ -12,6 +12,15 @@ The `data.text` config section picks the encoder:
   and the tokenizer's tokenizer.json, as save_pretrained writes them): tokens padded and truncated
   to `max_length` (the tokenizer's own post-processing appends T5's end-of-sequence token);
   features = `flowjax.models.t5.features`.
+- encoder="gemma_embed": ml-starflow's gemma2_2b / gemma3_* text path (utils/model_setup.py
+  TextEmbedder): a HF Gemma 2 or Gemma 3 folder at `path` (config.json, the safetensors file or
+  shards holding the token embedding, tokenizer.json, tokenizer_config.json); each caption is
+  wrapped in Gemma's chat template asking for an image (`GEMMA_TEMPLATE`), tokenized as
+  transformers' GemmaTokenizer does (<bos> first, padded to `max_length` on the tokenizer's
+  padding side, left unless tokenizer_config.json says otherwise, truncated on the right);
+  features = the frozen token embedding times sqrt(hidden_size), with no mask: the padding
+  positions hold the <pad> embedding, as the official code feeds them. Only the embedding
+  table is read from the checkpoint (for Gemma 3, its first image_token_index rows).
 - encoder="words": an offline encoder for CPU runs and tests: each lower-cased word hashed
   (CRC-32) into `vocab_size` ids, then an end-of-sequence id, through a randomly initialised T5
   encoder (v1.1 layout: gated GELU) of width `dim`, `layers` layers and `heads` heads whose
@@ -33,10 +42,14 @@ import numpy as np
 
 from flowjax.registry import unknown_name_message
 
-ENCODERS = ("words", "t5")
+ENCODERS = ("words", "t5", "gemma_embed")
 TOKENIZER_FILE = "tokenizer.json"
 PAD_ID, EOS_ID = 0, 1  # T5's
 NULL_CAPTION = ""
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# apple/ml-starflow utils/common.py preprocess_text(use_template=True), mode "an image".
+GEMMA_TEMPLATE = ("<start_of_turn>user\nPlease generate an image about: {prompt}<end_of_turn>\n"
+                  "<start_of_turn>model\n")
 
 
 class TextConfigError(ValueError):
@@ -88,7 +101,7 @@ class TextSettings:
     """The settings that determine the features: every 'words' setting but the path; for 't5'
     the encoder and max_length (its weights are the folder's, wherever it lies; the width is
     the folder's d_model, checked against a cache's feature shape)."""
-    if self.encoder == "t5":
+    if self.encoder in ("t5", "gemma_embed"):
       return ("encoder", "max_length")
     return tuple(f.name for f in dataclasses.fields(self) if f.name != "path")
 
@@ -218,13 +231,140 @@ def _t5_encoder(settings: TextSettings) -> TextEncoder:
   return TextEncoder(settings, config.d_model, tokenize, params, _jitted_features(module))
 
 
+def _json_file(path: str, name: str, required: bool = True) -> dict:
+  file = os.path.join(path, name)
+  if not os.path.isfile(file):
+    if not required:
+      return {}
+    raise FileNotFoundError(f"data.text.path={path!r} has no {name}: give a HF Gemma folder "
+                            "(save_pretrained writes config.json, the weights, "
+                            f"{TOKENIZER_FILE} and {TOKENIZER_CONFIG}).")
+  with open(file) as f:
+    return json.load(f)
+
+
+def gemma_sizes(path: str) -> tuple[int, int]:
+  """(vocabulary rows read, hidden_size) of the Gemma config.json in `path`: a Gemma 3
+  multimodal config reads its text_config's width and the rows below image_token_index, as
+  ml-starflow's TextEmbedder does; Gemma 2 and text-only Gemma 3 read vocab_size rows."""
+  config = _json_file(path, "config.json")
+  if "text_config" in config:
+    return int(config["image_token_index"]), int(config["text_config"]["hidden_size"])
+  return int(config["vocab_size"]), int(config["hidden_size"])
+
+
+def gemma_tokenizer(path: str, max_length: int):
+  """A `tokenizers.Tokenizer` that tokenizes as transformers' GemmaTokenizer reads the folder:
+  the vocabulary, merges, added tokens and post-processor of tokenizer.json, spaces as '▁';
+  tokenizer_config.json's add_bos_token / add_eos_token, when given, set what is added around
+  the text; padding to exactly max_length with <pad> on its padding_side (default 'left'),
+  truncation on its truncation_side (default 'right')."""
+  import tokenizers
+  from tokenizers import normalizers, pre_tokenizers, processors
+  file = os.path.join(path, TOKENIZER_FILE)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"No tokenizer at {file!r}: data.text.path must be a HF Gemma "
+                            f"folder with its {TOKENIZER_FILE} (AutoTokenizer.from_pretrained(...)"
+                            ".save_pretrained(folder) writes it).")
+  settings = _json_file(path, TOKENIZER_CONFIG, required=False)
+  tokenizer = tokenizers.Tokenizer.from_file(file)
+  tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+  tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+
+  def token(key, default):
+    value = settings.get(key, default)
+    return value["content"] if isinstance(value, dict) else value
+
+  if "add_bos_token" in settings or "add_eos_token" in settings:
+    bos, eos = token("bos_token", "<bos>"), token("eos_token", "<eos>")
+    parts = ([bos] if settings.get("add_bos_token", True) else []) + ["$A"] + (
+        [eos] if settings.get("add_eos_token", False) else [])
+    specials = [(t, tokenizer.token_to_id(t)) for t in parts if t != "$A"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=" ".join(parts), special_tokens=specials)
+  pad_token = token("pad_token", "<pad>")
+  pad_id = tokenizer.token_to_id(pad_token)
+  if pad_id is None:
+    raise TextConfigError(f"The tokenizer in {path} has no pad token {pad_token!r}.")
+  tokenizer.enable_truncation(max_length, direction=settings.get("truncation_side", "right"))
+  tokenizer.enable_padding(direction=settings.get("padding_side", "left"), length=max_length,
+                           pad_id=pad_id, pad_token=pad_token)
+  return tokenizer
+
+
+def gemma_embedding(path: str) -> np.ndarray:
+  """The token embedding [vocabulary rows, hidden_size] of the Gemma checkpoint in `path`, in its
+  stored dtype: the one tensor named '...embed_tokens.weight' of model.safetensors or of the
+  shard the index names for it (the rest of the checkpoint is not read)."""
+  from safetensors import safe_open
+  rows, width = gemma_sizes(path)
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = sorted({os.path.join(path, shard) for name, shard in weight_map.items()
+                    if name.endswith("embed_tokens.weight")})
+  else:
+    files = [os.path.join(path, "model.safetensors")]
+  for file in files:
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"data.text.path={path!r}: no {os.path.basename(file)}; give the "
+                              "Gemma checkpoint's safetensors weights (save_pretrained writes "
+                              "them).")
+    with safe_open(file, framework="np") as weights:
+      names = [n for n in weights.keys() if n.endswith("embed_tokens.weight")]
+      if len(names) == 1:
+        table = weights.get_tensor(names[0])
+        break
+  else:
+    raise TextConfigError(f"data.text.path={path!r}: no single '...embed_tokens.weight' tensor "
+                          "in its weights; is it a Gemma checkpoint?")
+  if table.ndim != 2 or table.shape[0] < rows or table.shape[1] != width:
+    raise TextConfigError(f"data.text.path={path!r}: the token embedding is {table.shape}, but "
+                          f"config.json asks for {rows} rows of width {width}.")
+  return table[:rows]
+
+
+def _gemma_embed_encoder(settings: TextSettings) -> TextEncoder:
+  if not settings.path:
+    raise TextConfigError("data.text.encoder='gemma_embed' needs data.text.path: a local HF "
+                          "Gemma folder (config.json, model.safetensors or its shards, "
+                          f"{TOKENIZER_FILE}, {TOKENIZER_CONFIG}; e.g. google/gemma-2-2b-it saved "
+                          "with save_pretrained).")
+  tokenizer = gemma_tokenizer(settings.path, settings.max_length)
+  table = gemma_embedding(settings.path)
+  scale = np.float32(float(table.shape[1]) ** 0.5)
+
+  def tokenize(captions):
+    encodings = tokenizer.encode_batch([GEMMA_TEMPLATE.format(prompt=c) for c in captions])
+    return (np.asarray([e.ids for e in encodings], np.int32),
+            np.asarray([e.attention_mask for e in encodings], np.int32))
+
+  def apply(params, ids, mask):
+    del mask  # ml-starflow feeds every position, the padding's <pad> embedding included
+    ids = np.asarray(ids)
+    if ids.max() >= params.shape[0]:
+      raise TextConfigError(f"A caption has token id {int(ids.max())}, beyond the "
+                            f"{params.shape[0]} embedding rows of {settings.path}: are the "
+                            "tokenizer and the weights one Gemma's?")
+    return np.asarray(params[ids], np.float32) * scale
+
+  template_tokens = int(tokenize([NULL_CAPTION])[1].sum())
+  if template_tokens >= settings.max_length:
+    raise TextConfigError(f"data.text.max_length={settings.max_length} leaves no token for the "
+                          f"caption: Gemma's chat template alone takes {template_tokens}; raise "
+                          "it (ml-starflow reads 128).")
+  return TextEncoder(settings, table.shape[1], tokenize, table, apply)
+
+
 @functools.lru_cache(maxsize=4)
 def encoder_of(settings: TextSettings) -> TextEncoder:
   """The encoder of a setting (built once)."""
   if not settings.enabled:
     raise TextConfigError("data.text.encoder is not set: there is no caption encoder (choose "
                           f"one of {list(ENCODERS)}).")
-  return _words_encoder(settings) if settings.encoder == "words" else _t5_encoder(settings)
+  return {"words": _words_encoder, "t5": _t5_encoder,
+          "gemma_embed": _gemma_embed_encoder}[settings.encoder](settings)
 
 
 def encoder(data_config) -> TextEncoder:
@@ -234,7 +374,10 @@ def encoder(data_config) -> TextEncoder:
 
 def feature_dim(settings: TextSettings) -> int:
   """The feature width D without building the encoder: 'words': data.text.dim; 't5': d_model of
-  the config.json in data.text.path (data.text.dim when there is no path: a synthetic dry run)."""
+  the config.json in data.text.path, 'gemma_embed': its hidden_size (data.text.dim when there is
+  no path: a synthetic dry run)."""
+  if settings.encoder == "gemma_embed" and settings.path:
+    return gemma_sizes(settings.path)[1]
   if settings.encoder == "t5" and settings.path:
     from flowjax.models import t5
     config = os.path.join(settings.path, t5.HF_CONFIG)

@@ -1,6 +1,6 @@
-"""Captions and text-to-image STARFlow: the caption encoders (flowjax.text, the 't5' one against
-HuggingFace transformers), captioned data sources (digits, image folders, synthetic), caption
-dropout and text CFG in the objective, and sampling from prompts."""
+"""Captions and text-to-image STARFlow: the caption encoders (flowjax.text, the 't5' and
+'gemma_embed' ones against HuggingFace transformers), captioned data sources (digits, image
+folders, synthetic), caption dropout and text CFG in the objective, and sampling from prompts."""
 
 import json
 import os
@@ -73,6 +73,96 @@ def test_t5_encoder_errors_name_the_fix(tmp_path):
     text.feature_dim(text.TextSettings(encoder="t5", path=str(tmp_path)))
 
 
+def _gemma_folder(tmp_path, tokenizer_config=None, config=None, rename=None, shards=False):
+  """A copy of the gemma_tiny fixture with its tokenizer_config / config.json updated, the
+  embedding renamed (`rename`), or the weights written as two shards with an index."""
+  import shutil
+  from safetensors.numpy import load_file, save_file
+  source, folder = os.path.join(REFERENCE, "gemma_tiny"), tmp_path / "gemma"
+  shutil.copytree(source, folder)
+  for name, update in (("tokenizer_config.json", tokenizer_config), ("config.json", config)):
+    if update is not None:
+      values = json.loads((folder / name).read_text())
+      values.update(update)
+      (folder / name).write_text(json.dumps(values))
+  weights = load_file(str(folder / "model.safetensors"))
+  if rename:
+    weights = {rename if k == "embed_tokens.weight" else k: v for k, v in weights.items()}
+  if shards:
+    (folder / "model.safetensors").unlink()
+    names = sorted(weights)
+    parts = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+             "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in parts.items():
+      save_file({k: weights[k] for k in keys}, str(folder / file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: file for file, keys in parts.items() for k in keys}}))
+  else:
+    save_file(weights, str(folder / "model.safetensors"))
+  return str(folder)
+
+
+def test_gemma_embed_encoder_matches_transformers(tmp_path):
+  """The 'gemma_embed' encoder (ml-starflow's gemma2_2b / gemma3 text path) on the gemma_tiny
+  checkpoint: tokens of the captions in Gemma's chat template (<bos>, left padding by default,
+  right when tokenizer_config.json asks, truncation, byte fallback) equal transformers'
+  AutoTokenizer's, and features equal the token embedding times sqrt(hidden_size) with no mask
+  (Gemma's own first hidden state); a Gemma 3 layout (text_config, image_token_index, the
+  embedding in a shard under its multimodal name) reads the same rows."""
+  reference = np.load(os.path.join(REFERENCE, "gemma_tiny_text.npz"))
+  captions_list = [str(c) for c in reference["captions"]]
+  max_length = reference["input_ids_left"].shape[1]
+  settings = text.TextSettings(encoder="gemma_embed", path=os.path.join(REFERENCE, "gemma_tiny"),
+                               max_length=max_length)
+  encoder = text.encoder_of(settings)
+  ids, mask = encoder.tokenize(captions_list)
+  np.testing.assert_array_equal(ids, reference["input_ids_left"])
+  np.testing.assert_array_equal(mask, reference["attention_mask_left"])
+  features = encoder.encode(captions_list)
+  np.testing.assert_allclose(features, reference["features"], rtol=1e-6)
+  np.testing.assert_allclose(encoder.null(), reference["features"][2], rtol=1e-6)
+  assert encoder.dim == 16 and text.feature_dim(settings) == 16
+  right = text.encoder_of(dataclasses_replace(settings, path=_gemma_folder(
+      tmp_path / "right", tokenizer_config={"padding_side": "right"})))
+  np.testing.assert_array_equal(right.tokenize(captions_list)[0], reference["input_ids_right"])
+  no_bos = text.encoder_of(dataclasses_replace(settings, path=_gemma_folder(
+      tmp_path / "no_bos", tokenizer_config={"add_bos_token": False})))
+  fitting = [0, 2, 3, 5]  # the captions that were not truncated
+  expected = [np.concatenate([[0], row[row != 2]]) for row in reference["input_ids_left"][fitting]]
+  np.testing.assert_array_equal(no_bos.tokenize([captions_list[i] for i in fitting])[0],
+                                expected)
+  rows = int(reference["input_ids_left"].max()) + 1
+  gemma3 = _gemma_folder(tmp_path / "gemma3", config={
+      "text_config": {"hidden_size": 16}, "image_token_index": rows},
+      rename="language_model.model.embed_tokens.weight", shards=True)
+  gemma3_encoder = text.encoder_of(dataclasses_replace(settings, path=gemma3))
+  assert gemma3_encoder.params.shape == (rows, 16)
+  np.testing.assert_allclose(gemma3_encoder.encode(captions_list), reference["features"],
+                             rtol=1e-6)
+  with pytest.raises(text.TextConfigError, match="beyond the"):
+    gemma3_encoder.encode(["a \u20ac note"])  # byte 0xE2 lies past the rows read
+
+
+def dataclasses_replace(settings, **values):
+  import dataclasses
+  return dataclasses.replace(settings, **values)
+
+
+def test_gemma_embed_encoder_errors_name_the_fix(tmp_path):
+  with pytest.raises(text.TextConfigError, match="needs data.text.path"):
+    text.encoder_of(text.TextSettings(encoder="gemma_embed"))
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    text.encoder_of(text.TextSettings(encoder="gemma_embed", path=str(tmp_path)))
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    text.feature_dim(text.TextSettings(encoder="gemma_embed", path=str(tmp_path)))
+  with pytest.raises(text.TextConfigError, match="template alone takes 17"):
+    text.encoder_of(text.TextSettings(encoder="gemma_embed", max_length=17,
+                                      path=os.path.join(REFERENCE, "gemma_tiny")))
+  folder = _gemma_folder(tmp_path, rename="encoder.tokens.weight")
+  with pytest.raises(text.TextConfigError, match="embed_tokens.weight"):
+    text.encoder_of(text.TextSettings(encoder="gemma_embed", path=folder))
+
+
 def test_settings_are_checked():
   with pytest.raises(text.TextConfigError, match="data.text.encoder"):
     text.TextSettings(encoder="bert")
@@ -136,13 +226,19 @@ def test_digits_captions_follow_label_and_ink():
   assert digits.label_of("A thin three") == 3 and digits.label_of("a cat") is None
 
 
-def test_digits_batches_carry_caption_features():
+@pytest.mark.parametrize("encoder", ["words", "gemma_embed"])
+def test_digits_batches_carry_caption_features(encoder):
   config = data_config()
+  tokens = 8
+  if encoder == "gemma_embed":
+    tokens = 28  # the chat template takes 17
+    config.text.update(dict(encoder=encoder, path=os.path.join(REFERENCE, "gemma_tiny"),
+                            max_length=tokens))
   info = data.data_info(config)
-  assert info.extra_array("text") == ((8, 16), "float32")
+  assert info.extra_array("text") == ((tokens, 16), "float32")
   assert info.text.prompts == captions.first_distinct(digits.captions()[:1500])
   assert data.describe(config, info).endswith(
-      "(8, 8, 1), captioned ('words' caption features, 8 tokens of 16).")
+      f"(8, 8, 1), captioned ('{encoder}' caption features, {tokens} tokens of 16).")
   batch = next(batches(config, batch_size=8))
   assert set(batch) == {"image", "text"}
   expected = text.encoder(config).encode(digits.captions()[:8])

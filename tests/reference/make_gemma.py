@@ -1,0 +1,96 @@
+"""Writes the fixture that tests/test_text.py checks flowjax.text's 'gemma_embed' encoder against:
+a tiny random Gemma 2 checkpoint with a small Gemma-style tokenizer (tests/reference/gemma_tiny/:
+config.json, model.safetensors, tokenizer.json, tokenizer_config.json), and what transformers
+makes of a few captions with it, as apple/ml-starflow encodes captions for its gemma2_2b /
+gemma3_* text paths (utils/common.py encode_text with a TextEmbedder): the caption wrapped in
+Gemma's chat template asking for "an image", AutoTokenizer with padding='max_length' and
+truncation, then the frozen token embedding times sqrt(hidden_size), no mask.
+
+Needs tokenizers, torch and transformers; run once by hand: python tests/reference/make_gemma.py.
+The tests read it without torch.
+
+The tokenizer is a byte-fallback BPE in Gemma's layout (ids 0-4 = <pad>, <eos>, <bos>, <unk>,
+<mask>; <start_of_turn>, <end_of_turn> special; '▁' for spaces; a template post-processor
+prepending <bos>), trained on the captions' words with tokenizers' BpeTrainer, then the 256
+<0xNN> byte tokens. The captions include one with a character outside the vocabulary (byte
+fallback), an empty one (the null caption), and one longer than max_length (truncation).
+"""
+
+import json
+import os
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FOLDER = os.path.join(HERE, "gemma_tiny")
+MAX_LENGTH = 24
+HIDDEN = 16
+TEMPLATE = ("<start_of_turn>user\nPlease generate an image about: {prompt}<end_of_turn>\n"
+            "<start_of_turn>model\n")
+CAPTIONS = ["a handwritten seven", "a thin handwritten three", "", "A THICK zero!",
+            "seven seven seven seven seven seven seven seven seven seven seven", "une clé"]
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+CORPUS = ["user", "model", "Please generate an image about:", "a handwritten seven",
+          "thin three thick zero one two four five six eight nine", "A THICK", "!"]
+
+
+def build_tokenizer():
+  import tokenizers
+  from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
+  tokenizer = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True,
+                                              byte_fallback=True))
+  tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+  tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+  trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=SPECIAL, show_progress=False)
+  tokenizer.train_from_iterator([line.replace(" ", "\u2581") for line in CORPUS] + ["\n"],
+                                trainer=trainer)
+  state = json.loads(tokenizer.to_str())
+  vocab = state["model"]["vocab"]
+  for byte in range(256):
+    vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+  tokenizer = tokenizers.Tokenizer.from_str(json.dumps(state))
+  tokenizer.post_processor = processors.TemplateProcessing(
+      single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
+  return tokenizer
+
+
+def main():
+  import torch
+  import transformers
+  os.makedirs(FOLDER, exist_ok=True)
+  tokenizer = build_tokenizer()
+  tokenizer.save(os.path.join(FOLDER, "tokenizer.json"))
+  with open(os.path.join(FOLDER, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
+               "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": 8192}, f, indent=2)
+  torch.manual_seed(0)
+  config = transformers.Gemma2Config(
+      vocab_size=tokenizer.get_vocab_size(), hidden_size=HIDDEN, intermediate_size=32,
+      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+  model = transformers.Gemma2Model(config).eval()
+  model.save_pretrained(FOLDER)
+  prompts = [TEMPLATE.format(prompt=c) for c in CAPTIONS]
+  out = {"captions": np.asarray(CAPTIONS)}
+  for side in ("left", "right"):
+    auto = transformers.AutoTokenizer.from_pretrained(FOLDER, padding_side=side)
+    encoded = auto(prompts, padding="max_length", truncation=True, max_length=MAX_LENGTH,
+                   return_tensors="pt")
+    out[f"input_ids_{side}"] = encoded.input_ids.numpy()
+    out[f"attention_mask_{side}"] = encoded.attention_mask.numpy()
+  default = transformers.AutoTokenizer.from_pretrained(FOLDER)
+  assert default.padding_side == "left", default.padding_side
+  ids = torch.from_numpy(out["input_ids_left"])
+  with torch.no_grad():
+    # ml-starflow's TextEmbedder: nn.Embedding(ids) * float(hidden_size) ** 0.5.
+    weight = model.embed_tokens.weight.float()
+    features = torch.nn.functional.embedding(ids, weight) * float(HIDDEN) ** 0.5
+    # Gemma's own first hidden state is the same scaled embedding.
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[0]
+  np.testing.assert_allclose(features.numpy(), hidden.numpy(), rtol=1e-6)
+  out["features"] = features.numpy()
+  np.savez(os.path.join(HERE, "gemma_tiny_text.npz"), **out)
+  print(type(default).__name__, out["input_ids_left"])
+
+
+if __name__ == "__main__":
+  main()
