@@ -21,6 +21,10 @@ The `data.text` config section picks the encoder:
   features = the frozen token embedding times sqrt(hidden_size), with no mask: the padding
   positions hold the <pad> embedding, as the official code feeds them. Only the embedding
   table is read from the checkpoint (for Gemma 3, its first image_token_index rows).
+- encoder="gemma": ml-starflow's 'gemma' text path (a Lumina-style folder: text_encoder/ holding a
+  HF Gemma or Gemma 2 decoder, tokenizer/ its tokenizer; or one folder with both): the plain
+  caption tokenized as above (no template), features = `flowjax.models.gemma.features`, the
+  decoder's last hidden state times the attention mask.
 - encoder="words": an offline encoder for CPU runs and tests: each lower-cased word hashed
   (CRC-32) into `vocab_size` ids, then an end-of-sequence id, through a randomly initialised T5
   encoder (v1.1 layout: gated GELU) of width `dim`, `layers` layers and `heads` heads whose
@@ -42,7 +46,7 @@ import numpy as np
 
 from flowjax.registry import unknown_name_message
 
-ENCODERS = ("words", "t5", "gemma_embed")
+ENCODERS = ("words", "t5", "gemma_embed", "gemma")
 TOKENIZER_FILE = "tokenizer.json"
 PAD_ID, EOS_ID = 0, 1  # T5's
 NULL_CAPTION = ""
@@ -101,7 +105,7 @@ class TextSettings:
     """The settings that determine the features: every 'words' setting but the path; for 't5'
     the encoder and max_length (its weights are the folder's, wherever it lies; the width is
     the folder's d_model, checked against a cache's feature shape)."""
-    if self.encoder in ("t5", "gemma_embed"):
+    if self.encoder in ("t5", "gemma_embed", "gemma"):
       return ("encoder", "max_length")
     return tuple(f.name for f in dataclasses.fields(self) if f.name != "path")
 
@@ -357,6 +361,39 @@ def _gemma_embed_encoder(settings: TextSettings) -> TextEncoder:
   return TextEncoder(settings, table.shape[1], tokenize, table, apply)
 
 
+def gemma_folders(path: str) -> tuple[str, str]:
+  """(decoder folder, tokenizer folder) of a 'gemma' path: its text_encoder/ and tokenizer/ when
+  it has them (a Lumina-style pipeline folder), else the folder itself for both."""
+  nested = [os.path.join(path, name) for name in ("text_encoder", "tokenizer")]
+  if all(os.path.isdir(folder) for folder in nested):
+    return nested[0], nested[1]
+  return path, path
+
+
+def _gemma_encoder(settings: TextSettings) -> TextEncoder:
+  from flowjax.models import gemma
+  if not settings.path:
+    raise TextConfigError("data.text.encoder='gemma' needs data.text.path: a local folder with a "
+                          "HF Gemma decoder (config.json, model.safetensors or its shards) and its "
+                          f"{TOKENIZER_FILE}, or a Lumina-style folder holding them in "
+                          "text_encoder/ and tokenizer/.")
+  decoder, tokenizer_folder = gemma_folders(settings.path)
+  tokenizer = gemma_tokenizer(tokenizer_folder, settings.max_length)
+  config, module, params = gemma.load(decoder)
+  jitted = jax.jit(lambda params, ids, mask: gemma.features(module, params, ids, mask))
+
+  def tokenize(captions):
+    encodings = tokenizer.encode_batch(list(captions))
+    ids = np.asarray([e.ids for e in encodings], np.int32)
+    if ids.max() >= config.vocab_size:
+      raise TextConfigError(f"A caption has token id {int(ids.max())}, beyond the "
+                            f"{config.vocab_size} embedding rows of {decoder}: are the tokenizer "
+                            "and the weights one Gemma's?")
+    return ids, np.asarray([e.attention_mask for e in encodings], np.int32)
+
+  return TextEncoder(settings, config.hidden_size, tokenize, params, jitted)
+
+
 @functools.lru_cache(maxsize=4)
 def encoder_of(settings: TextSettings) -> TextEncoder:
   """The encoder of a setting (built once)."""
@@ -364,7 +401,7 @@ def encoder_of(settings: TextSettings) -> TextEncoder:
     raise TextConfigError("data.text.encoder is not set: there is no caption encoder (choose "
                           f"one of {list(ENCODERS)}).")
   return {"words": _words_encoder, "t5": _t5_encoder,
-          "gemma_embed": _gemma_embed_encoder}[settings.encoder](settings)
+          "gemma_embed": _gemma_embed_encoder, "gemma": _gemma_encoder}[settings.encoder](settings)
 
 
 def encoder(data_config) -> TextEncoder:
@@ -374,10 +411,12 @@ def encoder(data_config) -> TextEncoder:
 
 def feature_dim(settings: TextSettings) -> int:
   """The feature width D without building the encoder: 'words': data.text.dim; 't5': d_model of
-  the config.json in data.text.path, 'gemma_embed': its hidden_size (data.text.dim when there is
-  no path: a synthetic dry run)."""
+  the config.json in data.text.path, 'gemma_embed' and 'gemma': its hidden_size (data.text.dim
+  when there is no path: a synthetic dry run)."""
   if settings.encoder == "gemma_embed" and settings.path:
     return gemma_sizes(settings.path)[1]
+  if settings.encoder == "gemma" and settings.path:
+    return gemma_sizes(gemma_folders(settings.path)[0])[1]
   if settings.encoder == "t5" and settings.path:
     from flowjax.models import t5
     config = os.path.join(settings.path, t5.HF_CONFIG)

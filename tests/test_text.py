@@ -143,6 +143,30 @@ def test_gemma_embed_encoder_matches_transformers(tmp_path):
     gemma3_encoder.encode(["a \u20ac note"])  # byte 0xE2 lies past the rows read
 
 
+@pytest.mark.parametrize("fixture", ["gemma_tiny", "gemma1_tiny"])
+def test_gemma_encoder_matches_transformers(fixture):
+  """The 'gemma' encoder (ml-starflow's 'gemma' path: a Gemma decoder's last hidden state times
+  the attention mask, plain captions) on a tiny Gemma 2 (sliding window, soft capping,
+  query_pre_attn_scalar, the four norms; one folder) and a tiny Gemma (grouped key/value heads,
+  rope_theta 100; Lumina's text_encoder/ + tokenizer/ layout): tokens and features equal
+  transformers' AutoTokenizer and Gemma2Model / GemmaModel, left padding included."""
+  npz = "gemma_tiny_text.npz" if fixture == "gemma_tiny" else "gemma1_tiny_text.npz"
+  reference = dict(np.load(os.path.join(REFERENCE, npz)))
+  if fixture == "gemma_tiny":
+    reference = {k.removeprefix("full_"): v for k, v in reference.items()}
+  settings = text.TextSettings(encoder="gemma", path=os.path.join(REFERENCE, fixture),
+                               max_length=reference["input_ids"].shape[1])
+  encoder = text.encoder_of(settings)
+  captions_list = [str(c) for c in reference["captions"]]
+  ids, mask = encoder.tokenize(captions_list)
+  np.testing.assert_array_equal(ids, reference["input_ids"])
+  np.testing.assert_array_equal(mask, reference["attention_mask"])
+  np.testing.assert_allclose(encoder.encode(captions_list), reference["features"], atol=2e-5,
+                             rtol=1e-4)
+  assert text.feature_dim(settings) == encoder.dim == 16
+  np.testing.assert_allclose(encoder.null(), reference["features"][2], atol=2e-5, rtol=1e-4)
+
+
 def dataclasses_replace(settings, **values):
   import dataclasses
   return dataclasses.replace(settings, **values)
@@ -158,6 +182,18 @@ def test_gemma_embed_encoder_errors_name_the_fix(tmp_path):
   with pytest.raises(text.TextConfigError, match="template alone takes 17"):
     text.encoder_of(text.TextSettings(encoder="gemma_embed", max_length=17,
                                       path=os.path.join(REFERENCE, "gemma_tiny")))
+  with pytest.raises(text.TextConfigError, match="needs data.text.path"):
+    text.encoder_of(text.TextSettings(encoder="gemma"))
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    text.encoder_of(text.TextSettings(encoder="gemma", path=str(tmp_path)))
+  from flowjax.models import gemma
+  config = json.loads(open(os.path.join(REFERENCE, "gemma_tiny", "config.json")).read())
+  for change, match in (({"use_bidirectional_attention": True}, "causal"),
+                        ({"hidden_activation": "silu"}, "tanh GELU"),
+                        ({"model_type": "gemma3_text"}, "model_type"),
+                        ({"rope_parameters": {"rope_type": "linear", "factor": 8.0}}, "rope")):
+    with pytest.raises(ValueError, match=match):
+      gemma.GemmaConfig.from_hf_json({**config, **change})
   folder = _gemma_folder(tmp_path, rename="encoder.tokens.weight")
   with pytest.raises(text.TextConfigError, match="embed_tokens.weight"):
     text.encoder_of(text.TextSettings(encoder="gemma_embed", path=folder))

@@ -9,6 +9,12 @@ truncation, then the frozen token embedding times sqrt(hidden_size), no mask.
 Needs tokenizers, torch and transformers; run once by hand: python tests/reference/make_gemma.py.
 The tests read it without torch.
 
+The same checkpoint (two layers: a sliding-window one with a window of 3 and a global one; soft
+capping at 5 and query_pre_attn_scalar 32 so that each matters; weights drawn with std 0.3) gives
+the 'gemma' encoder's reference: Gemma2Model's last hidden state times the attention mask on the
+plain captions (ml-starflow's 'gemma' path: no template). tests/reference/gemma1_tiny/ holds a
+Gemma (1) decoder in the Lumina folder layout (text_encoder/, tokenizer/) with its features.
+
 The tokenizer is a byte-fallback BPE in Gemma's layout (ids 0-4 = <pad>, <eos>, <bos>, <unk>,
 <mask>; <start_of_turn>, <end_of_turn> special; '▁' for spaces; a template post-processor
 prepending <bos>), trained on the captions' words with tokenizers' BpeTrainer, then the 256
@@ -23,7 +29,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FOLDER = os.path.join(HERE, "gemma_tiny")
+GEMMA1 = os.path.join(HERE, "gemma1_tiny")
 MAX_LENGTH = 24
+MAX_LENGTH_FULL = 8
 HIDDEN = 16
 TEMPLATE = ("<start_of_turn>user\nPlease generate an image about: {prompt}<end_of_turn>\n"
             "<start_of_turn>model\n")
@@ -54,7 +62,28 @@ def build_tokenizer():
   return tokenizer
 
 
+def perturb(model, torch):
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for parameter in model.parameters():
+      parameter.normal_(0.0, 0.3)
+
+
+def full_features(model, folder, torch, transformers):
+  """(input_ids, attention_mask, last hidden state times the mask) of the plain captions."""
+  auto = transformers.AutoTokenizer.from_pretrained(folder)
+  encoded = auto(CAPTIONS, padding="max_length", truncation=True, max_length=MAX_LENGTH_FULL,
+                 return_tensors="pt")
+  with torch.no_grad():
+    hidden = model(input_ids=encoded.input_ids,
+                   attention_mask=encoded.attention_mask).last_hidden_state
+  features = hidden * encoded.attention_mask[..., None]
+  assert torch.isfinite(features).all()
+  return encoded.input_ids.numpy(), encoded.attention_mask.numpy(), features.numpy()
+
+
 def main():
+  import shutil
   import torch
   import transformers
   os.makedirs(FOLDER, exist_ok=True)
@@ -66,8 +95,10 @@ def main():
   torch.manual_seed(0)
   config = transformers.Gemma2Config(
       vocab_size=tokenizer.get_vocab_size(), hidden_size=HIDDEN, intermediate_size=32,
-      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+      sliding_window=3, attn_logit_softcapping=5.0, query_pre_attn_scalar=32)
   model = transformers.Gemma2Model(config).eval()
+  perturb(model, torch)
   model.save_pretrained(FOLDER)
   prompts = [TEMPLATE.format(prompt=c) for c in CAPTIONS]
   out = {"captions": np.asarray(CAPTIONS)}
@@ -88,8 +119,27 @@ def main():
     hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[0]
   np.testing.assert_allclose(features.numpy(), hidden.numpy(), rtol=1e-6)
   out["features"] = features.numpy()
+  (out["full_input_ids"], out["full_attention_mask"],
+   out["full_features"]) = full_features(model, FOLDER, torch, transformers)
   np.savez(os.path.join(HERE, "gemma_tiny_text.npz"), **out)
-  print(type(default).__name__, out["input_ids_left"])
+
+  shutil.rmtree(GEMMA1, ignore_errors=True)
+  os.makedirs(os.path.join(GEMMA1, "tokenizer"))
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(FOLDER, name), os.path.join(GEMMA1, "tokenizer", name))
+  torch.manual_seed(2)
+  config = transformers.GemmaConfig(
+      vocab_size=tokenizer.get_vocab_size(), hidden_size=HIDDEN, intermediate_size=32,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+      rope_parameters={"rope_type": "default", "rope_theta": 100.0})
+  model = transformers.GemmaModel(config).eval()
+  perturb(model, torch)
+  model.save_pretrained(os.path.join(GEMMA1, "text_encoder"))
+  ids, mask, features = full_features(model, os.path.join(GEMMA1, "tokenizer"), torch,
+                                      transformers)
+  np.savez(os.path.join(HERE, "gemma1_tiny_text.npz"), captions=np.asarray(CAPTIONS),
+           input_ids=ids, attention_mask=mask, features=features)
+  print(type(default).__name__, out["input_ids_left"], ids)
 
 
 if __name__ == "__main__":
