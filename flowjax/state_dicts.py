@@ -7,6 +7,7 @@ share.
 and stops with the list of missing, extra and mis-shaped keys.
 """
 
+import json
 import os
 from collections.abc import Callable, Mapping
 
@@ -63,6 +64,30 @@ def read_state_dict(path: str, key: str = "") -> dict[str, np.ndarray]:
                           f"{str(error)[:300]}); is it a complete, uncorrupted file?") from error
   tensors = _find_state_dict(tensors, key, path)
   return {_strip_wrappers(name): _to_numpy(value) for name, value in tensors.items()}
+
+
+HF_INDEX = "model.safetensors.index.json"  # a HF checkpoint saved in shards
+
+
+def read_shards(weights: str, what: str) -> dict[str, np.ndarray]:
+  """`read_state_dict` of a weights file, or of every shard that a HF index file
+  (model.safetensors.index.json) names, merged; a missing or unreadable shard is a ValueError
+  naming it (`what` names the model in the message)."""
+  shards = [weights]
+  if weights.endswith(HF_INDEX):
+    with open(weights) as f:
+      names = sorted(set(json.load(f)["weight_map"].values()))
+    shards = [os.path.join(os.path.dirname(weights), name) for name in names]
+  state_dict = {}
+  for shard in shards:
+    if not os.path.isfile(shard):
+      raise FileNotFoundError(f"No {what} weights at {shard!r}: the index names it; copy every "
+                              "shard of the checkpoint.")
+    try:
+      state_dict.update(read_state_dict(shard))
+    except ConversionError as error:
+      raise ValueError(f"{what} weights {shard}: {error}") from error
+  return state_dict
 
 
 def _strip_wrappers(name: str) -> str:

@@ -144,7 +144,7 @@ def test_gemma_embed_encoder_matches_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("fixture", ["gemma_tiny", "gemma1_tiny"])
-def test_gemma_encoder_matches_transformers(fixture):
+def test_gemma_encoder_matches_transformers(fixture, tmp_path):
   """The 'gemma' encoder (ml-starflow's 'gemma' path: a Gemma decoder's last hidden state times
   the attention mask, plain captions) on a tiny Gemma 2 (sliding window, soft capping,
   query_pre_attn_scalar, the four norms; one folder) and a tiny Gemma (grouped key/value heads,
@@ -165,6 +165,11 @@ def test_gemma_encoder_matches_transformers(fixture):
                              rtol=1e-4)
   assert text.feature_dim(settings) == encoder.dim == 16
   np.testing.assert_allclose(encoder.null(), reference["features"][2], atol=2e-5, rtol=1e-4)
+  if fixture == "gemma_tiny":  # the same weights saved in two shards with an index
+    sharded = text.encoder_of(dataclasses_replace(settings, path=_gemma_folder(
+        tmp_path, shards=True)))
+    np.testing.assert_allclose(sharded.encode(captions_list), reference["features"], atol=2e-5,
+                               rtol=1e-4)
 
 
 def dataclasses_replace(settings, **values):

@@ -32,7 +32,7 @@ from flowjax import state_dicts
 
 Params = Any
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
-HF_INDEX = "model.safetensors.index.json"
+HF_INDEX = state_dicts.HF_INDEX
 MODEL_TYPES = ("gemma", "gemma2")
 GELU_TANH = ("gelu", "gelu_pytorch_tanh", None)  # transformers reads a legacy "gelu" as tanh
 
@@ -254,20 +254,10 @@ def load(path: str, dtype: Any = jnp.float32) -> tuple[GemmaConfig, GemmaEncoder
   with open(config_path) as f:
     config = GemmaConfig.from_hf_json(json.load(f))
   index = os.path.join(path, HF_INDEX)
-  if os.path.isfile(index):
-    with open(index) as f:
-      names = sorted(set(json.load(f)["weight_map"].values()))
-    shards = [os.path.join(path, name) for name in names]
-  else:
-    shards = [os.path.join(path, HF_WEIGHTS)]
-  state_dict = {}
-  for shard in shards:
-    if not os.path.isfile(shard):
-      raise FileNotFoundError(f"No Gemma weights at {shard!r}; give a HF Gemma folder "
-                              f"({HF_WEIGHTS}, or the shards with {HF_INDEX}).")
-    try:
-      state_dict.update(state_dicts.read_state_dict(shard))
-    except state_dicts.ConversionError as error:
-      raise ValueError(f"Gemma weights {shard}: {error}") from error
+  weights = index if os.path.isfile(index) else os.path.join(path, HF_WEIGHTS)
+  if not os.path.isfile(weights):
+    raise FileNotFoundError(f"No Gemma weights at {weights!r}; give a HF Gemma folder "
+                            f"({HF_WEIGHTS}, or the shards with {HF_INDEX}).")
+  state_dict = state_dicts.read_shards(weights, "Gemma")
   module = GemmaEncoder(config, dtype=dtype)
   return config, module, params_from_state_dict(state_dict, module, path)

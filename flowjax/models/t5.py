@@ -31,7 +31,7 @@ from flowjax import state_dicts
 
 Params = Any
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
-HF_INDEX = "model.safetensors.index.json"  # a checkpoint saved in shards (google/flan-t5-xl)
+HF_INDEX = state_dicts.HF_INDEX  # a checkpoint saved in shards (google/flan-t5-xl)
 FEED_FORWARDS = ("relu", "gated-gelu")
 
 
@@ -233,15 +233,5 @@ def load(path: str, config: "T5Config | str | None" = None,
     with open(config_path) as f:
       config = T5Config.from_hf_json(json.load(f))
   module = T5Encoder(config, dtype=dtype)
-  shards = [weights]
-  if weights.endswith(HF_INDEX):
-    with open(weights) as f:
-      names = sorted(set(json.load(f)["weight_map"].values()))
-    shards = [os.path.join(os.path.dirname(weights), name) for name in names]
-  state_dict = {}
-  for shard in shards:
-    try:
-      state_dict.update(state_dicts.read_state_dict(shard))
-    except state_dicts.ConversionError as error:
-      raise ValueError(f"T5 weights {shard}: {error}") from error
-  return config, module, params_from_state_dict(state_dict, module, weights)
+  return config, module, params_from_state_dict(state_dicts.read_shards(weights, "T5"), module,
+                                                weights)
