@@ -29,6 +29,7 @@ import numpy as np
 from flax import traverse_util
 
 from flowjax import state_dicts
+from flowjax.models import t5
 
 Params = Any
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
@@ -194,16 +195,10 @@ class GemmaEncoder(nn.Module):
     return GemmaRMSNorm(c.rms_norm_eps, name="final_norm")(h).astype(jnp.float32)
 
 
-def features(module: GemmaEncoder, params: Params, input_ids, attention_mask):
-  """ml-starflow's caption features: the last hidden state times the attention mask (zeros at
-  padding), [B, T, hidden_size] float32."""
-  hidden = module.apply({"params": params}, input_ids, attention_mask)
-  return hidden * jnp.asarray(attention_mask, jnp.float32)[..., None]
-
-
-def abstract_params(module: GemmaEncoder) -> Params:
-  variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-  return nn.meta.unbox(variables["params"])
+# ml-starflow's caption features (the last hidden state times the attention mask) and the
+# parameter shapes are read the same way as the T5 encoder's: both modules take (ids, mask).
+features = t5.features
+abstract_params = t5.abstract_params
 
 
 def _hf_targets(config: GemmaConfig) -> dict:

@@ -153,14 +153,15 @@ class T5Encoder(nn.Module):
     return T5RMSNorm(c.layer_norm_epsilon, name="final_norm")(h).astype(jnp.float32)
 
 
-def features(module: T5Encoder, params: Params, input_ids, attention_mask):
+def features(module: nn.Module, params: Params, input_ids, attention_mask):
   """ml-starflow's caption features: the last hidden state times the attention mask (zeros at
-  padding), [B, T, d_model] float32."""
+  padding), [B, T, width] float32, of an encoder module called with (input_ids,
+  attention_mask) (T5Encoder, gemma.GemmaEncoder)."""
   hidden = module.apply({"params": params}, input_ids, attention_mask)
   return hidden * jnp.asarray(attention_mask, jnp.float32)[..., None]
 
 
-def abstract_params(module: T5Encoder) -> Params:
+def abstract_params(module: nn.Module) -> Params:
   variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
   return nn.meta.unbox(variables["params"])
 
