@@ -122,6 +122,18 @@ SUITES["toy2d_smoke"] = dict(
     overrides=dict(SUITES["toy2d"]["overrides"], **{
         "model.hidden_size": 64, "model.depth": 2, "train.batch_size": 256}),
     steps=200, num_samples=1024)
+# Text to image on the captioned digits: flow matching and MeanFlow DiTs and STARFlow, each with
+# its own experiment's backbone and caption path ('words' features), at one budget (steps x
+# batch) and without guidance. Samples are drawn from the 30 captions ("a [thin |thick ]
+# handwritten <digit>", cycling) and scored by FD and by the classifier's accuracy against the
+# digit their caption names.
+SUITES["digits_text"] = dict(
+    methods={"flow_matching": ("fm_digits_text.py", [1, 2, 4, 8, 100], "euler"),
+             "meanflow": ("meanflow_digits_text.py", [1, 2, 4, 8], "euler"),
+             "starflow": ("starflow_digits_text.py", [1], "kv_cache")},
+    overrides={"train.batch_size": 128, "sample.every_steps": 0, "sample.guidance": 1.0,
+               "eval.every_steps": 0, "train.log_every": 250},
+    steps=1500, num_samples=600, metric="fd", evaluation_seed=0, conditioning="text")
 # The floor is evaluated at this many evaluation seeds (or at one per training seed, if more).
 FLOOR_SEEDS = 10
 
@@ -185,6 +197,15 @@ def floor_values(spec: dict, evaluation_seeds, metric: str | None = None) -> lis
                                  image_size=size)["fd_floor"] for seed in evaluation_seeds]
 
 
+def caption_prompts(num: int) -> tuple[np.ndarray, list[str]]:
+  """(labels [num], captions) cycling over the captioned digits' 30 prompts: sample i asks for
+  digit i % 10 in style (i // 10) % 3 ('thin', plain, 'thick')."""
+  from flowjax.data import digits
+  labels = np.arange(num) % digits.NUM_CLASSES
+  styles = [digits.STYLES[(i // digits.NUM_CLASSES) % len(digits.STYLES)] for i in range(num)]
+  return labels, [digits.caption(int(label), style) for label, style in zip(labels, styles)]
+
+
 def evaluate_method(config, workdir: str, method: str, step_counts, sample_method: str,
                     spec: dict, seed: int = 0) -> list[Result]:
   """The metrics of `method`'s checkpoint in `workdir` at each step count: spec["num_samples"]
@@ -195,8 +216,12 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
   evaluation_seed = spec["evaluation_seed"] + seed
   setup, state = modes.load(config, workdir)
   params = train.sampling_params(state, config)
-  labels = train.sample_labels(setup.info, num_samples)
-  guided = labels is not None and config.sample.guidance != 1.0
+  if setup.info.text is not None:
+    labels, captions = caption_prompts(num_samples)
+    conditions = jax.numpy.asarray(setup.info.text.encode(captions))
+  else:
+    conditions = labels = train.sample_labels(setup.info, num_samples)
+  guided = conditions is not None and config.sample.guidance != 1.0
   classifier = None if toy else digits_metric.load_classifier()
   results = []
   objective = setup.objective
@@ -211,7 +236,7 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
           p, rng, num_samples, cond, num_steps=n, method=sample_method,
           guidance=config.sample.guidance), n))
     with train.context(setup):
-      samples, calls = sample(params, jax.random.key(1234 + seed), labels)
+      samples, calls = sample(params, jax.random.key(1234 + seed), conditions)
     samples, calls = np.asarray(jax.device_get(samples)), int(calls)
     if toy:
       values = toy_metric.evaluate(samples, config.data.toy_distribution, evaluation_seed)
@@ -275,6 +300,7 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None, seeds
                                                   else len(order), r.method, r.seed, r.num_steps))
   evaluation_seeds = [spec["evaluation_seed"] + k for k in range(max(FLOOR_SEEDS, seeds))]
   record = {"suite": suite, "metric": spec["metric"],
+            **({"conditioning": spec["conditioning"]} if spec.get("conditioning") else {}),
             "budget": {"train_steps": steps,
                        "batch_size": spec["overrides"]["train.batch_size"],
                        "hidden_size": spec["overrides"].get("model.hidden_size"),

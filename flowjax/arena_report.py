@@ -142,8 +142,10 @@ def markdown(record: dict) -> str:
   columns = sorted({r["num_steps"] for r in record["results"]})
   seeds = sorted({r["seed"] for r in record["results"]})
   counts = {s["n"] for row in entries(record, metric).values() for s in row.values()}
+  backbone = (f"the same backbone ({budget['hidden_size']} wide, depth {budget['depth']})"
+              if budget.get("hidden_size") else "each method's own experiment's backbone")
   lines = [f"Budget: {budget['train_steps']} steps x batch {budget['batch_size']} for every "
-           f"method, the same backbone ({budget['hidden_size']} wide, depth {budget['depth']}); "
+           f"method, {backbone}; "
            f"{budget['num_samples']} samples per entry. Metric: {metric} (lower is better), mean "
            f"± sample standard deviation over {len(seeds)} seed{'s' * (len(seeds) > 1)} "
            f"({_seeds(seeds)}; seed k sets config.seed = k, the sampling key and the "
@@ -178,7 +180,9 @@ def markdown(record: dict) -> str:
       lines += ["", f"Real-data floor of {key}: {_mean_std(s, '.3g')}, range [{s['min']:.3g}, "
                 f"{s['max']:.3g}]."]
   if any("accuracy" in r["metrics"] for r in record["results"]):
-    lines += ["", "Classifier accuracy of class-conditional samples (higher is better):", ""]
+    lines += ["", "Classifier accuracy of class-conditional samples (higher is better):"
+              if record.get("conditioning") != "text" else "Classifier accuracy of the samples "
+              "against the digit their caption names (higher is better):", ""]
     lines += _table(record, "accuracy", columns, lambda s: _mean_std(s, ".3f"), "higher")
   lines += ["", "Produced by " + " ".join(_run_line(run) for run in record["runs"])]
   if any(r.get("run") is None for r in record["results"]):
