@@ -206,6 +206,17 @@ def caption_prompts(num: int) -> tuple[np.ndarray, list[str]]:
   return labels, [digits.caption(int(label), style) for label, style in zip(labels, styles)]
 
 
+def sample_conditions(info, num: int):
+  """(conditions the samples are drawn with, the digit each should show or None): a captioned
+  source's features of `caption_prompts`, else labels cycling over the classes (or None)."""
+  from flowjax import train
+  if info.text is not None:
+    labels, captions = caption_prompts(num)
+    return jax.numpy.asarray(info.text.encode(captions)), labels
+  labels = train.sample_labels(info, num)
+  return labels, labels
+
+
 def evaluate_method(config, workdir: str, method: str, step_counts, sample_method: str,
                     spec: dict, seed: int = 0) -> list[Result]:
   """The metrics of `method`'s checkpoint in `workdir` at each step count: spec["num_samples"]
@@ -216,11 +227,7 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
   evaluation_seed = spec["evaluation_seed"] + seed
   setup, state = modes.load(config, workdir)
   params = train.sampling_params(state, config)
-  if setup.info.text is not None:
-    labels, captions = caption_prompts(num_samples)
-    conditions = jax.numpy.asarray(setup.info.text.encode(captions))
-  else:
-    conditions = labels = train.sample_labels(setup.info, num_samples)
+  conditions, labels = sample_conditions(setup.info, num_samples)
   guided = conditions is not None and config.sample.guidance != 1.0
   classifier = None if toy else digits_metric.load_classifier()
   results = []

@@ -85,6 +85,39 @@ def test_heavy_tail_arena_compares_noise_laws_and_reports_the_tail_error(tmp_pat
   assert "Real-data floor of tail_error:" in tail_table
 
 
+def test_text_arena_samples_from_captions_and_scores_their_digits():
+  """The digits_text suite draws each sample from the caption features of the prompt it is
+  scored against: sample i asks for digit i % 10 in style (i // 10) % 3, and the labels the
+  classifier checks are those digits; a class-conditional source still gets cycling labels."""
+  import numpy as np
+
+  from flowjax import config as config_lib, data
+  from flowjax.data import digits
+  spec = arena.SUITES["digits_text"]
+  assert set(spec["methods"]) == {"flow_matching", "meanflow", "starflow"}
+  for experiment, *_ in spec["methods"].values():
+    config = config_lib.load_experiment(str(ROOT / "experiments" / experiment))
+    assert config.data.text.encoder == "words"
+  config = config_lib.load_experiment(str(ROOT / "experiments" / "fm_digits_text.py"))
+  info = data.data_info(config.data)
+  conditions, labels = arena.sample_conditions(info, 60)
+  assert labels.tolist() == [i % 10 for i in range(60)]
+  captions = [digits.caption(i % 10, digits.STYLES[(i // 10) % 3]) for i in range(60)]
+  assert captions[13] == "a handwritten three" and captions[27] == "a thick handwritten seven"
+  np.testing.assert_array_equal(np.asarray(conditions), info.text.encode(captions))
+  class_info = data.data_info(config_lib.load_experiment(
+      str(ROOT / "experiments" / "quickstart.py")).data)
+  conditions, labels = arena.sample_conditions(class_info, 12)
+  assert np.asarray(labels).tolist() == [i % 10 for i in range(12)]
+  record = {"suite": "digits_text", "metric": "fd", "conditioning": "text",
+            "budget": {"train_steps": 2, "batch_size": 8, "num_samples": 4}, "methods": {},
+            "runs": [], "results": [{"method": "flow_matching", "num_steps": 1, "nfe": 1,
+                                     "seed": 0, "metrics": {"fd": 1.0, "accuracy": 0.5}}]}
+  table = arena_report.markdown(record)
+  assert "each method's own experiment's backbone" in table
+  assert "against the digit their caption names" in table
+
+
 def test_an_unknown_method_name_stops_before_anything_runs(tmp_path):
   import subprocess
   import sys
