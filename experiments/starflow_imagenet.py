@@ -36,10 +36,7 @@ from flowjax.models import tarflow
 def get_config(arg=None):
   c = config_lib.base_config()
   c.objective = objectives.default_config("starflow")
-  c.objective.update(dict(noise="gaussian", noise_std=0.3, denoise=True,
-                          intermediate_weight=1e-4, label_dropout=0.1, guidance_rule="starflow",
-                          guidance_anneal=False, jacobi_chunk=64, jacobi_tolerance=0.005,
-                          jacobi_max_iterations=32))
+  c.objective.update(blocks.STARFLOW_OBJECTIVE)
   c.model = models.default_config("tarflow")
   c.model.update(dict(patch_size=1, hidden_size=2048, num_blocks=6, layers_per_block=2,
                       deep_layers=18, num_heads=32, order="l2r", dtype="bfloat16",

@@ -26,7 +26,7 @@ caption features of the same shapes: --config.data.name=synthetic --config.train
 Every value and its source: BUILD.md, "Paper presets".
 """
 
-from flowjax import config as config_lib
+from flowjax import blocks, config as config_lib
 from flowjax import models, objectives
 from flowjax.models import tarflow
 
@@ -38,10 +38,7 @@ MODEL = {k: v for k, v in tarflow.STARFLOW_3B_T2I.items() if k not in ("image_sh
 def get_config(arg=None):
   c = config_lib.base_config()
   c.objective = objectives.default_config("starflow")
-  c.objective.update(dict(noise="gaussian", noise_std=0.3, denoise=True,
-                          intermediate_weight=1e-4, label_dropout=0.1, guidance_rule="starflow",
-                          guidance_anneal=False, jacobi_chunk=64, jacobi_tolerance=0.005,
-                          jacobi_max_iterations=32))
+  c.objective.update(blocks.STARFLOW_OBJECTIVE)
   c.model = models.default_config("tarflow")
   c.model.update(dict(MODEL, dtype="bfloat16"))
   c.data.update(dict(name="latents:", image_size=32, channels=4, num_classes=0,

@@ -22,6 +22,14 @@ DIGITS_TRAIN = dict(steps=3000, batch_size=128, log_every=100)
 IMAGENET_LATENTS = dict(name="latents:", image_size=32, channels=4, num_classes=1000,
                         conditional=True)
 
+# The STARFlow objective of apple/ml-starflow's latent-space models (train.py and its configs,
+# cited in BUILD.md): Gaussian noise augmentation at 0.3 with the learned denoiser, intermediate
+# regularisation 1e-4, caption or label dropout 0.1, STARFlow's guidance rule without annealing,
+# Jacobi decoding in chunks of 64.
+STARFLOW_OBJECTIVE = dict(noise="gaussian", noise_std=0.3, denoise=True, intermediate_weight=1e-4,
+                          label_dropout=0.1, guidance_rule="starflow", guidance_anneal=False,
+                          jacobi_chunk=64, jacobi_tolerance=0.005, jacobi_max_iterations=32)
+
 
 def digits_dit(c, **train):
   """Applies the digits DiT, data, optimizer and training length to config `c` (train: keys of
