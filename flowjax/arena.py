@@ -275,6 +275,8 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None, seeds
   if seeds < 1:
     raise ValueError(f"--seeds must be at least 1; got {seeds}.")
   chosen = [m for m in spec["methods"] if not methods or m in methods]
+  # The code that trains and evaluates is the code at the start (commit, uncommitted changes).
+  header = provenance.header(command or f"flowjax.arena.run({suite!r}, ...)")
   results = []
   for seed in range(seeds):
     for method in chosen:
@@ -300,8 +302,7 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None, seeds
   kept, runs = earlier_results(workdir, steps, {(r.method, r.seed) for r in results})
   for r in results:
     r.run = len(runs)
-  runs.append(dict(provenance.header(command or f"flowjax.arena.run({suite!r}, ...)"),
-                   seeds=list(range(seeds)), methods=chosen))
+  runs.append(dict(header, seeds=list(range(seeds)), methods=chosen))
   order = list(spec["methods"])
   results = sorted(kept + results, key=lambda r: (order.index(r.method) if r.method in order
                                                   else len(order), r.method, r.seed, r.num_steps))

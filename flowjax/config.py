@@ -83,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   # 'factor' (times the autoencoder's scaling_factor, 0.18215 for the SD-VAE) or 'none'.
   c.data.latent_scaling = "channel"
   # Captions (flowjax.text): encoder '' (none), 'words' (offline hashed words through a random
-  # T5 of width dim) or 't5' (a local HF T5 folder at path); max_length tokens per caption.
+  # T5 of width dim), 't5' (a local HF T5 folder at path), 'gemma_embed' (a Gemma's token
+  # embedding) or 'gemma' (a Gemma decoder); max_length tokens per caption.
   c.data.text = ml_collections.ConfigDict(dict(
       encoder="", path="", max_length=16, vocab_size=4096, dim=32, layers=2, heads=4, seed=0))
   # data.name='tfds:<NAME>' with captions: the Text feature holding them ('captions/text'), or ''
@@ -191,16 +192,19 @@ def to_json(config) -> str:
   return json.dumps(_jsonable(tree), indent=2, sort_keys=True)
 
 
+def _tuples(x):
+  """JSON's lists as tuples, at every depth (as experiments write sequences)."""
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_tuples(v) for v in x)
+  return x
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
   """The locked config that `to_json` wrote (e.g. a workdir's config.json); lists become tuples,
   as experiments write them, so the fingerprint is that of the original config."""
-  def tuples(x):
-    if isinstance(x, dict):
-      return {k: tuples(v) for k, v in x.items()}
-    if isinstance(x, list):
-      return tuple(tuples(v) for v in x)
-    return x
-  return ml_collections.ConfigDict(tuples(json.loads(text))).lock()
+  return ml_collections.ConfigDict(_tuples(json.loads(text))).lock()
 
 
 def defaults(model: str | None = None, objective: str | None = None) -> dict[str, Any]:
@@ -246,7 +250,7 @@ def with_defaults(config) -> ml_collections.ConfigDict:
       if not isinstance(node, dict):
         break
     else:
-      node.setdefault(leaf, tuple(value) if isinstance(value, list) else value)
+      node.setdefault(leaf, _tuples(value))
   return ml_collections.ConfigDict(tree).lock()
 
 

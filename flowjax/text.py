@@ -102,9 +102,9 @@ class TextSettings:
     return bool(self.encoder)
 
   def feature_keys(self) -> tuple[str, ...]:
-    """The settings that determine the features: every 'words' setting but the path; for 't5'
-    the encoder and max_length (its weights are the folder's, wherever it lies; the width is
-    the folder's d_model, checked against a cache's feature shape)."""
+    """The settings that determine the features: every 'words' setting but the path; for 't5',
+    'gemma_embed' and 'gemma' the encoder and max_length (their weights are the folder's,
+    wherever it lies; the width is the folder's, checked against a cache's feature shape)."""
     if self.encoder in ("t5", "gemma_embed", "gemma"):
       return ("encoder", "max_length")
     return tuple(f.name for f in dataclasses.fields(self) if f.name != "path")
@@ -194,6 +194,7 @@ class TextEncoder:
 
 
 def _jitted_features(module):
+  """The jitted caption features of an encoder module taking (ids, mask): T5 or Gemma."""
   from flowjax.models import t5
   return jax.jit(lambda params, ids, mask: t5.features(module, params, ids, mask))
 
@@ -258,13 +259,14 @@ def gemma_sizes(path: str) -> tuple[int, int]:
 
 
 def gemma_tokenizer(path: str, max_length: int):
-  """A `tokenizers.Tokenizer` that tokenizes as transformers' GemmaTokenizer reads the folder:
-  the vocabulary, merges, added tokens and post-processor of tokenizer.json, spaces as '▁';
-  tokenizer_config.json's add_bos_token / add_eos_token, when given, set what is added around
-  the text; padding to exactly max_length with <pad> on its padding_side (default 'left'),
-  truncation on its truncation_side (default 'right')."""
+  """A `tokenizers.Tokenizer` that tokenizes as transformers 5's GemmaTokenizer reads the folder:
+  the vocabulary, merges, added tokens and post-processor of tokenizer.json (transformers 5 then
+  ignores tokenizer_config.json's add_bos_token / add_eos_token), spaces as '▁'; padding to
+  exactly max_length with <pad> on tokenizer_config.json's padding_side, else tokenizer.json's
+  padding direction, else 'left' (GemmaTokenizer's); truncation likewise on its truncation_side,
+  else 'right'."""
   import tokenizers
-  from tokenizers import normalizers, pre_tokenizers, processors
+  from tokenizers import normalizers, pre_tokenizers
   file = os.path.join(path, TOKENIZER_FILE)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"No tokenizer at {file!r}: data.text.path must be a HF Gemma "
@@ -272,27 +274,19 @@ def gemma_tokenizer(path: str, max_length: int):
                             ".save_pretrained(folder) writes it).")
   settings = _json_file(path, TOKENIZER_CONFIG, required=False)
   tokenizer = tokenizers.Tokenizer.from_file(file)
+  saved_padding, saved_truncation = tokenizer.padding or {}, tokenizer.truncation or {}
   tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
   tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-
-  def token(key, default):
-    value = settings.get(key, default)
-    return value["content"] if isinstance(value, dict) else value
-
-  if "add_bos_token" in settings or "add_eos_token" in settings:
-    bos, eos = token("bos_token", "<bos>"), token("eos_token", "<eos>")
-    parts = ([bos] if settings.get("add_bos_token", True) else []) + ["$A"] + (
-        [eos] if settings.get("add_eos_token", False) else [])
-    specials = [(t, tokenizer.token_to_id(t)) for t in parts if t != "$A"]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=" ".join(parts), special_tokens=specials)
-  pad_token = token("pad_token", "<pad>")
+  pad_token = settings.get("pad_token", "<pad>")
+  pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token
   pad_id = tokenizer.token_to_id(pad_token)
   if pad_id is None:
     raise TextConfigError(f"The tokenizer in {path} has no pad token {pad_token!r}.")
-  tokenizer.enable_truncation(max_length, direction=settings.get("truncation_side", "right"))
-  tokenizer.enable_padding(direction=settings.get("padding_side", "left"), length=max_length,
-                           pad_id=pad_id, pad_token=pad_token)
+  tokenizer.enable_truncation(max_length, direction=settings.get(
+      "truncation_side", saved_truncation.get("direction", "right")))
+  tokenizer.enable_padding(direction=settings.get(
+      "padding_side", saved_padding.get("direction", "left")), length=max_length,
+      pad_id=pad_id, pad_token=pad_token)
   return tokenizer
 
 
@@ -302,7 +296,9 @@ def gemma_embedding(path: str) -> np.ndarray:
   shard the index names for it (the rest of the checkpoint is not read)."""
   from safetensors import safe_open
   rows, width = gemma_sizes(path)
-  index = os.path.join(path, "model.safetensors.index.json")
+  import ml_dtypes  # noqa: F401  (NumPy reads a bfloat16 tensor through it)
+  from flowjax import state_dicts
+  index = os.path.join(path, state_dicts.HF_INDEX)
   if os.path.isfile(index):
     with open(index) as f:
       weight_map = json.load(f)["weight_map"]
@@ -367,6 +363,10 @@ def gemma_folders(path: str) -> tuple[str, str]:
   nested = [os.path.join(path, name) for name in ("text_encoder", "tokenizer")]
   if all(os.path.isdir(folder) for folder in nested):
     return nested[0], nested[1]
+  if any(os.path.isdir(folder) for folder in nested):
+    raise FileNotFoundError(f"data.text.path={path!r} holds one of text_encoder/ and tokenizer/ "
+                            "but not the other: a Lumina-style folder needs both (the decoder "
+                            "and its tokenizer).")
   return path, path
 
 
@@ -380,7 +380,6 @@ def _gemma_encoder(settings: TextSettings) -> TextEncoder:
   decoder, tokenizer_folder = gemma_folders(settings.path)
   tokenizer = gemma_tokenizer(tokenizer_folder, settings.max_length)
   config, module, params = gemma.load(decoder)
-  jitted = jax.jit(lambda params, ids, mask: gemma.features(module, params, ids, mask))
 
   def tokenize(captions):
     encodings = tokenizer.encode_batch(list(captions))
@@ -391,7 +390,7 @@ def _gemma_encoder(settings: TextSettings) -> TextEncoder:
                             "and the weights one Gemma's?")
     return ids, np.asarray([e.attention_mask for e in encodings], np.int32)
 
-  return TextEncoder(settings, config.hidden_size, tokenize, params, jitted)
+  return TextEncoder(settings, config.hidden_size, tokenize, params, _jitted_features(module))
 
 
 @functools.lru_cache(maxsize=4)

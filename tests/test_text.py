@@ -73,19 +73,24 @@ def test_t5_encoder_errors_name_the_fix(tmp_path):
     text.feature_dim(text.TextSettings(encoder="t5", path=str(tmp_path)))
 
 
-def _gemma_folder(tmp_path, tokenizer_config=None, config=None, rename=None, shards=False):
-  """A copy of the gemma_tiny fixture with its tokenizer_config / config.json updated, the
-  embedding renamed (`rename`), or the weights written as two shards with an index."""
+def _gemma_folder(tmp_path, tokenizer_config=None, config=None, rename=None, shards=False,
+                  tokenizer_json=None, dtype=None):
+  """A copy of the gemma_tiny fixture with its tokenizer_config / config.json / tokenizer.json
+  updated, the embedding renamed (`rename`), the weights written as two shards with an index,
+  or stored in `dtype`."""
   import shutil
   from safetensors.numpy import load_file, save_file
   source, folder = os.path.join(REFERENCE, "gemma_tiny"), tmp_path / "gemma"
   shutil.copytree(source, folder)
-  for name, update in (("tokenizer_config.json", tokenizer_config), ("config.json", config)):
+  for name, update in (("tokenizer_config.json", tokenizer_config), ("config.json", config),
+                       ("tokenizer.json", tokenizer_json)):
     if update is not None:
       values = json.loads((folder / name).read_text())
       values.update(update)
       (folder / name).write_text(json.dumps(values))
   weights = load_file(str(folder / "model.safetensors"))
+  if dtype is not None:
+    weights = {k: v.astype(dtype) for k, v in weights.items()}
   if rename:
     weights = {rename if k == "embed_tokens.weight" else k: v for k, v in weights.items()}
   if shards:
@@ -125,12 +130,27 @@ def test_gemma_embed_encoder_matches_transformers(tmp_path):
   right = text.encoder_of(dataclasses_replace(settings, path=_gemma_folder(
       tmp_path / "right", tokenizer_config={"padding_side": "right"})))
   np.testing.assert_array_equal(right.tokenize(captions_list)[0], reference["input_ids_right"])
-  no_bos = text.encoder_of(dataclasses_replace(settings, path=_gemma_folder(
-      tmp_path / "no_bos", tokenizer_config={"add_bos_token": False})))
-  fitting = [0, 2, 3, 5]  # the captions that were not truncated
-  expected = [np.concatenate([[0], row[row != 2]]) for row in reference["input_ids_left"][fitting]]
-  np.testing.assert_array_equal(no_bos.tokenize([captions_list[i] for i in fitting])[0],
-                                expected)
+  # As transformers 5 reads them: add_bos_token in tokenizer_config.json is ignored beside a
+  # tokenizer.json, a tokenizer.json without a post-processor adds nothing, and its saved
+  # padding direction holds when tokenizer_config.json names no side.
+  for name, config_update, json_update in (
+      ("no_bos_config", {"add_bos_token": False}, None),
+      ("no_post", None, {"post_processor": None}),
+      ("file_padding", None, {"padding": {
+          "strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+          "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"}})):
+    variant = text.encoder_of(dataclasses_replace(settings, path=_gemma_folder(
+        tmp_path / name, tokenizer_config=config_update, tokenizer_json=json_update)))
+    np.testing.assert_array_equal(variant.tokenize(captions_list)[0],
+                                  reference[f"input_ids_{name}"], err_msg=name)
+  # Released Gemma weights are bfloat16: the embedding is read as stored, then scaled in float32.
+  import ml_dtypes
+  bf16 = text.encoder_of(dataclasses_replace(settings, path=_gemma_folder(
+      tmp_path / "bf16", dtype=ml_dtypes.bfloat16)))
+  assert bf16.params.dtype == ml_dtypes.bfloat16
+  table = np.asarray(encoder.params, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+  np.testing.assert_array_equal(bf16.encode(captions_list),
+                                table[reference["input_ids_left"]] * np.float32(4.0))
   rows = int(reference["input_ids_left"].max()) + 1
   gemma3 = _gemma_folder(tmp_path / "gemma3", config={
       "text_config": {"hidden_size": 16}, "image_token_index": rows},
@@ -191,14 +211,26 @@ def test_gemma_embed_encoder_errors_name_the_fix(tmp_path):
     text.encoder_of(text.TextSettings(encoder="gemma"))
   with pytest.raises(FileNotFoundError, match="tokenizer.json"):
     text.encoder_of(text.TextSettings(encoder="gemma", path=str(tmp_path)))
+  (tmp_path / "lumina" / "text_encoder").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="needs both"):
+    text.encoder_of(text.TextSettings(encoder="gemma", path=str(tmp_path / "lumina")))
   from flowjax.models import gemma
   config = json.loads(open(os.path.join(REFERENCE, "gemma_tiny", "config.json")).read())
   for change, match in (({"use_bidirectional_attention": True}, "causal"),
-                        ({"hidden_activation": "silu"}, "tanh GELU"),
+                        ({"hidden_activation": "silu"}, "hidden_activation='silu'"),
                         ({"model_type": "gemma3_text"}, "model_type"),
                         ({"rope_parameters": {"rope_type": "linear", "factor": 8.0}}, "rope")):
     with pytest.raises(ValueError, match=match):
       gemma.GemmaConfig.from_hf_json({**config, **change})
+  # transformers 5's readings: Gemma 2's hidden_activation 'gelu' is the erf form and its soft
+  # cap defaults to 50; Gemma's legacy hidden_act 'gelu' is the tanh form.
+  assert gemma.GemmaConfig.from_hf_json({**config, "hidden_activation": "gelu"}).exact_gelu
+  assert gemma.GemmaConfig.from_hf_json(
+      {k: v for k, v in config.items() if k != "attn_logit_softcapping"}
+  ).attn_logit_softcapping == 50.0
+  gemma1 = json.loads(open(os.path.join(REFERENCE, "gemma1_tiny", "text_encoder",
+                                        "config.json")).read())
+  assert not gemma.GemmaConfig.from_hf_json({**gemma1, "hidden_act": "gelu"}).exact_gelu
   folder = _gemma_folder(tmp_path, rename="encoder.tokens.weight")
   with pytest.raises(text.TextConfigError, match="embed_tokens.weight"):
     text.encoder_of(text.TextSettings(encoder="gemma_embed", path=folder))

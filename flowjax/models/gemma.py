@@ -7,11 +7,11 @@ The forward pass is that of HuggingFace transformers' `GemmaModel` / `Gemma2Mode
 with the eager attention: token embeddings times sqrt(hidden_size); per layer a pre-norm causal
 self-attention with rotary position embeddings (positions 0..T-1 whatever the padding, as the HF
 model numbers them), grouped key/value heads, keys restricted to the caption's tokens (padding
-masked) and a pre-norm gated GELU (tanh approximation) feed-forward; Gemma's RMS norm
-x / rms(x) * (1 + w) in float32, before each block and at the end. Gemma 2 adds a norm after the
-attention and after the feed-forward, scales the scores by query_pre_attn_scalar^-1/2 instead of
-head_dim^-1/2, soft-caps them (cap * tanh(scores / cap)), and restricts its sliding-window layers
-to the last `sliding_window` keys. No biases anywhere.
+masked) and a pre-norm gated GELU feed-forward (the tanh approximation of the released models);
+Gemma's RMS norm x / rms(x) * (1 + w) in float32, before each block and at the end. Gemma 2
+adds a norm after the attention and after the feed-forward, scales the scores by
+query_pre_attn_scalar^-1/2 instead of head_dim^-1/2, soft-caps them (cap * tanh(scores / cap)),
+and restricts its sliding-window layers to the last `sliding_window` keys. No biases anywhere.
 
 `load` reads a HF folder (config.json + model.safetensors or its shards); `features` is the
 caption encoding: the last hidden state times the attention mask.
@@ -35,7 +35,6 @@ Params = Any
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
 HF_INDEX = state_dicts.HF_INDEX
 MODEL_TYPES = ("gemma", "gemma2")
-GELU_TANH = ("gelu", "gelu_pytorch_tanh", None)  # transformers reads a legacy "gelu" as tanh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +54,7 @@ class GemmaConfig:
   attn_logit_softcapping: float | None = None  # Gemma 2
   sliding_window: int | None = None  # Gemma 2
   layer_types: tuple[str, ...] = ()  # Gemma 2: 'sliding_attention' | 'full_attention' per layer
+  exact_gelu: bool = False  # the feed-forward's GELU: erf form, else the tanh approximation
 
   def __post_init__(self):
     if self.model_type not in MODEL_TYPES:
@@ -76,10 +76,15 @@ class GemmaConfig:
     if config.get("use_bidirectional_attention"):
       raise ValueError("A Gemma config with use_bidirectional_attention: flowjax reads the causal "
                        "Gemma decoders only.")
-    activation = config.get("hidden_activation", config.get("hidden_act"))
-    if activation not in GELU_TANH:
-      raise ValueError(f"Gemma hidden activation {activation!r}: flowjax reads the tanh GELU "
-                       "of the released Gemma models.")
+    # transformers 5: Gemma reads hidden_act (its legacy "gelu" meaning the tanh form), Gemma 2
+    # reads hidden_activation ("gelu" being the erf form).
+    gemma2 = config.get("model_type") == "gemma2"
+    key = "hidden_activation" if gemma2 else "hidden_act"
+    activation = config.get(key) or "gelu_pytorch_tanh"
+    tanh = ("gelu_pytorch_tanh",) if gemma2 else ("gelu", "gelu_pytorch_tanh")
+    if activation not in tanh + (("gelu",) if gemma2 else ()):
+      raise ValueError(f"Gemma {key}={activation!r}: flowjax reads the GELU of the released "
+                       "Gemma models ('gelu_pytorch_tanh', or for Gemma 2 'gelu').")
     rope = config.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
       raise ValueError(f"Gemma rope {rope or config.get('rope_scaling')}: flowjax reads the "
@@ -88,9 +93,11 @@ class GemmaConfig:
     values = {k: v for k, v in config.items() if k in names}
     values["rope_theta"] = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     values.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    if config.get("model_type") == "gemma2":
+    values["exact_gelu"] = activation not in tanh
+    if gemma2:
       layers = config["num_hidden_layers"]
       values["query_pre_attn_scalar"] = config.get("query_pre_attn_scalar", 256)
+      values["attn_logit_softcapping"] = config.get("attn_logit_softcapping", 50.0)
       values["sliding_window"] = config.get("sliding_window", 4096)
       # Gemma2Config's default: sliding windows on the even layers (0, 2, ...).
       values["layer_types"] = tuple(config.get("layer_types") or [
@@ -165,7 +172,8 @@ class GemmaLayer(nn.Module):
       y = norm("post_attention_norm")(y)
     h = h + y.astype(h.dtype)
     x = norm("pre_feedforward_norm" if c.model_type == "gemma2" else "post_attention_norm")(h)
-    gate = nn.gelu(_dense(c.intermediate_size, "gate", self.dtype)(x), approximate=True)
+    gate = nn.gelu(_dense(c.intermediate_size, "gate", self.dtype)(x),
+                   approximate=not c.exact_gelu)
     y = _dense(c.hidden_size, "down", self.dtype)(
         gate * _dense(c.intermediate_size, "up", self.dtype)(x))
     if c.model_type == "gemma2":

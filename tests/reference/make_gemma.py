@@ -110,6 +110,29 @@ def main():
     out[f"attention_mask_{side}"] = encoded.attention_mask.numpy()
   default = transformers.AutoTokenizer.from_pretrained(FOLDER)
   assert default.padding_side == "left", default.padding_side
+  # How transformers 5 reads variants of the folder: add_bos_token=False in tokenizer_config.json
+  # (ignored beside a tokenizer.json), a tokenizer.json without a post-processor (nothing added),
+  # and one whose saved padding is on the right (used when tokenizer_config.json names no side).
+  import tempfile
+  variants = {"no_bos_config": ({"add_bos_token": False}, {}),
+              "no_post": ({}, {"post_processor": None}),
+              "file_padding": ({}, {"padding": {
+                  "strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+                  "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"}})}
+  for name, (config_update, json_update) in variants.items():
+    with tempfile.TemporaryDirectory() as folder:
+      shutil.copy(os.path.join(FOLDER, "tokenizer.json"), folder)
+      shutil.copy(os.path.join(FOLDER, "tokenizer_config.json"), folder)
+      for file, update in (("tokenizer_config.json", config_update),
+                           ("tokenizer.json", json_update)):
+        with open(os.path.join(folder, file)) as f:
+          values = json.load(f)
+        values.update(update)
+        with open(os.path.join(folder, file), "w") as f:
+          json.dump(values, f)
+      auto = transformers.AutoTokenizer.from_pretrained(folder)
+      out[f"input_ids_{name}"] = auto(prompts, padding="max_length", truncation=True,
+                                      max_length=MAX_LENGTH, return_tensors="np").input_ids
   ids = torch.from_numpy(out["input_ids_left"])
   with torch.no_grad():
     # ml-starflow's TextEmbedder: nn.Embedding(ids) * float(hidden_size) ** 0.5.
