@@ -428,6 +428,32 @@ def feature_dim(settings: TextSettings) -> int:
   return settings.dim
 
 
+FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".model", ".npz")
+FINGERPRINT_BYTES = 1 << 20
+
+
+def encoder_fingerprint(settings: TextSettings) -> str:
+  """'' for an encoder without files ('words': its settings are all of it); else a hash of the
+  files in data.text.path that make the encoder (for 'gemma', its text_encoder/ and tokenizer/):
+  each config, tokenizer and weights file's name, size and first MiB. Two checkpoints of one
+  architecture (a model and its fine-tune) differ in it; the same files anywhere do not."""
+  import hashlib
+  if not settings.path:
+    return ""
+  folders = list(dict.fromkeys(gemma_folders(settings.path))) if settings.encoder == "gemma" \
+      else [settings.path]
+  digest = hashlib.sha256()
+  for folder in folders:
+    files = [folder] if os.path.isfile(folder) else sorted(
+        os.path.join(folder, name) for name in os.listdir(folder)
+        if name.endswith(FINGERPRINT_SUFFIXES))
+    for file in files:
+      with open(file, "rb") as f:
+        head = f.read(FINGERPRINT_BYTES)
+      digest.update(f"{os.path.basename(file)}:{os.path.getsize(file)}:".encode() + head)
+  return digest.hexdigest()[:16]
+
+
 def read_prompts(path: str) -> list[str]:
   """The prompts of a text file: one per non-empty line (surrounding spaces stripped)."""
   from flowjax import storage

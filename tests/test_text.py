@@ -581,16 +581,13 @@ def test_prompts_flag_only_samples(tmp_path):
 
 # --- captions in a latent cache -----------------------------------------------------------------
 
-def test_latent_cache_holds_caption_features(tmp_path):
-  """cache_latents of captioned digits stores each record's caption features (float16) and the
-  null and prompt features; the cache serves them only to a config with the same data.text."""
+def _captioned_autoencoder(tmp_path, settings):
+  """(the tiny digits autoencoder experiment with data.text = settings, its weights file)."""
   from safetensors import numpy as safetensors_numpy
 
-  from flowjax.data import cache_latents, latents
   from flowjax.data.pipeline import DataInfo
   from flowjax.models import autoencoder
   from helpers import random_autoencoder_params
-  settings = dict(encoder="words", max_length=8, dim=16, layers=1, heads=2)
   config = config_lib.load_experiment(
       "experiments/autoencoder_digits.py", "tiny",
       **{f"data.text.{k}": v for k, v in settings.items()})
@@ -598,6 +595,15 @@ def test_latent_cache_holds_caption_features(tmp_path):
   weights = str(tmp_path / "vae.safetensors")
   safetensors_numpy.save_file(autoencoder.to_diffusers(
       random_autoencoder_params(model, (8, 8, 1))), weights)
+  return config, weights
+
+
+def test_latent_cache_holds_caption_features(tmp_path):
+  """cache_latents of captioned digits stores each record's caption features (float16) and the
+  null and prompt features; the cache serves them only to a config with the same data.text."""
+  from flowjax.data import cache_latents, latents
+  settings = dict(encoder="words", max_length=8, dim=16, layers=1, heads=2)
+  config, weights = _captioned_autoencoder(tmp_path, settings)
   out = str(tmp_path / "cache")
   result = cache_latents.cache(config, out, weights=weights, batch_size=64, shard_size=512)
   assert result["written"] == [0, 1, 2]
@@ -641,6 +647,38 @@ def test_latent_cache_holds_caption_features(tmp_path):
   model = tarflow.build(tiny.model, info)
   objective = objectives.build(tiny.objective, model, info)
   np.testing.assert_array_equal(objective.null_text, encoder.null())
+
+
+def test_latent_cache_knows_its_encoder_checkpoint(tmp_path):
+  """A cache of caption features from a checkpoint folder (here the tiny Gemma's embedding)
+  serves a config naming the same files anywhere, and refuses another checkpoint of the same
+  width (the same weights stored in bfloat16) with the fix; a cache written before caches kept
+  their encoder's fingerprint resumes and serves as before."""
+  import json as json_lib
+  import shutil
+
+  import ml_dtypes
+
+  from flowjax.data import cache_latents, latents
+  settings = dict(encoder="gemma_embed", path=os.path.join(REFERENCE, "gemma_tiny"),
+                  max_length=20)
+  config, weights = _captioned_autoencoder(tmp_path, settings)
+  out = str(tmp_path / "cache")
+  cache_latents.cache(config, out, weights=weights, batch_size=256, shard_size=2048)
+  moved = shutil.copytree(settings["path"], tmp_path / "moved")
+  assert data.data_info(latent_config(out, {**settings, "path": str(moved)})).text is not None
+  other = _gemma_folder(tmp_path / "other", dtype=ml_dtypes.bfloat16)
+  assert text.feature_dim(text.TextSettings(encoder="gemma_embed", path=other)) == 16
+  with pytest.raises(ValueError, match="holds other files than the encoder"):
+    data.data_info(latent_config(out, {**settings, "path": other}))
+  spec_path = os.path.join(out, "train", latents.SPEC_FILE)
+  spec = json_lib.loads(open(spec_path).read())
+  assert spec["text"].pop("fingerprint")
+  with open(spec_path, "w") as f:
+    json_lib.dump(spec, f)
+  assert data.data_info(latent_config(out, {**settings, "path": other})).text is not None
+  result = cache_latents.cache(config, out, weights=weights, batch_size=256, shard_size=2048)
+  assert result["written"] == []
 
 
 def latent_config(out, settings):

@@ -122,6 +122,10 @@ def _check_or_write_spec(path: str, spec: dict) -> None:
                                        config_lib.flatten(new["dataset"], "data."))):
       # Data keys flowjax added after the cache was written, at their defaults, change nothing.
       new["dataset"] = old["dataset"]
+    if (isinstance(old.get("text"), dict) and isinstance(new.get("text"), dict)
+        and "fingerprint" not in old["text"]):
+      # Written before caches recorded their encoder's fingerprint.
+      new["text"] = {k: v for k, v in new["text"].items() if k != "fingerprint"}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
       raise ValueError(
@@ -241,6 +245,7 @@ def cache(config: ml_collections.ConfigDict, out: str, *, weights: str, split: s
   if text_settings.enabled:
     text_encoder = text_lib.encoder_of(text_settings)
     text_spec = {"settings": dataclasses.asdict(text_settings),
+                 "fingerprint": text_lib.encoder_fingerprint(text_settings),
                  "feature_shape": [text_encoder.max_length, text_encoder.dim],
                  "dtype": "float16", "prompts": list(captions.first_distinct(split_captions))}
 

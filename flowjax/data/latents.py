@@ -241,12 +241,19 @@ def _text_source(data_config, root: str, split: str, spec: dict):
   if differing:
     raise ValueError(f"The captions in {root} were encoded with other data.text settings ("
                      + "; ".join(differing) + "); set data.text to the cache's.")
-  if wanted.encoder == "t5" and wanted.path:
+  if wanted.path and wanted.encoder != "words":
     width = text_lib.feature_dim(wanted)
     if width != int(cached["feature_shape"][1]):
-      raise ValueError(f"data.text.path={wanted.path!r} is a T5 of width {width}, but the "
-                       f"captions in {root} are {cached['feature_shape'][1]} wide: another "
-                       "encoder's; point data.text.path at the one the cache was written with.")
+      raise ValueError(f"data.text.path={wanted.path!r} is a {wanted.encoder} encoder of width "
+                       f"{width}, but the captions in {root} are {cached['feature_shape'][1]} "
+                       "wide: another encoder's; point data.text.path at the one the cache was "
+                       "written with.")
+    # A cache written before it recorded its encoder's fingerprint is not checked.
+    if cached.get("fingerprint") and text_lib.encoder_fingerprint(wanted) != cached["fingerprint"]:
+      raise ValueError(f"data.text.path={wanted.path!r} holds other files than the encoder the "
+                       f"captions in {root} were encoded with (another checkpoint or tokenizer "
+                       "of the same width): point data.text.path at that one, or cache the "
+                       "latents again with this encoder.")
   return captions.TextSource(wanted, tuple(cached["prompts"]),
                              int(cached["feature_shape"][1]),
                              features_file=os.path.join(root, split, TEXT_FILE))
