@@ -149,6 +149,19 @@ def hf_tokenizer(path: str, max_length: int):
   return tokenizer
 
 
+def hf_tokenize(tokenizer, texts: Sequence[str], rows: int,
+                source: str) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, attention mask) [N, max_length] int32 of `texts` through a `tokenizers.Tokenizer`,
+  refusing an id beyond the `rows` embedding rows of the weights in `source`."""
+  encodings = tokenizer.encode_batch(list(texts))
+  ids = np.asarray([e.ids for e in encodings], np.int32)
+  if ids.size and ids.max() >= rows:
+    raise TextConfigError(f"A caption has token id {int(ids.max())}, beyond the {rows} "
+                          f"embedding rows of {source}: are the tokenizer and the weights one "
+                          "model's?")
+  return ids, np.asarray([e.attention_mask for e in encodings], np.int32)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextEncoder:
   """A frozen encoder: `tokenize(captions) -> (ids, mask)` [N, max_length] and a jitted
@@ -229,9 +242,7 @@ def _t5_encoder(settings: TextSettings) -> TextEncoder:
                           "one model's.")
 
   def tokenize(captions):
-    encodings = tokenizer.encode_batch(list(captions))
-    return (np.asarray([e.ids for e in encodings], np.int32),
-            np.asarray([e.attention_mask for e in encodings], np.int32))
+    return hf_tokenize(tokenizer, captions, config.vocab_size, settings.path)
 
   return TextEncoder(settings, config.d_model, tokenize, params, _jitted_features(module))
 
@@ -336,18 +347,12 @@ def _gemma_embed_encoder(settings: TextSettings) -> TextEncoder:
   scale = np.float32(float(table.shape[1]) ** 0.5)
 
   def tokenize(captions):
-    encodings = tokenizer.encode_batch([GEMMA_TEMPLATE.format(prompt=c) for c in captions])
-    return (np.asarray([e.ids for e in encodings], np.int32),
-            np.asarray([e.attention_mask for e in encodings], np.int32))
+    return hf_tokenize(tokenizer, [GEMMA_TEMPLATE.format(prompt=c) for c in captions],
+                       table.shape[0], settings.path)
 
   def apply(params, ids, mask):
     del mask  # ml-starflow feeds every position, the padding's <pad> embedding included
-    ids = np.asarray(ids)
-    if ids.max() >= params.shape[0]:
-      raise TextConfigError(f"A caption has token id {int(ids.max())}, beyond the "
-                            f"{params.shape[0]} embedding rows of {settings.path}: are the "
-                            "tokenizer and the weights one Gemma's?")
-    return np.asarray(params[ids], np.float32) * scale
+    return np.asarray(params[np.asarray(ids)], np.float32) * scale
 
   template_tokens = int(tokenize([NULL_CAPTION])[1].sum())
   if template_tokens >= settings.max_length:
@@ -382,13 +387,7 @@ def _gemma_encoder(settings: TextSettings) -> TextEncoder:
   config, module, params = gemma.load(decoder)
 
   def tokenize(captions):
-    encodings = tokenizer.encode_batch(list(captions))
-    ids = np.asarray([e.ids for e in encodings], np.int32)
-    if ids.max() >= config.vocab_size:
-      raise TextConfigError(f"A caption has token id {int(ids.max())}, beyond the "
-                            f"{config.vocab_size} embedding rows of {decoder}: are the tokenizer "
-                            "and the weights one Gemma's?")
-    return ids, np.asarray([e.attention_mask for e in encodings], np.int32)
+    return hf_tokenize(tokenizer, captions, config.vocab_size, decoder)
 
   return TextEncoder(settings, config.hidden_size, tokenize, params, _jitted_features(module))
 

@@ -51,7 +51,14 @@ def test_t5_encoder_matches_transformers():
   mask) of the 't5' encoder on the t5_tiny checkpoint with its tokenizer.json equal what
   transformers' AutoTokenizer and T5EncoderModel make of the same captions."""
   reference = np.load(os.path.join(REFERENCE, "t5_tiny_text.npz"))
-  settings = text.TextSettings(encoder="t5", path=os.path.join(REFERENCE, "t5_tiny"),
+  _check_encoder_against(reference, "t5", os.path.join(REFERENCE, "t5_tiny"))
+
+
+def _check_encoder_against(reference, encoder_name, path):
+  """The encoder's tokens, mask, features, null caption and width equal transformers' in
+  `reference` (captions, input_ids, attention_mask, features; caption 2 is the empty one);
+  returns (settings, encoder, captions)."""
+  settings = text.TextSettings(encoder=encoder_name, path=path,
                                max_length=reference["input_ids"].shape[1])
   encoder = text.encoder_of(settings)
   captions_list = [str(c) for c in reference["captions"]]
@@ -60,8 +67,9 @@ def test_t5_encoder_matches_transformers():
   np.testing.assert_array_equal(mask, reference["attention_mask"])
   np.testing.assert_allclose(encoder.encode(captions_list), reference["features"], atol=2e-5,
                              rtol=1e-4)
-  assert text.feature_dim(settings) == 16
+  assert text.feature_dim(settings) == encoder.dim == 16
   np.testing.assert_allclose(encoder.null(), reference["features"][2], atol=2e-5, rtol=1e-4)
+  return settings, encoder, captions_list
 
 
 def test_t5_encoder_errors_name_the_fix(tmp_path):
@@ -174,17 +182,8 @@ def test_gemma_encoder_matches_transformers(fixture, tmp_path):
   reference = dict(np.load(os.path.join(REFERENCE, npz)))
   if fixture == "gemma_tiny":
     reference = {k.removeprefix("full_"): v for k, v in reference.items()}
-  settings = text.TextSettings(encoder="gemma", path=os.path.join(REFERENCE, fixture),
-                               max_length=reference["input_ids"].shape[1])
-  encoder = text.encoder_of(settings)
-  captions_list = [str(c) for c in reference["captions"]]
-  ids, mask = encoder.tokenize(captions_list)
-  np.testing.assert_array_equal(ids, reference["input_ids"])
-  np.testing.assert_array_equal(mask, reference["attention_mask"])
-  np.testing.assert_allclose(encoder.encode(captions_list), reference["features"], atol=2e-5,
-                             rtol=1e-4)
-  assert text.feature_dim(settings) == encoder.dim == 16
-  np.testing.assert_allclose(encoder.null(), reference["features"][2], atol=2e-5, rtol=1e-4)
+  settings, _, captions_list = _check_encoder_against(reference, "gemma",
+                                                      os.path.join(REFERENCE, fixture))
   if fixture == "gemma_tiny":  # the same weights saved in two shards with an index
     sharded = text.encoder_of(dataclasses_replace(settings, path=_gemma_folder(
         tmp_path, shards=True)))
