@@ -120,7 +120,8 @@ SUITES["toy2d_smoke"] = dict(
     SUITES["toy2d"], methods={"flow_matching": ("fm_toy2d.py", [1, 4, 16], "euler"),
                               "meanflow": ("meanflow_toy2d.py", [1, 4], "euler")},
     overrides=dict(SUITES["toy2d"]["overrides"], **{
-        "model.hidden_size": 64, "model.depth": 2, "train.batch_size": 256}),
+        "model.hidden_size": 64, "model.depth": 2, "train.batch_size": 256,
+        "sample.num": 256}),  # each run's final sample picture (the evaluation draws its own)
     steps=200, num_samples=1024)
 # Text to image on the captioned digits: flow matching and MeanFlow DiTs and STARFlow, each with
 # its own experiment's backbone and caption path ('words' features), at one budget (steps x

@@ -19,22 +19,23 @@ RERUN_RTOL = 1e-3
 
 def test_toy2d_arena_writes_table_and_plot(tmp_path, monkeypatch):
   suite = dict(arena.SUITES["toy2d"])
-  # Flow matching, the methods that distil it (their teacher is the arena's own FM run: CTM, and
-  # DMD2 with its two parameter sets) and the flow that samples in one pass of sequential calls;
-  # every other method's tiny training run is a test of its own.
+  # Flow matching, a method that distils it (its teacher is the arena's own FM run: DMD2, with
+  # its two parameter sets) and the flow that samples in one pass of sequential calls; every other
+  # method's tiny training run is a test of its own.
   suite["methods"] = {name: (experiment, [1], method, *extra)
                       for name, (experiment, _, method, *extra) in suite["methods"].items()
-                      if name in ("flow_matching", "ctm", "starflow", "dmd2")}
+                      if name in ("flow_matching", "starflow", "dmd2")}
   suite["methods"]["starflow"] = suite["methods"]["starflow"][:3] + (
       {"model.hidden_size": 16, "model.num_blocks": 2},)
   suite["overrides"] = dict(suite["overrides"], **{"model.hidden_size": 32, "model.depth": 1,
-                                                  "train.batch_size": 64, "train.log_every": 1})
+                                                  "train.batch_size": 64, "train.log_every": 1,
+                                                  "sample.num": 64})
   suite["num_samples"] = 256
   monkeypatch.setitem(arena.SUITES, "toy2d", suite)
   results = arena.run("toy2d", str(tmp_path), budget=2)
   # STARFlow's one pass on 2 tokens through 2 blocks is 4 sequential network calls.
   assert {(r.method, r.num_steps) for r in results} == {
-      ("flow_matching", 1), ("ctm", 1), ("starflow", 4), ("dmd2", 1)}
+      ("flow_matching", 1), ("starflow", 4), ("dmd2", 1)}
   table = (tmp_path / "arena.md").read_text()
   for method in suite["methods"]:
     assert f"| {arena_report.LABELS[method]} |" in table
@@ -61,7 +62,7 @@ def test_heavy_tail_arena_compares_noise_laws_and_reports_the_tail_error(tmp_pat
                       for name, (experiment, _, method, *extra) in suite["methods"].items()
                       if name in ("flow_matching", "t_flow", "meanflow_t")}
   suite["overrides"] = dict(suite["overrides"], **{"model.hidden_size": 32, "model.depth": 1,
-                                                  "train.batch_size": 64})
+                                                  "train.batch_size": 64, "sample.num": 64})
   suite["num_samples"] = 256
   monkeypatch.setitem(arena.SUITES, "toy2d_heavy", suite)
   arena.run("toy2d_heavy", str(tmp_path), budget=2)

@@ -3,6 +3,7 @@ anything compiles or trains; `--help` shows the override syntax; `python -m flow
 lists what a config may name."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,11 +63,24 @@ def test_catalog_lists_experiments_presets_objectives_models_and_data():
       done.stdout)
 
 
-def test_sample_mode_on_a_workdir_of_another_config_names_the_differences(tmp_path):
-  workdir = str(tmp_path / "w")
-  trained = run(["flowjax.main", "--config=experiments/fm_toy2d.py:tiny", f"--workdir={workdir}",
-                 "--num_cpu_devices=1"])
-  assert trained.returncode == 0, trained.stderr[-3000:]
+TINY = ["flowjax.main", "--config=experiments/fm_toy2d.py:tiny", "--num_cpu_devices=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A workdir of fm_toy2d:tiny trained to its end through the command line; tests copy it."""
+  workdir = tmp_path_factory.mktemp("trained") / "w"
+  done = run(TINY + [f"--workdir={workdir}"])
+  assert done.returncode == 0, done.stderr[-3000:]
+  return workdir
+
+
+def copy_of(trained, tmp_path, name):
+  return str(shutil.copytree(trained, tmp_path / name))
+
+
+def test_sample_mode_on_a_workdir_of_another_config_names_the_differences(tmp_path, trained):
+  workdir = copy_of(trained, tmp_path, "w")
   other = run(["flowjax.main", "--config=experiments/quickstart.py:tiny", f"--workdir={workdir}",
                "--num_cpu_devices=1", "--mode=sample"])
   assert other.returncode == 1
@@ -79,11 +93,8 @@ def test_sample_mode_on_a_workdir_of_another_config_names_the_differences(tmp_pa
   assert os.path.exists(os.path.join(workdir, "samples", "final.png"))
 
 
-def test_init_from_a_run_of_other_shapes_lists_the_differences(tmp_path):
-  source = str(tmp_path / "source")
-  trained = run(["flowjax.main", "--config=experiments/fm_toy2d.py:tiny", f"--workdir={source}",
-                 "--num_cpu_devices=1"])
-  assert trained.returncode == 0, trained.stderr[-3000:]
+def test_init_from_a_run_of_other_shapes_lists_the_differences(tmp_path, trained):
+  source = copy_of(trained, tmp_path, "source")
   done = run(["flowjax.main", "--config=experiments/fm_toy2d.py:tiny",
               f"--workdir={tmp_path / 'new'}", "--num_cpu_devices=1",
               f"--config.ckpt.init_from={source}", "--config.model.hidden_size=64"])
@@ -94,11 +105,9 @@ def test_init_from_a_run_of_other_shapes_lists_the_differences(tmp_path):
   assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr
 
 
-def test_resuming_a_run_of_other_shapes_lists_them_and_moves_nothing(tmp_path):
+def test_resuming_a_run_of_other_shapes_lists_them_and_moves_nothing(tmp_path, trained):
   workdir = tmp_path / "w"
-  base = ["flowjax.main", "--config=experiments/fm_toy2d.py:tiny", f"--workdir={workdir}",
-          "--num_cpu_devices=1"]
-  assert run(base).returncode == 0
+  base = TINY + [f"--workdir={copy_of(trained, tmp_path, 'w')}"]
   done = run(base + ["--allow_config_change", "--config.model.hidden_size=64"])
   assert done.returncode == 1
   assert "holds parameters of other shapes than this config's model" in done.stderr, (

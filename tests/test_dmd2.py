@@ -9,7 +9,7 @@ from flax import linen as nn
 import numpy as np
 import pytest
 
-from flowjax import config as config_lib, models, optim, step as step_lib, train
+from flowjax import config as config_lib, convert, models, optim, step as step_lib, train
 from flowjax import objectives
 from flowjax.objectives import dmd2
 
@@ -321,7 +321,7 @@ def test_generator_loss_has_the_distribution_matching_gradient():
   step = jnp.asarray(4, jnp.int32)
   view = {"extra": {"teacher": teacher}, "ema": {}, "step": step}
   rng, batch = jax.random.key(5), {"image": jnp.zeros((64, 2))}
-  got = jax.grad(lambda p: objective.loss(p, batch, rng, step, view)[0])(params)
+  got = jax.jit(jax.grad(lambda p: objective.loss(p, batch, rng, step, view)[0]))(params)
   input_key, dm_key, _ = jax.random.split(rng, 3)
   z = jax.random.normal(jax.random.split(input_key, 3)[1], (64, 2))
   sample = z + params["generator"]["shift"]
@@ -461,16 +461,18 @@ def test_reverse_kl_f_distill_is_dmd2_and_js_weights_each_samples_gradient():
   params, teacher = initial(reference)
   view = {"extra": {"teacher": teacher}, "ema": {}, "step": step}
   loss_fn = lambda objective: (lambda p: objective.loss(p, batch, rng, step, view))
-  (dmd_loss, dmd_metrics), dmd_grads = jax.value_and_grad(loss_fn(reference), has_aux=True)(params)
+  # Compiled: a loss and its gradient run eagerly compile each of their many operations.
+  value_and_grad = lambda objective: jax.jit(jax.value_and_grad(loss_fn(objective), has_aux=True))
+  (dmd_loss, dmd_metrics), dmd_grads = value_and_grad(reference)(params)
   rkl = fdistill_objective(f_divergence="reverse_kl", **gan)
-  (loss, metrics), grads = jax.value_and_grad(loss_fn(rkl), has_aux=True)(params)
+  (loss, metrics), grads = value_and_grad(rkl)(params)
   # (h = 1 / (1 + 1e-6) after the normalisation's epsilon.)
   np.testing.assert_allclose(loss, dmd_loss, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(dmd_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()) + 1e-12)
   # JS: the distribution-matching loss is 0.5 mean((h grad)^2), h from the head at x_t.
   js = fdistill_objective(f_divergence="js", **gan)
-  _, metrics = js.loss(params, batch, rng, step, view)
+  _, metrics = jax.jit(loss_fn(js))(params)
   input_key, dm_key, _ = jax.random.split(rng, 3)
   z = jax.random.normal(jax.random.split(input_key, 3)[1], (32, 2))
   sample = js.generate(params["generator"], z, jnp.ones((32,)), None)
@@ -667,8 +669,12 @@ def test_imagenet64_tiny_preset_trains_a_unet_with_the_conv_head(tmp_path):
   """dmd2_imagenet64.py:tiny through train.run from a flow-matching teacher of its own model and
   data: a U-Net generator, the convolutional head on its 8x8 bottleneck, finite terms."""
   config = config_lib.load_experiment("experiments/dmd2_imagenet64.py", "tiny")
-  train.run(flow_matching_teacher(config, **{"train.steps": 2}), str(tmp_path / "teacher"),
-            devices=jax.devices()[:1])
+  # The teacher's workdir at its initial parameters (what a trained one holds, of this model).
+  teacher = flow_matching_teacher(config)
+  setup = train.build(teacher, devices=jax.devices()[:1])
+  with train.context(setup):
+    params = jax.device_get(setup.init_fn().params)
+  convert.write_workdir(teacher, params, str(tmp_path / "teacher"))
   with config.unlocked():
     config.objective.teacher_workdir = str(tmp_path / "teacher")
     config.train.steps = 2

@@ -314,7 +314,8 @@ def test_the_first_log_lines_name_the_data_and_synthetic_is_loud(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "flowjax.main", f"--config={config}", "--num_cpu_devices=1",
          f"--workdir={tmp_path / config.replace('/', '_')}", "--config.train.steps=1",
-         "--config.sample.every_steps=0", "--config.ckpt.every_steps=0", *overrides],
+         "--config.sample.every_steps=0", "--config.ckpt.every_steps=0",
+         "--config.train.dry_run=True", *overrides],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr

@@ -15,8 +15,8 @@ from helpers import run_batch_errors
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("fm", "imm", "meanflow", "shortcut", "consistency")
 # Four steps at a learning rate whose effect shows in four steps, one checkpoint, one-step sample
-# grids, and the tiny U-Net at one level without attention (half the compile time; the two-level
-# tiny network with attention trains in the CTM test below).
+# grids, and the tiny U-Net at one level without attention (half the compile time; the U-Net's
+# attention and levels are tested in test_unet and test_mesh_equivalence).
 FIT = {"optim.lr": 1e-2, "train.steps": 4, "ckpt.every_steps": 4, "sample.num_steps": 1,
        "model.channel_mult": (1,), "model.attn_resolutions": ()}
 # What the mean error of the trained batches falls below, as a fraction of the initial one

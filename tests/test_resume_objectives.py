@@ -110,7 +110,10 @@ def assert_schedule_moves(logged):
   assert lrs[0] < lrs[WARMUP - 1] and lrs[WARMUP] > lrs[STOP] > lrs[-1] > 0
 
 
-@pytest.mark.parametrize("name", list(OBJECTIVES))
+# STARFlow's loss reads neither the step nor the view (only the per-step key, as MeanFlow's, which
+# stays in CI): its case runs outside CI.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name == "starflow"
+                                  else name for name in OBJECTIVES])
 def test_stopped_run_resumes_bitwise(name, tmp_path, teacher, references, monkeypatch):
   reference_dir, reference = references(name)
   config = make_config(name, teacher)
