@@ -74,9 +74,11 @@ def zero_output(params):
   return {**params, "out": jax.tree.map(jnp.zeros_like, params["out"])}
 
 
-def train_steps(objective, params, teacher, num_steps, start=0, lr=1e-3, optim_keys=None):
+def train_steps(objective, params, teacher, num_steps, start=0, lr=1e-3, optim_keys=None,
+                every_state=True):
   """(states after each step, metrics of each step) of the train step from step `start`, on
-  batches of 256 zeros (DMD2 reads only their shape: its inputs are generator samples)."""
+  batches of 256 zeros (DMD2 reads only their shape: its inputs are generator samples). With
+  every_state=False, the list holds the last state only."""
   c = config_lib.base_config().optim
   c.update(dict(lr=lr, grad_clip=0.0, ema_decays=(0.99,), **(optim_keys or {})))
   tx, schedules = optim.build_for(objective, c, num_steps)
@@ -90,11 +92,12 @@ def train_steps(objective, params, teacher, num_steps, start=0, lr=1e-3, optim_k
                                           jax.random.key(7)))
   data = {"image": jnp.zeros((256, 2))}
   states, history = [], []
-  for _ in range(num_steps):
+  for i in range(num_steps):
     state, metrics = step(state, data)
-    states.append(jax.device_get(state))
-    history.append(jax.device_get(metrics))
-  return states, history
+    if every_state or i == num_steps - 1:
+      states.append(jax.device_get(state))
+    history.append(metrics)
+  return states, jax.device_get(history)
 
 
 def initial(objective, seed=0):
@@ -122,7 +125,7 @@ def test_fake_score_trained_on_a_fixed_generator_reaches_its_closed_form_score()
     x0 = x_t - t[:, None] * objective.velocity(fake, x_t, t, None)
     return float(jnp.sqrt(jnp.mean(jnp.square(x0 - exact))))
 
-  states, _ = train_steps(objective, params, teacher, 600, lr=2e-3)
+  states, _ = train_steps(objective, params, teacher, 600, lr=2e-3, every_state=False)
   assert not changed(states[-1].params["generator"], params["generator"])
   before, after = error(params["fake_score"]), error(states[-1].params["fake_score"])
   assert before > 0.3 and after < 0.08, (before, after)
@@ -400,7 +403,7 @@ def test_discriminator_learns_to_tell_real_from_generated():
       "gan_discriminator_weight", "generator_update_every")})
   params, teacher = initial(objective)
   params = {"generator": {"shift": jnp.array([3.0, 3.0])}, "fake_score": params["fake_score"]}
-  states, history = train_steps(objective, params, teacher, 300, lr=3e-3)
+  _, history = train_steps(objective, params, teacher, 300, lr=3e-3, every_state=False)
   gap = lambda h: float(h["d_real"] - h["d_fake"])
   assert abs(gap(history[0])) < 0.15
   assert np.mean([gap(h) for h in history[-20:]]) > 0.3, [gap(h) for h in history[-5:]]

@@ -38,6 +38,7 @@ Fixtures in tests/reference/ were produced by running the official code at tiny 
 """
 
 import importlib.util
+import functools
 import json
 import os
 import subprocess
@@ -601,19 +602,21 @@ def test_meanflow_unet_velocity_jvp_and_sample_match_py_meanflow(tmp_path):
   z, t, r, h = nhwc(ref["z"]), *(jnp.asarray(ref[k]) for k in ("t", "r", "h"))
   for augment_dim in (0, 6):  # dropped (the preset's), and with the augmentation input
     objective, params = meanflow_unet(tmp_path, augment_dim)
-    assert_matches(objective.network(params, z, t, h, None), ref["u"], "u")
-    assert_matches(objective.network(params, z, t, h, None), ref["u_aug_none"], "u_aug_none")
+    u = jax.jit(objective.network)(params, z, t, h, None)
+    assert_matches(u, ref["u"], "u")
+    assert_matches(u, ref["u_aug_none"], "u_aug_none")
   u_random = objective.model.apply({"params": params}, z, (t, h), None, train=False,
                                    augment_labels=jnp.asarray(ref["aug_cond_rand"]))
   assert_matches(u_random, ref["u_aug_rand"], "u_aug_rand")
   # The training JVP: u_tgt = v - (t - r) du/dt with du/dt along (v, 1, 0).
   tangent = nhwc(ref["jvp_tangent_z"])
   u_fn = lambda z_, t_, r_: objective.network(params, z_, t_, t_ - r_, None)
-  u, u_tgt = meanflow.meanflow_target(u_fn, z, t, r, tangent)
+  u, u_tgt = jax.jit(functools.partial(meanflow.meanflow_target, u_fn))(z, t, r, tangent)
   assert_matches(u, ref["u"], "u (inside the JVP)")
   want = np.asarray(ref["jvp_tangent_z"]) - (np.asarray(ref["h"])[:, None, None, None]
                                              * np.asarray(ref["dudt"]))
   assert_matches(u_tgt, want, "u_tgt = v - (t - r) du/dt")
-  sample = mean_flow.solve(lambda z_, t_, h_: objective.network(params, z_, t_, h_, None),
-                           nhwc(ref["sample_z1"]), 1)
+  sample = jax.jit(lambda z1: mean_flow.solve(
+      lambda z_, t_, h_: objective.network(params, z_, t_, h_, None), z1, 1))(
+          nhwc(ref["sample_z1"]))
   assert_matches(sample, ref["sample_z0"], "sample_z0")
