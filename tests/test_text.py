@@ -493,12 +493,13 @@ def test_guided_sampling_contrasts_with_the_null_caption():
   batch = next(batches(text_config().data, batch_size=4))
   params = perturbed(objective.init(jax.random.key(0), batch)[0])
   null = jnp.broadcast_to(jnp.asarray(objective.null_text), (4,) + objective.null_text.shape)
-  plain = objective.sample(params, jax.random.key(1), 4, null)
-  guided = objective.sample(params, jax.random.key(1), 4, null, guidance=3.0)
+  sample = jax.jit(objective.sample, static_argnums=2, static_argnames="guidance")
+  plain = sample(params, jax.random.key(1), 4, null)
+  guided = sample(params, jax.random.key(1), 4, null, guidance=3.0)
   np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), atol=1e-4)
   prompt = jnp.asarray(info.text.encode(["a thin handwritten three"] * 4))
-  prompted = objective.sample(params, jax.random.key(1), 4, prompt)
-  prompted_guided = objective.sample(params, jax.random.key(1), 4, prompt, guidance=3.0)
+  prompted = sample(params, jax.random.key(1), 4, prompt)
+  prompted_guided = sample(params, jax.random.key(1), 4, prompt, guidance=3.0)
   assert np.abs(np.asarray(prompted_guided) - np.asarray(prompted)).max() > 1e-3
 
 
