@@ -124,8 +124,7 @@ def test_objective_costs_time_every_experiment_against_the_first_and_give_ctm_a_
                                      "train.batch_size=32", "model.num_heads=4"])
   assert overrides == {"model.hidden_size": 16, "model.depth": 1, "train.batch_size": 32,
                        "model.num_heads": 4}
-  result = bench.objective_costs(["fm_toy2d", "ctm_toy2d", "meanflow_toy2d"], overrides,
-                                 steps=1, rounds=2)
+  result = bench.objective_costs(["fm_toy2d", "ctm_toy2d"], overrides, steps=1, rounds=2)
   rows = {row["experiment"]: row for row in result["objectives"]}
   assert rows["fm_toy2d"]["ratio_rounds"] == [1.0, 1.0]
   for row in rows.values():
@@ -135,8 +134,11 @@ def test_objective_costs_time_every_experiment_against_the_first_and_give_ctm_a_
     assert row["ratio_rounds"] == pytest.approx(
         [m / b for m, b in zip(row["step_seconds_rounds"], base)], rel=0.02)
   assert rows["ctm_toy2d"]["objective"] == "ctm"
-  # The shared overrides an experiment lacks (an MLP's num_heads) are left out, not errors.
-  assert rows["meanflow_toy2d"]["num_params"] < rows["ctm_toy2d"]["num_params"] * 2
+  # The shared overrides an experiment lacks (an MLP's num_heads) are left out, not errors, and
+  # the others apply: 16 wide, one layer (5,618 parameters for flow matching against 1,188,098
+  # in fm_toy2d's own MLP).
+  for row in rows.values():
+    assert row["num_params"] < 20_000, row
   with pytest.raises(Exception, match="KEY=VALUE"):
     bench.parse_overrides(["model.depth"])
 
