@@ -76,7 +76,7 @@ def trained(tmp_path_factory):
 
 
 def copy_of(trained, tmp_path, name):
-  return str(shutil.copytree(trained, tmp_path / name))
+  return shutil.copytree(trained, tmp_path / name)
 
 
 def test_sample_mode_on_a_workdir_of_another_config_names_the_differences(tmp_path, trained):
@@ -87,17 +87,15 @@ def test_sample_mode_on_a_workdir_of_another_config_names_the_differences(tmp_pa
   assert f"WorkdirError: --workdir={workdir} was trained with a different config" in other.stderr
   assert "model.name: 'mlp' -> 'dit'" in other.stderr
   assert "Traceback" not in other.stderr and "cannot be restored" not in other.stderr
-  same = run(["flowjax.main", "--config=experiments/fm_toy2d.py:tiny", f"--workdir={workdir}",
-              "--num_cpu_devices=1", "--mode=sample"])
+  same = run(TINY + [f"--workdir={workdir}", "--mode=sample"])
   assert same.returncode == 0, same.stderr[-3000:]
   assert os.path.exists(os.path.join(workdir, "samples", "final.png"))
 
 
 def test_init_from_a_run_of_other_shapes_lists_the_differences(tmp_path, trained):
   source = copy_of(trained, tmp_path, "source")
-  done = run(["flowjax.main", "--config=experiments/fm_toy2d.py:tiny",
-              f"--workdir={tmp_path / 'new'}", "--num_cpu_devices=1",
-              f"--config.ckpt.init_from={source}", "--config.model.hidden_size=64"])
+  done = run(TINY + [f"--workdir={tmp_path / 'new'}", f"--config.ckpt.init_from={source}",
+                     "--config.model.hidden_size=64"])
   assert done.returncode == 1
   assert f"CheckpointError: ckpt.init_from='{source}': the parameters of its step 4 do not fit " \
          "this model" in done.stderr, done.stderr[-3000:]
@@ -106,8 +104,8 @@ def test_init_from_a_run_of_other_shapes_lists_the_differences(tmp_path, trained
 
 
 def test_resuming_a_run_of_other_shapes_lists_them_and_moves_nothing(tmp_path, trained):
-  workdir = tmp_path / "w"
-  base = TINY + [f"--workdir={copy_of(trained, tmp_path, 'w')}"]
+  workdir = copy_of(trained, tmp_path, "w")
+  base = TINY + [f"--workdir={workdir}"]
   done = run(base + ["--allow_config_change", "--config.model.hidden_size=64"])
   assert done.returncode == 1
   assert "holds parameters of other shapes than this config's model" in done.stderr, (

@@ -37,8 +37,8 @@ Fixtures in tests/reference/ were produced by running the official code at tiny 
   labels, the training JVP du/dt along (v, 1, 0), and the one-step sample z0 = z1 - u(z1, 1, 1).
 """
 
-import importlib.util
 import functools
+import importlib.util
 import json
 import os
 import subprocess
