@@ -304,6 +304,21 @@ def test_karras_noise_levels_follow_the_official_grid():
   assert abs(np.mean(index(dm)) - 500) < 3
 
 
+def test_fastgen_levels_draw_every_term_over_indices_2_to_998():
+  """NVlabs/FastGen's DMD2 ("polynomial": an index uniform over 2 .. 998 of the same grid, for
+  the distribution-matching term, the fake score and the GAN alike): min_step_percent 0.002,
+  max_step_percent 0.998, fake_score_levels='dm_range'."""
+  objective = mlp_objective(min_step_percent=0.002, max_step_percent=0.998,
+                            fake_score_levels="dm_range")
+  grid = np.asarray(objective.karras_times())
+  for seed, full in ((0, False), (1, True)):
+    index = np.searchsorted(grid, np.asarray(
+        objective.noise_times(jax.random.key(seed), 200_000, full=full)))
+    assert index.min() == 2 and index.max() == 998, full
+  with pytest.raises(ValueError, match="fake_score_levels"):
+    mlp_objective(fake_score_levels="grid")
+
+
 class ShiftGenerator(dmd2.DMD2):
   """DMD2 whose one-step generator is G(z) = z + shift (params["generator"] = {"shift": [2]})."""
 
@@ -636,6 +651,18 @@ def flow_matching_teacher(config, **overrides):
   return teacher
 
 
+def assert_one_fsdp_sharded_network(setup, min_size):
+  """Generator, fake score (without its head) and teacher have one network's shapes, and every
+  kernel of at least min_size elements is sharded over fsdp."""
+  params = setup.abstract_state.params
+  network = lambda tree: jax.tree.map(lambda leaf: leaf.shape, tree)
+  fake = {k: v for k, v in params["fake_score"].items() if k != dmd2.GAN_HEAD}
+  assert network(params["generator"]) == network(fake) == network(
+      setup.abstract_state.extra["teacher"])
+  kernels = [leaf for leaf in jax.tree.leaves(params) if leaf.size >= min_size]
+  assert kernels and all("fsdp" in jax.tree.leaves(tuple(k.sharding.spec)) for k in kernels)
+
+
 @pytest.mark.parametrize("name", ["dmd2_imagenet64", "fdistill_imagenet64"])
 def test_imagenet64_presets_have_the_official_bottleneck_head_and_fsdp_shardings(tmp_path, name):
   """On a 2 x 4 (data x fsdp) mesh: generator, fake score and teacher are one network whose big
@@ -658,22 +685,50 @@ def test_imagenet64_presets_have_the_official_bottleneck_head_and_fsdp_shardings
   assert head["conv1"]["kernel"].shape == (4, 4, 768, 768)
   assert head["conv2"]["kernel"].shape == (1, 1, 768, 1)
   assert head["norm0"]["scale"].shape == (768,)
-  network = lambda tree: jax.tree.map(lambda leaf: leaf.shape, tree)
-  fake = {k: v for k, v in params["fake_score"].items() if k != dmd2.GAN_HEAD}
-  assert network(params["generator"]) == network(fake) == network(
-      setup.abstract_state.extra["teacher"])
-  kernels = [leaf for leaf in jax.tree.leaves(params) if leaf.size >= 2**20]
-  assert kernels and all("fsdp" in jax.tree.leaves(tuple(k.sharding.spec)) for k in kernels)
+  assert_one_fsdp_sharded_network(setup, min_size=2**20)
   if name == "fdistill_imagenet64":
     assert setup.abstract_state.extra[dmd2.RATIO_MEANS].shape == (10,)
 
 
-def test_imagenet64_tiny_preset_trains_a_unet_with_the_conv_head(tmp_path):
-  """dmd2_imagenet64.py:tiny through train.run from a flow-matching teacher of its own model and
-  data: a U-Net generator, the convolutional head on its 8x8 bottleneck, finite terms."""
-  config = config_lib.load_experiment("experiments/dmd2_imagenet64.py", "tiny")
+def test_cifar10_preset_distils_the_fm_cifar10_teacher_with_fastgens_settings(tmp_path):
+  """dmd2_cifar10.py at full size on a 2 x 4 mesh reads experiments/fm_cifar10.py's workdir as
+  its teacher (the same DDPM++ network; its dropout may differ), puts the convolutional head on
+  the 8x8 bottleneck (256 channels), clips the generator's gradients only, and draws the fake
+  score's noise levels from the distribution-matching range."""
+  config = config_lib.load_experiment("experiments/dmd2_cifar10.py")
+  teacher = config_lib.load_experiment("experiments/fm_cifar10.py")
+  for c in (config, teacher):
+    with c.unlocked():
+      c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 4, 1
+      c.data.update(dict(name="synthetic", num_classes=10))
+  (tmp_path / "teacher" / "checkpoints").mkdir(parents=True)
+  (tmp_path / "teacher" / "config.json").write_text(config_lib.to_json(teacher))
+  with config.unlocked():
+    config.objective.teacher_workdir = str(tmp_path / "teacher")
+  setup = train.build(config)
+  assert setup.objective.gan_layer() == "enc_8x8_block3"
+  assert setup.objective.fake_score_levels == "dm_range"
+  params = setup.abstract_state.params
+  head = params["fake_score"][dmd2.GAN_HEAD]
+  assert head["conv0"]["kernel"].shape == (4, 4, 256, 256)
+  assert_one_fsdp_sharded_network(setup, min_size=2**18)
+  assert (config.optim.sets.generator.grad_clip, config.optim.sets.fake_score.grad_clip) == (
+      10.0, 0.0)
+
+
+# Both tiny presets are the same one-level U-Net with the same head; CIFAR-10's reads a workdir of
+# its teacher experiment's own tiny preset (fm_cifar10.py:tiny) and runs FastGen's settings, so it
+# is the one in CI (ImageNet-64's preset at full size is built above).
+@pytest.mark.parametrize("name, teacher_experiment", [
+    pytest.param("dmd2_imagenet64", None, marks=pytest.mark.slow),
+    ("dmd2_cifar10", "fm_cifar10")])
+def test_tiny_preset_trains_a_unet_with_the_conv_head(tmp_path, name, teacher_experiment):
+  """The tiny preset through train.run from a flow-matching teacher of its own model and data:
+  a U-Net generator, the convolutional head on its 8x8 bottleneck, finite terms."""
+  config = config_lib.load_experiment(f"experiments/{name}.py", "tiny")
   # The teacher's workdir at its initial parameters (what a trained one holds, of this model).
-  teacher = flow_matching_teacher(config)
+  teacher = (flow_matching_teacher(config) if teacher_experiment is None else
+             config_lib.load_experiment(f"experiments/{teacher_experiment}.py", "tiny"))
   setup = train.build(teacher, devices=jax.devices()[:1])
   with train.context(setup):
     params = jax.device_get(setup.init_fn().params)

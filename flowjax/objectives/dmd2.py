@@ -23,7 +23,10 @@ main/edm/edm_guidance.py): an index uniform over a 1000-point (num_train_timeste
 sigma (sigma_min 0.002, sigma_max 80, rho 7), within [min_step_percent, max_step_percent] x 1000
 (0.02, 0.98) for the distribution-matching term and over the whole grid for the fake score, as OT
 time t = sigma / (1 + sigma); or 'uniform': t ~ U[min_step_percent, max_step_percent] and, for the
-fake score, U[0, 1].
+fake score, U[0, 1]. objective.fake_score_levels='dm_range' draws the fake score's and the GAN's
+levels from the distribution-matching term's range too, as NVlabs/FastGen's DMD2 does (its
+"polynomial" time distribution: an index uniform over 2 .. 998 of the same 1000-point grid, i.e.
+min_step_percent 0.002 and max_step_percent 0.998).
 
 Distribution matching (DMD2 Eq. 2; the official `compute_distribution_matching_loss`): at such a
 t and x_t = (1 - t) G + t eps,
@@ -86,6 +89,10 @@ from flowjax.samplers import ode
 TEACHER_WEIGHTS = ("ema", "params")
 GENERATOR_INPUTS = ("backward", "data")
 NOISE_LEVELS = ("karras", "uniform")
+# Where the fake score's loss and the GAN draw their noise levels: "all", the whole grid (DMD2's
+# official EDM code); "dm_range", the distribution-matching term's [min_step_percent,
+# max_step_percent] (NVlabs/FastGen, whose DMD2 draws every noise level from one sample_t_cfg).
+FAKE_SCORE_LEVELS = ("all", "dm_range")
 SAMPLE_METHODS = ("generator",)
 GENERATOR, FAKE_SCORE = "generator", "fake_score"
 GAN_HEAD = "dmd2_gan_head"
@@ -165,8 +172,9 @@ class DMD2:
   classifier-free guidance scale; 1 = none); generator_steps K; generator_inputs ('backward' |
   'data'); generator_update_every (the two time-scale rule's ratio); regression_weight and
   regression_steps (DMD's regression loss; 0 = off); noise_levels, min_step_percent,
-  max_step_percent, num_train_timesteps, sigma_min, sigma_max, rho: the noise levels (module
-  docstring); gan_weight (0 = no GAN), gan_discriminator_weight, gan_feature_layer: the GAN."""
+  max_step_percent, num_train_timesteps, sigma_min, sigma_max, rho, fake_score_levels: the noise
+  levels (module docstring); gan_weight (0 = no GAN), gan_discriminator_weight,
+  gan_feature_layer: the GAN."""
   PARAM_SETS: ClassVar[tuple] = (GENERATOR, FAKE_SCORE)
   EMA_SETS: ClassVar[tuple] = (GENERATOR,)
   # The unweighted error the trainer logs as "error": the fake score's flow-matching MSE on the
@@ -190,6 +198,7 @@ class DMD2:
   sigma_min: float = 0.002
   sigma_max: float = 80.0
   rho: float = 7.0
+  fake_score_levels: str = "all"
   regression_weight: float = 0.0
   regression_steps: int = 16
   gan_weight: float = 0.0
@@ -201,8 +210,9 @@ class DMD2:
       teacher_workdir="", teacher_weights="ema", teacher_guidance=1.0, generator_steps=1,
       generator_inputs="backward", generator_update_every=5, noise_levels="karras",
       min_step_percent=0.02, max_step_percent=0.98, num_train_timesteps=1000, sigma_min=0.002,
-      sigma_max=80.0, rho=7.0, regression_weight=0.0, regression_steps=16, gan_weight=0.0,
-      gan_discriminator_weight=1e-2, gan_feature_layer="", gan_head="mean")
+      sigma_max=80.0, rho=7.0, fake_score_levels="all", regression_weight=0.0,
+      regression_steps=16, gan_weight=0.0, gan_discriminator_weight=1e-2, gan_feature_layer="",
+      gan_head="mean")
 
   def __post_init__(self):
     _check_choice("teacher_weights", self.teacher_weights, TEACHER_WEIGHTS)
@@ -214,6 +224,7 @@ class DMD2:
       raise ValueError(f"objective.generator_update_every={self.generator_update_every} must be "
                        ">= 1 (1: generator and fake score update together; DMD2: 5).")
     _check_choice("noise_levels", self.noise_levels, NOISE_LEVELS)
+    _check_choice("fake_score_levels", self.fake_score_levels, FAKE_SCORE_LEVELS)
     if not 0.0 <= self.min_step_percent < self.max_step_percent <= 1.0:
       raise ValueError(f"objective.min_step_percent={self.min_step_percent} and "
                        f"objective.max_step_percent={self.max_step_percent} must satisfy "
@@ -326,7 +337,9 @@ class DMD2:
 
   def noise_times(self, rng, batch_size: int, full: bool):
     """[B] OT times of the distribution-matching term (full=False: within
-    [min_step_percent, max_step_percent]) or of the fake score's loss (full=True)."""
+    [min_step_percent, max_step_percent]) or of the fake score's loss and the GAN (full=True:
+    over the whole grid, or that range too with fake_score_levels='dm_range')."""
+    full = full and self.fake_score_levels == "all"
     if self.noise_levels == "uniform":
       lo, hi = (0.0, 1.0) if full else (self.min_step_percent, self.max_step_percent)
       return jax.random.uniform(rng, (batch_size,), jnp.float32, lo, hi)
@@ -400,7 +413,7 @@ class DMD2:
 
   def discriminator(self, params, x, cond, rng):
     """D(x): [B] logits of the head on the fake score's features at x noised to a level drawn
-    over the whole grid (DMD2's diffusion GAN)."""
+    as the fake score's (DMD2's diffusion GAN: over the whole grid)."""
     t_key, e_key = jax.random.split(rng)
     t = self.noise_times(t_key, x.shape[0], full=True)
     te = paths.expand(t, x)
