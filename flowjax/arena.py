@@ -63,6 +63,8 @@ SUITES = {
     "digits": dict(
         methods={"flow_matching": ("quickstart.py", [1, 2, 4, 8, 100], "euler"),
                  "imm": ("imm_digits.py", [1, 2, 4, 8], "uniform"),
+                 "imm_by_label": ("imm_digits.py", [1, 2, 4, 8], "uniform",
+                                  {"objective.label_groups": "by_label"}),
                  "meanflow": ("meanflow_digits.py", [1, 2, 4, 8], "euler"),
                  "shortcut": ("shortcut_digits.py", [1, 2, 4, 8, 128], "euler"),
                  "consistency": ("consistency_digits.py", [1, 2, 4, 8], "multistep"),
@@ -94,9 +96,7 @@ SUITES = {
 # resize back to 8x8, against a floor of real images taken through the same round trip.
 SUITES["digits28"] = dict(
     SUITES["digits"], overrides=dict(SUITES["digits"]["overrides"], **{
-        "data.image_size": 28, "model.patch_size": 4, "train.batch_size": 64}),
-    methods=dict(SUITES["digits"]["methods"], imm_by_label=(
-        "imm_digits.py", [1, 2, 4, 8], "uniform", {"objective.label_groups": "by_label"})))
+        "data.image_size": 28, "model.patch_size": 4, "train.batch_size": 64}))
 # Heavy tails (t-Flow, Pandey et al., arXiv:2410.14171): flow matching and MeanFlow with Gaussian
 # and with Student-t noise on the heavy-tailed toy (0.5 t(3) along x), scored by energy distance
 # and by the tail-quantile error (tail_error: the mean relative error of the 0.99 and 0.999
