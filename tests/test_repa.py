@@ -296,7 +296,11 @@ TRAINED = {
 # Through the trainer: a plain objective, a JVP one, the U-Net, and one that reads a teacher into
 # the state beside the encoder (sCD; CTM does the same and runs outside CI: its loss with REPA is
 # the test below and a REPA-trained teacher serving it is test_a_teacher_trained_with_repa_...).
-@pytest.mark.parametrize("name", ["flow_matching", "meanflow", "imm_unet",
+# The U-Net's run is outside CI too: the trainer's REPA path is the DiT runs', and the U-Net's
+# term is tested through its gradients (test_unet_term_trains_...) and on a sharded mesh
+# (test_sharded_term_equals_one_device[imm_cifar10]).
+@pytest.mark.parametrize("name", ["flow_matching", "meanflow",
+                                  pytest.param("imm_unet", marks=pytest.mark.slow),
                                   pytest.param("ctm", marks=pytest.mark.slow), "scd"])
 def test_objectives_train_with_repa(name, teacher, tmp_path):
   """Two train steps with REPA on through the trainer: every step logs a finite repa_cos in
