@@ -23,13 +23,14 @@ FIDs are not comparable with the paper's. The generator starts at
 t = 1 (pure noise) where the official code feeds noise at sigma = 80; labels for the generator
 come from the batch (the official code draws them uniformly).
 
-Prepare the data once (tfds build imagenet2012 --file_format=array_record). Train the teacher:
-a flow_matching run on data.name='tfds:imagenet2012' with this file's model and data sections
-(class-conditional, 64x64x3). Then
+Prepare the data once (tfds build imagenet2012 --file_format=array_record). Train the teacher,
+flow matching on this file's model and data sections with EDM's ImageNet-64 training run:
+python -m flowjax.main --config=experiments/fm_imagenet64.py --workdir=TEACHER_DIR
+Then
 python -m flowjax.main --config=experiments/dmd2_imagenet64.py --workdir=DIR \
     --config.objective.teacher_workdir=TEACHER_DIR
 Samples take 1 step. Presets: :tiny (synthetic 8x8x3 data of 10 classes, a one-level U-Net of
-width 16, a few CPU steps; its teacher is a flow-matching run of the same model and data).
+width 16, a few CPU steps; its teacher is fm_imagenet64.py:tiny).
 """
 
 from flowjax import config as config_lib

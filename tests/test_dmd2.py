@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from flowjax import config as config_lib, convert, models, optim, step as step_lib, train
-from flowjax import objectives
 from flowjax.objectives import dmd2
 
 
@@ -637,19 +636,8 @@ def test_f_distill_trains_through_the_trainer_with_its_gan_head(teacher):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-# The ImageNet-64 presets: the official network layout, head and shardings, and a tiny run.
-
-def flow_matching_teacher(config, **overrides):
-  """`config` (a DMD2 experiment) as the flow-matching run that is its teacher: the same model
-  and data sections."""
-  teacher = ml_collections.ConfigDict(config.to_dict())
-  teacher.objective = objectives.default_config("flow_matching")
-  teacher.optim.sets = ml_collections.ConfigDict()
-  teacher.sample.update(dict(method="euler", num_steps=2))
-  for key, value in overrides.items():
-    config_lib.set_dotted(teacher, key, value)
-  return teacher
-
+# The ImageNet-64 and CIFAR-10 presets: network layout, head and shardings against their teacher
+# experiments, and a tiny run.
 
 def assert_one_fsdp_sharded_network(setup, min_size):
   """Generator, fake score (without its head) and teacher have one network's shapes, and every
@@ -665,16 +653,19 @@ def assert_one_fsdp_sharded_network(setup, min_size):
 
 @pytest.mark.parametrize("name", ["dmd2_imagenet64", "fdistill_imagenet64"])
 def test_imagenet64_presets_have_the_official_bottleneck_head_and_fsdp_shardings(tmp_path, name):
-  """On a 2 x 4 (data x fsdp) mesh: generator, fake score and teacher are one network whose big
-  kernels are fsdp-sharded; the GAN head reads the encoder's last 8x8 block (768 channels) through
-  the official convolutional branch."""
+  """On a 2 x 4 (data x fsdp) mesh, reading a workdir of experiments/fm_imagenet64.py as the
+  teacher: generator, fake score and teacher are one network whose big kernels are fsdp-sharded;
+  the GAN head reads the encoder's last 8x8 block (768 channels) through the official
+  convolutional branch."""
   config = config_lib.load_experiment(f"experiments/{name}.py")
-  with config.unlocked():
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 4, 1
-    config.data.update(dict(name="synthetic", num_classes=1000))
+  teacher = config_lib.load_experiment("experiments/fm_imagenet64.py")
+  for c in (config, teacher):
+    with c.unlocked():
+      c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 4, 1
+      c.data.update(dict(name="synthetic", num_classes=1000))
   teacher_dir = tmp_path / "teacher"
   (teacher_dir / "checkpoints").mkdir(parents=True)
-  (teacher_dir / "config.json").write_text(config_lib.to_json(flow_matching_teacher(config)))
+  (teacher_dir / "config.json").write_text(config_lib.to_json(teacher))
   with config.unlocked():
     config.objective.teacher_workdir = str(teacher_dir)
   setup = train.build(config)
@@ -716,19 +707,18 @@ def test_cifar10_preset_distils_the_fm_cifar10_teacher_with_fastgens_settings(tm
       10.0, 0.0)
 
 
-# Both tiny presets are the same one-level U-Net with the same head; CIFAR-10's reads a workdir of
-# its teacher experiment's own tiny preset (fm_cifar10.py:tiny) and runs FastGen's settings, so it
-# is the one in CI (ImageNet-64's preset at full size is built above).
+# Both tiny presets are the same one-level U-Net with the same head, each reading a workdir of its
+# teacher experiment's tiny preset; CIFAR-10's runs FastGen's settings, so it is the one in CI
+# (ImageNet-64's preset at full size is built above).
 @pytest.mark.parametrize("name, teacher_experiment", [
-    pytest.param("dmd2_imagenet64", None, marks=pytest.mark.slow),
+    pytest.param("dmd2_imagenet64", "fm_imagenet64", marks=pytest.mark.slow),
     ("dmd2_cifar10", "fm_cifar10")])
 def test_tiny_preset_trains_a_unet_with_the_conv_head(tmp_path, name, teacher_experiment):
   """The tiny preset through train.run from a flow-matching teacher of its own model and data:
   a U-Net generator, the convolutional head on its 8x8 bottleneck, finite terms."""
   config = config_lib.load_experiment(f"experiments/{name}.py", "tiny")
   # The teacher's workdir at its initial parameters (what a trained one holds, of this model).
-  teacher = (flow_matching_teacher(config) if teacher_experiment is None else
-             config_lib.load_experiment(f"experiments/{teacher_experiment}.py", "tiny"))
+  teacher = config_lib.load_experiment(f"experiments/{teacher_experiment}.py", "tiny")
   setup = train.build(teacher, devices=jax.devices()[:1])
   with train.context(setup):
     params = jax.device_get(setup.init_fn().params)

@@ -17,7 +17,7 @@ PAPER_PRESETS = ("imm_cifar10", "imm_imagenet", "meanflow_cifar10", "meanflow_im
                  "tarflow_imagenet64", "starflow_imagenet", "starflow_t2i_3b", "scm_cifar10",
                  "scm_imagenet64",
                  "tvm_imagenet", "imf_imagenet", "dmd2_imagenet64", "fdistill_imagenet64",
-                 "fm_cifar10", "dmd2_cifar10", "fdistill_cifar10")
+                 "fm_cifar10", "dmd2_cifar10", "fdistill_cifar10", "fm_imagenet64")
 HEADING = re.compile(r"^### `experiments/(\w+)\.py(?::(\w+))?`\s*$")
 ROW = re.compile(r"^\| `([\w.]+)` \| `([^`]*)` \| ([^|]*) \|([^|]*)\|\s*$")
 
