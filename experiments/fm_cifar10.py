@@ -21,13 +21,9 @@ Samples take 50 Heun steps. Presets: :tiny (a one-level U-Net of width 16 on syn
 data of 10 classes, a few CPU steps: the teacher of the distillation experiments' :tiny).
 """
 
-from flowjax import config as config_lib
+from flowjax import blocks, config as config_lib
 from flowjax import models, objectives
 from flowjax.models import unet
-
-BATCH = 512
-# EDM's EMA half-life of 500,000 images as a per-step decay at batch 512.
-EMA_DECAY = round(0.5 ** (BATCH / 500_000), 6)
 
 
 def get_config(arg=None):
@@ -39,10 +35,8 @@ def get_config(arg=None):
   c.model.update(dict(augment_dim=0, dropout=0.13, dtype="float32", attention_impl="xla"))
   c.data.update(dict(name="tfds:cifar10", image_size=32, channels=3, conditional=True,
                      random_flip=False))
-  c.optim.update(dict(name="adam", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                      schedule="constant", warmup_steps=19_531, grad_clip=0.0,
-                      ema_decays=(EMA_DECAY,)))
-  c.train.update(dict(steps=390_625, batch_size=BATCH, log_every=100))
+  blocks.edm_training(c, lr=1e-3, batch_size=512, duration_mimg=200, ema_halflife_mimg=0.5)
+  c.train.log_every = 100
   c.ckpt.update(dict(every_steps=5000, max_to_keep=3))
   c.sample.update(dict(every_steps=20_000, num=64, num_steps=50, method="heun", guidance=1.0))
   config_lib.apply_preset(c, arg, PRESETS)

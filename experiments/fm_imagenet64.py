@@ -22,13 +22,10 @@ CPU steps).
 
 import os
 
-from flowjax import config as config_lib
+from flowjax import blocks, config as config_lib
 from flowjax import objectives
 
 _DMD2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dmd2_imagenet64.py")
-BATCH = 4096
-# EDM's EMA half-life of 50,000,000 images as a per-step decay at batch 4096.
-EMA_DECAY = round(0.5 ** (BATCH / 50_000_000), 7)
 
 
 def get_config(arg=None):
@@ -40,10 +37,8 @@ def get_config(arg=None):
     c.model = student.model
     c.data = student.data
   c.model.update(dict(dropout=0.10))
-  c.optim.update(dict(name="adam", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                      schedule="constant", warmup_steps=2441, grad_clip=0.0,
-                      ema_decays=(EMA_DECAY,)))
-  c.train.update(dict(steps=610_351, batch_size=BATCH, log_every=100))
+  blocks.edm_training(c, lr=1e-4, batch_size=4096, duration_mimg=2500, ema_halflife_mimg=50)
+  c.train.log_every = 100
   c.ckpt.update(dict(every_steps=5000, max_to_keep=3))
   c.sample.update(dict(every_steps=20_000, num=64, num_steps=50, method="heun", guidance=1.0))
   config_lib.apply_preset(c, arg, PRESETS)

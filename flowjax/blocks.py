@@ -84,3 +84,18 @@ def tiny_latent_dit(**overrides) -> dict:
           "data.num_classes": 10, "train.steps": 4, "train.batch_size": 16,
           "train.log_every": 2, "ckpt.every_steps": 2, "sample.every_steps": 0, "sample.num": 8,
           "sample.num_steps": 2, **overrides}
+
+
+def edm_training(c, *, lr: float, batch_size: int, duration_mimg: float,
+                 ema_halflife_mimg: float, rampup_mimg: float = 10.0) -> None:
+  """Applies EDM's training run (Karras et al., arXiv:2206.00364; NVlabs/edm train.py and
+  training/training_loop.py), given in images, to config `c` in steps: Adam (0.9, 0.999, eps
+  1e-8) without weight decay or clipping, lr ramped up linearly over rampup_mimg million images
+  (lr_rampup_kimg) and constant after, duration_mimg million images, and the EMA half-life as the
+  constant per-step decay 0.5^(batch_size / half-life images) (EDM also ramps the half-life up
+  early on, ema_rampup_ratio 0.05). Step counts are rounded down."""
+  c.optim.update(dict(name="adam", lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                      schedule="constant", warmup_steps=int(rampup_mimg * 1e6) // batch_size,
+                      grad_clip=0.0,
+                      ema_decays=(round(0.5 ** (batch_size / (ema_halflife_mimg * 1e6)), 7),)))
+  c.train.update(dict(steps=int(duration_mimg * 1e6) // batch_size, batch_size=batch_size))
