@@ -1,6 +1,6 @@
 """Class-conditional DMD2 on CIFAR-10: a one-step generator, NVlabs/FastGen's CIFAR-10 run.
 
-Yin et al., arXiv:2405.14622 (DMD2), as NVlabs/FastGen's
+Yin et al., arXiv:2405.14867 (DMD2), as NVlabs/FastGen's
 fastgen/configs/experiments/EDM/config_dmd2_cifar10.py with its method defaults
 (fastgen/configs/methods/config_dmd2.py, configs/config.py, configs/opt.py, configs/callbacks.py)
 and its DMD2 code (fastgen/methods/distribution_matching/dmd2.py, networks/noise_schedule.py):
@@ -11,8 +11,9 @@ the generator updated once in every 5 steps; every noise level an index uniform 
 the 1000-point Karras grid (sigma 0.002 to 80, rho 7: FastGen's "polynomial" time distribution,
 one law for the distribution-matching term, the fake score and the GAN); the GAN with generator
 weight 1e-3 and discriminator weight 1; no guidance in the real score; batch 2048; 100k iterations;
-constant EMAs 0.9999, 0.99995 and 0.9996 of the generator; float32. FastGen reports a one-step FID
-of 1.99 (the paper 2.13). Every value and its source: BUILD.md, "Paper presets".
+constant EMAs 0.9999, 0.99995 and 0.9996 of the generator; float32. FastGen's
+distribution-matching README lists a one-step FID of 1.99 for this run. Every value and its
+source: BUILD.md, "Paper presets".
 
 Differences: the teacher is a flowjax flow-matching run (experiments/fm_cifar10.py: EDM's network
 and training run under flowjax's flow-matching loss), not EDM's checkpoint, so FIDs are not

@@ -1,6 +1,6 @@
 """Class-conditional DMD2 on ImageNet 64x64: a one-step generator, the official ImageNet setting.
 
-Yin et al., arXiv:2405.14622, as tianweiy/DMD2's
+Yin et al., arXiv:2405.14867, as tianweiy/DMD2's
 experiments/imagenet/imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh with
 main/edm/train_edm.py and main/edm/edm_guidance.py: generator and fake score started from the
 teacher, each trained by AdamW (lr 2e-6, betas (0.9, 0.999), weight decay 0.01 on every

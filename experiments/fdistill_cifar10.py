@@ -7,7 +7,8 @@ config's f_div = "kl"; the method's default is Jensen-Shannon), r = exp(logit) o
 clipped to [0.1, 20] and divided by its mean per bin of t within the batch (10 bins,
 ratio_ema_rate 0), h normalised to mean 1. Everything else is FastGen's DMD2 CIFAR-10 run
 (dmd2_cifar10.py: batch 2048, 100k iterations, AdamW lr 1e-4, GAN weights 1e-3 and 1, constant
-EMAs 0.9999, 0.99995 and 0.9996). FastGen reports a one-step FID of 1.85 (the paper 1.92).
+EMAs 0.9999, 0.99995 and 0.9996). FastGen's distribution-matching README lists a one-step FID of
+1.85 for this run.
 Every value and its source: BUILD.md, "Paper presets".
 
 Differences besides dmd2_cifar10.py's: FastGen's discriminator averages the logits of its three

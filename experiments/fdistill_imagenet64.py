@@ -14,8 +14,10 @@ network and the update ratio (5) are dmd2_imagenet64.py's. Every value and its s
 BUILD.md, "Paper presets".
 
 Differences besides dmd2_imagenet64.py's: FastGen's discriminator reads the teacher's features
-(Discriminator_EDM_ImageNet64_Config); flowjax's head reads the fake score's bottleneck, as DMD2
-does; FastGen bins t in its noise scheduler's own time, flowjax in OT time t in [0, 1].
+(Discriminator_EDM_ImageNet64_Config, one head per resolution whose logits are averaged before
+r = exp(logit)); flowjax's one head reads the fake score's bottleneck, as DMD2 does; FastGen's
+fake score regresses the unweighted denoised image, flowjax's the velocity; FastGen bins t in its
+noise scheduler's own time, flowjax in OT time t in [0, 1].
 Train the teacher as for dmd2_imagenet64.py, then
 python -m flowjax.main --config=experiments/fdistill_imagenet64.py --workdir=DIR \
     --config.objective.teacher_workdir=TEACHER_DIR

@@ -92,8 +92,8 @@ def edm_training(c, *, lr: float, batch_size: int, duration_mimg: float,
   training/training_loop.py), given in images, to config `c` in steps: Adam (0.9, 0.999, eps
   1e-8) without weight decay or clipping, lr ramped up linearly over rampup_mimg million images
   (lr_rampup_kimg) and constant after, duration_mimg million images, and the EMA half-life as the
-  constant per-step decay 0.5^(batch_size / half-life images) (EDM also ramps the half-life up
-  early on, ema_rampup_ratio 0.05). Step counts are rounded down."""
+  constant per-step decay 0.5^(batch_size / half-life images), rounded to 7 decimals (EDM also
+  ramps the half-life up early on, ema_rampup_ratio 0.05). Step counts are rounded down."""
   c.optim.update(dict(name="adam", lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                       schedule="constant", warmup_steps=int(rampup_mimg * 1e6) // batch_size,
                       grad_clip=0.0,

@@ -1,4 +1,4 @@
-"""DMD2 (arXiv:2405.14622) and the parameter sets it trains: invariants, gating, resume, errors."""
+"""DMD2 (arXiv:2405.14867) and the parameter sets it trains: invariants, gating, resume, errors."""
 
 import json
 
@@ -303,13 +303,34 @@ def test_karras_noise_levels_follow_the_official_grid():
   assert abs(np.mean(index(dm)) - 500) < 3
 
 
+class RecordedLevels(dmd2.DMD2):
+  """DMD2 whose noise_times calls append (full, times) to `calls` when they run."""
+
+  def noise_times(self, rng, batch_size, full):
+    t = super().noise_times(rng, batch_size, full)
+    jax.debug.callback(lambda v: self.calls.append((full, np.asarray(v))), t)
+    return t
+
+
 def test_fastgen_levels_draw_every_term_over_indices_2_to_998():
   """NVlabs/FastGen's DMD2 ("polynomial": an index uniform over 2 .. 998 of the same grid, for
   the distribution-matching term, the fake score and the GAN alike): min_step_percent 0.002,
-  max_step_percent 0.998, fake_score_levels='dm_range'."""
-  objective = mlp_objective(min_step_percent=0.002, max_step_percent=0.998,
-                            fake_score_levels="dm_range")
+  max_step_percent 0.998, fake_score_levels='dm_range'. Checked on the times each term of a
+  generator step's loss draws (the GAN's real and generated inputs, the fake score's, the
+  distribution-matching term's), and on many draws of each law."""
+  base = mlp_objective(min_step_percent=0.002, max_step_percent=0.998,
+                       fake_score_levels="dm_range", gan_weight=1e-3)
+  objective = RecordedLevels(**base.__dict__)
+  object.__setattr__(objective, "calls", [])
   grid = np.asarray(objective.karras_times())
+  params, teacher = initial(objective)
+  step = jnp.asarray(4, jnp.int32)
+  view = {"extra": {"teacher": teacher}, "ema": {}, "step": step}
+  objective.loss(params, {"image": jnp.zeros((4096, 2))}, jax.random.key(2), step, view)
+  assert sorted(full for full, _ in objective.calls) == [False, True, True, True, True]
+  for full, t in objective.calls:
+    index = np.searchsorted(grid, t)
+    assert index.min() >= 2 and index.max() <= 998, full
   for seed, full in ((0, False), (1, True)):
     index = np.searchsorted(grid, np.asarray(
         objective.noise_times(jax.random.key(seed), 200_000, full=full)))

@@ -1,7 +1,7 @@
 """DMD2: distribution matching distillation of a flow-matching teacher into a few-step generator.
 
 Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis"
-(arXiv:2405.14622), after DMD (Yin et al., arXiv:2311.18828). Three networks, all of the
+(arXiv:2405.14867), after DMD (Yin et al., arXiv:2311.18828). Three networks, all of the
 teacher's architecture: the frozen teacher v_real (the "real" score, in state.extra), the generator
 G and the "fake" score v_fake that tracks the generator's distribution, both started from the
 teacher's weights and trained here (parameter sets "generator" and "fake_score", each with its own
@@ -57,7 +57,8 @@ over positions of the features, then Dense, SiLU, Dense to one logit; 'conv', Co
 official convolutional head on an 8x8 bottleneck) reads the output of one module of the fake
 score network (objective.gan_feature_layer; '' = the middle block, block_{(depth - 1) // 2}, of a
 DiT or MLP, or an EDM U-Net's bottleneck, its last encoder block at the lowest resolution, as the
-official `return_bottleneck`) at images noised to a level drawn over the whole grid. The fake
+official `return_bottleneck`) at images noised to a level drawn as the fake score's (over the
+whole grid, or the distribution-matching range with fake_score_levels='dm_range'). The fake
 score's loss adds gan_discriminator_weight (1e-2) x mean[softplus(D(fake)) + softplus(-D(real))]
 on the batch's real images, trained into the head and the fake score network; the generator's
 adds gan_weight (3e-3 on ImageNet-64) x mean softplus(-D(G)) through the frozen fake score.
