@@ -14,6 +14,10 @@ no label dropout since EDM trains no guidance) rather than EDM's preconditioned 
 network is flowjax's EDM U-Net at ADM's widths, not ADM itself (dmd2_imagenet64.py); the EMA is a
 constant per-step decay (EDM ramps the half-life up, ema_rampup_ratio 0.05).
 
+EDM ran this batch on 32 GPUs (128 examples each); on 8 fake CPU devices (data 2 x fsdp 4) the
+full-size step compiles (train.dry_run) with an XLA:CPU temporary-memory estimate of 446 GB per
+device at 512 examples each, so give it as many devices or train.grad_accum_steps.
+
 Prepare the data once (tfds build imagenet2012 --file_format=array_record), then
 python -m flowjax.main --config=experiments/fm_imagenet64.py --workdir=TEACHER_DIR
 Samples take 50 Heun steps. Presets: :tiny (dmd2_imagenet64.py:tiny's network and data, a few
