@@ -326,7 +326,9 @@ def test_fastgen_levels_draw_every_term_over_indices_2_to_998():
   params, teacher = initial(objective)
   step = jnp.asarray(4, jnp.int32)
   view = {"extra": {"teacher": teacher}, "ema": {}, "step": step}
-  objective.loss(params, {"image": jnp.zeros((4096, 2))}, jax.random.key(2), step, view)
+  jax.block_until_ready(
+      objective.loss(params, {"image": jnp.zeros((4096, 2))}, jax.random.key(2), step, view))
+  jax.effects_barrier()
   assert sorted(full for full, _ in objective.calls) == [False, True, True, True, True]
   for full, t in objective.calls:
     index = np.searchsorted(grid, t)
