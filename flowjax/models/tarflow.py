@@ -168,14 +168,24 @@ def rope_angles(grid: tuple[int, int], head_dim: int, label_tokens: int,
   return np.repeat(angles, 2, axis=1).astype(np.float32)
 
 
-def apply_rope(x, angles):
-  """Rotates each consecutive channel pair of x [B, T, heads, head_dim] by angles [T, head_dim]
-  (pairs (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin))."""
-  pairs = x.reshape(x.shape[:-1] + (-1, 2))
-  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-  cos = jnp.cos(angles)[None, :, None, :].astype(x.dtype)
-  sin = jnp.sin(angles)[None, :, None, :].astype(x.dtype)
-  return x * cos + rotated * sin
+def rope_rotation(angles: np.ndarray) -> np.ndarray:
+  """[2, T, head_dim] float32 tables of apply_rope from rotary angles [T, head_dim] (pairs of
+  equal angles): cos(angles), and sin(angles) negated on the first channel of each pair.
+  Computed once on the host: inside the step, XLA would recompute the cosines for every element
+  of the broadcast products that it fuses them into."""
+  angles = np.asarray(angles, np.float64)
+  sign = np.tile(np.array([-1.0, 1.0]), angles.shape[-1] // 2)
+  return np.stack([np.cos(angles), np.sin(angles) * sign]).astype(np.float32)
+
+
+def apply_rope(x, rotation):
+  """Rotates each consecutive channel pair of x [B, T, heads, head_dim] by the angles whose
+  rope_rotation tables are `rotation` [2, T, head_dim]: (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin,
+  x_2i+1 cos + x_2i sin)."""
+  swapped = jnp.flip(x.reshape(x.shape[:-1] + (-1, 2)), axis=-1).reshape(x.shape)
+  cos = rotation[0][None, :, None, :].astype(x.dtype)
+  signed_sin = rotation[1][None, :, None, :].astype(x.dtype)
+  return x * cos + swapped * signed_sin
 
 
 class RMSNorm(nn.Module):
@@ -213,9 +223,9 @@ class CausalAttention(nn.Module):
     """x: [B, T, D] tokens at the consecutive slots `slots` ([T] int32); cache: None (the T
     tokens attend among themselves) or (keys, values) [B, S, heads, head_dim], into which this
     call's keys and values are written at slots[0] .. slots[0]+T-1 before attending over all S
-    slots; rope: None or [T, head_dim] rotary angles of the slots (queries and keys rotated
-    before the cache); temperature: None or [B] attention temperatures (logits / temperature).
-    Returns ([B, T, D], the updated cache or None)."""
+    slots; rope: None or [2, T, head_dim] rope_rotation tables of the slots (queries and keys
+    rotated before the cache); temperature: None or [B] attention temperatures (logits /
+    temperature). Returns ([B, T, D], the updated cache or None)."""
     batch, length, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"hidden_size={width} is not divisible by num_heads={self.num_heads}.")
@@ -405,16 +415,16 @@ class FlowBlock(nn.Module):
     return jnp.asarray(sincos_positions(self.length, self.hidden_size))
 
   def rope_table(self):
-    """[prefix + L, head_dim] rotary angles by cache slot, or None without RoPE."""
+    """[2, prefix + L, head_dim] rope_rotation tables by cache slot, or None without RoPE."""
     if self.positions != "rope":
       return None
-    return jnp.asarray(rope_angles(self.grid, self.hidden_size // self.num_heads, self.prefix,
-                                   self.rope_label_axis))
+    return jnp.asarray(rope_rotation(rope_angles(
+        self.grid, self.hidden_size // self.num_heads, self.prefix, self.rope_label_axis)))
 
   def _layers(self, h, slots, cache, temperature=None):
     """The transformer over h [B, T, D] at cache slots `slots` (prefix included)."""
     table = self.rope_table()
-    rope = None if table is None else jnp.take(table, slots, axis=0)
+    rope = None if table is None else jnp.take(table, slots, axis=1)
     new_cache = []
     for index, layer in enumerate(self.layers):
       h, layer_cache = layer(h, slots, None if cache is None else cache[index], rope,
