@@ -536,3 +536,49 @@ def test_remat_gives_the_same_gradients_and_keeps_fewer_activations():
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(grads)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert kept < most * plain_bytes, (remat, kept, plain_bytes)
+
+
+def test_rope_rotation_is_the_pair_rotation_and_leaves_no_cosines_in_the_step():
+  """apply_rope with the host tables of rope_rotation rotates each channel pair by its angle (by
+  hand, float64), and the gradient of a RoPE model and its KV-cached decoding step hold no
+  cosine or sine: computed inside the step, XLA fuses them into every broadcast product that
+  reads them and recomputes them per element."""
+  angles = np.random.default_rng(0).uniform(-7.0, 7.0, (5, 3)).repeat(2, axis=1)
+  x = np.random.default_rng(1).normal(size=(2, 5, 3, 6))
+  pairs = x.reshape(2, 5, 3, 3, 2)
+  cos, sin = np.cos(angles[None, :, None, 0::2]), np.sin(angles[None, :, None, 0::2])
+  expected = np.stack([pairs[..., 0] * cos - pairs[..., 1] * sin,
+                       pairs[..., 1] * cos + pairs[..., 0] * sin], axis=-1).reshape(x.shape)
+  rotated = tarflow.apply_rope(jnp.asarray(x, jnp.float32),
+                               jnp.asarray(tarflow.rope_rotation(angles)))
+  np.testing.assert_allclose(rotated, expected, rtol=1e-5, atol=1e-5)
+
+  model = make_model(**VARIANTS["starflow_official"])
+  x = jnp.zeros((2,) + SHAPE)
+  labels = jnp.zeros((2,), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, labels)["params"])
+
+  def loss(p):
+    z, logdet, _ = model.apply({"params": p}, x, labels)
+    return jnp.mean(z ** 2) - jnp.mean(logdet)
+
+  block = model.num_blocks - 1
+  cache = jax.eval_shape(lambda: model.init_cache(2, block))
+  step = lambda p, c: model.apply({"params": p}, block, x.reshape(2, 16, 2)[:, 0], 3, c, labels,
+                                  method=tarflow.TarFlow.block_step)
+  for program in (jax.make_jaxpr(jax.grad(loss))(params), jax.make_jaxpr(step)(params, cache)):
+    primitives = _primitives(program.jaxpr)
+    assert not primitives & {"cos", "sin"}, primitives & {"cos", "sin"}
+
+
+def _primitives(jaxpr) -> set:
+  """Every primitive of a jaxpr and of the jaxprs inside its equations."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    found.add(str(eqn.primitive))
+    for value in eqn.params.values():
+      for inner in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          found |= _primitives(inner)
+  return found
