@@ -72,13 +72,13 @@ def entries(record: dict, key: str) -> dict:
 def resolved_best(column: dict, lower_is_better: bool = True) -> set:
   """Methods of one column ({method: statistics}) that the seeds do not tell apart from the best
   mean: the best itself, and every entry whose mean is within RESOLVED_STDS x the larger of the
-  two standard deviations of it. With one seed (no spread) only the best."""
+  two standard deviations of it (the one that is known, when one of the two has a single seed).
+  Where neither has a spread (single seeds), only the best."""
   best = (min if lower_is_better else max)(column, key=lambda m: column[m]["mean"])
   chosen = {best}
   for method, s in column.items():
-    spreads = [column[best]["std"], s["std"]]
-    if None not in spreads and abs(s["mean"] - column[best]["mean"]) <= RESOLVED_STDS * max(
-        spreads):
+    spreads = [std for std in (column[best]["std"], s["std"]) if std is not None]
+    if spreads and abs(s["mean"] - column[best]["mean"]) <= RESOLVED_STDS * max(spreads):
       chosen.add(method)
   return chosen
 
@@ -154,8 +154,9 @@ def markdown(record: dict) -> str:
     lines[-1] += (f" Some entries have fewer seeds ({', '.join(map(str, sorted(counts)))}); "
                   "the range table shows which.")
   lines[-1] += (f" Bold: the best mean of a column and every entry within {RESOLVED_STDS:g} x "
-                "the larger of the two standard deviations of it, which these seeds do not tell "
-                "apart from the best." if len(seeds) > 1 else " Bold: the best of a column.")
+                "the larger of the two standard deviations of it (the known one beside a single "
+                "seed), which these seeds do not tell apart from the best." if len(seeds) > 1
+                else " Bold: the best of a column.")
   lines += [""] + _table(record, metric, columns, lambda s: _mean_std(s, ".4g"), "lower")
   if "starflow" in record["methods"] and any(r["method"] == "starflow"
                                              for r in record["results"]):

@@ -198,6 +198,9 @@ def test_statistics_and_which_entries_the_seeds_tell_apart():
   assert arena_report.resolved_best(column, lower_is_better=False) == {"c"}
   single = {m: arena_report.statistics([s["min"]]) for m, s in column.items()}
   assert arena_report.resolved_best(single) == {"a"}
+  # A single-seed entry beside a spread: compared within twice the spread that is known.
+  mixed = dict(column, b=arena_report.statistics([1.3]), d=arena_report.statistics([1.5]))
+  assert arena_report.resolved_best(mixed) == {"a", "b"}
 
 
 def test_earlier_results_keep_other_methods_and_seeds_with_their_commands(tmp_path):
