@@ -1,5 +1,6 @@
 """Meshes, logical-axis rules and shardings: the only module that knows about physical devices."""
 
+import collections
 import contextlib
 import json
 import logging
@@ -190,6 +191,35 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+class DispatchWindow:
+  """Bounds how far a loop of jitted steps runs ahead of the devices: `add` one output of each
+  dispatched step (one that no later step donates) and it waits until at most `depth` of them
+  are unfinished.
+
+  XLA:CPU admits at most 32 programs in flight per device. A loop of multi-device programs with
+  collectives that dispatches further ahead than that (nothing fetched from any step) can stall:
+  in a core dump of such a stall, seven devices waited in an all-reduce while the eighth
+  device's launch waited for a free slot, and XLA aborted the process after 40 s ("Termination
+  timeout for all reduce ... only 7 of them arrived"). Two steps in flight keep the devices
+  busy; the trainer's loop fetches each step's metrics one step later for the same bound.
+  """
+
+  def __init__(self, depth: int = 2):
+    if depth < 1:
+      raise ValueError(f"DispatchWindow depth must be at least 1, got {depth}.")
+    self.depth = depth
+    self._pending = collections.deque()
+
+  def add(self, value: jax.Array) -> None:
+    self._pending.append(value)
+    while len(self._pending) > self.depth:
+      jax.block_until_ready(self._pending.popleft())
+
+  def pending(self) -> int:
+    """How many added values are not yet computed."""
+    return sum(not value.is_ready() for value in self._pending)
 
 
 def logical_to_sharding(logical_spec, shape: Sequence[int], mesh, axis_rules) -> NamedSharding:

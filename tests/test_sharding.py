@@ -390,3 +390,34 @@ def test_analytic_activations_count_prefix_tokens_and_remat():
   model.remat = "full"
   kept = 4 * 4 * shallow * 8 + 4 * 4 * deep * 8 + layer(deep)
   assert memory.activation_bytes(config, info, 3) == 3 * kept
+
+
+def test_dispatch_window_keeps_at_most_depth_steps_unfinished():
+  """A chain of slow sharded steps: without the window the host runs ahead (more than two
+  unfinished), with DispatchWindow(2) never more than two are unfinished after add()."""
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=8, fsdp=1, tensor=1)))
+  placed = jax.device_put(jnp.ones((8, 192, 192)), sharding.batch_sharding(mesh))
+
+  @jax.jit
+  def slow_step(x):
+    x = jax.lax.fori_loop(0, 12, lambda _, y: jnp.tanh(y @ y) / 4 + 1, x)
+    return x, jnp.mean(x)  # the mean is an all-reduce over the 8 devices
+
+  jax.block_until_ready(slow_step(placed))
+
+  def most_unfinished(window):
+    x, most, outputs = placed, 0, []
+    for _ in range(8):
+      x, mean = slow_step(x)
+      outputs.append(mean)
+      if window is not None:
+        window.add(mean)
+      most = max(most, sum(not value.is_ready() for value in outputs))
+    jax.block_until_ready(x)
+    return most
+
+  assert most_unfinished(None) > 2
+  window = sharding.DispatchWindow(2)
+  assert most_unfinished(window) <= 2 and window.pending() <= 2
+  with pytest.raises(ValueError, match="at least 1"):
+    sharding.DispatchWindow(0)

@@ -302,18 +302,20 @@ def train(config, *, steps: int = TRAIN_STEPS, seed: int = 0, batch_size: int = 
     logits = model.apply({"params": params}, images)[1]
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(replicated, replicated))
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=replicated)
   def step(params, opt_state, batch, index):
     images = _shift(jax.random.fold_in(data_rng, index), batch["image"])
-    grads = jax.grad(loss_fn)(params, images, batch["label"])
+    loss, grads = jax.value_and_grad(loss_fn)(params, images, batch["label"])
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    return optax.apply_updates(params, updates), opt_state, loss
 
   batches = data.build(data_config, split="train", global_batch_size=batch_size, seed=seed,
                        sharding=sharding.batch_sharding(mesh))
+  window = sharding.DispatchWindow()
   try:
     for index in range(steps):
-      params, opt_state = step(params, opt_state, next(batches), index)
+      params, opt_state, loss = step(params, opt_state, next(batches), index)
+      window.add(loss)
   finally:
     batches.close()
   accuracy, split = _accuracy(config, params, model, mesh, batch_size)
