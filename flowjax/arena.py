@@ -376,13 +376,22 @@ def error_figure(path: str, workdir: str, methods) -> None:
   plt.close(fig)
 
 
-def samples_figure(path: str, workdir: str, by_method: dict, metric: str) -> None:
+def samples_figure(path: str, workdir: str, by_method: dict, metric: str) -> list[str]:
   """One row of sample pictures per method, one column per step count (DIR/<method>/samples/
   arena_<N>_steps.png, seed 0's, written by the evaluation), each titled with its metric; saved
-  with 16 colours, the committed gallery's size."""
+  with 16 colours, the committed gallery's size. Methods of the record whose runs are not in
+  DIR (results kept from an earlier workdir) get no row. Returns the methods drawn."""
   from PIL import Image
 
   from flowjax import plot as plot_lib
+
+  def picture_path(method, n):
+    return storage.join(workdir, method, "samples", f"arena_{n}_steps.png")
+
+  by_method = {method: entries for method, entries in by_method.items()
+               if any(storage.exists(picture_path(method, n)) for n in entries)}
+  if not by_method:
+    return []
   columns = sorted({n for entries in by_method.values() for n in entries})
   plt = plot_lib.pyplot()
   fig, axes = plt.subplots(len(by_method), len(columns), squeeze=False,
@@ -391,7 +400,7 @@ def samples_figure(path: str, workdir: str, by_method: dict, metric: str) -> Non
     for col, n in enumerate(columns):
       ax = axes[row][col]
       ax.axis("off")
-      picture = storage.join(workdir, method, "samples", f"arena_{n}_steps.png")
+      picture = picture_path(method, n)
       if n not in entries or not storage.exists(picture):
         continue
       ax.imshow(Image.open(io.BytesIO(storage.read_bytes(picture))))
@@ -400,6 +409,7 @@ def samples_figure(path: str, workdir: str, by_method: dict, metric: str) -> Non
   fig.tight_layout()
   _save_figure(fig, path, colors=16)
   plt.close(fig)
+  return list(by_method)
 
 
 def _save_figure(fig, path: str, colors: int | None = None) -> None:

@@ -263,3 +263,18 @@ def test_provenance_counts_code_changes_but_not_written_results(tmp_path, monkey
   (tmp_path / "experiments" / "notes.txt").unlink()
   (tmp_path / "code.py").write_text("x = 2\n")
   assert provenance.commit()["uncommitted_changes"] is True
+
+
+def test_samples_figure_draws_only_the_methods_whose_runs_are_in_the_workdir(tmp_path):
+  """Results kept from an earlier workdir (no DIR/<method>/samples) get no empty row."""
+  from PIL import Image
+  (tmp_path / "tvm" / "samples").mkdir(parents=True)
+  for n in (1, 2):
+    Image.new("L", (16, 16), 128).save(tmp_path / "tvm" / "samples" / f"arena_{n}_steps.png")
+  entries = {n: {"metrics": {"fd": 1.0}} for n in (1, 2)}
+  drawn = arena.samples_figure(str(tmp_path / "samples.png"), str(tmp_path),
+                               {"imm": entries, "tvm": entries, "ctm": entries}, "fd")
+  assert drawn == ["tvm"]
+  assert Image.open(tmp_path / "samples.png").size[1] <= 250  # one row of 2.0 inches at 100 dpi
+  assert arena.samples_figure(str(tmp_path / "none.png"), str(tmp_path), {"imm": entries},
+                              "fd") == []
