@@ -346,3 +346,13 @@ def test_config_names_a_known_feature_extractor():
                            "classifier"):
     config_lib.validate(config, 8)
   config_lib.validate(tiny_config(**{"eval.feature_extractor": "classifier"}), 8)
+
+
+def test_classifier_training_that_diverges_stops_with_one_clear_error(tmp_path, monkeypatch):
+  """A non-finite training loss (here an infinite learning rate) is an error naming it, and no
+  classifier file is written."""
+  monkeypatch.setattr(classifier, "LEARNING_RATE", float("inf"))
+  out = tmp_path / "classifier.npz"
+  with pytest.raises(ValueError, match="training loss is nan after 3 steps.*nothing was written"):
+    classifier.main([f"--config={QUICKSTART}", f"--out={out}", "--steps=3", "--batch_size=16"])
+  assert not out.exists()

@@ -318,6 +318,12 @@ def train(config, *, steps: int = TRAIN_STEPS, seed: int = 0, batch_size: int = 
       window.add(loss)
   finally:
     batches.close()
+  if not np.isfinite(float(loss)):
+    raise ValueError(
+        f"The feature classifier's training loss is {float(loss)} after {steps} steps on "
+        f"data.name={config.data.name!r}: the network diverged and its features would be "
+        "meaningless; nothing was written. Check that the images are finite and scaled to "
+        "[-1, 1], or train with fewer steps.")
   accuracy, split = _accuracy(config, params, model, mesh, batch_size)
   return dict(result, params=jax.device_get(params), steps=steps, accuracy=accuracy,
               accuracy_split=split)
