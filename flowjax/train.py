@@ -395,15 +395,32 @@ def as_images(config, samples: np.ndarray) -> np.ndarray:
   return samples if decode is None else np.asarray(decode(samples))
 
 
-class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+def _preemption_service() -> bool:
+  """Whether jax's preemption service runs (a multi-process run through jax.distributed): then
+  it, not a handler of this process, decides the step at which every process stops."""
+  if jax.process_count() == 1:
+    return False
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
-  def __init__(self):
+
+class _StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps.
+
+  In a multi-process run a flag of one process cannot stop it alone: its peers would wait for it
+  in the next step's collectives. There jax's preemption service keeps its own SIGTERM handler,
+  which tells every process, and the loop stops at the step they agree on
+  (`mngr.reached_preemption`); SIGINT is passed on to that handler as a SIGTERM.
+  """
+
+  def __init__(self, collective: bool = False):
     self.received = None
+    self.collective = collective
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGINT,) if self.collective else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread (e.g. a notebook worker): no handler
@@ -412,7 +429,10 @@ class _StopSignal:
 
   def _handle(self, signum, frame):
     del frame
-    self.received = signal.Signals(signum).name
+    if self.collective:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.received = signal.Signals(signum).name
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -604,40 +624,44 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
 
   pending = None
   step = start
-  try:
-    with context(setup), _StopSignal() as stop:
-      while step < total and stop.received is None:
-        batch = next(batches)
-        state, step_metrics = compiled(state, batch)
-        step += 1
+  # The handler stays until the final checkpoint is written: a second signal does not cut it.
+  with _StopSignal(collective=_preemption_service()) as stop:
+    try:
+      with context(setup):
+        while step < total and stop.received is None:
+          batch = next(batches)
+          state, step_metrics = compiled(state, batch)
+          step += 1
+          if pending is not None:
+            handle(*pending)
+          pending = (step_metrics, step)
+          if config.ckpt.every_steps and step % config.ckpt.every_steps == 0:
+            # The records up to this step are written (on object storage: uploaded) before the
+            # checkpoint, so that a resumed run finds every record up to its checkpoint.
+            handle(*pending)
+            pending = None
+            writer.flush()
+            save()
+          # Every step, checkpoint steps included: the processes of a multi-process run agree
+          # through it on the step at which all of them stop.
+          if mngr.reached_preemption(step):
+            stop.received = "preemption notice"
+          if config.eval.every_steps and step % config.eval.every_steps == 0:
+            evaluate(setup, state, step, workdir, writer)
+          if config.sample.every_steps and step % config.sample.every_steps == 0:
+            write_samples(setup, state, step, workdir, writer)
         if pending is not None:
           handle(*pending)
-        pending = (step_metrics, step)
-        if config.ckpt.every_steps and step % config.ckpt.every_steps == 0:
-          # The records up to this step are written (on object storage: uploaded) before the
-          # checkpoint, so that a resumed run finds every record up to its checkpoint.
-          handle(*pending)
-          pending = None
-          writer.flush()
-          save()
-        elif mngr.reached_preemption(step):
-          stop.received = "preemption notice"
-        if config.eval.every_steps and step % config.eval.every_steps == 0:
-          evaluate(setup, state, step, workdir, writer)
-        if config.sample.every_steps and step % config.sample.every_steps == 0:
-          write_samples(setup, state, step, workdir, writer)
-      if pending is not None:
-        handle(*pending)
-  except BaseException as error:
-    with contextlib.suppress(Exception):
-      mngr.wait_until_finished()
-    explained = out_of_memory(error, config, step + 1, mngr.latest_step())
-    if explained is not None:
-      raise explained from error
-    raise
+    except BaseException as error:
+      with contextlib.suppress(Exception):
+        mngr.wait_until_finished()
+      explained = out_of_memory(error, config, step + 1, mngr.latest_step())
+      if explained is not None:
+        raise explained from error
+      raise
 
-  save(force=True)
-  checkpoint.finish(mngr)
+    save(force=True)
+    checkpoint.finish(mngr)
   batches.close()
   if stop.received is not None:
     logging.warning("Stopped by %s at step %d; checkpoint saved, rerun the same command to "

@@ -283,27 +283,42 @@ def cmdline(pid):
     return f.read().decode().split("\0")
 
 
-def test_when_one_process_dies_the_launcher_stops_the_other_and_fails(tmp_path):
-  """SIGKILL to process 1 mid-training: the launcher exits with its status within a bound, and
-  process 0 (blocked in a collective with a dead peer) does not outlive it."""
+def start_training(tmp_path, extra=()):
+  """(launcher, log path, workdir, {"--process_id=K": pid}) of a two-process run of ARGS (with
+  `extra`) and a million steps, once both processes train (a logged step needs their
+  collectives)."""
   workdir = str(tmp_path / "workdir")
   log_path = tmp_path / "launcher.log"
   with open(log_path, "w") as log:
     launcher = subprocess.Popen(
-        ["bash", LAUNCHER, "2", f"--workdir={workdir}"] + ARGS + ["--config.train.steps=1000000"],
-        cwd=ROOT, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        ["bash", LAUNCHER, "2", f"--workdir={workdir}"] + ARGS + list(extra) +
+        ["--config.train.steps=1000000"], cwd=ROOT, env=launcher_env(), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+  deadline = time.time() + 120
+  while (not any(r["step"] >= 2 for r in metrics.read_metrics(workdir))
+         and launcher.poll() is None and time.time() < deadline):
+    time.sleep(0.2)
+  assert launcher.poll() is None, log_path.read_text()[-4000:]
+  assert any(r["step"] >= 2 for r in metrics.read_metrics(workdir)), "training did not start"
+  processes = {arg: pid for pid in children(launcher.pid) for arg in cmdline(pid)
+               if arg.startswith("--process_id=")}
+  assert sorted(processes) == ["--process_id=0", "--process_id=1"]
+  return launcher, log_path, workdir, processes
+
+
+def stop_launch(launcher):
   try:
-    # Wait until both processes are training (a logged step needs their collectives).
-    deadline = time.time() + 120
-    while (not any(r["step"] >= 2 for r in metrics.read_metrics(workdir))
-           and launcher.poll() is None and time.time() < deadline):
-      time.sleep(0.2)
-    assert launcher.poll() is None, log_path.read_text()[-4000:]
-    assert any(r["step"] >= 2 for r in metrics.read_metrics(workdir)), "training did not start"
-    processes = {arg: pid for pid in children(launcher.pid) for arg in cmdline(pid)
-                 if arg.startswith("--process_id=")}
-    assert sorted(processes) == ["--process_id=0", "--process_id=1"]
+    os.killpg(launcher.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+  launcher.wait(timeout=30)
+
+
+def test_when_one_process_dies_the_launcher_stops_the_other_and_fails(tmp_path):
+  """SIGKILL to process 1 mid-training: the launcher exits with its status within a bound, and
+  process 0 (blocked in a collective with a dead peer) does not outlive it."""
+  launcher, log_path, _, processes = start_training(tmp_path)
+  try:
     os.kill(processes["--process_id=1"], signal.SIGKILL)
     code = launcher.wait(timeout=90)  # bounded: a survivor stuck in a collective is killed
     log = log_path.read_text()
@@ -311,11 +326,30 @@ def test_when_one_process_dies_the_launcher_stops_the_other_and_fails(tmp_path):
     assert f"exited with status {128 + signal.SIGKILL}; stopping the others" in log
     assert session_members(launcher.pid) == [], "no process of the launch may outlive it"
   finally:
-    try:
-      os.killpg(launcher.pid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass
-    launcher.wait(timeout=30)
+    stop_launch(launcher)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_one_process_stops_every_process_at_one_saved_step(tmp_path, signum):
+  """A preemption notice (SIGTERM) or Ctrl-C that reaches only process 0 (a maintenance event
+  on one VM): both processes agree on one step through jax's preemption sync point, save it and
+  exit 0, instead of one stopping while the other waits for it in the next step's collectives.
+  Every step is a checkpoint step here, where the sync point must still be checked."""
+  launcher, log_path, workdir, processes = start_training(
+      tmp_path, ["--config.ckpt.every_steps=1"])
+  try:
+    seen = max(r["step"] for r in metrics.read_metrics(workdir))
+    os.kill(processes["--process_id=0"], signum)
+    code = launcher.wait(timeout=120)
+    log = log_path.read_text()
+    assert code == 0, log[-4000:]
+    stopped = re.findall(r"Stopped by preemption notice at step (\d+);", log)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], log[-4000:]
+    step = int(stopped[0])
+    assert step > seen and committed_steps(workdir)[-1] == step
+    assert max(r["step"] for r in metrics.read_metrics(workdir)) == step
+  finally:
+    stop_launch(launcher)
 
 
 @pytest.mark.parametrize("num_processes", [2, 3])
