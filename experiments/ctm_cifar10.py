@@ -40,7 +40,7 @@ def get_config(arg=None):
       dsm_uniform_fraction=0.7, dsm_weighting="karras", label_dropout=0.0, sample_gamma=0.0))
   c.model = models.default_config("unet")
   c.model.update(unet.UNET_PRESETS["ddpmpp_cifar10"])
-  c.model.update(dict(augment_dim=0, dropout=0.0, time_scale=1000.0, dtype="bfloat16",
+  c.model.update(dict(augment_dim=0, dropout=0.0, time_scale=1.0, dtype="bfloat16",
                       attention_impl="xla"))
   c.data.update(dict(name="tfds:cifar10", image_size=32, channels=3, conditional=False,
                      random_flip=True))

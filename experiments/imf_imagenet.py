@@ -63,7 +63,7 @@ def get_config(arg=None):
                       aux_head_depth=8, dtype="float32", remat="none", attention_impl="xla"))
   c.data.update(blocks.IMAGENET_LATENTS)
   c.optim.update(dict(lr=1e-4, b2=0.95, weight_decay=0.0, schedule="constant",
-                      warmup_steps=10 * STEPS_PER_EPOCH, ema_decays=(0.9999,)))
+                      warmup_steps=10 * STEPS_PER_EPOCH, grad_clip=0.0, ema_decays=(0.9999,)))
   c.train.update(dict(steps=640 * STEPS_PER_EPOCH, batch_size=1024, log_every=100))
   c.ckpt.update(dict(every_steps=5000, max_to_keep=3))
   c.sample.update(dict(every_steps=20_000, num=64, num_steps=1, method="euler", guidance=8.0))

@@ -34,7 +34,7 @@ def get_config(arg=None):
                       dtype="bfloat16", remat="none", attention_impl="xla",
                       time_scale=1.0))
   c.data.update(blocks.IMAGENET_LATENTS)
-  c.optim.update(dict(lr=1e-4, b2=0.95, weight_decay=0.0, schedule="constant", grad_clip=1.0,
+  c.optim.update(dict(lr=1e-4, b2=0.95, weight_decay=0.0, schedule="constant", grad_clip=0.0,
                       ema_decays=(0.9999,)))
   c.train.update(dict(steps=1_200_000, batch_size=256, log_every=100))
   c.ckpt.update(dict(every_steps=5000, max_to_keep=3))

@@ -6,8 +6,9 @@ CTM works in EDM sigma space, x_sigma = x + sigma eps, with noise levels sigma i
   G_theta(x_t, t, s) = (s / t) x_t + (1 - s / t) g_theta(x_t, t, s),
   g_theta(x_t, t, s) = c_skip(t) x_t + c_out(t) F_theta(c_in(t) x_t, (ln(t) / 4, ln(s) / 4), c),
 with EDM's c_skip = sd^2 / (t^2 + sd^2), c_out = t sd / sqrt(t^2 + sd^2),
-c_in = 1 / sqrt(t^2 + sd^2) (sd = sigma_data); the backbone's time_scale of 1000 turns
-ln(sigma) / 4 into CTM's c_noise = 250 ln(sigma). G(x, t, t) = x for any network.
+c_in = 1 / sqrt(t^2 + sd^2) (sd = sigma_data); CTM's U-Net embeds EDM's c_noise = ln(sigma) / 4
+itself (model.time_scale = 1; the 250 ln(sigma) of sony/ctm's karras_diffusion.py reaches only
+its EDMPrecond_CTM wrapper, which converts it back). G(x, t, t) = x for any network.
 
 The loss on the Karras grid sigma_0 = sigma_max > ... > sigma_{N-1} = sigma_min: pick k teacher
 steps and grid indices t < u = t + k <= s, then with stop-gradient target parameters theta^- (an
