@@ -1,7 +1,8 @@
 """Unconditional Consistency Trajectory Model on CIFAR-10 (32x32x3), CTM's CIFAR-10 setting.
 
 The student is EDM's DDPM++ U-Net (flowjax.models.unet.UNET_PRESETS['ddpmpp_cifar10'] without
-augmentation labels) with a second mapping network for s. CTM's training grid (N = 18 Karras
+augmentation labels) with sony/ctm's inputs for s: a second mapping network, and a Dense of its
+embedding in every block (model.time_mapping='per_block'). CTM's training grid (N = 18 Karras
 levels, sigma in [0.002, 80], rho = 7), up to 17 teacher Heun steps drawn with probability
 proportional to k, s uniform on the grid below u, the inner target map the current network
 under stop-gradient and the outer one an EMA with decay 0.999 (sony/ctm's model_sg and
@@ -40,8 +41,8 @@ def get_config(arg=None):
       dsm_uniform_fraction=0.7, dsm_weighting="karras", label_dropout=0.0, sample_gamma=0.0))
   c.model = models.default_config("unet")
   c.model.update(unet.UNET_PRESETS["ddpmpp_cifar10"])
-  c.model.update(dict(augment_dim=0, dropout=0.0, time_scale=1.0, dtype="bfloat16",
-                      attention_impl="xla"))
+  c.model.update(dict(augment_dim=0, dropout=0.0, time_scale=1.0, time_mapping="per_block",
+                      dtype="bfloat16", attention_impl="xla"))
   c.data.update(dict(name="tfds:cifar10", image_size=32, channels=3, conditional=False,
                      random_flip=True))
   c.optim.update(dict(name="radam", lr=4e-4, weight_decay=0.0, schedule="constant",

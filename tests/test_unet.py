@@ -5,6 +5,7 @@ device and on 8, and the CIFAR-10 experiments at full size (shapes) and tiny siz
 import importlib.util
 import math
 import os
+import types
 
 import flax.linen as nn
 import jax
@@ -78,6 +79,7 @@ OPTIONS = {
     "ddpmpp_one_time": dict(),
     "two_times_separate": dict(num_times=2),
     "three_times_concat": dict(num_times=3, time_mapping="concat"),
+    "two_times_per_block_labels": dict(num_times=2, time_mapping="per_block", num_classes=10),
     "labels": dict(num_classes=10),
     "fourier": dict(embedding_type="fourier", channel_mult_noise=2),
     "ncsnpp_residual_fir": dict(embedding_type="fourier", channel_mult_noise=2,
@@ -321,6 +323,31 @@ def test_meanflow_cifar10_full_size_shapes_and_shardings():
   assert kernels and all("fsdp" in jax.tree.leaves(tuple(k.sharding.spec)) for k in kernels)
   for k in kernels:  # a quarter of each large kernel per device
     assert math.prod(k.sharding.shard_shape(k.shape)) * 4 == k.size
+
+
+def test_ctm_cifar10_network_is_sony_ctms():
+  """sony/ctm's CIFAR-10 network (networks.py, SongUNet with training_mode='ctm'): EDM's DDPM++
+  (55,732,739 parameters without augmentation labels) plus a mapping network for s (map_layer0_s,
+  map_layer1_s: 128 x 512 + 512 + 512 x 512 + 512) and, in each of its 33 blocks, a Dense of s's
+  embedding (affine_s: 512 x 256 + 256), whose shift adds to that of t's (affine)."""
+  config = load_config("ctm_cifar10")
+  info = types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=0)
+  model = unet.build(config.model, info)
+  assert num_params(model, 2) == 55_732_739 + (128 * 512 + 512 + 512 * 512 + 512) + 33 * (
+      512 * 256 + 256)
+  # s enters only through the s mapping and each block's affine_s: with those zeroed, moving s
+  # moves nothing.
+  small = unet.SongUNet(**{**ONE_LEVEL, "time_mapping": "per_block", "zero_init_scale": 1.0})
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  times = times_of(2, 2)
+  params = small.init(jax.random.key(1), x, times, None, train=False)
+  apply = lambda p, times: small.apply(p, x, times, None, train=False)
+  moved = (times[0], times[1] * 0.3)
+  assert float(jnp.max(jnp.abs(apply(params, moved) - apply(params, times)))) > 1e-4
+  cut = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.zeros_like(p) if "affine_s" in jax.tree_util.keystr(path) else p,
+      params)
+  np.testing.assert_allclose(apply(cut, moved), apply(cut, times), atol=1e-6)
 
 
 def test_cifar10_experiments_use_the_published_networks():

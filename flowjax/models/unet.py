@@ -14,7 +14,10 @@ Variants (see UNET_PRESETS):
 Several time inputs (IMM's (t, s), MeanFlow's (t, t - r)) either get one mapping network each,
 whose outputs are summed before their last SiLU (time_mapping='sum', the official IMM network:
 emb = SiLU(L1(SiLU(L0(e_t + label))) + L1_s(SiLU(L0_s(e_s))))) or after it ('separate'), or share
-one mapping network that reads their concatenated embeddings (time_mapping='concat', py-meanflow).
+one mapping network that reads their concatenated embeddings (time_mapping='concat', py-meanflow),
+or keep one embedding vector each, with the label added to each, that every block maps through
+its own Dense and adds (time_mapping='per_block', sony/ctm's CTM network: a block's shift is
+affine(emb_t) + affine_s(emb_s)).
 
 REPA (Yu et al., arXiv:2410.06940): with repa_depth > 0 the encoder's feature map after its
 repa_depth-th residual block (1-based, counting the downsampling blocks; the map the encoder keeps
@@ -49,7 +52,7 @@ FEATURES = ("batch", None, None, "embed")
 EMBEDDING_TYPES = ("positional", "fourier")
 ENCODER_TYPES = ("standard", "skip", "residual")
 DECODER_TYPES = ("standard", "skip")
-TIME_MAPPINGS = ("separate", "sum", "concat")
+TIME_MAPPINGS = ("separate", "sum", "concat", "per_block")
 FOURIER_SEED = 0
 
 # Published CIFAR-10 (32x32x3) networks. Parameter counts (unconditional, 3 channels):
@@ -251,6 +254,9 @@ class MappingNetwork(nn.Module):
     return nn.silu(e) if self.final_silu else e
 
 
+AFFINE_NAMES = ("affine", "affine_s", "affine_2")
+
+
 class UNetBlock(nn.Module):
   """Residual block of SongUNet: [B, H, W, Cin], emb [B, E] -> [B, H', W', out_channels].
 
@@ -271,7 +277,8 @@ class UNetBlock(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, emb: jax.Array | tuple[jax.Array, ...],
+               train: bool) -> jax.Array:
     in_channels = x.shape[-1]
     skip_scale = math.sqrt(0.5)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -285,8 +292,10 @@ class UNetBlock(nn.Module):
 
     h = nn.silu(group_norm(in_channels, name="norm0", **kw)(x))
     h = conv(self.out_channels, 3, ("embed", "mlp"), name="conv0", **kw)(resample(h))
-    shift = layers.dense(self.out_channels, ("mlp", "embed"), param_dtype=self.param_dtype,
-                         name="affine")(emb)
+    # One embedding vector, or one per time (time_mapping='per_block'), each with its own Dense.
+    embs = emb if isinstance(emb, tuple) else (emb,)
+    shift = sum(layers.dense(self.out_channels, ("mlp", "embed"), param_dtype=self.param_dtype,
+                             name=AFFINE_NAMES[i])(e) for i, e in enumerate(embs))
     h = h + shift.astype(h.dtype)[:, None, None, :]
     h = nn.silu(group_norm(self.out_channels, name="norm1", **kw)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -338,7 +347,8 @@ class SongUNet(nn.Module):
     decoder_type: 'standard' or 'skip' (an output at every level, upsampled and summed).
     resample_filter: 1D taps of the resampling filter, (1, 1) box or (1, 3, 3, 1) FIR.
     time_mapping: 'sum' (one mapping network per time, summed before the last SiLU: IMM),
-      'separate' (summed after it) or 'concat' (one network on the concatenated embeddings).
+      'separate' (summed after it), 'concat' (one network on the concatenated embeddings) or
+      'per_block' (one network per time, each block with its own Dense per time: CTM).
     augment_dim: width of EDM's augmentation labels (0 = none); they enter through a bias-free
       Dense and are zero unless passed as `augment_labels`.
     zero_init_scale: weight multiplier of the layers EDM initialises near zero (each block's
@@ -415,8 +425,9 @@ class SongUNet(nn.Module):
                        "number of taps, e.g. (1, 1) or (1, 3, 3, 1).")
     layers.check_repa_depth(self.repa_depth, self.repa_blocks)
 
-  def embed(self, times, cond, augment_labels, batch: int) -> jax.Array:
-    """The embedding vector [B, model_channels * channel_mult_emb] float32."""
+  def embed(self, times, cond, augment_labels, batch: int) -> jax.Array | tuple[jax.Array, ...]:
+    """The embedding vector [B, model_channels * channel_mult_emb] float32 (one per time with
+    time_mapping='per_block')."""
     if not isinstance(times, (tuple, list)) or not 1 <= len(times) <= 3:
       raise ValueError(f"times must be a tuple of 1, 2 or 3 arrays of shape [B]; got {times!r}.")
     for t in times:
@@ -442,23 +453,28 @@ class SongUNet(nn.Module):
     embeddings = [time_embedding(t) for t in times]
     if self.time_mapping == "concat":
       embeddings = [jnp.concatenate(embeddings, axis=-1)]
-    first = embeddings[0]
+    per_block = self.time_mapping == "per_block"
     if self.num_classes > 0:
       labels = jnp.full((batch,), self.num_classes, jnp.int32) if cond is None else cond
       one_hot = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)  # null -> zeros
-      first = first + layers.dense(first.shape[-1], ("vocab", "embed"),
-                                   param_dtype=self.param_dtype, name="map_label")(
-                                       one_hot * math.sqrt(self.num_classes))
+      label = layers.dense(embeddings[0].shape[-1], ("vocab", "embed"),
+                           param_dtype=self.param_dtype,
+                           name="map_label")(one_hot * math.sqrt(self.num_classes))
+      # CTM's network adds the label to the embedding of each time; the others to the first.
+      for i in range(len(embeddings) if per_block else 1):
+        embeddings[i] = embeddings[i] + label
     if self.augment_dim > 0:
       if augment_labels is None:
         augment_labels = jnp.zeros((batch, self.augment_dim), jnp.float32)
-      first = first + layers.dense(first.shape[-1], (None, "embed"), use_bias=False,
-                                   param_dtype=self.param_dtype, name="map_augment")(
-                                       augment_labels.astype(jnp.float32))
-    embeddings[0] = first
+      embeddings[0] = embeddings[0] + layers.dense(
+          embeddings[0].shape[-1], (None, "embed"), use_bias=False, param_dtype=self.param_dtype,
+          name="map_augment")(augment_labels.astype(jnp.float32))
     final_silu = self.time_mapping != "sum"
-    out = sum(MappingNetwork(emb_width, final_silu, param_dtype=self.param_dtype,
-                             name=f"map_{i}")(e) for i, e in enumerate(embeddings))
+    mapped = [MappingNetwork(emb_width, final_silu, param_dtype=self.param_dtype,
+                             name=f"map_{i}")(e) for i, e in enumerate(embeddings)]
+    if per_block:
+      return tuple(mapped)
+    out = sum(mapped)
     return out if final_silu else nn.silu(out)
 
   @nn.compact
