@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.data.update(blocks.IMAGENET_LATENTS)
   c.optim.update(dict(lr=1e-4, b2=0.95, weight_decay=0.0, schedule="constant", grad_clip=0.0,
                       ema_decays=(0.9999,)))
-  c.train.update(dict(steps=1_200_000, batch_size=256, log_every=100))
+  c.train.update(dict(steps=240 * 5004, batch_size=256, log_every=100))  # 240 epochs
   c.ckpt.update(dict(every_steps=5000, max_to_keep=3))
   c.sample.update(dict(every_steps=20_000, num=64, num_steps=1, method="euler", guidance=1.0))
   config_lib.apply_preset(c, arg, PRESETS)

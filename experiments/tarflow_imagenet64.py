@@ -39,7 +39,7 @@ def get_config(arg=None):
                      random_flip=True))
   c.optim.update(dict(lr=1e-4, b1=0.9, b2=0.95, weight_decay=1e-4, decay_norms_and_biases=True,
                       schedule="cosine", warmup_steps=5004, final_lr=1e-6, grad_clip=0.0,
-                      ema_decays=(0.9999,)))
+                      ema_decays=()))
   c.train.update(dict(steps=1_000_800, batch_size=256, log_every=100, nonfinite="skip"))
   c.ckpt.update(dict(every_steps=5000, max_to_keep=3))
   c.sample.update(dict(every_steps=20_000, num=64, num_steps=1, method="kv_cache",

@@ -87,6 +87,48 @@ def test_table_rows_hold_for_the_preset(name, preset):
   assert not wrong, f"experiments/{name}.py:{preset}: " + "; ".join(wrong)
 
 
+# The keys that set how a preset trains. Each base table lists every one its config has, so that
+# no flowjax default (optim.grad_clip's 1.0, an EMA the paper does not keep) stands silently for a
+# paper's value. A key of parameter sets counts for the key it copies (optim.sets.<set>.lr: lr).
+TRAINING_KEYS = ("optim.name", "optim.lr", "optim.b2", "optim.weight_decay", "optim.grad_clip",
+                 "optim.schedule", "optim.ema_decays", "train.batch_size", "train.steps",
+                 "model.dropout")
+# Presets derived from another experiment: keys they do not list are their parent's, whose rows
+# must then hold for them too.
+DERIVED = {"fdistill_cifar10": "dmd2_cifar10", "fdistill_imagenet64": "dmd2_imagenet64"}
+
+
+def has_key(config, key: str) -> bool:
+  try:
+    lookup(config, key)
+    return True
+  except KeyError:
+    return False
+
+
+def training_keys_missing(name: str, rows, config) -> list[str]:
+  listed = {key for key, _, _, _ in rows}
+  covered = lambda key: key in listed or any(
+      k.startswith("optim.sets.") and k.rsplit(".", 1)[1] == key.split(".", 1)[1]
+      for k in listed if key.startswith("optim."))
+  return [key for key in TRAINING_KEYS if has_key(config, key) and not covered(key)]
+
+
+@pytest.mark.parametrize("name", sorted(name for name, preset in TABLES if preset is None))
+def test_every_paper_preset_lists_its_training_keys(name):
+  config = config_lib.load_experiment(os.path.join(REPO, "experiments", f"{name}.py"))
+  rows = list(TABLES[(name, None)])
+  if name in DERIVED:
+    own = {key for key, _, _, _ in rows}
+    inherited = [row for row in TABLES[(DERIVED[name], None)] if row[0] not in own]
+    wrong = [key for key, literal, _, _ in inherited
+             if not same(ast.literal_eval(literal), lookup(config, key))]
+    assert not wrong, f"{name} differs from {DERIVED[name]}'s rows it inherits: {wrong}"
+    rows += inherited
+  missing = training_keys_missing(name, rows, config)
+  assert not missing, f"BUILD.md's table of experiments/{name}.py lists no row for {missing}"
+
+
 def test_a_wrong_row_is_caught():
   """The checker itself: a planted wrong value, a reordered tuple and an unreadable row fail."""
   text = (f"{SECTION}\n\n### `experiments/imm_cifar10.py`\n\n"

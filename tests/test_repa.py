@@ -391,8 +391,12 @@ def gradient_on(config, devices, state):
         setup.mesh))))
 
 
-@pytest.mark.parametrize("experiment", ["quickstart", "imm_cifar10"])
-def test_sharded_term_equals_one_device(experiment):
+# imm_cifar10's r(s, t) steps back only (eta_max - eta_min) / 2^15 from t (the paper's CIFAR-10
+# setting), so its loss is a difference of nearly equal maps, -6e-4 here: float32 reduction order
+# moves its gradients by up to 2e-5 of their largest entry (1e-6 with a step of 2^-12). A sharded
+# reduction that dropped or doubled a shard would move them by O(1).
+@pytest.mark.parametrize("experiment, rtol", [("quickstart", 1e-5), ("imm_cifar10", 1e-4)])
+def test_sharded_term_equals_one_device(experiment, rtol):
   """On a 2 x 2 mesh of fake devices (fsdp = 2, tensor = 2; the projector's kernels split over
   both) the loss, repa_cos and every gradient equal the one-device ones."""
   one = tiny(experiment, **{"train.batch_size": 8, "mesh.data": 1})
@@ -409,14 +413,14 @@ def test_sharded_term_equals_one_device(experiment):
   specs = {str(s.spec) for s in jax.tree.leaves(sharded.state_shardings.params["repa_projector"])}
   assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs)
   loss, metrics, grads = gradient_on(one, jax.devices()[:4], state)
-  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(loss, want_loss, rtol=rtol)
   np.testing.assert_allclose(metrics["repa_cos"], want_metrics["repa_cos"], rtol=1e-5,
                              atol=1e-6)
   # A leaf whose gradient is analytically zero (an attention key bias) holds rounding noise; it
   # is compared at 1e-3 of the largest gradient, as in tests/test_mesh_equivalence.py.
   floor = 1e-3 * max(np.abs(want).max() for want in jax.tree.leaves(want_grads))
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
-    assert np.abs(got - want).max() <= 1e-5 * max(np.abs(want).max(), floor)
+    assert np.abs(got - want).max() <= rtol * max(np.abs(want).max(), floor)
 
 
 # DINOv2 ---------------------------------------------------------------------------------------
