@@ -8,6 +8,9 @@ Settings of the reference (Frans et al., arXiv:2410.12557, kvfrans/shortcut-mode
 steps, 1/8 of each batch self-consistency with targets from the EMA (0.999) network clipped to
 [-4, 4], CFG 1.5 baked into the targets, label dropout 0.1, AdamW lr 1e-4 with weight decay 0.1
 on every parameter and a constant schedule, no gradient clipping, batch 256, 810,000 steps.
+The reference DiT embeds the raw time in [0, 1] and, beside it, log2 of the step count (its
+dt_base), and scales its attention logits by 1 / d (model.time_scale=1,
+objective.level_code='log2_steps', model.attention_scale='inverse_dim').
 Sampling uses the trained-in guidance (sample.guidance=1.0) and the trained parameters (the
 reference evaluates without its EMA, which only makes the targets); --config.sample.num_steps
 picks 1, 2, 4, ..., 128 steps. Every value and its source: BUILD.md, "Paper presets".
@@ -22,10 +25,12 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.objective = objectives.default_config("shortcut")
   c.objective.update(dict(finest_steps=128, bootstrap_fraction=0.125, target_ema="",
-                          target_clip=4.0, guidance=1.5, label_dropout=0.1, sigma_min=1e-5))
+                          target_clip=4.0, guidance=1.5, label_dropout=0.1, sigma_min=1e-5,
+                          level_code="log2_steps"))
   c.model = models.default_config("dit")
   c.model.update(dict(patch_size=2, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                      dtype="bfloat16", remat="none", attention_impl="xla", time_scale=1000.0))
+                      dtype="bfloat16", remat="none", attention_impl="xla", time_scale=1.0,
+                      attention_scale="inverse_dim"))
   c.data.update(blocks.IMAGENET_LATENTS)
   c.optim.update(dict(name="adamw", lr=1e-4, weight_decay=0.1, decay_norms_and_biases=True,
                       schedule="constant", grad_clip=0.0, ema_decays=(0.999,)))

@@ -5,7 +5,9 @@ the EMA parameters and are clipped, the N-step sampler, and a tiny end-to-end ru
 
 import importlib.util
 import json
+import math
 import os
+import types
 
 import flax.linen as nn
 import jax
@@ -13,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowjax import objectives, paths, train
+from flowjax import config as config_lib
+from flowjax import models, objectives, paths, train
+from flowjax.models import layers
 from flowjax.objectives import flow_matching, shortcut
 from flowjax.samplers import ode
 from flowjax.samplers import shortcut as shortcut_sampler
@@ -240,6 +244,17 @@ def test_sampler_one_and_finest_steps():
   echo = shortcut.Shortcut(model=TimesEcho(), image_shape=SHAPE, num_classes=0)
   codes = echo.network({}, x1, ones, jnp.arange(16) % 8, None)
   np.testing.assert_allclose(codes[:, 0], (jnp.arange(16) % 8) / 7.0, rtol=1e-6)
+  # level_code='log2_steps' (the reference's dt_base): the level itself, also when guided.
+  echo = shortcut.Shortcut(model=TimesEcho(), image_shape=SHAPE, num_classes=0,
+                           level_code="log2_steps")
+  codes = echo.network({}, x1, ones, jnp.arange(16) % 8, None)
+  np.testing.assert_allclose(codes[:, 0], jnp.arange(16) % 8, rtol=1e-6)
+  guided = shortcut.Shortcut(model=TimesEcho(), image_shape=SHAPE, num_classes=NUM_CLASSES,
+                             level_code="log2_steps", guidance=1.5)
+  codes = guided.guided_shortcut({}, cond)(x1, ones, jnp.arange(16) % 8)
+  np.testing.assert_allclose(codes[:, 0], jnp.arange(16) % 8, rtol=1e-6)
+  with pytest.raises(ValueError, match="level_code"):
+    shortcut.Shortcut(model=TimesEcho(), image_shape=SHAPE, num_classes=0, level_code="raw")
   with pytest.raises(ValueError, match="power of two"):
     objective.sample(params, rng, 4, cond, num_steps=3)
   with pytest.raises(ValueError, match="power of two"):
@@ -339,3 +354,34 @@ def test_guided_sampling_combines_conditional_and_null_label_outputs_at_every_st
     np.testing.assert_allclose(guided, by_hand(num_steps, guidance), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(plain, by_hand(num_steps, 1.0), rtol=1e-5, atol=1e-5)
     assert float(jnp.max(jnp.abs(guided - plain))) > 1e-2
+
+
+def test_reference_attention_scales_logits_by_one_over_head_dim():
+  """model.attention_scale='inverse_dim' (the reference DiT's q / d): the layer equals softmax(q.k
+  / d) v through its own projections; the default scales by 1 / sqrt(d); an unknown value is
+  refused."""
+  x = jax.random.normal(jax.random.key(2), (2, 5, 8))
+  heads, head_dim = 2, 4
+  attention = layers.Attention(heads, logit_scale="inverse_dim")
+  params = nn.meta.unbox(attention.init(jax.random.key(3), x)["params"])
+  project = lambda name: (x @ params[name]["kernel"] + params[name]["bias"]).reshape(
+      2, 5, heads, head_dim)
+  q, k, v = project("query"), project("key"), project("value")
+  for module, scale in ((attention, 1.0 / head_dim),
+                        (layers.Attention(heads), 1.0 / math.sqrt(head_dim))):
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, axis=-1)
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(2, 5, 8)
+    want = y @ params["out"]["kernel"] + params["out"]["bias"]
+    np.testing.assert_allclose(module.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="attention_scale"):
+    layers.Attention(heads, logit_scale="inverse").init(jax.random.key(3), x)
+
+
+def test_imagenet_preset_feeds_the_network_as_the_reference():
+  """shortcut_imagenet: raw times (time_scale 1), the level as log2 of the step count, attention
+  logits over d: the DiT built from the preset carries them."""
+  config = config_lib.load_experiment(os.path.join(REPO, "experiments", "shortcut_imagenet.py"))
+  model = models.build(config.model, types.SimpleNamespace(image_shape=(32, 32, 4),
+                                                           num_classes=1000))
+  assert (model.time_scale, model.attention_scale) == (1.0, "inverse_dim")
+  assert config.objective.level_code == "log2_steps"

@@ -109,6 +109,7 @@ class DiTBlock(nn.Module):
   qk_norm: bool = False
   modulation_norm: bool = False
   spectral_init: bool = False
+  attention_scale: str = "inverse_sqrt_dim"
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array, train: bool) -> jax.Array:
@@ -121,7 +122,8 @@ class DiTBlock(nn.Module):
     h = layers.modulate(norm("norm1")(x), shift_msa, scale_msa)
     h = layers.Attention(self.num_heads, impl=self.attention_impl, dtype=self.dtype,
                          param_dtype=self.param_dtype, qk_norm=self.qk_norm,
-                         spectral_init=self.spectral_init, name="attn")(h)
+                         spectral_init=self.spectral_init, logit_scale=self.attention_scale,
+                         name="attn")(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
     x = nn.with_logical_constraint(x, TOKENS)
@@ -171,6 +173,8 @@ class DiT(nn.Module):
     param_dtype: parameter dtype.
     norm: 'layer' (LayerNorm, DiT) | 'rms' (RMSNorm without parameters).
     qk_norm: RMSNorm with a learned scale on each head's queries and keys.
+    attention_scale: 'inverse_sqrt_dim' (logits q.k / sqrt(d)) | 'inverse_dim' (q.k / d, the
+      reference DiT of Shortcut models).
     modulation_norm: RMSNorm without parameters on every adaLN modulation vector.
     linear_init: 'xavier' (DiT) | 'spectral' (patch embedding, attention and MLP kernels with
       spectral norm 1).
@@ -202,6 +206,7 @@ class DiT(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
   norm: str = "layer"
   qk_norm: bool = False
+  attention_scale: str = "inverse_sqrt_dim"
   modulation_norm: bool = False
   linear_init: str = "xavier"
   time_init: str = "normal"
@@ -296,7 +301,7 @@ class DiT(nn.Module):
                     attention_impl=self.attention_impl, dtype=self.dtype,
                     param_dtype=self.param_dtype, norm=self.norm, qk_norm=self.qk_norm,
                     modulation_norm=self.modulation_norm, spectral_init=spectral,
-                    name=f"block_{i}")(h, c, train)
+                    attention_scale=self.attention_scale, name=f"block_{i}")(h, c, train)
       if i + 1 == self.repa_depth:
         layers.sow_repa_tokens(self, h[:, prefix:], (height // p, width // p), self.repa_dim,
                                self.repa_projector_dim, self.dtype, self.param_dtype)
@@ -313,8 +318,8 @@ def build(model_config: ml_collections.ConfigDict, info) -> DiT:
   Keys: patch_size, hidden_size, depth, num_heads (required); mlp_ratio (4.0),
   time_scale (1000.0), dropout (0.0), attention_impl ('xla'), remat ('none'),
   dtype ('float32'), param_dtype ('float32'), norm ('layer'), qk_norm (False),
-  modulation_norm (False), linear_init ('xavier'), time_init ('normal'), text_dim (0),
-  text_length (0), text_layers (0), text_heads (4).
+  attention_scale ('inverse_sqrt_dim'), modulation_norm (False), linear_init ('xavier'),
+  time_init ('normal'), text_dim (0), text_length (0), text_layers (0), text_heads (4).
   """
   if len(info.image_shape) != 3:
     raise ValueError(f"model.name='dit' needs image data [H, W, C]; got per-example shape "
@@ -335,6 +340,7 @@ def build(model_config: ml_collections.ConfigDict, info) -> DiT:
                                          "param_dtype"),
       norm=str(model_config.get("norm", "layer")),
       qk_norm=bool(model_config.get("qk_norm", False)),
+      attention_scale=str(model_config.get("attention_scale", "inverse_sqrt_dim")),
       modulation_norm=bool(model_config.get("modulation_norm", False)),
       linear_init=str(model_config.get("linear_init", "xavier")),
       time_init=str(model_config.get("time_init", "normal")),

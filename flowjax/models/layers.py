@@ -238,6 +238,11 @@ def embed_conditioning(times: Sequence[jax.Array], cond: jax.Array | None, *,
   return c
 
 
+# How attention scales its logits q.k: by 1 / sqrt(head_dim) (the transformer's) or by
+# 1 / head_dim (the reference DiT of Shortcut models, kvfrans/shortcut-models).
+ATTENTION_SCALES = ("inverse_sqrt_dim", "inverse_dim")
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a switchable kernel.
 
@@ -257,6 +262,7 @@ class Attention(nn.Module):
   spectral_init: bool = False
   embed_axis: str = "embed"
   zero_out: bool = False
+  logit_scale: str = "inverse_sqrt_dim"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -287,7 +293,12 @@ class Attention(nn.Module):
     if self.impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"model.attention_impl='cudnn' runs in bfloat16 or float16, but the "
                        f"compute dtype is {q.dtype}; set model.dtype='bfloat16' or use 'xla'.")
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
+    if self.logit_scale not in ATTENTION_SCALES:
+      raise ValueError(f"model.attention_scale={self.logit_scale!r}; use one of "
+                       f"{ATTENTION_SCALES}.")
+    scale = 1.0 / head_dim if self.logit_scale == "inverse_dim" else None  # None: 1 / sqrt(d)
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                     implementation=self.impl)
     y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
     y = y.reshape(batch, length, width)
     out_init = (nn.initializers.zeros if self.zero_out else

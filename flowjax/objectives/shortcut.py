@@ -18,9 +18,13 @@ the reference's path and its velocity negated; sigma_min = 1e-5 as in the refere
 OT path of flow_matching). The reference's grid times t_ref = k d (k = 0 .. 2^l - 1) become
 t = 1 - k d.
 
-Backbone times: (t, level / L), both in [0, 1]: t is flowjax time and the level code is 0 for the
-one-step shortcut (d = 1) and 1 for the flow-matching level; the backbone's time_scale (1000)
-spreads the L + 1 level codes over its sinusoidal embedding.
+Backbone times: (t, code). With level_code='fraction' (flowjax's default) the code is level / L
+in [0, 1], 0 for the one-step shortcut (d = 1) and 1 for the flow-matching level, and a backbone
+time_scale of 1000 spreads the L + 1 codes over its sinusoidal embedding. With 'log2_steps' the
+code is the level itself, log2 of the step count (0 .. L), as the reference's DiT embeds its
+dt_base beside a raw time in [0, 1] (time_scale 1); its time runs the other way, which a
+sinusoidal embedding's first Dense absorbs (the features of 1 - t are a fixed rotation of each
+sin/cos pair of t's).
 
 Guidance: with `guidance` != 1 the self-consistency targets of level L - 1 (whose two half steps
 are flow-matching evaluations) use s_u + guidance (s_c - s_u) in both half steps, as the
@@ -78,6 +82,9 @@ def self_consistency_target(shortcut, x_t, t, level, clip: float):
   return jax.lax.stop_gradient(jnp.clip(0.5 * (s_1 + s_2), -clip, clip))
 
 
+LEVEL_CODES = ("fraction", "log2_steps")
+
+
 @OBJECTIVES.register("shortcut")
 @dataclasses.dataclass(frozen=True)
 class Shortcut:
@@ -96,6 +103,8 @@ class Shortcut:
     reference uses 1.5 on ImageNet);
   label_dropout: probability of the null label in the flow-matching part;
   sigma_min: noise left at the data end of the reference path (1e-5);
+  level_code: the level's input to the backbone, 'fraction' (level / L) or 'log2_steps' (the
+    level, log2 of the step count, as the reference feeds it);
   noise, noise_nu: the noise law ("gaussian" or "student_t" with nu degrees of freedom).
   """
   model: nn.Module
@@ -108,13 +117,15 @@ class Shortcut:
   guidance: float = 1.0
   label_dropout: float = 0.1
   sigma_min: float = 1e-5
+  level_code: str = "fraction"
   noise: str = "gaussian"
   noise_nu: float = common.DEFAULT_NU
   repa: repa_lib.Alignment | None = None
 
   DEFAULTS: ClassVar[dict] = dict(finest_steps=128, bootstrap_fraction=0.125, target_ema="",
                                   target_clip=4.0, guidance=1.0, label_dropout=0.1,
-                                  sigma_min=1e-5, **common.NOISE_DEFAULTS)
+                                  sigma_min=1e-5, level_code="fraction",
+                                  **common.NOISE_DEFAULTS)
 
   def __post_init__(self):
     common.check_noise(self.noise, self.noise_nu)
@@ -131,6 +142,8 @@ class Shortcut:
     if not 0.0 <= self.sigma_min < 1.0:
       raise ValueError(f"objective.sigma_min={self.sigma_min} must be in [0, 1) (1e-5 in the "
                        "reference).")
+    if self.level_code not in LEVEL_CODES:
+      raise ValueError(f"objective.level_code={self.level_code!r}; use one of {LEVEL_CODES}.")
     if self.guidance != 1.0 and self.num_classes <= 0:
       raise ValueError(f"objective.guidance={self.guidance} needs class labels "
                        "(data.conditional=True); use objective.guidance=1.0 for an "
@@ -159,13 +172,18 @@ class Shortcut:
 
   def network(self, params, x, t, level, cond, rng=None, train=False, capture=False):
     """s_theta(x, t, level, c): [B, ...] float32; x: [B, ...]; t: [B] flowjax time; level: [B]
-    int in 0 .. L, fed to the backbone as level / L; cond: [B] labels or None. With capture,
+    int in 0 .. L, fed to the backbone as `level_input`; cond: [B] labels or None. With capture,
     (s, REPA tokens) (`common.apply_model`)."""
-    code = level.astype(jnp.float32) / self.num_levels
-    out = common.apply_model(self.model, params, x, (t, code), cond, rng, train, capture)
+    out = common.apply_model(self.model, params, x, (t, self.level_input(level)), cond, rng,
+                             train, capture)
     if capture:
       return out[0].astype(jnp.float32), out[1]
     return out.astype(jnp.float32)
+
+  def level_input(self, level):
+    """The backbone's second time input for levels [B] int: level / L or the level."""
+    code = level.astype(jnp.float32)
+    return code if self.level_code == "log2_steps" else code / self.num_levels
 
   def interpolate(self, x, eps, t):
     """x_t = (1 - t) x + (sigma_min + (1 - sigma_min) t) eps; x, eps: [B, ...]; t: [B]."""
@@ -204,7 +222,7 @@ class Shortcut:
       null = jnp.full_like(cond, self.num_classes)
       both = common.apply_model(
           self.model, params, jnp.concatenate([x, x]), (jnp.concatenate([t, t]),
-          jnp.concatenate([level, level]).astype(jnp.float32) / self.num_levels),
+          self.level_input(jnp.concatenate([level, level]))),
           jnp.concatenate([cond, null])).astype(jnp.float32)
       s_c, s_u = jnp.split(both, 2)
       guided = s_u + self.guidance * (s_c - s_u)
