@@ -32,6 +32,9 @@ class DivergenceError(RuntimeError):
   """Training diverged (train.on_divergence='stop')."""
 
 
+_STATE = ("smoothed", "running", "best", "onset", "flagged")
+
+
 @dataclasses.dataclass
 class _Signal:
   name: str
@@ -47,7 +50,8 @@ class Monitor:
   """Watches the per-step metrics for a divergence (see the module docstring).
 
   factor: the ratio of the smoothed level to its reference that is a divergence (> 2);
-  warmup: steps (of this run) before anything is flagged: early training moves fast;
+  warmup: steps before anything is flagged (counted over the whole run: a resumed run restores
+    the count with the rest of the state, `state_dict`); early training moves fast;
   action: "warn" logs the report once per episode, "stop" raises DivergenceError, "off".
   """
 
@@ -105,6 +109,29 @@ class Monitor:
     if self.action == "stop":
       raise DivergenceError(report)
     return report
+
+  def state_dict(self) -> dict:
+    """The running state (JSON): a checkpoint carries it, so that a resumed run watches as the
+    uninterrupted one would (no second warm-up, the same best level)."""
+    return {"seen": self.seen, "signals": {s.name: {key: getattr(s, key) for key in _STATE}
+                                           for s in self.signals}}
+
+  def load_state_dict(self, state: dict | None) -> None:
+    """Restores `state_dict()`'s output; None (a checkpoint written without it) keeps the
+    fresh state."""
+    if not state:
+      return
+    self.seen = int(state["seen"])
+    for signal in self.signals:
+      for key, value in state["signals"].get(signal.name, {}).items():
+        if key in _STATE:
+          setattr(signal, key, value)
+
+  def holds_checkpoints(self) -> bool:
+    """With action 'stop', while a rise is under way (a signal at ONSET_FACTOR times its
+    reference or more): periodic checkpoints then wait, so that the rotation of old checkpoints
+    cannot remove every one from before the rise the stop will name."""
+    return self.action == "stop" and self.onset() is not None
 
   def onset(self) -> int | None:
     """The earliest step at which a signal now above ONSET_FACTOR x its reference began rising."""

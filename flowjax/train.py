@@ -439,8 +439,10 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool = False):
-  """(state, data_state or None, start_step): the latest good checkpoint, else a fresh state
+def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool = False,
+                    with_meta: bool = False):
+  """(state, data_state or None, start_step), and with `with_meta` the checkpoint's meta ({} on
+  a fresh start) after them: the latest good checkpoint, else a fresh state
   (with the objective's `load_extra` and `initial_params` applied when it has them, and
   parameters from ckpt.init_from when set). A checkpoint written by a different config
   (beyond the resumable keys) is refused unless allow_config_change."""
@@ -462,9 +464,9 @@ def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool 
 
   restored = checkpoint.restore_latest(mngr, setup.abstract_state, check_meta)
   if restored is not None:
-    state, data_state, _, step = restored
+    state, data_state, meta, step = restored
     logging.info("Resumed from %s at step %d.", mngr.directory, step)
-    return state, data_state, step
+    return (state, data_state, step) + ((meta or {},) if with_meta else ())
   with context(setup):
     state = setup.init_fn()
   # Objective state that comes from disk (e.g. a teacher's weights): only on a fresh start, as a
@@ -487,7 +489,7 @@ def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool 
     state = state.replace(params=params, ema=optim.init_ema(
         optim.ema_params(setup.objective, params), config.optim.ema_decays))
     logging.info("Initialised parameters from %s (step %d).", config.ckpt.init_from, from_step)
-  return state, None, 0
+  return (state, None, 0) + (({},) if with_meta else ())
 
 
 def run(config, workdir: str, allow_config_change: bool = False, devices=None):
@@ -516,7 +518,8 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
   mngr = checkpoint.manager(workdir, config.ckpt)
   batches = writer = None
   try:
-    state, data_state, start = restore_or_init(setup, mngr, workdir, allow_config_change)
+    state, data_state, start, meta = restore_or_init(setup, mngr, workdir, allow_config_change,
+                                                     with_meta=True)
     if is_host0:
       logged = metrics.last_logged_step(workdir) if start == 0 else None
       if logged:
@@ -535,7 +538,8 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
     if data_state is not None and start > 0:  # at step 0 (a converted checkpoint) nothing is read
       batches.set_state(data_state)
     writer = metrics.Writer(workdir, enabled=is_host0)
-    return _train_loop(setup, compiled, state, start, mngr, batches, writer, workdir)
+    return _train_loop(setup, compiled, state, start, mngr, batches, writer, workdir,
+                       meta.get("health"))
   except BaseException:
     # Whatever stops the run, checkpoints already being written are completed, and every
     # background thread (orbax's writers, the data loader's prefetch) is stopped, so that the
@@ -549,8 +553,10 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
     raise
 
 
-def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer, workdir: str):
-  """The loop of `run` from step `start` with the compiled step; returns the final state."""
+def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer, workdir: str,
+                health_state: dict | None = None):
+  """The loop of `run` from step `start` with the compiled step; returns the final state.
+  health_state: the divergence monitor's state saved with the checkpoint resumed from."""
   config = setup.config
   is_host0 = jax.process_index() == 0
   progress = metrics.Progress(config.train.steps, config.train.batch_size, start,
@@ -560,6 +566,7 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
   monitor = health.Monitor(config.train.get("divergence_factor", 5.0),
                            config.train.get("divergence_warmup", 200),
                            config.train.get("on_divergence", "warn"))
+  monitor.load_state_dict(health_state)
   # Objectives that reweight their loss name an unweighted error; the progress line shows it.
   reweighted = hasattr(setup.objective, "ERROR_METRIC")
 
@@ -612,7 +619,8 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
   def save(force=False):
     """Saves; tolerates MAX_FAILED_SAVES failures in a row (each is logged as an error)."""
     try:
-      checkpoint.save(mngr, state, batches.get_state(), meta, force=force)
+      checkpoint.save(mngr, state, batches.get_state(),
+                      dict(meta, health=monitor.state_dict()), force=force)
       failed_saves.clear()
     except checkpoint.SaveError as error:
       failed_saves.append(step)
@@ -641,7 +649,12 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
             handle(*pending)
             pending = None
             writer.flush()
-            save()
+            if monitor.holds_checkpoints():
+              logging.warning("Step %d: checkpoint skipped, the error has been rising since step "
+                              "%s (train.on_divergence=stop keeps the checkpoints from before "
+                              "it).", step, monitor.onset())
+            else:
+              save()
           # Every step, checkpoint steps included: the processes of a multi-process run agree
           # through it on the step at which all of them stop.
           if mngr.reached_preemption(step):

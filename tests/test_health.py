@@ -4,6 +4,7 @@ monitor (flowjax/health.py) that reads it and the gradient norm."""
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,11 +14,11 @@ from flowjax import config as config_lib, health, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def feed(monitor, errors, grad_norms=None):
-  """Steps 1..N of the series; returns [(step, report)] of the reports."""
+def feed(monitor, errors, grad_norms=None, start=1):
+  """Steps start..start + N - 1 of the series; returns [(step, report)] of the reports."""
   grad_norms = np.ones(len(errors)) if grad_norms is None else grad_norms
   reports = []
-  for step, (error, grad_norm) in enumerate(zip(errors, grad_norms), start=1):
+  for step, (error, grad_norm) in enumerate(zip(errors, grad_norms), start=start):
     report = monitor.update(step, {"error": error, "grad_norm": grad_norm, "loss": 1.0})
     if report:
       reports.append((step, report))
@@ -120,3 +121,46 @@ def test_a_high_learning_rate_run_is_stable_or_stopped_never_silently_diverged(t
   errors = [row["error"] for row in records(workdir)]
   smoothed = np.convolve(np.log(errors), np.ones(20) / 20, mode="valid")
   assert math.exp(smoothed[-1] - smoothed[20:].min()) < config.train.divergence_factor
+
+
+def test_a_stop_keeps_a_checkpoint_from_before_the_rise(tmp_path, monkeypatch):
+  """With train.on_divergence=stop, periodic checkpoints wait while the error rises (from 2x its
+  best level on), so the rotation (ckpt.max_to_keep=2, every 5 steps) cannot remove every
+  checkpoint from before the rise the stop names. The error is made to grow by 5% a step from
+  step 60, a slow rise that takes several checkpoint intervals from 2x to 5x."""
+  update = health.Monitor.update
+
+  def rising(self, step, values):
+    values = dict(values, error=float(values["error"]) * math.exp(0.05 * max(step - 60, 0)))
+    return update(self, step, values)
+
+  monkeypatch.setattr(health.Monitor, "update", rising)
+  config = config_lib.load_experiment(
+      os.path.join(ROOT, "experiments", "fm_toy2d.py"), "tiny",
+      **{"train.steps": 400, "train.log_every": 50, "ckpt.every_steps": 5,
+         "ckpt.max_to_keep": 2, "train.on_divergence": "stop", "train.divergence_warmup": 20,
+         "sample.every_steps": 0})
+  workdir = tmp_path / "w"
+  with pytest.raises(health.DivergenceError, match="began rising at about step") as caught:
+    train.run(config, str(workdir))
+  onset = int(re.search(r"began rising at about step (\d+)", str(caught.value)).group(1))
+  kept = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
+  assert 60 <= onset < 120 and kept and max(kept) < onset, (onset, kept)
+  assert "it was written after the rise began" not in str(caught.value)
+
+
+def test_the_monitor_state_resumes_with_the_run():
+  """A monitor restored from another's state_dict halfway through a slow rise reports what the
+  uninterrupted one reports; a fresh monitor at the same point (a second warm-up, its best level
+  reset to the risen level) reports nothing."""
+  errors = np.concatenate([np.ones(300), np.exp(0.01 * np.arange(400))])
+  whole = feed(health.Monitor(), errors)
+  assert whole
+  first = health.Monitor()
+  feed(first, errors[:450])
+  state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint's meta stores it
+  resumed = health.Monitor()
+  resumed.load_state_dict(state)
+  rest = feed(resumed, errors[450:], start=451)
+  assert rest and rest == [(step, report) for step, report in whole if step > 450]
+  assert feed(health.Monitor(), errors[450:], start=451) != rest

@@ -48,24 +48,29 @@ def start_and_interrupt(workdir, sig):
   return process.wait(timeout=120)
 
 
-def final_state(workdir):
+def final_state(workdir, with_meta=False):
   config = config_lib.load_experiment("experiments/fm_toy2d.py", "tiny")
   setup = train.build(config)
   mngr = checkpoint.manager(workdir, config.ckpt)
-  state, data_state, _, step = checkpoint.restore_latest(mngr, setup.abstract_state)
+  state, data_state, meta, step = checkpoint.restore_latest(mngr, setup.abstract_state)
   mngr.close()
-  return jax.device_get(state), data_state, step
+  return (jax.device_get(state), data_state, step) + ((meta,) if with_meta else ())
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   run_to_end(workdir)
-  return final_state(workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_workdir):
+  return final_state(reference_workdir)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM])
-def test_interrupted_run_resumes_bitwise(tmp_path, reference, sig):
+def test_interrupted_run_resumes_bitwise(tmp_path, reference, reference_workdir, sig):
   workdir = str(tmp_path)
   code = start_and_interrupt(workdir, sig)
   if sig == signal.SIGTERM:
@@ -85,6 +90,11 @@ def test_interrupted_run_resumes_bitwise(tmp_path, reference, sig):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   records = [r["step"] for r in metrics.read_metrics(workdir)]
   assert records == sorted(set(records)), "metrics.jsonl must not repeat steps after a resume"
+  # The divergence monitor resumed too: its state (steps seen, smoothed and best levels) equals
+  # the uninterrupted run's.
+  health, ref_health = (final_state(w, with_meta=True)[3]["health"]
+                        for w in (workdir, reference_workdir))
+  assert health == ref_health and health["seen"] == TOTAL
 
 
 def test_chaos_repeated_kills_including_mid_save_end_bitwise(tmp_path, reference):
