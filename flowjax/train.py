@@ -439,6 +439,23 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
+def warn_schedule_change(old_steps, config, step: int) -> None:
+  """Warns when a resumed run's train.steps (a resumable key, e.g. to extend a run) moves the
+  learning rate its schedule gives at the resumed step: warm-up, cosine and linear decay are laid
+  out over train.steps, so such a run is not the continuation of the one it resumes."""
+  if old_steps is None or int(old_steps) == config.train.steps:
+    return
+  before = float(optim.schedule(config.optim, int(old_steps))(step))
+  after = float(optim.schedule(config.optim, config.train.steps)(step))
+  if not np.isclose(before, after, rtol=1e-6, atol=0.0):
+    logging.warning(
+        "train.steps changed from %d to %d on resume: optim.schedule=%r is laid out over "
+        "train.steps, so the learning rate at step %d moves from %.6g (the run as it was) to "
+        "%.6g, and the run is not a continuation of the one it resumes. Keep train.steps to "
+        "continue it, or start a new workdir with --config.ckpt.init_from.", int(old_steps),
+        config.train.steps, config.optim.schedule, step, before, after)
+
+
 def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool = False,
                     with_meta: bool = False):
   """(state, data_state or None, start_step), and with `with_meta` the checkpoint's meta ({} on
@@ -466,6 +483,7 @@ def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool 
   if restored is not None:
     state, data_state, meta, step = restored
     logging.info("Resumed from %s at step %d.", mngr.directory, step)
+    warn_schedule_change((meta or {}).get("train_steps"), config, step)
     return (state, data_state, step) + ((meta or {},) if with_meta else ())
   with context(setup):
     state = setup.init_fn()
@@ -561,7 +579,8 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
   is_host0 = jax.process_index() == 0
   progress = metrics.Progress(config.train.steps, config.train.batch_size, start,
                               config.train.progress, enabled=is_host0)
-  meta = {"fingerprint": config_lib.fingerprint(config), "identity": config_lib.identity(config)}
+  meta = {"fingerprint": config_lib.fingerprint(config), "identity": config_lib.identity(config),
+          "train_steps": config.train.steps}
   total = config.train.steps
   monitor = health.Monitor(config.train.get("divergence_factor", 5.0),
                            config.train.get("divergence_warmup", 200),

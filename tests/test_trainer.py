@@ -272,6 +272,32 @@ def test_sigint_and_preemption_notice_save_and_stop_cleanly(tmp_path, monkeypatc
   state = train.run(config, str(tmp_path / "preempted"))
   assert int(state.step) == 5
   assert (tmp_path / "preempted" / "checkpoints" / "5").is_dir()
+  # Also when the notice's step is a checkpoint step (the sync point is checked at every step).
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "reached_preemption",
+                      lambda self, step: step == 4)
+  config = toy_config(**{"train.steps": 50, "ckpt.every_steps": 2})
+  state = train.run(config, str(tmp_path / "preempted_at_a_checkpoint"))
+  assert int(state.step) == 4
+
+
+def test_resuming_with_other_train_steps_warns_when_the_schedule_moves(tmp_path, caplog):
+  """train.steps may change on resume (to extend a run), but warm-up + cosine is laid out over
+  it: the resumed run warns with the learning rate it had and the one it gets; a constant
+  schedule without warm-up does not move and does not warn."""
+  cosine = {"optim.schedule": "cosine", "optim.warmup_steps": 2, "optim.final_lr": 0.0}
+  train.run(toy_config(**{"train.steps": 4, **cosine}), str(tmp_path / "cosine"))
+  with caplog.at_level("WARNING"):
+    train.run(toy_config(**{"train.steps": 8, **cosine}), str(tmp_path / "cosine"))
+  moved = [r.getMessage() for r in caplog.records if "train.steps changed from 4 to 8" in
+           r.getMessage()]
+  assert len(moved) == 1 and "at step 4 moves from 0 (the run as it was) to 0.00075" in moved[0]
+  caplog.clear()
+  constant = {"optim.schedule": "constant", "optim.warmup_steps": 0}
+  train.run(toy_config(**{"train.steps": 4, **constant}), str(tmp_path / "constant"))
+  with caplog.at_level("WARNING"):
+    state = train.run(toy_config(**{"train.steps": 8, **constant}), str(tmp_path / "constant"))
+  assert int(state.step) == 8
+  assert not any("train.steps changed" in r.getMessage() for r in caplog.records)
 
 
 def test_all_checkpoints_damaged_is_one_clear_error(tmp_path):
