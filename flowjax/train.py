@@ -554,7 +554,11 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
     batches = data.build(config.data, split="train", global_batch_size=config.train.batch_size,
                          seed=config.seed, sharding=sharding.batch_sharding(setup.mesh))
     if data_state is not None and start > 0:  # at step 0 (a converted checkpoint) nothing is read
-      batches.set_state(data_state)
+      try:
+        batches.set_state(data_state)
+      except ValueError as error:  # --allow_config_change with another data order
+        raise WorkdirError(f"The checkpoint at step {start} in {workdir} cannot resume this data "
+                           f"stream: {error}") from None
     writer = metrics.Writer(workdir, enabled=is_host0)
     return _train_loop(setup, compiled, state, start, mngr, batches, writer, workdir,
                        meta.get("health"))

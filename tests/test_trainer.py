@@ -195,6 +195,10 @@ def test_workdir_of_another_config_is_refused_unless_allowed(tmp_path):
   assert int(state.step) == 8
   state = train.run(changed, str(tmp_path), allow_config_change=True)
   assert int(state.step) == 8
+  # Allowed, but another batch size cannot continue the data stream: one error naming both.
+  with pytest.raises(train.WorkdirError, match=r"(?s)cannot resume this data stream.*batch"):
+    train.run(toy_config(**{"train.steps": 10, "train.batch_size": 64}), str(tmp_path),
+              allow_config_change=True)
   # Without config.json the checkpoint's own fingerprint still refuses another config.
   (tmp_path / "config.json").unlink()
   with pytest.raises(train.WorkdirError,
