@@ -5,6 +5,7 @@ A checkpoint `checkpoints/<step>/` holds three items: `state` (TrainState arrays
 newest step first and fall back to older ones when a step is damaged.
 """
 
+import dataclasses
 import logging
 
 import jax
@@ -33,17 +34,46 @@ def _serial_array_saves_on_cpu() -> None:
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
+@dataclasses.dataclass
+class _Pinned:
+  """Preserves the steps in `steps` whatever their age (`pin`)."""
+  steps: set = dataclasses.field(default_factory=set)
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    return [info.step in self.steps for info in checkpoints]
+
+
+def pin(mngr: ocp.CheckpointManager, step: int | None) -> None:
+  """Keeps checkpoint `step` (None: none) beside the ckpt.max_to_keep latest ones, until pinned
+  otherwise; in memory, for this manager's life."""
+  pinned = mngr.flowjax_pinned
+  pinned.steps.clear()
+  if step is not None:
+    pinned.steps.add(int(step))
+
+
+def pinned_step(mngr: ocp.CheckpointManager) -> int | None:
+  steps = mngr.flowjax_pinned.steps
+  return next(iter(steps)) if steps else None
+
+
 def manager(workdir: str, ckpt_config) -> ocp.CheckpointManager:
   _serial_array_saves_on_cpu()
+  pinned = _Pinned()
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=ckpt_config.max_to_keep,
+      # The ckpt.max_to_keep latest steps (all with 0), and a pinned one (`pin`).
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy([
+          ocp.checkpoint_managers.LatestN(n=ckpt_config.max_to_keep or None), pinned]),
       enable_async_checkpointing=ckpt_config.async_save,
       # A step a killed process left half-written (a temporary directory locally; on object
       # storage, a step directory without its commit marker) is removed, so that step saves anew.
       cleanup_tmp_directories=True,
       create=True)
-  return ocp.CheckpointManager(storage.join(storage.absolute(workdir), "checkpoints"),
+  mngr = ocp.CheckpointManager(storage.join(storage.absolute(workdir), "checkpoints"),
                                item_names=ITEMS, options=options)
+  mngr.flowjax_pinned = pinned
+  return mngr
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, data_state: dict, meta: dict,

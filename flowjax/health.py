@@ -127,12 +127,6 @@ class Monitor:
         if key in _STATE:
           setattr(signal, key, value)
 
-  def holds_checkpoints(self) -> bool:
-    """With action 'stop', while a rise is under way (a signal at ONSET_FACTOR times its
-    reference or more): periodic checkpoints then wait, so that the rotation of old checkpoints
-    cannot remove every one from before the rise the stop will name."""
-    return self.action == "stop" and self.onset() is not None
-
   def onset(self) -> int | None:
     """The earliest step at which a signal now above ONSET_FACTOR x its reference began rising."""
     onsets = [signal.onset for signal in self.signals if signal.onset is not None]

@@ -405,7 +405,7 @@ def _preemption_service() -> bool:
 
 
 class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps.
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (one process).
 
   In a multi-process run a flag of one process cannot stop it alone: its peers would wait for it
   in the next step's collectives. There jax's preemption service keeps its own SIGTERM handler,
@@ -445,15 +445,20 @@ def warn_schedule_change(old_steps, config, step: int) -> None:
   out over train.steps, so such a run is not the continuation of the one it resumes."""
   if old_steps is None or int(old_steps) == config.train.steps:
     return
-  before = float(optim.schedule(config.optim, int(old_steps))(step))
-  after = float(optim.schedule(config.optim, config.train.steps)(step))
-  if not np.isclose(before, after, rtol=1e-6, atol=0.0):
-    logging.warning(
-        "train.steps changed from %d to %d on resume: optim.schedule=%r is laid out over "
-        "train.steps, so the learning rate at step %d moves from %.6g (the run as it was) to "
-        "%.6g, and the run is not a continuation of the one it resumes. Keep train.steps to "
-        "continue it, or start a new workdir with --config.ckpt.init_from.", int(old_steps),
-        config.train.steps, config.optim.schedule, step, before, after)
+  # The top-level schedule and each parameter set's (optim.sets.<name> may set its own).
+  schedules = [("optim", config.optim)] + [
+      (f"optim.sets.{name}", optim.set_config(config.optim, name))
+      for name in dict(config.optim.get("sets", {}))]
+  for where, optim_config in schedules:
+    before = float(optim.schedule(optim_config, int(old_steps))(step))
+    after = float(optim.schedule(optim_config, config.train.steps)(step))
+    if not np.isclose(before, after, rtol=1e-6, atol=0.0):
+      logging.warning(
+          "train.steps changed from %d to %d on resume: %s.schedule=%r is laid out over "
+          "train.steps, so the learning rate at step %d moves from %.6g (the run as it was) to "
+          "%.6g, and the run is not a continuation of the one it resumes. Keep train.steps to "
+          "continue it, or start a new workdir with --config.ckpt.init_from.", int(old_steps),
+          config.train.steps, where, optim_config.schedule, step, before, after)
 
 
 def restore_or_init(setup: Setup, mngr, workdir: str, allow_config_change: bool = False,
@@ -619,10 +624,13 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
     except health.DivergenceError as error:
       writer.scalars(step, values)
       checkpoint.finish(mngr)
-      latest, onset = mngr.latest_step(), monitor.onset()
-      after = (f"; it was written after the rise began (step {onset}): resume from an earlier "
-               "checkpoint by removing the later ones from WORKDIR/checkpoints"
-               if latest is not None and onset is not None and latest >= onset else "")
+      latest, onset, kept = mngr.latest_step(), monitor.onset(), checkpoint.pinned_step(mngr)
+      after = ""
+      if latest is not None and onset is not None and latest >= onset:
+        earlier = (f"step {kept}, the last from before it, is kept" if kept is not None
+                   else "an earlier one")
+        after = (f"; it was written after the rise began (step {onset}): resume from {earlier} "
+                 "by removing the later ones from WORKDIR/checkpoints")
       raise health.DivergenceError(
           f"{error} Stopped (train.on_divergence=stop); the last checkpoint is step {latest}"
           f"{after}. Lower optim.lr or enable optim.grad_clip, then resume or restart; "
@@ -640,7 +648,12 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
   failed_saves = []
 
   def save(force=False):
-    """Saves; tolerates MAX_FAILED_SAVES failures in a row (each is logged as an error)."""
+    """Saves; tolerates MAX_FAILED_SAVES failures in a row (each is logged as an error). With
+    train.on_divergence=stop, while a rise is under way the last checkpoint from before it is
+    pinned, so that the rotation of old checkpoints keeps it for the stop to name."""
+    onset = monitor.onset() if monitor.action == "stop" else None
+    checkpoint.pin(mngr, None if onset is None else max(
+        (s for s in mngr.all_steps() if s < onset), default=None))
     try:
       checkpoint.save(mngr, state, batches.get_state(),
                       dict(meta, health=monitor.state_dict()), force=force)
@@ -672,19 +685,16 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
             handle(*pending)
             pending = None
             writer.flush()
-            if monitor.holds_checkpoints():
-              logging.warning("Step %d: checkpoint skipped, the error has been rising since step "
-                              "%s (train.on_divergence=stop keeps the checkpoints from before "
-                              "it).", step, monitor.onset())
-            else:
-              save()
+            save()
           # Every step, checkpoint steps included: the processes of a multi-process run agree
           # through it on the step at which all of them stop.
           if mngr.reached_preemption(step):
             stop.received = "preemption notice"
-          if config.eval.every_steps and step % config.eval.every_steps == 0:
+          # A stop (a preemption's grace period is short) saves before anything else.
+          due = lambda every: every and step % every == 0 and stop.received is None
+          if due(config.eval.every_steps):
             evaluate(setup, state, step, workdir, writer)
-          if config.sample.every_steps and step % config.sample.every_steps == 0:
+          if due(config.sample.every_steps):
             write_samples(setup, state, step, workdir, writer)
         if pending is not None:
           handle(*pending)

@@ -302,6 +302,16 @@ def test_resuming_with_other_train_steps_warns_when_the_schedule_moves(tmp_path,
     state = train.run(toy_config(**{"train.steps": 8, **constant}), str(tmp_path / "constant"))
   assert int(state.step) == 8
   assert not any("train.steps changed" in r.getMessage() for r in caplog.records)
+  # A parameter set's own schedule (DMD2's generator here) is checked too.
+  caplog.clear()
+  sets = config_lib.load_experiment("experiments/dmd2_toy2d.py", "tiny")
+  with sets.unlocked():
+    sets.train.steps = 8
+    sets.optim.sets.generator.update(dict(schedule="cosine", warmup_steps=0))
+  with caplog.at_level("WARNING"):
+    train.warn_schedule_change(4, sets, 4)
+  moved = [r.getMessage() for r in caplog.records if "train.steps changed" in r.getMessage()]
+  assert len(moved) == 1 and "optim.sets.generator.schedule='cosine'" in moved[0], moved
 
 
 def test_all_checkpoints_damaged_is_one_clear_error(tmp_path):

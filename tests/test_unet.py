@@ -348,6 +348,17 @@ def test_ctm_cifar10_network_is_sony_ctms():
       lambda path, p: jnp.zeros_like(p) if "affine_s" in jax.tree_util.keystr(path) else p,
       params)
   np.testing.assert_allclose(apply(cut, moved), apply(cut, times), atol=1e-6)
+  # The label joins s's embedding too (sony/ctm adds map_label to both): with t's mapping and
+  # every block's affine zeroed, the label still moves the output.
+  labelled = unet.SongUNet(**{**ONE_LEVEL, "time_mapping": "per_block", "zero_init_scale": 1.0,
+                              "num_classes": 10})
+  params = labelled.init(jax.random.key(1), x, times, jnp.zeros((2,), jnp.int32), train=False)
+  t_path = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.zeros_like(p) if any(
+          key in jax.tree_util.keystr(path) for key in ("['affine']", "['map_0']")) else p,
+      params)
+  out = lambda labels: labelled.apply(t_path, x, times, labels, train=False)
+  assert float(jnp.max(jnp.abs(out(jnp.array([1, 2])) - out(jnp.array([7, 8]))))) > 1e-4
 
 
 def test_cifar10_experiments_use_the_published_networks():
