@@ -36,26 +36,22 @@ def _serial_array_saves_on_cpu() -> None:
 
 @dataclasses.dataclass
 class _Pinned:
-  """Preserves the steps in `steps` whatever their age (`pin`)."""
-  steps: set = dataclasses.field(default_factory=set)
+  """Preserves checkpoint `step` (None: none) whatever its age (`pin`)."""
+  step: int | None = None
 
   def should_preserve(self, checkpoints, *, context):
     del context
-    return [info.step in self.steps for info in checkpoints]
+    return [info.step == self.step for info in checkpoints]
 
 
 def pin(mngr: ocp.CheckpointManager, step: int | None) -> None:
   """Keeps checkpoint `step` (None: none) beside the ckpt.max_to_keep latest ones, until pinned
   otherwise; in memory, for this manager's life."""
-  pinned = mngr.flowjax_pinned
-  pinned.steps.clear()
-  if step is not None:
-    pinned.steps.add(int(step))
+  mngr.flowjax_pinned.step = None if step is None else int(step)
 
 
 def pinned_step(mngr: ocp.CheckpointManager) -> int | None:
-  steps = mngr.flowjax_pinned.steps
-  return next(iter(steps)) if steps else None
+  return mngr.flowjax_pinned.step
 
 
 def manager(workdir: str, ckpt_config) -> ocp.CheckpointManager:
