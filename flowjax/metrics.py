@@ -6,6 +6,7 @@ Only process 0 writes; the writer is a no-op elsewhere.
 import json
 import math
 import logging
+import os
 import sys
 import time
 
@@ -72,8 +73,12 @@ def quiet_libraries() -> None:
 class Writer:
   """metrics.jsonl + TensorBoard (tensorboardX, no TensorFlow needed) on process 0.
 
-  On object storage (an object cannot be appended to) the records and the event files are
-  kept locally and uploaded, whole, by `flush` and `close`.
+  On object storage (an object cannot be appended to) the records wait in memory and the event
+  files on local disk until `flush` or `close` (each checkpoint, the end of a run). The records
+  are then added to metrics.jsonl; the events go in segments: each flush closes the local event
+  file, uploads it once as its own object under tensorboard/ (TensorBoard reads every event file
+  of a directory) and deletes it, so a flush costs what was logged since the last one, not the
+  whole run so far.
   """
 
   def __init__(self, workdir: str, enabled: bool):
@@ -83,15 +88,27 @@ class Writer:
     self._remote = storage.is_remote(workdir)
     self._pending = []
     self._events = None
+    self._segment = 0
     if enabled:
       storage.makedirs(workdir)
-      from tensorboardX import SummaryWriter
-      events = storage.join(workdir, "tensorboard")
       if self._remote:
         import tempfile
         self._events = tempfile.mkdtemp(prefix="flowjax_tensorboard_")
-        events = self._events
-      self._tb = SummaryWriter(events)
+      else:
+        self._tb = self._summary_writer(storage.join(workdir, "tensorboard"))
+
+  @staticmethod
+  def _summary_writer(directory: str, suffix: str = ""):
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(directory, filename_suffix=suffix)
+
+  def _board(self):
+    """The open SummaryWriter; on object storage a new local segment after each upload (its
+    name numbered, so two segments of one second never share a file)."""
+    if self._tb is None:
+      self._segment += 1
+      self._tb = self._summary_writer(self._events, f".{self._segment:06d}")
+    return self._tb
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
@@ -104,39 +121,52 @@ class Writer:
       self._pending.append(line)
     else:
       storage.append_text(storage.join(self.workdir, METRICS_FILE), line)
+    board = None
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-        self._tb.add_scalar(key, value, step)
+        board = board or self._board()
+        board.add_scalar(key, value, step)
 
   def image(self, step: int, name: str, image: np.ndarray) -> None:
     """image: [H, W, 3] uint8."""
     if self.enabled:
-      self._tb.add_image(name, image, step, dataformats="HWC")
+      self._board().add_image(name, image, step, dataformats="HWC")
 
   def flush(self) -> None:
-    if self._tb is not None:
+    if self._remote:
+      self._upload()
+    elif self._tb is not None:
       self._tb.flush()
-    self._upload()
 
   def close(self) -> None:
-    if self._tb is not None:
+    if self._remote:
+      self._upload()
+      if self._events is not None:
+        import shutil
+        shutil.rmtree(self._events, ignore_errors=True)
+        self._events = None
+    elif self._tb is not None:
       self._tb.close()
       self._tb = None
-    self._upload()
-    if self._events is not None:
-      import shutil
-      shutil.rmtree(self._events, ignore_errors=True)
-      self._events = None
 
   def _upload(self) -> None:
-    """Object storage: the new metrics records and the TensorBoard event files."""
+    """Object storage: the new metrics records, then the event segment written since the last
+    upload (closed, uploaded, deleted locally)."""
     if not (self.enabled and self._remote):
       return
     if self._pending:
       storage.append_text(storage.join(self.workdir, METRICS_FILE), "".join(self._pending))
       self._pending = []
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
     if self._events is not None:
-      storage.upload_tree(self._events, storage.join(self.workdir, "tensorboard"))
+      for name in sorted(os.listdir(self._events)):
+        local = os.path.join(self._events, name)
+        if os.path.isfile(local):
+          with open(local, "rb") as f:
+            storage.write_bytes(storage.join(self.workdir, "tensorboard", name), f.read())
+          os.remove(local)
 
 
 def _to_python(value):

@@ -120,13 +120,3 @@ def rename(source: str, target: str) -> None:
     _epath(source).rename(target)
   else:
     shutil.move(source, target)
-
-
-def upload_tree(local: str, target: str) -> None:
-  """Copies every file under the local directory `local` to `target` (a workdir path)."""
-  for root, _, files in os.walk(local):
-    relative = os.path.relpath(root, local)
-    for name in files:
-      parts = [] if relative == "." else relative.split(os.sep)
-      with open(os.path.join(root, name), "rb") as f:
-        write_bytes(join(target, *parts, name), f.read())

@@ -186,3 +186,81 @@ def test_train_kill_resume_and_sample_in_a_bucket(emulator, tmp_path):
   # One record per step, in order: the records reach the bucket with each checkpoint (its own
   # step included), and those the killed run logged after its last checkpoint were dropped.
   assert steps == list(range(1, last + 1)), steps
+
+
+class _MemoryPath:
+  """An object store in a dict, behind the part of etils.epath that flowjax.storage uses."""
+
+  def __init__(self, store, path):
+    self.store, self.path = store, str(path)
+
+  def exists(self):
+    return self.path in self.store["objects"] or any(
+        key.startswith(self.path.rstrip("/") + "/") for key in self.store["objects"])
+
+  def mkdir(self, parents=False, exist_ok=False):
+    del parents, exist_ok
+
+  def read_bytes(self):
+    return self.store["objects"][self.path]
+
+  def write_bytes(self, data):
+    self.store["objects"][self.path] = bytes(data)
+    self.store["writes"].append((self.path, len(data)))
+
+
+def _event_records(data: bytes):
+  """The Event protos of a TensorBoard event file (TFRecord framing: length, its CRC, the
+  payload, its CRC)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  offset = 0
+  while offset < len(data):
+    (length,) = struct.unpack("<Q", data[offset:offset + 8])
+    event = event_pb2.Event()
+    event.ParseFromString(data[offset + 12:offset + 12 + length])
+    yield event
+    offset += 12 + length + 4
+
+
+def test_on_object_storage_each_flush_uploads_only_what_was_logged_since_the_last(monkeypatch):
+  """A long run flushes at every checkpoint: the TensorBoard events go up in segments, each
+  object written once, so the bytes uploaded grow with what was logged, not with the number of
+  checkpoints times the run's length; every scalar and image still reaches the bucket, and the
+  local event files are gone after each flush."""
+  import numpy as np
+
+  from flowjax import metrics, storage
+  store = {"objects": {}, "writes": []}
+  monkeypatch.setattr(storage, "_epath", lambda path: _MemoryPath(store, path))
+  writer = metrics.Writer("mem://bucket/run", enabled=True)
+  local = writer._events
+  picture = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+  step = 0
+  for _ in range(6):
+    for _ in range(25):
+      step += 1
+      writer.scalars(step, {"loss": 1.0 / step, "error": float(step)})
+    writer.image(step, "samples", picture)
+    writer.flush()
+    assert os.listdir(local) == []
+  writer.close()
+  assert not os.path.exists(local)
+  events = {key: data for key, data in store["objects"].items()
+            if key.startswith("mem://bucket/run/tensorboard/")}
+  written = [key for key, _ in store["writes"] if key in events]
+  assert len(events) == 6 and sorted(written) == sorted(events), written
+  scalars, images = {}, 0
+  for data in events.values():
+    for event in _event_records(data):
+      for value in event.summary.value:
+        if value.HasField("image"):
+          images += 1
+        else:
+          scalars.setdefault(value.tag, set()).add(event.step)
+  assert scalars == {"loss": set(range(1, 151)), "error": set(range(1, 151))}
+  assert images == 6
+  records = [json.loads(line) for line in
+             store["objects"]["mem://bucket/run/metrics.jsonl"].decode().splitlines()]
+  assert [r["step"] for r in records] == list(range(1, 151))
