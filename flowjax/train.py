@@ -354,11 +354,13 @@ def evaluate(setup: Setup, state: TrainState, step: int, workdir: str, writer) -
                        global_batch_size=config.train.batch_size, seed=config.seed,
                        sharding=sharding.batch_sharding(setup.mesh), shuffle=False)
   totals = {}
-  with context(setup):
-    for index in range(config.eval.num_batches):
-      values = setup.eval_step(state.params, step_lib.view_of(state), next(batches), index)
-      totals = jax.tree.map(jnp.add, totals, values) if totals else values
-  batches.close()
+  try:
+    with context(setup):
+      for index in range(config.eval.num_batches):
+        values = setup.eval_step(state.params, step_lib.view_of(state), next(batches), index)
+        totals = jax.tree.map(jnp.add, totals, values) if totals else values
+  finally:
+    batches.close()
   result = {f"eval_{k}": float(v) / config.eval.num_batches for k, v in totals.items()}
   # Sample-quality and likelihood evaluators; each skips itself when its assets are missing.
   result.update(evals.quality_metrics(evaluable(setup, state)))
@@ -404,6 +406,10 @@ def _preemption_service() -> bool:
   return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
+class Interrupted(Exception):
+  """A stop signal ended an in-loop evaluation or sample grid (`_StopSignal.interruptible`)."""
+
+
 class _StopSignal:
   """Turns SIGTERM/SIGINT into a flag the loop checks between steps (one process).
 
@@ -417,6 +423,21 @@ class _StopSignal:
     self.received = None
     self.collective = collective
     self._previous = {}
+    self._interruptible = False
+
+  @contextlib.contextmanager
+  def interruptible(self):
+    """A block (an in-loop evaluation or sample grid, which can outlast a preemption's grace
+    period) that a signal ends at once with `Interrupted`, so that the loop saves next. One
+    process only: processes of a multi-process run agree on a stop at a step, so there the block
+    runs to its end first."""
+    if self.received is not None and not self.collective:
+      raise Interrupted(self.received)
+    self._interruptible = True
+    try:
+      yield
+    finally:
+      self._interruptible = False
 
   def __enter__(self):
     signals = (signal.SIGINT,) if self.collective else (signal.SIGTERM, signal.SIGINT)
@@ -433,6 +454,9 @@ class _StopSignal:
       os.kill(os.getpid(), signal.SIGTERM)
     else:
       self.received = signal.Signals(signum).name
+      if self._interruptible:
+        self._interruptible = False
+        raise Interrupted(self.received)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -692,10 +716,16 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
             stop.received = "preemption notice"
           # A stop (a preemption's grace period is short) saves before anything else.
           due = lambda every: every and step % every == 0 and stop.received is None
-          if due(config.eval.every_steps):
-            evaluate(setup, state, step, workdir, writer)
-          if due(config.sample.every_steps):
-            write_samples(setup, state, step, workdir, writer)
+          try:
+            with stop.interruptible():
+              if due(config.eval.every_steps):
+                evaluate(setup, state, step, workdir, writer)
+              if due(config.sample.every_steps):
+                write_samples(setup, state, step, workdir, writer)
+          except Interrupted as interrupted:
+            logging.warning("%s arrived during the evaluation or sample grid of step %d: left "
+                            "unfinished, so that the checkpoint is saved at once.",
+                            interrupted, step)
         if pending is not None:
           handle(*pending)
     except BaseException as error:

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -282,6 +283,44 @@ def test_sigint_and_preemption_notice_save_and_stop_cleanly(tmp_path, monkeypatc
   config = toy_config(**{"train.steps": 50, "ckpt.every_steps": 2})
   state = train.run(config, str(tmp_path / "preempted_at_a_checkpoint"))
   assert int(state.step) == 4
+
+
+@pytest.mark.parametrize("where", ["eval", "sample"])
+def test_a_signal_during_an_in_loop_evaluation_ends_it_and_saves_at_once(tmp_path, monkeypatch,
+                                                                         where):
+  """An evaluation (FID over many batches) or a sample grid can outlast a preemption's grace
+  period: a signal during one leaves it unfinished, and the run saves the step it scored and
+  stops. Here the evaluator (or the sampler) works in 40 slices and SIGTERM arrives in the 3rd."""
+  from flowjax import evals
+  done = []
+
+  def slow(*args, **kwargs):
+    for index in range(40):
+      if index == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.02)
+      done.append(index)
+    return {"eval_fid": 1.0} if where == "eval" else original_sampler(*args, **kwargs)
+
+  original_sampler = None
+  if where == "eval":
+    monkeypatch.setattr(evals, "quality_metrics", slow)
+    overrides = {"eval.every_steps": 4, "sample.every_steps": 0}
+  else:
+    sampler = train.sampler
+
+    def slow_sampler(setup, num=None):
+      nonlocal original_sampler
+      original_sampler = sampler(setup, num)
+      return original_sampler if num is not None else slow  # the start's check traces num=1
+    monkeypatch.setattr(train, "sampler", slow_sampler)
+    overrides = {"eval.every_steps": 0, "sample.every_steps": 4}
+  config = toy_config(**{"train.steps": 50, "ckpt.every_steps": 100, **overrides})
+  state = train.run(config, str(tmp_path))
+  assert int(state.step) == 4 and (tmp_path / "checkpoints" / "4").is_dir()
+  assert len(done) <= 3, done
+  assert not (tmp_path / "eval" / "step_4.json").exists()
+  assert not (tmp_path / "samples" / "step_4.png").exists()
 
 
 def test_resuming_with_other_train_steps_warns_when_the_schedule_moves(tmp_path, caplog):
