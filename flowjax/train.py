@@ -604,6 +604,22 @@ def run(config, workdir: str, allow_config_change: bool = False, devices=None):
     raise
 
 
+def missing_reports(config, workdir: str, step: int) -> tuple[bool, bool]:
+  """(evaluation, sample grid): whether the one due at `step`, where a run resumes, is missing
+  from the workdir (a stop during it left it unwritten), so that the resumed run makes it first.
+  Process 0, which writes them, decides for every process."""
+  due = lambda every: bool(step and every and step % every == 0)
+  missing = np.array([
+      due(config.eval.every_steps)
+      and not storage.exists(storage.join(workdir, "eval", f"step_{step}.json")),
+      due(config.sample.every_steps)
+      and not storage.exists(storage.join(workdir, "samples", f"step_{step}.png"))], np.int32)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
+  return bool(missing[0]), bool(missing[1])
+
+
 def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer, workdir: str,
                 health_state: dict | None = None):
   """The loop of `run` from step `start` with the compiled step; returns the final state.
@@ -692,10 +708,32 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
 
   pending = None
   step = start
+  redo_eval, redo_sample = missing_reports(config, workdir, start) if start < total else (0, 0)
   # The handler stays until the final checkpoint is written: a second signal does not cut it.
   with _StopSignal(collective=_preemption_service()) as stop:
     try:
       with context(setup):
+        def reports(step, evaluation, samples):
+          """The in-loop evaluation and sample grid of `step`, which a signal ends at once (a
+          preemption's grace period is short; the step is saved next)."""
+          try:
+            with stop.interruptible():
+              if evaluation:
+                evaluate(setup, state, step, workdir, writer)
+              if samples:
+                write_samples(setup, state, step, workdir, writer)
+          except Interrupted as interrupted:
+            logging.warning("%s arrived during the evaluation or sample grid of step %d: left "
+                            "unfinished (a resumed run makes it first), so that the checkpoint "
+                            "is saved at once.", interrupted, step)
+
+        if redo_eval or redo_sample:
+          names = [name for name, missing in (("evaluation", redo_eval),
+                                               ("sample grid", redo_sample)) if missing]
+          logging.info("The %s of step %d, where this run resumes, %s not written (a stop ended "
+                       "it); making it first.", " and ".join(names), step,
+                       "was" if len(names) == 1 else "were")
+          reports(step, redo_eval, redo_sample)
         while step < total and stop.received is None:
           batch = next(batches)
           state, step_metrics = compiled(state, batch)
@@ -716,16 +754,7 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
             stop.received = "preemption notice"
           # A stop (a preemption's grace period is short) saves before anything else.
           due = lambda every: every and step % every == 0 and stop.received is None
-          try:
-            with stop.interruptible():
-              if due(config.eval.every_steps):
-                evaluate(setup, state, step, workdir, writer)
-              if due(config.sample.every_steps):
-                write_samples(setup, state, step, workdir, writer)
-          except Interrupted as interrupted:
-            logging.warning("%s arrived during the evaluation or sample grid of step %d: left "
-                            "unfinished, so that the checkpoint is saved at once.",
-                            interrupted, step)
+          reports(step, due(config.eval.every_steps), due(config.sample.every_steps))
         if pending is not None:
           handle(*pending)
     except BaseException as error:

@@ -290,15 +290,16 @@ def test_a_signal_during_an_in_loop_evaluation_ends_it_and_saves_at_once(tmp_pat
                                                                          where):
   """An evaluation (FID over many batches) or a sample grid can outlast a preemption's grace
   period: a signal during one leaves it unfinished, and the run saves the step it scored and
-  stops. Here the evaluator (or the sampler) works in 40 slices and SIGTERM arrives in the 3rd."""
+  stops; the resumed run makes that step's report first, and only a missing one. Here the
+  evaluator (or the sampler) works in 40 slices and SIGTERM arrives in the 3rd."""
   from flowjax import evals
-  done = []
+  done, signal_at = [], [2]
 
   def slow(*args, **kwargs):
     for index in range(40):
-      if index == 2:
+      if index in signal_at:
         os.kill(os.getpid(), signal.SIGTERM)
-      time.sleep(0.02)
+      time.sleep(0.01)
       done.append(index)
     return {"eval_fid": 1.0} if where == "eval" else original_sampler(*args, **kwargs)
 
@@ -306,6 +307,7 @@ def test_a_signal_during_an_in_loop_evaluation_ends_it_and_saves_at_once(tmp_pat
   if where == "eval":
     monkeypatch.setattr(evals, "quality_metrics", slow)
     overrides = {"eval.every_steps": 4, "sample.every_steps": 0}
+    report = lambda step: tmp_path / "eval" / f"step_{step}.json"
   else:
     sampler = train.sampler
 
@@ -315,12 +317,23 @@ def test_a_signal_during_an_in_loop_evaluation_ends_it_and_saves_at_once(tmp_pat
       return original_sampler if num is not None else slow  # the start's check traces num=1
     monkeypatch.setattr(train, "sampler", slow_sampler)
     overrides = {"eval.every_steps": 0, "sample.every_steps": 4}
-  config = toy_config(**{"train.steps": 50, "ckpt.every_steps": 100, **overrides})
+    report = lambda step: tmp_path / "samples" / f"step_{step}.png"
+  config = toy_config(**{"train.steps": 8, "ckpt.every_steps": 100, **overrides})
   state = train.run(config, str(tmp_path))
   assert int(state.step) == 4 and (tmp_path / "checkpoints" / "4").is_dir()
   assert len(done) <= 3, done
-  assert not (tmp_path / "eval" / "step_4.json").exists()
-  assert not (tmp_path / "samples" / "step_4.png").exists()
+  assert not report(4).exists()
+  # Resumed at step 4: its report first, then step 8's.
+  signal_at.clear()
+  done.clear()
+  state = train.run(config, str(tmp_path))
+  assert int(state.step) == 8 and report(4).exists() and report(8).exists()
+  assert len(done) == 80, len(done)
+  # Resumed at step 8, whose report exists: nothing is made again before training on.
+  done.clear()
+  state = train.run(toy_config(**{"train.steps": 12, "ckpt.every_steps": 100, **overrides}),
+                    str(tmp_path))
+  assert int(state.step) == 12 and len(done) == 40, len(done)
 
 
 def test_resuming_with_other_train_steps_warns_when_the_schedule_moves(tmp_path, caplog):
