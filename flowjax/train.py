@@ -400,10 +400,9 @@ def as_images(config, samples: np.ndarray) -> np.ndarray:
 def _preemption_service() -> bool:
   """Whether jax's preemption service runs (a multi-process run through jax.distributed): then
   it, not a handler of this process, decides the step at which every process stops."""
-  if jax.process_count() == 1:
-    return False
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
-  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+  # jax.distributed.initialize starts the service unless jax_enable_preemption_service is off.
+  return (jax.process_count() > 1 and jax.distributed.is_initialized()
+          and bool(jax.config.jax_enable_preemption_service))
 
 
 class Interrupted(Exception):
