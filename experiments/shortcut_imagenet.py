@@ -9,8 +9,9 @@ steps, 1/8 of each batch self-consistency with targets from the EMA (0.999) netw
 [-4, 4], CFG 1.5 baked into the targets, label dropout 0.1, AdamW lr 1e-4 with weight decay 0.1
 on every parameter and a constant schedule, no gradient clipping, batch 256, 810,000 steps.
 The reference DiT embeds the raw time in [0, 1] and, beside it, log2 of the step count (its
-dt_base), and scales its attention logits by 1 / d (model.time_scale=1,
-objective.level_code='log2_steps', model.attention_scale='inverse_dim').
+dt_base), scales its attention logits by 1 / d, and starts each block's adaLN modulation and
+separate q, k, v kernels xavier-uniform (model.time_scale=1, objective.level_code='log2_steps',
+model.attention_scale='inverse_dim', model.block_init='xavier').
 Sampling uses the trained-in guidance (sample.guidance=1.0) and the trained parameters (the
 reference evaluates without its EMA, which only makes the targets); --config.sample.num_steps
 picks 1, 2, 4, ..., 128 steps. Every value and its source: BUILD.md, "Paper presets".
@@ -30,7 +31,7 @@ def get_config(arg=None):
   c.model = models.default_config("dit")
   c.model.update(dict(patch_size=2, hidden_size=768, depth=12, num_heads=12, mlp_ratio=4.0,
                       dtype="bfloat16", remat="none", attention_impl="xla", time_scale=1.0,
-                      attention_scale="inverse_dim"))
+                      attention_scale="inverse_dim", block_init="xavier"))
   c.data.update(blocks.IMAGENET_LATENTS)
   c.optim.update(dict(name="adamw", lr=1e-4, weight_decay=0.1, decay_norms_and_biases=True,
                       schedule="constant", grad_clip=0.0, ema_decays=(0.999,)))

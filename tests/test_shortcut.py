@@ -12,6 +12,7 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -383,5 +384,41 @@ def test_imagenet_preset_feeds_the_network_as_the_reference():
   config = config_lib.load_experiment(os.path.join(REPO, "experiments", "shortcut_imagenet.py"))
   model = models.build(config.model, types.SimpleNamespace(image_shape=(32, 32, 4),
                                                            num_classes=1000))
-  assert (model.time_scale, model.attention_scale) == (1.0, "inverse_dim")
+  assert (model.time_scale, model.attention_scale, model.block_init) == (
+      1.0, "inverse_dim", "xavier")
   assert config.objective.level_code == "log2_steps"
+
+
+def _kernel_variances(block_init, width=256):
+  """{name: variance} of the initial kernels of a 2-block DiT of width D = `width`."""
+  model = models.build(ml_collections.ConfigDict(dict(
+      name="dit", patch_size=2, hidden_size=width, depth=2, num_heads=4,
+      block_init=block_init)),
+      types.SimpleNamespace(image_shape=(8, 8, 4), num_classes=10))
+  x = jnp.zeros((1, 8, 8, 4))
+  params = nn.meta.unbox(model.init(jax.random.key(0), x, (jnp.zeros((1,)),),
+                                    jnp.zeros((1,), jnp.int32), train=False)["params"])
+  block = params["block_1"]
+  return {"modulation": float(jnp.var(block["adaLN_modulation"]["kernel"])),
+          "query": float(jnp.var(block["attn"]["query"]["kernel"])),
+          "value": float(jnp.var(block["attn"]["value"]["kernel"])),
+          "mlp": float(jnp.var(block["mlp"]["fc1"]["kernel"])),
+          "final": float(jnp.var(params["final"]["adaLN_modulation"]["kernel"]))}
+
+
+def test_reference_block_init_draws_modulation_and_qkv_xavier_on_their_own_shapes():
+  """model.block_init='xavier' (kvfrans/shortcut-models' DiT): each block's adaLN modulation
+  kernel [D, 6D] is xavier-uniform (variance 2 / 7D, not DiT's zeros) and q, k, v are [D, D]
+  xavier (1 / D, not the 1 / (2D) of DiT's fused qkv); the MLP and the final layer's zero
+  modulation are as in DiT. An unknown value is refused."""
+  width = 256
+  dit, reference = _kernel_variances("adaln_zero", width), _kernel_variances("xavier", width)
+  assert dit["modulation"] == 0.0 and dit["final"] == 0.0 and reference["final"] == 0.0
+  np.testing.assert_allclose(reference["modulation"], 2 / (7 * width), rtol=0.05)
+  np.testing.assert_allclose(reference["query"], 1 / width, rtol=0.05)
+  np.testing.assert_allclose(reference["value"], 1 / width, rtol=0.05)
+  np.testing.assert_allclose(dit["query"], 1 / (2 * width), rtol=0.05)
+  np.testing.assert_allclose(dit["mlp"], reference["mlp"], rtol=1e-6)
+  np.testing.assert_allclose(reference["mlp"], 2 / (5 * width), rtol=0.05)
+  with pytest.raises(ValueError, match="block_init"):
+    _kernel_variances("zero", width)

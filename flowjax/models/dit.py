@@ -52,6 +52,12 @@ REMAT_POLICIES = {
 TOKENS = ("batch", "length", "embed")
 NORMS = ("layer", "rms")
 INITS = ("xavier", "spectral")
+# How a block's adaLN modulation and attention projections start: "adaln_zero" (DiT: modulation
+# zero, so each block starts as the identity; q, k, v with the variance 2 / (D + 3D) of DiT's
+# fused [D, 3D] kernel) or "xavier" (the reference DiT of Shortcut models, kvfrans/shortcut-models
+# model.py: the modulation Dense and separate [D, D] q, k, v kernels xavier-uniform on their own
+# shapes, variances 2 / (D + 6D) and 1 / D). The final layer's modulation starts at zero in both.
+BLOCK_INITS = ("adaln_zero", "xavier")
 
 
 def normalize(x: jax.Array, norm: str, dtype, name: str) -> jax.Array:
@@ -62,11 +68,13 @@ def normalize(x: jax.Array, norm: str, dtype, name: str) -> jax.Array:
   return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)(x)
 
 
-def modulation(c: jax.Array, count: int, normalized: bool, param_dtype, name: str):
-  """`count` adaLN modulation vectors [B, D] from Dense_{count D}(SiLU(c)) (zero-initialised),
-  each passed through RMSNorm without parameters when `normalized`."""
+def modulation(c: jax.Array, count: int, normalized: bool, param_dtype, name: str,
+               kernel_init=nn.initializers.zeros):
+  """`count` adaLN modulation vectors [B, D] from Dense_{count D}(SiLU(c)) (zero-initialised
+  unless `kernel_init` says otherwise), each passed through RMSNorm without parameters when
+  `normalized`."""
   width = c.shape[-1]
-  out = layers.dense(count * width, ("embed", "mlp"), kernel_init=nn.initializers.zeros,
+  out = layers.dense(count * width, ("embed", "mlp"), kernel_init=kernel_init,
                      param_dtype=param_dtype, name=name)(nn.silu(c))
   parts = jnp.split(out, count, axis=-1)
   return [layers.rms_norm(part) for part in parts] if normalized else parts
@@ -97,7 +105,7 @@ class DiTBlock(nn.Module):
   x <- x + gate_msa * Attn(modulate(LN(x), shift_msa, scale_msa))
   x <- x + gate_mlp * MLP(modulate(LN(x), shift_mlp, scale_mlp))
   with (shift, scale, gate) x 2 = Dense_6D(SiLU(c)), zero-initialised so the block
-  starts as the identity.
+  starts as the identity (block_init='adaln_zero'; 'xavier': see BLOCK_INITS).
   """
   num_heads: int
   mlp_ratio: float = 4.0
@@ -110,20 +118,23 @@ class DiTBlock(nn.Module):
   modulation_norm: bool = False
   spectral_init: bool = False
   attention_scale: str = "inverse_sqrt_dim"
+  block_init: str = "adaln_zero"
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array, train: bool) -> jax.Array:
     """x: [B, L, D] float32 residual stream; c: [B, D] float32; train: static bool."""
     width = x.shape[-1]
+    xavier = self.block_init == "xavier"
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(
-        c, 6, self.modulation_norm, self.param_dtype, "adaLN_modulation")
+        c, 6, self.modulation_norm, self.param_dtype, "adaLN_modulation",
+        layers.xavier_uniform if xavier else nn.initializers.zeros)
     norm = lambda name: lambda y: normalize(y, self.norm, self.dtype, name)
 
     h = layers.modulate(norm("norm1")(x), shift_msa, scale_msa)
     h = layers.Attention(self.num_heads, impl=self.attention_impl, dtype=self.dtype,
                          param_dtype=self.param_dtype, qk_norm=self.qk_norm,
                          spectral_init=self.spectral_init, logit_scale=self.attention_scale,
-                         name="attn")(h)
+                         separate_qkv_init=xavier, name="attn")(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
     x = nn.with_logical_constraint(x, TOKENS)
@@ -176,6 +187,8 @@ class DiT(nn.Module):
     attention_scale: 'inverse_sqrt_dim' (logits q.k / sqrt(d)) | 'inverse_dim' (q.k / d, the
       reference DiT of Shortcut models).
     modulation_norm: RMSNorm without parameters on every adaLN modulation vector.
+    block_init: 'adaln_zero' (DiT) | 'xavier' (the reference DiT of Shortcut models), how each
+      block's adaLN modulation and q, k, v kernels start (BLOCK_INITS).
     linear_init: 'xavier' (DiT) | 'spectral' (patch embedding, attention and MLP kernels with
       spectral norm 1).
     time_init: 'normal' (N(0, 0.02), DiT) | 'spectral' for the time embedders' kernels.
@@ -210,6 +223,7 @@ class DiT(nn.Module):
   modulation_norm: bool = False
   linear_init: str = "xavier"
   time_init: str = "normal"
+  block_init: str = "adaln_zero"
   repa_depth: int = 0
   repa_dim: int = 0
   repa_projector_dim: int = 2048
@@ -248,7 +262,8 @@ class DiT(nn.Module):
       raise ValueError(f"model.remat={self.remat!r}; use 'none', 'full' or 'dots'.")
     for key, value, allowed in (("norm", self.norm, NORMS),
                                 ("linear_init", self.linear_init, INITS),
-                                ("time_init", self.time_init, layers.TIME_INITS)):
+                                ("time_init", self.time_init, layers.TIME_INITS),
+                                ("block_init", self.block_init, BLOCK_INITS)):
       if value not in allowed:
         raise ValueError(f"model.{key}={value!r}; use one of {', '.join(map(repr, allowed))}.")
     spectral = self.linear_init == "spectral"
@@ -301,7 +316,8 @@ class DiT(nn.Module):
                     attention_impl=self.attention_impl, dtype=self.dtype,
                     param_dtype=self.param_dtype, norm=self.norm, qk_norm=self.qk_norm,
                     modulation_norm=self.modulation_norm, spectral_init=spectral,
-                    attention_scale=self.attention_scale, name=f"block_{i}")(h, c, train)
+                    attention_scale=self.attention_scale, block_init=self.block_init,
+                    name=f"block_{i}")(h, c, train)
       if i + 1 == self.repa_depth:
         layers.sow_repa_tokens(self, h[:, prefix:], (height // p, width // p), self.repa_dim,
                                self.repa_projector_dim, self.dtype, self.param_dtype)
@@ -319,7 +335,8 @@ def build(model_config: ml_collections.ConfigDict, info) -> DiT:
   time_scale (1000.0), dropout (0.0), attention_impl ('xla'), remat ('none'),
   dtype ('float32'), param_dtype ('float32'), norm ('layer'), qk_norm (False),
   attention_scale ('inverse_sqrt_dim'), modulation_norm (False), linear_init ('xavier'),
-  time_init ('normal'), text_dim (0), text_length (0), text_layers (0), text_heads (4).
+  time_init ('normal'), block_init ('adaln_zero'), text_dim (0), text_length (0),
+  text_layers (0), text_heads (4).
   """
   if len(info.image_shape) != 3:
     raise ValueError(f"model.name='dit' needs image data [H, W, C]; got per-example shape "
@@ -344,5 +361,6 @@ def build(model_config: ml_collections.ConfigDict, info) -> DiT:
       modulation_norm=bool(model_config.get("modulation_norm", False)),
       linear_init=str(model_config.get("linear_init", "xavier")),
       time_init=str(model_config.get("time_init", "normal")),
+      block_init=str(model_config.get("block_init", "adaln_zero")),
       **layers.text_settings(model_config, info))
 

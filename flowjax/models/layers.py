@@ -252,7 +252,9 @@ class Attention(nn.Module):
   arXiv:2511.19797 Sec. 4). spectral_init: the projections start from `spectral_normal`, the
   query, key and value kernels each as one block of a fused [D, 3D] kernel. embed_axis: the
   logical name of the D dimension of the kernels. zero_out: the output projection starts at zero
-  (a residual branch that begins as the identity).
+  (a residual branch that begins as the identity). separate_qkv_init: q, k and v start
+  xavier-uniform on their own [D, D] shapes (variance 1 / D) instead of as parts of DiT's fused
+  [D, 3D] kernel (variance 1 / (2D)).
   """
   num_heads: int
   impl: str = "xla"
@@ -263,6 +265,7 @@ class Attention(nn.Module):
   embed_axis: str = "embed"
   zero_out: bool = False
   logit_scale: str = "inverse_sqrt_dim"
+  separate_qkv_init: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -276,7 +279,8 @@ class Attention(nn.Module):
     head_dim = width // self.num_heads
     # DiT initialises its fused [D, 3D] qkv kernel with xavier-uniform, i.e. variance
     # 2 / (D + 3D); separate [D, D] projections get the same variance with scale 1/2.
-    qkv_init = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform")
+    qkv_init = (xavier_uniform if self.separate_qkv_init else
+                nn.initializers.variance_scaling(0.5, "fan_avg", "uniform"))
     batch, length, _ = x.shape
     projections = []
     for part, name in enumerate(("query", "key", "value")):
