@@ -264,3 +264,22 @@ def test_on_object_storage_each_flush_uploads_only_what_was_logged_since_the_las
   records = [json.loads(line) for line in
              store["objects"]["mem://bucket/run/metrics.jsonl"].decode().splitlines()]
   assert [r["step"] for r in records] == list(range(1, 151))
+
+
+def test_a_distillation_teacher_on_object_storage(emulator, tmp_path):
+  """objective.teacher_workdir=gs://...: a CTM student (local workdir) reads its flow-matching
+  teacher's config and weights from the bucket, as orbax already reads any workdir there."""
+  _, environment = emulator
+  teacher = f"gs://{BUCKET}/teacher"
+  done = subprocess.run(command(teacher, "--config.train.steps=2"), cwd=ROOT, env=environment,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  student = [sys.executable, "-m", "flowjax.main", "--config=experiments/ctm_digits.py:tiny",
+             f"--workdir={tmp_path / 'student'}", "--num_cpu_devices=1",
+             f"--config.objective.teacher_workdir={teacher}", "--config.train.steps=2",
+             "--config.sample.every_steps=0", "--config.ckpt.async_save=False"]
+  done = subprocess.run(student, cwd=ROOT, env=environment, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"teacher ema/0.995 from {teacher} (step 2)" in done.stderr, done.stderr[-3000:]
+  assert (tmp_path / "student" / "checkpoints" / "2").is_dir()

@@ -54,7 +54,6 @@ not aligned).
 import dataclasses
 import json
 import logging
-import os
 from typing import Any, ClassVar
 
 import jax
@@ -63,7 +62,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from flowjax import checkpoint, data, models, optim, paths
+from flowjax import checkpoint, data, models, optim, paths, storage
 from flowjax.models import layers
 from flowjax.objectives import common, repa as repa_lib
 from flowjax.registry import OBJECTIVES, unknown_name_message
@@ -137,14 +136,14 @@ def read_teacher(workdir: str, info, weights: str, method: str = "CTM"):
   if not workdir:
     raise TeacherError(f"objective.teacher_workdir is empty: {method} distils a flow-matching "
                        "teacher trained by flowjax. Train one with " + teacher_command() + ".")
-  config_path = os.path.join(workdir, "config.json")
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if not os.path.isfile(config_path) or not os.path.isdir(checkpoints):
+  # The teacher's workdir may be local or on object storage, like any workdir.
+  config_path = storage.join(workdir, "config.json")
+  checkpoints = storage.join(workdir, "checkpoints")
+  if not storage.exists(config_path) or not storage.isdir(checkpoints):
     raise TeacherError(f"objective.teacher_workdir={workdir!r} has no config.json and "
                        "checkpoints/ of a flowjax run. Train the teacher with "
                        + teacher_command() + ".")
-  with open(config_path) as f:
-    teacher = json.load(f)
+  teacher = json.loads(storage.read_text(config_path))
   objective = teacher.get("objective", {})
   if objective.get("name") != "flow_matching" or objective.get("path", "ot") != "ot":
     raise TeacherError(f"objective.teacher_workdir={workdir!r} was trained with objective "
@@ -183,8 +182,8 @@ def check_teacher_noise(workdir: str, noise: str, nu: float, method: str = "CTM"
   """Raises TeacherError when the teacher in `workdir` was trained with another noise law than
   objective.noise / objective.noise_nu: a distilled PF-ODE is that of the teacher's noise. A
   teacher config without the keys predates them and was trained with Gaussian noise."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    objective = json.load(f).get("objective", {})
+  objective = json.loads(storage.read_text(storage.join(workdir, "config.json"))).get(
+      "objective", {})
   teacher = (objective.get("noise", "gaussian"), float(objective.get("noise_nu", nu)))
   if teacher[0] != noise or (noise == "student_t" and teacher[1] != float(nu)):
     described = lambda law, dof: law if law == "gaussian" else f"{law} with nu={dof:g}"
