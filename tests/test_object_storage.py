@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from test_imagenet_latents import imagenet_latents  # noqa: F401 (a fixture)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "bucket"
 
@@ -99,6 +101,7 @@ def emulator():
       TENSORSTORE_GCS_HTTP_URL=url,            # orbax's arrays (tensorstore's gcs driver)
       GOOGLE_AUTH_TOKEN_FOR_TESTING="test",    # tensorstore: no credential search
       STORAGE_EMULATOR_HOST=url,               # gcsfs and google-cloud-storage
+      CLOUD_STORAGE_EMULATOR_ENDPOINT=url,     # array_record's own GCS reader (dataset shards)
       FSSPEC_GCS_TOKEN="anon",                 # gcsfs: no credential search
       NO_GCE_CHECK="true",                     # never probe the GCE metadata server
       GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",  # no gRPC bucket-type probe
@@ -118,6 +121,20 @@ files = sorted(name[len(root) + 1:] for name in found)
 metrics = fs.cat(root + '/metrics.jsonl').decode() if root + '/metrics.jsonl' in found else ''
 print(json.dumps({'files': files, 'metrics': metrics}))
 """
+
+
+UPLOAD_SCRIPT = """
+import sys
+import gcsfs
+gcsfs.GCSFileSystem().put(sys.argv[1], sys.argv[2][len('gs://'):], recursive=True)
+"""
+
+
+def upload(environment, local, target):
+  """Copies the local directory `local` to gs://... `target` in the emulator."""
+  done = subprocess.run([sys.executable, "-c", UPLOAD_SCRIPT, str(local), target],
+                        env=environment, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
 
 
 def bucket_listing(environment, root):
@@ -283,3 +300,59 @@ def test_a_distillation_teacher_on_object_storage(emulator, tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"teacher ema/0.995 from {teacher} (step 2)" in done.stderr, done.stderr[-3000:]
   assert (tmp_path / "student" / "checkpoints" / "2").is_dir()
+
+
+def test_datasets_on_object_storage(emulator, tmp_path, imagenet_latents):  # noqa: F811
+  """data.name=packed:gs://... and latents:gs://...: a packed image folder and a latent cache
+  copied to the bucket train as they do from local disk (metadata through flowjax.storage, the
+  shards through array_record's own GCS reader)."""
+  from flowjax.data import prepare
+  from test_packed_data import noise_folder
+  _, environment = emulator
+  prepare.prepare(noise_folder(str(tmp_path / "pets")), str(tmp_path / "packed"), image_size=8,
+                  shard_size=5)
+  upload(environment, tmp_path / "packed", f"gs://{BUCKET}/data/packed")
+  upload(environment, imagenet_latents["out"], f"gs://{BUCKET}/data/latents")
+  runs = {"packed": ["--config=experiments/quickstart.py:tiny",
+                     f"--config.data.name=packed:gs://{BUCKET}/data/packed",
+                     "--config.data.image_size=8"],
+          "latents": ["--config=experiments/fm_imagenet.py:tiny",
+                      f"--config.data.name=latents:gs://{BUCKET}/data/latents"]}
+  for name, flags in runs.items():
+    done = subprocess.run(
+        [sys.executable, "-m", "flowjax.main", *flags, f"--workdir={tmp_path / name}",
+         "--num_cpu_devices=1", "--config.train.steps=2", "--config.sample.every_steps=0",
+         "--config.ckpt.async_save=False"],
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (name, done.stderr[-3000:])
+    assert (tmp_path / name / "checkpoints" / "2").is_dir()
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    assert config["data"]["name"].startswith(f"{name}:gs://")
+  # A dataset that is not in the bucket is the same clear error as on local disk.
+  done = subprocess.run(
+      [sys.executable, "-m", "flowjax.main", "--config=experiments/quickstart.py:tiny",
+       f"--config.data.name=packed:gs://{BUCKET}/data/nothing", "--config.data.image_size=8",
+       f"--workdir={tmp_path / 'missing'}", "--num_cpu_devices=1", "--config.train.steps=2"],
+      cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+  assert done.returncode != 0, done.stderr[-3000:]
+  assert f"there is no directory 'gs://{BUCKET}/data/nothing'" in done.stderr, done.stderr[-3000:]
+
+
+def test_unreadable_shards_on_object_storage_name_the_fix(monkeypatch):
+  """array_record reads gs:// itself (from 0.8.6): when it cannot, the error names the version,
+  the extra to install and the local-copy alternative; local paths keep their own error."""
+  import grain
+
+  from flowjax.data import packed
+
+  def refuse(paths):
+    raise RuntimeError(f"open() failed: No such file or directory; opening {paths[0]}")
+
+  monkeypatch.setattr(grain.sources, "ArrayRecordDataSource", refuse)
+  remote = packed._Source(("gs://bucket/data/train/images-00000-of-00001.array_record",),
+                          (8, 8, 3), "uint8")
+  with pytest.raises(OSError, match=r"0\.8\.6.*\.\[gcs\].*local disk"):
+    len(remote)
+  local = packed._Source(("/data/train/images-00000-of-00001.array_record",), (8, 8, 3), "uint8")
+  with pytest.raises(RuntimeError, match="open"):
+    len(local)

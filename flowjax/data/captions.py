@@ -15,13 +15,14 @@ The sidecar wins where both exist. An image with neither stops the run with its 
 
 import dataclasses
 import functools
+import io
 import json
 import os
 from typing import Sequence
 
 import numpy as np
 
-from flowjax import text as text_lib
+from flowjax import storage, text as text_lib
 
 KEY = "text"
 MANIFEST = "captions.jsonl"
@@ -78,7 +79,7 @@ def _fixed_features(source: TextSource) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=8)
 def _features_file(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as stored:
+  with np.load(io.BytesIO(storage.read_bytes(path))) as stored:
     return {key: np.asarray(stored[key], np.float32) for key in ("null", "prompts")}
 
 

@@ -51,11 +51,13 @@ them.
 
 import dataclasses
 import functools
+import io
 import os
 from typing import Any, Callable
 
 import numpy as np
 
+from flowjax import storage
 from flowjax.data import pipeline
 
 CAPTIONED = True
@@ -74,7 +76,7 @@ TEXT_FILE = "text_features.npz"
 
 
 def directory(name: str) -> str:
-  """'latents:<DIR>' -> DIR."""
+  """'latents:<DIR>' -> DIR (local, or on object storage: gs://...)."""
   if not name.startswith(PREFIX) or len(name) == len(PREFIX):
     raise ValueError(f"data.name={name!r} is not a latent dataset; use 'latents:<DIR>' with DIR "
                      "written by python -m flowjax.data.cache_latents.")
@@ -82,7 +84,7 @@ def directory(name: str) -> str:
 
 
 def shard_path(root: str, split: str, index: int, num_shards: int) -> str:
-  return os.path.join(root, split, f"latents-{index:05d}-of-{num_shards:05d}.array_record")
+  return storage.join(root, split, f"latents-{index:05d}-of-{num_shards:05d}.array_record")
 
 
 def encode_record(latent: np.ndarray, label: int, features: np.ndarray | None = None,
@@ -129,14 +131,14 @@ def repa_command(split: str, encoder: str = "", encoder_path: str = "",
 
 def read_split(root: str, split: str) -> tuple[dict, dict]:
   """(cache.json, stats.json) of a complete cached split; a clear error otherwise."""
-  spec_path = os.path.join(root, split, SPEC_FILE)
+  spec_path = storage.join(root, split, SPEC_FILE)
   command = (f"python -m flowjax.data.cache_latents --config=<autoencoder experiment> "
              f"--weights=<weights> --split={split} --out={root}")
-  if not os.path.isfile(spec_path):
+  if not storage.exists(spec_path):
     raise FileNotFoundError(f"No cached latents for split {split!r} in {root} ({spec_path} is "
                             f"missing); write them with: {command}")
-  stats_path = os.path.join(root, split, STATS_FILE)
-  if not os.path.isfile(stats_path):
+  stats_path = storage.join(root, split, STATS_FILE)
+  if not storage.exists(stats_path):
     raise FileNotFoundError(f"The latents of split {split!r} in {root} are incomplete (no "
                             f"{STATS_FILE}); rerun the same command to finish them: {command}")
   spec = pipeline.read_json(spec_path)
@@ -157,7 +159,7 @@ def scaling_of(root: str, split: str, scaling: str) -> tuple[np.ndarray, np.ndar
   if scaling == "factor":
     factor = float(spec["autoencoder"]["scaling_factor"])
     return np.zeros(channels, np.float32), np.full(channels, factor, np.float32)
-  if split != "train" and os.path.isfile(os.path.join(root, "train", STATS_FILE)):
+  if split != "train" and storage.exists(storage.join(root, "train", STATS_FILE)):
     _, stats = read_split(root, "train")
   std = np.asarray(stats["channel_std"], np.float32)
   if np.any(std <= 0):
@@ -256,7 +258,7 @@ def _text_source(data_config, root: str, split: str, spec: dict):
                        "latents again with this encoder.")
   return captions.TextSource(wanted, tuple(cached["prompts"]),
                              int(cached["feature_shape"][1]),
-                             features_file=os.path.join(root, split, TEXT_FILE))
+                             features_file=storage.join(root, split, TEXT_FILE))
 
 
 def local_batches(data_config, *, split: str, seed: int, global_batch_size: int,
@@ -302,8 +304,12 @@ def decoder(data_config, split: str = "train") -> Callable:
   decoder compiled once per cache, split and scaling in a process; the weights are an argument of
   the compiled function, not constants baked into it.
   """
-  spec_file = os.path.join(directory(data_config.name), split, SPEC_FILE)
-  written = os.path.getmtime(spec_file) if os.path.exists(spec_file) else None
+  spec_file = storage.join(directory(data_config.name), split, SPEC_FILE)
+  # The cache key of a rewritten cache changes: its spec's time (local) or text (object storage).
+  if storage.is_remote(spec_file):
+    written = storage.read_text(spec_file) if storage.exists(spec_file) else None
+  else:
+    written = os.path.getmtime(spec_file) if os.path.exists(spec_file) else None
   return _decoder(data_config.name, split, data_config.get("latent_scaling", "channel"), written)
 
 
@@ -348,18 +354,21 @@ def decode_workdir_samples(workdir: str, name: str = "final") -> str:
   import ml_collections
 
   from flowjax import metrics
-  config = pipeline.read_json(os.path.join(workdir, "config.json"))
+  config = pipeline.read_json(storage.join(workdir, "config.json"))
   data_config = ml_collections.ConfigDict(config["data"])
   if not str(data_config.name).startswith(PREFIX):
     raise ValueError(f"{workdir} trained on data.name={data_config.name!r}, not on cached "
                      "latents; its samples are images already.")
-  samples_path = os.path.join(workdir, "samples", f"{name}.npz")
-  if not os.path.isfile(samples_path):
+  samples_path = storage.join(workdir, "samples", f"{name}.npz")
+  if not storage.exists(samples_path):
     raise FileNotFoundError(f"No {samples_path}; write it with python -m flowjax.main "
                             f"--config=... --workdir={workdir} --mode=sample")
-  images = decode(np.load(samples_path)["samples"], data_config)
-  np.savez(os.path.join(workdir, "samples", f"{name}_decoded.npz"), samples=images)
-  png = os.path.join(workdir, "samples", f"{name}_decoded.png")
+  with np.load(io.BytesIO(storage.read_bytes(samples_path))) as stored:
+    images = decode(stored["samples"], data_config)
+  buffer = io.BytesIO()
+  np.savez(buffer, samples=images)
+  storage.write_bytes(storage.join(workdir, "samples", f"{name}_decoded.npz"), buffer.getvalue())
+  png = storage.join(workdir, "samples", f"{name}_decoded.png")
   metrics.save_png(png, metrics.samples_picture(images))
   return png
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from flowjax import storage
 from flowjax.data import images as image_lib
 from flowjax.data import pipeline
 
@@ -39,15 +40,16 @@ NO_LABEL = -1
 
 
 def directory(name: str) -> str:
-  """'packed:<DIR>' -> DIR, with ~ expanded."""
+  """'packed:<DIR>' -> DIR, with ~ expanded (DIR may be on object storage: gs://...)."""
   if not name.startswith(PREFIX) or len(name) == len(PREFIX):
     raise ValueError(f"data.name={name!r} is not a packed dataset; use 'packed:<DIR>' with DIR "
                      "written by python -m flowjax.data.prepare.")
-  return os.path.expanduser(name[len(PREFIX):])
+  root = name[len(PREFIX):]
+  return root if storage.is_remote(root) else os.path.expanduser(root)
 
 
 def shard_path(root: str, split: str, index: int, num_shards: int) -> str:
-  return os.path.join(root, split, f"images-{index:05d}-of-{num_shards:05d}.array_record")
+  return storage.join(root, split, f"images-{index:05d}-of-{num_shards:05d}.array_record")
 
 
 def encode_record(image: np.ndarray, label: int) -> bytes:
@@ -84,36 +86,37 @@ def _prepare_command(root: str, split: str, spec: dict | None) -> str:
 
 def packed_splits(root: str) -> tuple[str, ...]:
   """The complete splits in a packed directory (those with a spec.json), sorted."""
-  return tuple(sorted(name for name in os.listdir(root)
-                      if os.path.isfile(os.path.join(root, name, SPEC_FILE))))
+  return tuple(sorted(name for name in storage.listdir(root)
+                      if storage.exists(storage.join(root, name, SPEC_FILE))))
 
 
 def read_spec(data_name: str, split: str) -> dict:
   """The spec.json of a complete packed split; one clear error for a missing directory, a missing
   split, an interrupted prepare or another format."""
   root = directory(data_name)
-  if not os.path.isdir(root):
-    where = "" if os.path.isabs(root) else f" (relative to the working directory {os.getcwd()})"
+  if not storage.isdir(root):
+    where = ("" if storage.is_remote(root) or os.path.isabs(root)
+             else f" (relative to the working directory {os.getcwd()})")
     raise FileNotFoundError(
         f"data.name={data_name!r}: there is no directory {root!r}{where}; pack your images into "
         f"it first: {_prepare_command(root, split, None)}")
-  spec_path = os.path.join(root, split, SPEC_FILE)
-  if os.path.isfile(spec_path):
+  spec_path = storage.join(root, split, SPEC_FILE)
+  if storage.exists(spec_path):
     spec = pipeline.read_json(spec_path)
     if spec.get("format") != FORMAT:
       raise ValueError(f"{spec_path} has format {spec.get('format')!r}, not {FORMAT!r}; delete "
-                       f"{os.path.join(root, split)} and pack the split again with this version "
+                       f"{storage.join(root, split)} and pack the split again with this version "
                        f"of flowjax: {_prepare_command(root, split, spec)}")
     return spec
-  pending_path = os.path.join(root, split, PENDING_FILE)
-  if os.path.isdir(os.path.join(root, split)):
-    pending = pipeline.read_json(pending_path) if os.path.isfile(pending_path) else None
+  pending_path = storage.join(root, split, PENDING_FILE)
+  if storage.isdir(storage.join(root, split)):
+    pending = pipeline.read_json(pending_path) if storage.exists(pending_path) else None
     raise FileNotFoundError(
         f"data.name={data_name!r}: the packed split {split!r} in {root} is incomplete (no "
         f"{SPEC_FILE}: prepare was interrupted or is still running); finish it by running the "
         f"same command again: {_prepare_command(root, split, pending)}")
   packed = packed_splits(root)
-  other = pipeline.read_json(os.path.join(root, packed[0], SPEC_FILE)) if packed else None
+  other = pipeline.read_json(storage.join(root, packed[0], SPEC_FILE)) if packed else None
   raise ValueError(
       f"data.name={data_name!r} has no split {split!r}: {root} holds the packed splits "
       f"{list(packed)}. Pack it with {_prepare_command(root, split, other)}"
@@ -129,7 +132,7 @@ def class_names(data_config) -> tuple[str, ...]:
 def splits(data_config) -> tuple[str, ...]:
   """The complete packed splits of data.name='packed:<DIR>', sorted."""
   root = directory(data_config.name)
-  if not os.path.isdir(root):
+  if not storage.isdir(root):
     read_spec(data_config.name, "train")  # the missing-directory error
   return packed_splits(root)
 
@@ -194,18 +197,18 @@ def local_batches(data_config, *, split: str, seed: int, global_batch_size: int,
   root = directory(data_config.name)
   num_shards = int(spec["num_shards"])
   paths = tuple(shard_path(root, split, s, num_shards) for s in range(num_shards))
-  missing = [path for path in paths if not os.path.isfile(path)]
+  missing = [path for path in paths if not storage.exists(path)]
   if missing:
     raise FileNotFoundError(
         f"data.name={data_config.name!r}: {len(missing)} of the {num_shards} shards of split "
-        f"{split!r} are missing (e.g. {missing[0]}); delete {os.path.join(root, split)} and pack "
+        f"{split!r} are missing (e.g. {missing[0]}); delete {storage.join(root, split)} and pack "
         f"it again: {_prepare_command(root, split, spec)}")
   source = _Source(paths, data_info.image_shape, spec["dtype"])
   if len(source) != data_info.num_examples:
     raise ValueError(
         f"data.name={data_config.name!r}: the shards of split {split!r} hold {len(source)} "
         f"examples but {SPEC_FILE} says {data_info.num_examples}; delete "
-        f"{os.path.join(root, split)} and pack it again: {_prepare_command(root, split, spec)}")
+        f"{storage.join(root, split)} and pack it again: {_prepare_command(root, split, spec)}")
   transform = pipeline.ExampleTransform(
       seed=seed, random_flip=bool(data_config.random_flip) and split == "train",
       with_labels=data_info.num_classes > 0)

@@ -21,6 +21,8 @@ import grain
 import jax
 import numpy as np
 
+from flowjax import storage
+
 LocalBatchFn = Callable[[int], dict[str, np.ndarray]]
 
 _SHUFFLE_STREAM = 0
@@ -71,8 +73,8 @@ def batch_spec(info: DataInfo, global_batch_size: int,
 
 
 def read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  """A JSON file on local disk or object storage (a dataset directory may be either)."""
+  return json.loads(storage.read_text(path))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,7 +88,15 @@ class ArrayRecordSource(abc.ABC):
 
   @functools.cached_property
   def _records(self):
-    return grain.sources.ArrayRecordDataSource(list(self.paths))
+    try:
+      return grain.sources.ArrayRecordDataSource(list(self.paths))
+    except (OSError, RuntimeError) as error:
+      if not any(storage.is_remote(path) for path in self.paths):
+        raise
+      raise OSError(f"The dataset shards on object storage ({self.paths[0]}, ...) cannot be "
+                    f"read ({error}): array_record reads gs:// from version 0.8.6 with the "
+                    "machine's credentials; pip install -e '.[gcs]' (or -U array-record), or "
+                    "copy the directory to a local disk.") from error
 
   def __len__(self) -> int:
     return len(self._records)
