@@ -1,5 +1,5 @@
 """python -m flowjax.arena --suite=toy2d|digits|... --workdir=DIR [--seeds=N] [--budget=STEPS]
-                          [--methods=...]
+                          [--methods=...] [--first_seed=K]
 python -m flowjax.arena --report=experiments/results/arena_toy2d.json [--readme=README.md]
 
 Trains every method of a suite with the same backbone and the same budget (steps x batch) with
@@ -14,8 +14,9 @@ Seed k trains with config.seed = k, samples with key 1234 + k and evaluates with
 evaluation seed + k. Seed 0 trains in DIR/<method>/ and seed k > 0 in DIR/seed_<k>/<method>/
 (CTM's teacher is the flow-matching run of its own seed), each with the ordinary trainer, so an
 interrupted arena resumes where it stopped and an earlier single-seed arena is seed 0 of a
-multi-seed one. --report prints the tables of a result file; with --readme it rewrites that
-file's block in the README instead.
+multi-seed one; --first_seed=K trains only seeds K..N-1 and keeps the results of the lower
+seeds that DIR/arena.json holds. --report prints the tables of a result file; with --readme it
+rewrites that file's block in the README instead.
 """
 
 import dataclasses
@@ -261,10 +262,11 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
 
 
 def run(suite: str, workdir: str, budget: int | None = None, methods=None, seeds: int = 1,
-        command: str | None = None) -> list[Result]:
-  """Trains and evaluates the chosen methods of `suite` with seeds 0..seeds-1 (every method of
-  seed 0 first, so that an interrupted run already holds a complete single-seed arena), then
-  writes DIR/arena.json, .md, .png and _samples.png; returns every result of DIR/arena.json."""
+        command: str | None = None, first_seed: int = 0) -> list[Result]:
+  """Trains and evaluates the chosen methods of `suite` with seeds first_seed..seeds-1 (every
+  method of the first seed first, so that an interrupted run already holds a complete
+  single-seed arena), then writes DIR/arena.json, .md, .png and _samples.png; returns every
+  result of DIR/arena.json (the results of other seeds and methods at this budget are kept)."""
   from flowjax import config as config_lib, provenance, train
   spec = SUITES[suite]
   steps = budget or spec["steps"]
@@ -275,11 +277,13 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None, seeds
                                                    unknown[0], list(spec["methods"])))
   if seeds < 1:
     raise ValueError(f"--seeds must be at least 1; got {seeds}.")
+  if not 0 <= first_seed < seeds:
+    raise ValueError(f"--first_seed={first_seed} must be in [0, --seeds={seeds}).")
   chosen = [m for m in spec["methods"] if not methods or m in methods]
   # The code that trains and evaluates is the code at the start (commit, uncommitted changes).
   header = provenance.header(command or f"flowjax.arena.run({suite!r}, ...)")
   results = []
-  for seed in range(seeds):
+  for seed in range(first_seed, seeds):
     for method in chosen:
       experiment, step_counts, sample_method, *extra = spec["methods"][method]
       own = {key: value.format(workdir=seed_workdir(workdir, seed)) if isinstance(value, str)
@@ -303,7 +307,7 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None, seeds
   kept, runs = earlier_results(workdir, steps, {(r.method, r.seed) for r in results})
   for r in results:
     r.run = len(runs)
-  runs.append(dict(header, seeds=list(range(seeds)), methods=chosen))
+  runs.append(dict(header, seeds=list(range(first_seed, seeds)), methods=chosen))
   order = list(spec["methods"])
   results = sorted(kept + results, key=lambda r: (order.index(r.method) if r.method in order
                                                   else len(order), r.method, r.seed, r.num_steps))
@@ -453,6 +457,9 @@ def main(argv=None):
   parser.add_argument("--workdir")
   parser.add_argument("--seeds", type=int, default=1,
                       help="train every method with config.seed = 0..N-1")
+  parser.add_argument("--first_seed", type=int, default=0,
+                      help="train only seeds K..N-1; the results of lower seeds stay in "
+                      "DIR/arena.json from the runs that made them")
   parser.add_argument("--budget", type=int, default=None, help="train steps for every method")
   parser.add_argument("--methods", default="", help="comma-separated subset of the methods")
   parser.add_argument("--report", help="print the tables of this arena result file (no "
@@ -475,6 +482,8 @@ def main(argv=None):
     parser.error("give --suite and --workdir to run an arena, or --report=FILE to print one.")
   if args.seeds < 1:
     parser.error(f"--seeds must be at least 1; got {args.seeds}.")
+  if not 0 <= args.first_seed < args.seeds:
+    parser.error(f"--first_seed={args.first_seed} must be in [0, --seeds={args.seeds}).")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   from flowjax import metrics
   metrics.quiet_libraries()
@@ -487,7 +496,7 @@ def main(argv=None):
     parser.error(registry.unknown_name_message(f"--methods entry of suite {args.suite!r}",
                                                unknown[0], list(SUITES[args.suite]["methods"])))
   command = " ".join(["python -m flowjax.arena"] + list(sys.argv[1:] if argv is None else argv))
-  run(args.suite, args.workdir, args.budget, methods, args.seeds, command)
+  run(args.suite, args.workdir, args.budget, methods, args.seeds, command, args.first_seed)
   print(storage.read_text(storage.join(args.workdir, "arena.md")))
 
 

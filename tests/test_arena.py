@@ -6,6 +6,8 @@ import json
 import pathlib
 import re
 
+import pytest
+
 from flowjax import arena, arena_report, metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -201,6 +203,30 @@ def test_statistics_and_which_entries_the_seeds_tell_apart():
   # A single-seed entry beside a spread: compared within twice the spread that is known.
   mixed = dict(column, b=arena_report.statistics([1.3]), d=arena_report.statistics([1.5]))
   assert arena_report.resolved_best(mixed) == {"a", "b"}
+
+
+def test_first_seed_trains_only_the_later_seeds_and_keeps_the_earlier_results(tmp_path,
+                                                                              monkeypatch):
+  """--first_seed=1 --seeds=2 trains seed 1 alone (seed 0's run is not retrained, even when its
+  directory is gone) and the result file keeps seed 0's records with the run that made them."""
+  import shutil
+  suite = dict(arena.SUITES["toy2d"])
+  suite["methods"] = {"flow_matching": ("fm_toy2d.py", [1], "euler")}
+  suite["overrides"] = dict(suite["overrides"], **{"model.hidden_size": 16, "model.depth": 1,
+                                                  "train.batch_size": 32, "sample.num": 16})
+  suite["num_samples"] = 64
+  monkeypatch.setitem(arena.SUITES, "toy2d", suite)
+  arena.run("toy2d", str(tmp_path), budget=2, command="first")
+  shutil.rmtree(tmp_path / "flow_matching")
+  results = arena.run("toy2d", str(tmp_path), budget=2, seeds=2, command="second", first_seed=1)
+  assert not (tmp_path / "flow_matching").exists()
+  assert (tmp_path / "seed_1" / "flow_matching" / "checkpoints" / "2").is_dir()
+  assert sorted((r.seed, r.run) for r in results) == [(0, 0), (1, 1)]
+  record = json.loads((tmp_path / "arena.json").read_text())
+  assert [(run["command"], run["seeds"]) for run in record["runs"]] == [("first", [0]),
+                                                                      ("second", [1])]
+  with pytest.raises(ValueError, match="first_seed"):
+    arena.run("toy2d", str(tmp_path), budget=2, seeds=2, first_seed=2)
 
 
 def test_earlier_results_keep_other_methods_and_seeds_with_their_commands(tmp_path):
