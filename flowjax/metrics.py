@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 
 import numpy as np
 from PIL import Image
@@ -89,6 +90,10 @@ class Writer:
     self._pending = []
     self._events = None
     self._segment = 0
+    self._closed = False
+    # Segment names: the event file's time and host, then this writer's tag and a count, so that
+    # two writers of one second (a run, then an evaluation in the same process) never collide.
+    self._tag = uuid.uuid4().hex[:8]
     if enabled:
       storage.makedirs(workdir)
       if self._remote:
@@ -104,15 +109,21 @@ class Writer:
 
   def _board(self):
     """The open SummaryWriter; on object storage a new local segment after each upload (its
-    name numbered, so two segments of one second never share a file)."""
+    name tagged and numbered, so two segments of one second never share a file)."""
     if self._tb is None:
       self._segment += 1
-      self._tb = self._summary_writer(self._events, f".{self._segment:06d}")
+      self._tb = self._summary_writer(self._events, f".{self._tag}.{self._segment:06d}")
     return self._tb
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise ValueError(f"The metrics writer of {self.workdir} is closed; nothing more can be "
+                       "logged through it.")
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
+    self._check_open()
     record = {"step": int(step), **{k: _to_python(v) for k, v in values.items()}}
     # Strict JSON: a non-finite value (a skipped step's loss) is written as null.
     line = json.dumps({k: v if v is None or math.isfinite(v) else None
@@ -130,6 +141,7 @@ class Writer:
   def image(self, step: int, name: str, image: np.ndarray) -> None:
     """image: [H, W, 3] uint8."""
     if self.enabled:
+      self._check_open()
       self._board().add_image(name, image, step, dataformats="HWC")
 
   def flush(self) -> None:
@@ -139,6 +151,7 @@ class Writer:
       self._tb.flush()
 
   def close(self) -> None:
+    self._closed = True
     if self._remote:
       self._upload()
       if self._events is not None:

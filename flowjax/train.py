@@ -345,33 +345,43 @@ def evaluable(setup: Setup, state: TrainState) -> evals.Evaluable:
                          params=params, sample=sample, rng=setup.eval_rng)
 
 
-def evaluate(setup: Setup, state: TrainState, step: int, workdir: str, writer) -> dict:
+def evaluate(setup: Setup, state: TrainState, step: int, workdir: str, writer,
+             shield=contextlib.nullcontext) -> dict:
   """The objective's loss on `eval.num_batches` batches of `eval.split`, bits/dim of
   exact-likelihood models, FID and Inception Score when their assets are configured; writes
-  eval/step_N.json."""
+  eval/step_N.json. shield: a context in which a stop signal waits (`_StopSignal.shielded`),
+  around the data loader's start and close and the writes of the result."""
   config = setup.config
-  batches = data.build(config.data, split=config.eval.split,
-                       global_batch_size=config.train.batch_size, seed=config.seed,
-                       sharding=sharding.batch_sharding(setup.mesh), shuffle=False)
+  with shield():
+    batches = data.build(config.data, split=config.eval.split,
+                         global_batch_size=config.train.batch_size, seed=config.seed,
+                         sharding=sharding.batch_sharding(setup.mesh), shuffle=False)
   totals = {}
   try:
     with context(setup):
       for index in range(config.eval.num_batches):
-        values = setup.eval_step(state.params, step_lib.view_of(state), next(batches), index)
+        with shield():
+          batch = next(batches)
+        values = setup.eval_step(state.params, step_lib.view_of(state), batch, index)
         totals = jax.tree.map(jnp.add, totals, values) if totals else values
   finally:
-    batches.close()
+    with shield():
+      batches.close()
   result = {f"eval_{k}": float(v) / config.eval.num_batches for k, v in totals.items()}
   # Sample-quality and likelihood evaluators; each skips itself when its assets are missing.
   result.update(evals.quality_metrics(evaluable(setup, state)))
-  if jax.process_index() == 0:
-    storage.write_text(storage.join(workdir, "eval", f"step_{step}.json"),
-                       json.dumps({"step": step, **result}, indent=2))
-  writer.scalars(step, result)
+  with shield():  # the scalars, then the file whose presence says the evaluation is done
+    writer.scalars(step, result)
+    if jax.process_index() == 0:
+      storage.write_text(storage.join(workdir, "eval", f"step_{step}.json"),
+                         json.dumps({"step": step, **result}, indent=2))
   return result
 
 
-def write_samples(setup: Setup, state: TrainState, step: int, workdir: str, writer, name=None):
+def write_samples(setup: Setup, state: TrainState, step: int, workdir: str, writer, name=None,
+                  shield=contextlib.nullcontext):
+  """The sample grid of `step` (samples/step_N.png and TensorBoard); shield: as `evaluate`'s,
+  around the writes."""
   config = setup.config
   rng = jax.random.fold_in(setup.eval_rng, step)
   with context(setup):
@@ -380,8 +390,9 @@ def write_samples(setup: Setup, state: TrainState, step: int, workdir: str, writ
   samples = np.asarray(jax.device_get(samples))
   picture = metrics.samples_picture(as_images(config, samples))
   if jax.process_index() == 0:
-    metrics.save_png(storage.join(workdir, "samples", name or f"step_{step}.png"), picture)
-    writer.image(step, "samples", picture)
+    with shield():
+      writer.image(step, "samples", picture)
+      metrics.save_png(storage.join(workdir, "samples", name or f"step_{step}.png"), picture)
   return samples
 
 
@@ -405,8 +416,10 @@ def _preemption_service() -> bool:
           and bool(jax.config.jax_enable_preemption_service))
 
 
-class Interrupted(Exception):
-  """A stop signal ended an in-loop evaluation or sample grid (`_StopSignal.interruptible`)."""
+class Interrupted(BaseException):
+  """A stop signal ended an in-loop evaluation or sample grid (`_StopSignal.interruptible`). A
+  BaseException, like KeyboardInterrupt, so that no `except Exception` on the way (an evaluator
+  that reports a failed asset load and goes on) takes it for an error of its own."""
 
 
 class _StopSignal:
@@ -437,6 +450,19 @@ class _StopSignal:
       yield
     finally:
       self._interruptible = False
+
+  @contextlib.contextmanager
+  def shielded(self):
+    """Inside `interruptible`: a block a signal must not cut halfway (a data loader's start and
+    close, a result's writes); a signal during it raises `Interrupted` when it ends."""
+    outer, self._interruptible = self._interruptible, False
+    try:
+      yield
+    finally:
+      self._interruptible = outer
+    if outer and self.received is not None and not self.collective:
+      self._interruptible = False
+      raise Interrupted(self.received)
 
   def __enter__(self):
     signals = (signal.SIGINT,) if self.collective else (signal.SIGTERM, signal.SIGINT)
@@ -707,7 +733,7 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
 
   pending = None
   step = start
-  redo_eval, redo_sample = missing_reports(config, workdir, start) if start < total else (0, 0)
+  redo_eval, redo_sample = missing_reports(config, workdir, start)
   # The handler stays until the final checkpoint is written: a second signal does not cut it.
   with _StopSignal(collective=_preemption_service()) as stop:
     try:
@@ -715,12 +741,14 @@ def _train_loop(setup: Setup, compiled, state, start: int, mngr, batches, writer
         def reports(step, evaluation, samples):
           """The in-loop evaluation and sample grid of `step`, which a signal ends at once (a
           preemption's grace period is short; the step is saved next)."""
+          if not (evaluation or samples):
+            return
           try:
             with stop.interruptible():
               if evaluation:
-                evaluate(setup, state, step, workdir, writer)
+                evaluate(setup, state, step, workdir, writer, shield=stop.shielded)
               if samples:
-                write_samples(setup, state, step, workdir, writer)
+                write_samples(setup, state, step, workdir, writer, shield=stop.shielded)
           except Interrupted as interrupted:
             logging.warning("%s arrived during the evaluation or sample grid of step %d: left "
                             "unfinished (a resumed run makes it first), so that the checkpoint "

@@ -264,6 +264,8 @@ def test_on_object_storage_each_flush_uploads_only_what_was_logged_since_the_las
     assert os.listdir(local) == []
   writer.close()
   assert not os.path.exists(local)
+  with pytest.raises(ValueError, match="closed"):
+    writer.scalars(step + 1, {"loss": 1.0})
   events = {key: data for key, data in store["objects"].items()
             if key.startswith("mem://bucket/run/tensorboard/")}
   written = [key for key, _ in store["writes"] if key in events]

@@ -334,6 +334,62 @@ def test_a_signal_during_an_in_loop_evaluation_ends_it_and_saves_at_once(tmp_pat
   state = train.run(toy_config(**{"train.steps": 12, "ckpt.every_steps": 100, **overrides}),
                     str(tmp_path))
   assert int(state.step) == 12 and len(done) == 40, len(done)
+  # A stop during the last step's report: the rerun of the finished run makes it.
+  final = tmp_path / "final"
+  report = lambda step: final / ("eval" if where == "eval" else "samples") / (
+      f"step_{step}.json" if where == "eval" else f"step_{step}.png")
+  config = toy_config(**{"train.steps": 4, "ckpt.every_steps": 100, **overrides})
+  signal_at.append(2)
+  done.clear()
+  assert int(train.run(config, str(final)).step) == 4 and not report(4).exists()
+  signal_at.clear()
+  done.clear()
+  assert int(train.run(config, str(final)).step) == 4 and report(4).exists()
+  assert len(done) == 40, len(done)
+
+
+def test_a_shielded_block_finishes_before_the_signal_interrupts(monkeypatch):
+  """Inside an interruptible report a signal raises at once, past any `except Exception`; in a
+  shielded part (a loader's close, a result's writes) it waits for the part's end; outside both
+  it only sets the flag."""
+  def signalled():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)  # the handler runs at the next bytecode of the main thread
+
+  with train._StopSignal() as stop:
+    steps = []
+    with pytest.raises(train.Interrupted):
+      with stop.interruptible():
+        try:
+          signalled()
+          steps.append("not reached")
+        except Exception:  # an evaluator's own error handling does not swallow it
+          steps.append("swallowed")
+    assert steps == [] and stop.received == "SIGTERM"
+  with train._StopSignal() as stop:
+    with pytest.raises(train.Interrupted):
+      with stop.interruptible():
+        with stop.shielded():
+          signalled()
+          steps.append("closed")
+        steps.append("not reached")
+    assert steps == ["closed"]
+  with train._StopSignal() as stop:
+    signalled()
+    assert stop.received == "SIGTERM"
+
+
+def test_a_signal_during_a_training_step_is_an_ordinary_stop(tmp_path, monkeypatch, caplog):
+  """A signal between reports stops at the step as always, without claiming that a report was
+  cut short, and a later signal-free run is not disturbed by what the stop left behind."""
+  helpers.interrupt_while_reading(monkeypatch, 3, signal.SIGINT)
+  config = toy_config(**{"train.steps": 50, "ckpt.every_steps": 100, "eval.every_steps": 2,
+                         "eval.num_batches": 1})  # the eval loader reads 1 batch: no signal
+  with caplog.at_level("WARNING"):
+    state = train.run(config, str(tmp_path))
+  assert int(state.step) == 3 and (tmp_path / "checkpoints" / "3").is_dir()
+  assert (tmp_path / "eval" / "step_2.json").exists()
+  assert not any("during the evaluation" in r.getMessage() for r in caplog.records)
 
 
 def test_resuming_with_other_train_steps_warns_when_the_schedule_moves(tmp_path, caplog):

@@ -197,7 +197,9 @@ def local_batches(data_config, *, split: str, seed: int, global_batch_size: int,
   root = directory(data_config.name)
   num_shards = int(spec["num_shards"])
   paths = tuple(shard_path(root, split, s, num_shards) for s in range(num_shards))
-  missing = [path for path in paths if not storage.exists(path)]
+  # One listing of the split (one request on object storage), not one lookup per shard.
+  present = set(storage.listdir(storage.join(root, split)))
+  missing = [path for path in paths if path.rsplit("/", 1)[-1] not in present]
   if missing:
     raise FileNotFoundError(
         f"data.name={data_config.name!r}: {len(missing)} of the {num_shards} shards of split "
