@@ -358,3 +358,23 @@ def test_unreadable_shards_on_object_storage_name_the_fix(monkeypatch):
   local = packed._Source(("/data/train/images-00000-of-00001.array_record",), (8, 8, 3), "uint8")
   with pytest.raises(RuntimeError, match="open"):
     len(local)
+
+
+def test_fid_statistics_and_weights_on_object_storage(monkeypatch):
+  """The FID assets a pod reads (converted Inception weights, reference statistics) may be
+  objects: written as one upload, read back whole, and a missing one is the usual AssetError."""
+  import numpy as np
+
+  from flowjax import storage
+  from flowjax.evals import fid
+  store = {"objects": {}, "writes": []}
+  monkeypatch.setattr(storage, "_epath", lambda path: _MemoryPath(store, path))
+  arrays = {"mu": np.arange(4, dtype=np.float64), "sigma": np.eye(4)}
+  fid.save_npz("mem://bucket/stats/cifar10.npz", arrays)
+  assert [key for key, _ in store["writes"]] == ["mem://bucket/stats/cifar10.npz"]
+  read = fid.read_npz("mem://bucket/stats/cifar10.npz", "FID reference statistics file", "fix")
+  assert read.keys() == arrays.keys()
+  for key in arrays:
+    np.testing.assert_array_equal(read[key], arrays[key])
+  with pytest.raises(fid.AssetError, match="mem://bucket/stats/none.npz does not exist"):
+    fid.read_npz("mem://bucket/stats/none.npz", "FID reference statistics file", "fix")

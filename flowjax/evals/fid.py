@@ -40,6 +40,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import io
 import logging
 import math
 import os
@@ -56,6 +57,7 @@ import numpy as np
 from flax import traverse_util
 from scipy import special
 
+from flowjax import storage
 from flowjax.config import FEATURE_EXTRACTORS
 from flowjax.evals import precision_recall
 
@@ -441,7 +443,12 @@ def convert(in_path: str, out_path: str) -> dict[str, np.ndarray]:
 
 def save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
   """Writes `arrays` as an .npz at `path` (parent folders created), atomically: a reader never
-  sees a partial file."""
+  sees a partial file (on object storage, gs://..., one object upload)."""
+  if storage.is_remote(path):
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    storage.write_bytes(path, buffer.getvalue())
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   partial = path + ".partial"
@@ -458,11 +465,12 @@ def save_weights(path: str, params: Mapping) -> None:
 
 def read_npz(path: str, what: str, fix: str) -> dict[str, np.ndarray]:
   """{name: array} of the .npz at `path`; raises AssetError '<The what> <path> does not exist /
-  is not a readable .npz (...); <fix>.'"""
-  if not os.path.isfile(path):
+  is not a readable .npz (...); <fix>.' The file may be on object storage (gs://...)."""
+  if not (storage.exists(path) if storage.is_remote(path) else os.path.isfile(path)):
     raise AssetError(f"The {what} {path} does not exist; {fix}.")
   try:
-    with np.load(path, allow_pickle=False) as stored:
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+    with np.load(source, allow_pickle=False) as stored:
       return {key: np.asarray(stored[key]) for key in stored.files}
   except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
     raise AssetError(f"The {what} {path} is not a readable .npz ({error}); {fix}.") from error
