@@ -7,6 +7,7 @@ share.
 and stops with the list of missing, extra and mis-shaped keys.
 """
 
+import io
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from flowjax import network_pickle
+from flowjax import network_pickle, storage
 
 CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "net", "ema", "module")
 
@@ -30,16 +31,23 @@ def read_state_dict(path: str, key: str = "") -> dict[str, np.ndarray]:
 
   key: the entry of a checkpoint dict that holds the state dict ("" = find it: the file itself,
   or the first of CHECKPOINT_KEYS present); for a .pkl, the network ("" = 'ema').
+  A .safetensors or .npz file may be on object storage (gs://...).
   """
-  if not os.path.isfile(path):
+  remote = storage.is_remote(path)
+  if not (storage.exists(path) if remote else os.path.isfile(path)):
     raise ConversionError(f"--checkpoint={path!r} is not a file.")
   extension = os.path.splitext(path)[1].lower()
+  if remote and extension not in (".safetensors", ".npz"):
+    raise ConversionError(f"{path}: a {extension} file is read from local disk; copy it there, "
+                          "or store the weights as .safetensors or .npz.")
   try:
     if extension == ".safetensors":
       from safetensors import numpy as safetensors_numpy
-      tensors = safetensors_numpy.load_file(path)
+      tensors = (safetensors_numpy.load(storage.read_bytes(path)) if remote
+                 else safetensors_numpy.load_file(path))
     elif extension == ".npz":
-      with np.load(path, allow_pickle=False) as data:
+      with np.load(io.BytesIO(storage.read_bytes(path)) if remote else path,
+                   allow_pickle=False) as data:
         tensors = {name: data[name] for name in data.files}
     elif extension == ".pkl":
       tensors = network_pickle.state_dict(path, key)
@@ -75,12 +83,12 @@ def read_shards(weights: str, what: str) -> dict[str, np.ndarray]:
   naming it (`what` names the model in the message)."""
   shards = [weights]
   if weights.endswith(HF_INDEX):
-    with open(weights) as f:
-      names = sorted(set(json.load(f)["weight_map"].values()))
-    shards = [os.path.join(os.path.dirname(weights), name) for name in names]
+    names = sorted(set(json.loads(storage.read_text(weights))["weight_map"].values()))
+    folder = weights[:-len(HF_INDEX)].rstrip("/" if storage.is_remote(weights) else os.sep)
+    shards = [storage.join(folder, name) for name in names]
   state_dict = {}
   for shard in shards:
-    if not os.path.isfile(shard):
+    if not (storage.exists(shard) if storage.is_remote(shard) else os.path.isfile(shard)):
       raise FileNotFoundError(f"No {what} weights at {shard!r}: the index names it; copy every "
                               "shard of the checkpoint.")
     try:

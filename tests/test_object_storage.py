@@ -378,3 +378,32 @@ def test_fid_statistics_and_weights_on_object_storage(monkeypatch):
     np.testing.assert_array_equal(read[key], arrays[key])
   with pytest.raises(fid.AssetError, match="mem://bucket/stats/none.npz does not exist"):
     fid.read_npz("mem://bucket/stats/none.npz", "FID reference statistics file", "fix")
+
+
+def test_weights_in_safetensors_and_npz_on_object_storage(monkeypatch):
+  """Converted networks' weights (an SD-VAE's safetensors, a HF index and its shards, an .npz)
+  read from object storage as from disk; a torch pickle there names the fix."""
+  import numpy as np
+  from safetensors import numpy as safetensors_numpy
+
+  from flowjax import state_dicts, storage
+  store = {"objects": {}, "writes": []}
+  monkeypatch.setattr(storage, "_epath", lambda path: _MemoryPath(store, path))
+  first = {"encoder.weight": np.ones((2, 3), np.float32)}
+  second = {"decoder.bias": np.arange(3, dtype=np.float32)}
+  store["objects"]["mem://b/vae/one.safetensors"] = safetensors_numpy.save(first)
+  store["objects"]["mem://b/vae/two.safetensors"] = safetensors_numpy.save(second)
+  store["objects"]["mem://b/vae/model.safetensors.index.json"] = json.dumps({"weight_map": {
+      "encoder.weight": "one.safetensors", "decoder.bias": "two.safetensors"}}).encode()
+  merged = state_dicts.read_shards("mem://b/vae/model.safetensors.index.json", "SD-VAE")
+  assert sorted(merged) == ["decoder.bias", "encoder.weight"]
+  np.testing.assert_array_equal(merged["decoder.bias"], second["decoder.bias"])
+  import io
+  buffer = io.BytesIO()
+  np.savez(buffer, **first)
+  store["objects"]["mem://b/net.npz"] = buffer.getvalue()
+  np.testing.assert_array_equal(state_dicts.read_state_dict("mem://b/net.npz")["encoder.weight"],
+                                first["encoder.weight"])
+  store["objects"]["mem://b/net.pt"] = b"torch"
+  with pytest.raises(state_dicts.ConversionError, match="read from local disk"):
+    state_dicts.read_state_dict("mem://b/net.pt")
