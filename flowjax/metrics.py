@@ -91,7 +91,6 @@ class Writer:
     self._events = None
     self._segment = 0
     self._closed = False
-    self._records = None  # on object storage: metrics.jsonl as last uploaded (read once)
     # Segment names: the event file's time and host, then this writer's tag and a count, so that
     # two writers of one second (a run, then an evaluation in the same process) never collide.
     self._tag = uuid.uuid4().hex[:8]
@@ -169,11 +168,7 @@ class Writer:
     if not (self.enabled and self._remote):
       return
     if self._pending:
-      path = storage.join(self.workdir, METRICS_FILE)
-      if self._records is None:
-        self._records = storage.read_bytes(path) if storage.exists(path) else b""
-      self._records += "".join(self._pending).encode("utf-8")
-      storage.write_bytes(path, self._records)
+      storage.append_text(storage.join(self.workdir, METRICS_FILE), "".join(self._pending))
       self._pending = []
     if self._tb is not None:
       self._tb.close()
