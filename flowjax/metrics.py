@@ -100,7 +100,7 @@ class Writer:
         import tempfile
         self._events = tempfile.mkdtemp(prefix="flowjax_tensorboard_")
       else:
-        self._tb = self._summary_writer(storage.join(workdir, "tensorboard"))
+        self._tb = self._summary_writer(storage.join(workdir, "tensorboard"), f".{self._tag}")
 
   @staticmethod
   def _summary_writer(directory: str, suffix: str = ""):

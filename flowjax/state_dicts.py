@@ -10,6 +10,7 @@ and stops with the list of missing, extra and mis-shaped keys.
 import io
 import json
 import os
+import posixpath
 from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
@@ -84,7 +85,8 @@ def read_shards(weights: str, what: str) -> dict[str, np.ndarray]:
   shards = [weights]
   if weights.endswith(HF_INDEX):
     names = sorted(set(json.loads(storage.read_text(weights))["weight_map"].values()))
-    folder = weights[:-len(HF_INDEX)].rstrip("/" if storage.is_remote(weights) else os.sep)
+    folder = (posixpath.dirname(weights) if storage.is_remote(weights)
+              else os.path.dirname(weights))
     shards = [storage.join(folder, name) for name in names]
   state_dict = {}
   for shard in shards:

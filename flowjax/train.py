@@ -364,9 +364,11 @@ def evaluate(setup: Setup, state: TrainState, step: int, workdir: str, writer,
           batch = next(batches)
         values = setup.eval_step(state.params, step_lib.view_of(state), batch, index)
         totals = jax.tree.map(jnp.add, totals, values) if totals else values
-  finally:
-    with shield():
-      batches.close()
+  except BaseException:
+    batches.close()  # unshielded: a signal now must not replace the error being raised
+    raise
+  with shield():
+    batches.close()
   result = {f"eval_{k}": float(v) / config.eval.num_batches for k, v in totals.items()}
   # Sample-quality and likelihood evaluators; each skips itself when its assets are missing.
   result.update(evals.quality_metrics(evaluable(setup, state)))
