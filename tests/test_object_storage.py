@@ -393,9 +393,10 @@ def test_weights_in_safetensors_and_npz_on_object_storage(monkeypatch):
   second = {"decoder.bias": np.arange(3, dtype=np.float32)}
   store["objects"]["mem://b/vae/one.safetensors"] = safetensors_numpy.save(first)
   store["objects"]["mem://b/vae/two.safetensors"] = safetensors_numpy.save(second)
-  store["objects"]["mem://b/vae/diffusion_pytorch_model.safetensors.index.json"] = json.dumps({"weight_map": {
+  index = "mem://b/vae/diffusion_pytorch_model.safetensors.index.json"  # a prefixed index name
+  store["objects"][index] = json.dumps({"weight_map": {
       "encoder.weight": "one.safetensors", "decoder.bias": "two.safetensors"}}).encode()
-  merged = state_dicts.read_shards("mem://b/vae/diffusion_pytorch_model.safetensors.index.json", "SD-VAE")
+  merged = state_dicts.read_shards(index, "SD-VAE")
   assert sorted(merged) == ["decoder.bias", "encoder.weight"]
   np.testing.assert_array_equal(merged["decoder.bias"], second["decoder.bias"])
   import io
