@@ -35,7 +35,7 @@ def read_state_dict(path: str, key: str = "") -> dict[str, np.ndarray]:
   A .safetensors or .npz file may be on object storage (gs://...).
   """
   remote = storage.is_remote(path)
-  if not (storage.exists(path) if remote else os.path.isfile(path)):
+  if not storage.isfile(path):
     raise ConversionError(f"--checkpoint={path!r} is not a file.")
   extension = os.path.splitext(path)[1].lower()
   if remote and extension not in (".safetensors", ".npz"):
@@ -90,7 +90,7 @@ def read_shards(weights: str, what: str) -> dict[str, np.ndarray]:
     shards = [storage.join(folder, name) for name in names]
   state_dict = {}
   for shard in shards:
-    if not (storage.exists(shard) if storage.is_remote(shard) else os.path.isfile(shard)):
+    if not storage.isfile(shard):
       raise FileNotFoundError(f"No {what} weights at {shard!r}: the index names it; copy every "
                               "shard of the checkpoint.")
     try:

@@ -39,6 +39,11 @@ def exists(path: str) -> bool:
   return _epath(path).exists() if is_remote(path) else os.path.exists(path)
 
 
+def isfile(path: str) -> bool:
+  """A file on disk, or an object on object storage."""
+  return _epath(path).is_file() if is_remote(path) else os.path.isfile(path)
+
+
 def isdir(path: str) -> bool:
   return _epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
 

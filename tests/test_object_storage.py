@@ -215,6 +215,9 @@ class _MemoryPath:
     return self.path in self.store["objects"] or any(
         key.startswith(self.path.rstrip("/") + "/") for key in self.store["objects"])
 
+  def is_file(self):
+    return self.path in self.store["objects"]
+
   def mkdir(self, parents=False, exist_ok=False):
     del parents, exist_ok
 

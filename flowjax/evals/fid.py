@@ -466,7 +466,7 @@ def save_weights(path: str, params: Mapping) -> None:
 def read_npz(path: str, what: str, fix: str) -> dict[str, np.ndarray]:
   """{name: array} of the .npz at `path`; raises AssetError '<The what> <path> does not exist /
   is not a readable .npz (...); <fix>.' The file may be on object storage (gs://...)."""
-  if not (storage.exists(path) if storage.is_remote(path) else os.path.isfile(path)):
+  if not storage.isfile(path):
     raise AssetError(f"The {what} {path} does not exist; {fix}.")
   try:
     source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
