@@ -392,9 +392,23 @@ def _gemma_encoder(settings: TextSettings) -> TextEncoder:
   return TextEncoder(settings, config.hidden_size, tokenize, params, _jitted_features(module))
 
 
-@functools.lru_cache(maxsize=4)
+def on_disk(settings: TextSettings) -> TextSettings:
+  """`settings` with a data.text.path on object storage (gs://...) replaced by its local copy
+  (`storage.local_copy`: the folder's configs, tokenizers and .safetensors, once per host)."""
+  from flowjax import storage
+  if not storage.is_remote(settings.path):
+    return settings
+  return dataclasses.replace(settings, path=storage.local_copy(settings.path))
+
+
 def encoder_of(settings: TextSettings) -> TextEncoder:
-  """The encoder of a setting (built once)."""
+  """The encoder of a setting (built once; a data.text.path on object storage is read through a
+  local copy)."""
+  return _encoder_of(on_disk(settings))
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder_of(settings: TextSettings) -> TextEncoder:
   if not settings.enabled:
     raise TextConfigError("data.text.encoder is not set: there is no caption encoder (choose "
                           f"one of {list(ENCODERS)}).")
@@ -411,6 +425,7 @@ def feature_dim(settings: TextSettings) -> int:
   """The feature width D without building the encoder: 'words': data.text.dim; 't5': d_model of
   the config.json in data.text.path, 'gemma_embed' and 'gemma': its hidden_size (data.text.dim
   when there is no path: a synthetic dry run)."""
+  settings = on_disk(settings)
   if settings.encoder == "gemma_embed" and settings.path:
     return gemma_sizes(settings.path)[1]
   if settings.encoder == "gemma" and settings.path:
@@ -439,6 +454,7 @@ def encoder_fingerprint(settings: TextSettings) -> str:
   import hashlib
   if not settings.path:
     return ""
+  settings = on_disk(settings)
   folders = list(dict.fromkeys(gemma_folders(settings.path))) if settings.encoder == "gemma" \
       else [settings.path]
   digest = hashlib.sha256()

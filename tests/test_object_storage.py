@@ -411,3 +411,118 @@ def test_weights_in_safetensors_and_npz_on_object_storage(monkeypatch):
   store["objects"]["mem://b/net.pt"] = b"torch"
   with pytest.raises(state_dicts.ConversionError, match="read from local disk"):
     state_dicts.read_state_dict("mem://b/net.pt")
+
+
+MODELS_SCRIPT = """
+import dataclasses, json, os, sys
+import jax
+import numpy as np
+from flowjax import storage, text
+from flowjax.models import autoencoder
+reference, bucket = sys.argv[1], sys.argv[2]
+for name, encoder, npz in (("t5_tiny", "t5", "t5_tiny_text.npz"),
+                           ("gemma1_tiny", "gemma", "gemma1_tiny_text.npz")):
+  want = np.load(os.path.join(reference, npz))
+  settings = text.TextSettings(encoder=encoder, path=f"{bucket}/{name}",
+                               max_length=want["input_ids"].shape[1])
+  got = text.encoder_of(settings)
+  captions = [str(c) for c in want["captions"]]
+  np.testing.assert_array_equal(got.tokenize(captions)[0], want["input_ids"])
+  np.testing.assert_allclose(got.encode(captions), want["features"], atol=2e-5, rtol=1e-4)
+  local = dataclasses.replace(settings, path=os.path.join(reference, name))
+  assert text.encoder_fingerprint(settings) == text.encoder_fingerprint(local)
+  assert text.feature_dim(settings) == text.feature_dim(local) == 16
+with open(os.path.join(reference, "sdvae_tiny.config.json")) as f:
+  config = json.load(f)
+model = autoencoder.AutoencoderKL(
+    block_out_channels=tuple(config["block_out_channels"]),
+    layers_per_block=config["layers_per_block"], latent_channels=config["latent_channels"],
+    image_channels=config["in_channels"], norm_groups=config["norm_num_groups"],
+    mid_attention=config["mid_block_add_attention"])
+shape = (config["sample_size"],) * 2 + (config["in_channels"],)
+want = autoencoder.load_params(os.path.join(reference, "sdvae_tiny.safetensors"), model, shape)
+for where in (f"{bucket}/vae", f"{bucket}/vae/diffusion_pytorch_model.safetensors"):
+  got = autoencoder.load_params(where, model, shape)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+from flowjax.models import dinov2
+want = dinov2.load(os.path.join(reference, "dinov2_tiny.safetensors"),
+                   os.path.join(reference, "dinov2_tiny.json"))
+got = dinov2.load(f"{bucket}/dinov2")
+assert got[0] == want[0]
+for a, b in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
+  np.testing.assert_array_equal(a, b)
+copies = os.path.join(storage.cache_root(), "objects")
+print(json.dumps(sorted(os.path.relpath(os.path.join(root, name), copies)
+                        for root, _, names in os.walk(copies) for name in names)))
+"""
+
+
+def test_model_folders_on_object_storage(emulator, tmp_path):
+  """Text encoders (a T5 folder; Gemma in text_encoder/ + tokenizer/), a DINOv2 folder (REPA's
+  encoder) and an SD-VAE's weights in a bucket: read through one local copy per host (configs,
+  tokenizers and safetensors only), with the features and parameters of the same files on disk;
+  a new process reuses the copy, and a changed object is fetched again."""
+  import shutil
+  _, environment = emulator
+  reference = os.path.join(ROOT, "tests", "reference")
+  models = tmp_path / "models"
+  for name in ("t5_tiny", "gemma1_tiny"):
+    shutil.copytree(os.path.join(reference, name), models / name)
+  (models / "t5_tiny" / "pytorch_model.bin").write_bytes(b"torch weights, not copied")
+  (models / "dinov2").mkdir()
+  shutil.copyfile(os.path.join(reference, "dinov2_tiny.safetensors"),
+                  models / "dinov2" / "model.safetensors")
+  shutil.copyfile(os.path.join(reference, "dinov2_tiny.json"), models / "dinov2" / "config.json")
+  (models / "vae").mkdir()
+  shutil.copyfile(os.path.join(reference, "sdvae_tiny.safetensors"),
+                  models / "vae" / "diffusion_pytorch_model.safetensors")
+  (models / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"not copied")
+  bucket = f"gs://{BUCKET}/models"
+  upload(environment, models, bucket)
+  environment = dict(environment, XDG_CACHE_HOME=str(tmp_path / "cache"))
+  script = [sys.executable, "-c", MODELS_SCRIPT, reference, bucket]
+  done = subprocess.run(script, cwd=ROOT, env=environment, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  copied = json.loads(done.stdout.strip().splitlines()[-1])
+  names = sorted(name.split("/data/", 1)[-1] for name in copied if "/data/" in name)
+  # T5's and DINOv2's folders, Gemma's two sub-folders, and the VAE's file (read once from its
+  # folder and once by its own name); no torch .bin.
+  assert names == ["config.json", "config.json", "diffusion_pytorch_model.safetensors",
+                   "diffusion_pytorch_model.safetensors", "model.safetensors",
+                   "model.safetensors",
+                   "text_encoder/config.json", "text_encoder/model.safetensors",
+                   "tokenizer.json", "tokenizer/tokenizer.json",
+                   "tokenizer/tokenizer_config.json", "tokenizer_config.json"], copied
+  # Another process: the copies are reused as they are; a changed object is fetched again.
+  reuse = """
+import os, sys
+from flowjax import storage
+path = storage.local_copy(sys.argv[1])
+print(os.stat(os.path.join(path, 'config.json')).st_mtime_ns, path)
+"""
+  started = time.time_ns()
+  first = subprocess.run([sys.executable, "-c", reuse, f"{bucket}/t5_tiny"], env=environment,
+                         capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-3000:]
+  mtime, path = first.stdout.split()
+  assert int(mtime) < started  # the first process's copy
+  config = json.loads((models / "t5_tiny" / "config.json").read_text())
+  config["note"] = "changed"
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  upload(environment, tmp_path / "config.json", f"{bucket}/t5_tiny/config.json")
+  second = subprocess.run([sys.executable, "-c", reuse, f"{bucket}/t5_tiny"], env=environment,
+                          capture_output=True, text=True, timeout=300)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert second.stdout.split()[1] == path
+  assert json.loads(open(os.path.join(path, "config.json")).read())["note"] == "changed"
+  # Rewritten with the same size (a fine-tuned network of one architecture): fetched again too.
+  config["note"] = "CHANGED"
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  time.sleep(1.1)  # object times are in seconds
+  upload(environment, tmp_path / "config.json", f"{bucket}/t5_tiny/config.json")
+  third = subprocess.run([sys.executable, "-c", reuse, f"{bucket}/t5_tiny"], env=environment,
+                         capture_output=True, text=True, timeout=300)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert json.loads(open(os.path.join(path, "config.json")).read())["note"] == "CHANGED"

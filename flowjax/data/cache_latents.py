@@ -45,7 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from flowjax import config as config_lib, data, models, sharding
+from flowjax import config as config_lib, data, models, sharding, storage
 from flowjax import text as text_lib
 from flowjax.data import captions, latents
 from flowjax.models import autoencoder
@@ -72,7 +72,7 @@ def _spec(config, data_config, info, model, *, weights: str, split: str, shard_s
                   if k not in ("num_workers", "prefetch")},
       "autoencoder": {
           "model": config.model.to_dict(),
-          "weights": os.path.abspath(weights),
+          "weights": storage.absolute(weights),
           "scaling_factor": float(config.model.scaling_factor),
       },
       "repa": repa_spec,
@@ -102,7 +102,7 @@ def _repa_encoder(name: str, path: str, resolution: int, image_shape) -> tuple[A
     grid_h, grid_w, width = found.feature_shape(tuple(image_shape))
   except ValueError as error:
     raise ValueError(_as_flags(str(error))) from error
-  spec = {"encoder": name, "encoder_path": os.path.abspath(found.path),
+  spec = {"encoder": name, "encoder_path": storage.absolute(found.path),
           "encoder_resolution": found.resolution, "grid": [grid_h, grid_w],
           "feature_shape": [grid_h * grid_w, width], "dtype": "float16"}
   return found, spec

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from flowjax import storage
 from flowjax.models import layers
 from flowjax.registry import MODELS
 
@@ -463,6 +464,11 @@ def load_diffusers(path: str, params_shapes: Params) -> Params:
     the flax parameter tree, float32 NumPy leaves.
   """
   from safetensors import numpy as safetensors_numpy
+  if storage.is_remote(path):  # the one file, through a local copy
+    try:
+      path = storage.local_copy(path, (DIFFUSERS_FILENAME,))
+    except FileNotFoundError:
+      pass  # the error below names the file
   if os.path.isdir(path):
     path = os.path.join(path, DIFFUSERS_FILENAME)
   if not os.path.isfile(path):
@@ -484,14 +490,14 @@ def load_params(path: str, model: AutoencoderKL, image_shape: Sequence[int]) -> 
   this model; its newest readable checkpoint's `params` are returned (as jax.Arrays).
   """
   shapes = abstract_params(model, image_shape)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if storage.isdir(storage.join(path, "checkpoints")):
     from flowjax import checkpoint
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                           shapes)
     params, _ = checkpoint.restore_params(path, target)
     return params
-  if path.endswith(".safetensors") or os.path.isfile(os.path.join(path, DIFFUSERS_FILENAME)):
+  if path.endswith(".safetensors") or storage.isfile(storage.join(path, DIFFUSERS_FILENAME)):
     return load_diffusers(path, shapes)
   raise FileNotFoundError(
       f"Autoencoder weights {path!r} are neither a .safetensors file, a folder with "

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from flowjax import state_dicts
+from flowjax import state_dicts, storage
 from flowjax.models import layers
 
 Params = dict[str, Any]
@@ -517,8 +517,10 @@ def load(path: str, config: "Dinov2Config | str | None" = None,
       PRESETS name (the official hub state dicts carry no config: 'dinov2_vitb14' for
       dinov2_vitb14_pretrain.pth); or a Dinov2Config.
     dtype: the module's compute dtype.
+  A folder or file on object storage (gs://...) is read through a local copy
+  (`storage.local_copy`).
   """
-  weights, config = _resolve(path, config)
+  weights, config = _resolve(storage.local_copy(path), config)
   module = Dinov2(config, dtype=dtype)
   try:
     state_dict = state_dicts.read_state_dict(weights)

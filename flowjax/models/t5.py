@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from flowjax import state_dicts
+from flowjax import state_dicts, storage
 
 Params = Any
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
@@ -217,7 +217,9 @@ def load(path: str, config: "T5Config | str | None" = None,
   model.safetensors, or its shards with model.safetensors.index.json, as save_pretrained writes
   them; e.g. google/flan-t5-xl) or a weights file
   (.safetensors, .npz, .pt/.pth with torch) with config= its config.json (None: the one beside
-  it) or a T5Config."""
+  it) or a T5Config. On object storage (gs://...) the folder or file is read through a local
+  copy (`storage.local_copy`)."""
+  path = storage.local_copy(path)
   weights = path
   if os.path.isdir(path):
     index = os.path.join(path, HF_INDEX)

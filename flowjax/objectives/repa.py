@@ -47,14 +47,13 @@ init_from_teacher) reads a flow-matching teacher trained with REPA without it.
 import dataclasses
 import functools
 import math
-import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowjax import config as config_lib
+from flowjax import config as config_lib, storage
 from flowjax.models import layers
 from flowjax.registry import OBJECTIVES, Registry, unknown_name_message
 
@@ -169,7 +168,7 @@ def check_cached_features(repa_config, data_name: str, split: str) -> None:
     if stored["encoder_resolution"] not in (None, resolution):
       mismatch.append(f"repa.encoder_resolution={stored['encoder_resolution']}, not "
                       f"{resolution}")
-    if path and os.path.abspath(path) != stored["encoder_path"]:
+    if path and storage.absolute(path) != stored["encoder_path"]:
       mismatch.append(f"repa.encoder_path={stored['encoder_path']!r}, not {path!r}")
   if mismatch:
     raise ValueError(f"config.repa.features='cached': {where} holds the features of another "
