@@ -152,6 +152,8 @@ def command(workdir, *overrides, mode="train"):
 
 
 def test_train_kill_resume_and_sample_in_a_bucket(emulator, tmp_path):
+  """A run in the bucket is killed, resumed and sampled, and then distilled from (a teacher in
+  the bucket)."""
   _, environment = emulator
   workdir = f"gs://{BUCKET}/run"
   # Train a long run and kill it (SIGKILL: no clean-up) once its step-4 checkpoint is committed.
@@ -203,6 +205,17 @@ def test_train_kill_resume_and_sample_in_a_bucket(emulator, tmp_path):
   # One record per step, in order: the records reach the bucket with each checkpoint (its own
   # step included), and those the killed run logged after its last checkpoint were dropped.
   assert steps == list(range(1, last + 1)), steps
+  # objective.teacher_workdir=gs://...: a CTM student (local workdir) reads this run, its
+  # flow-matching teacher, config and weights from the bucket, as orbax reads any workdir there.
+  student = [sys.executable, "-m", "flowjax.main", "--config=experiments/ctm_digits.py:tiny",
+             f"--workdir={tmp_path / 'student'}", "--num_cpu_devices=1",
+             f"--config.objective.teacher_workdir={workdir}", "--config.train.steps=2",
+             "--config.sample.every_steps=0", "--config.ckpt.async_save=False"]
+  done = subprocess.run(student, cwd=ROOT, env=environment, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"teacher ema/0.995 from {workdir} (step {last})" in done.stderr, done.stderr[-3000:]
+  assert (tmp_path / "student" / "checkpoints" / "2").is_dir()
 
 
 class _MemoryPath:
@@ -286,25 +299,6 @@ def test_on_object_storage_each_flush_uploads_only_what_was_logged_since_the_las
   records = [json.loads(line) for line in
              store["objects"]["mem://bucket/run/metrics.jsonl"].decode().splitlines()]
   assert [r["step"] for r in records] == list(range(1, 151))
-
-
-def test_a_distillation_teacher_on_object_storage(emulator, tmp_path):
-  """objective.teacher_workdir=gs://...: a CTM student (local workdir) reads its flow-matching
-  teacher's config and weights from the bucket, as orbax already reads any workdir there."""
-  _, environment = emulator
-  teacher = f"gs://{BUCKET}/teacher"
-  done = subprocess.run(command(teacher, "--config.train.steps=2"), cwd=ROOT, env=environment,
-                        capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  student = [sys.executable, "-m", "flowjax.main", "--config=experiments/ctm_digits.py:tiny",
-             f"--workdir={tmp_path / 'student'}", "--num_cpu_devices=1",
-             f"--config.objective.teacher_workdir={teacher}", "--config.train.steps=2",
-             "--config.sample.every_steps=0", "--config.ckpt.async_save=False"]
-  done = subprocess.run(student, cwd=ROOT, env=environment, capture_output=True, text=True,
-                        timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert f"teacher ema/0.995 from {teacher} (step 2)" in done.stderr, done.stderr[-3000:]
-  assert (tmp_path / "student" / "checkpoints" / "2").is_dir()
 
 
 def test_datasets_on_object_storage(emulator, tmp_path, imagenet_latents):  # noqa: F811
