@@ -7,15 +7,17 @@ append and no directories: `append_text` rewrites the object, `makedirs` is a no
 "directory" exists once an object lies under it.
 
 Readers that need files on disk (tokenizers, safetensors' memory map, a model folder's several
-files) take a model folder on object storage through `local_copy`: a copy on local disk,
-downloaded once per host and kept while the objects keep their sizes.
+files) take a model folder on object storage through `local_copy`: a copy on local disk, made
+once per host and made again when an object changes.
 """
 
-import functools
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+
+from absl import logging
 
 
 def is_remote(path: str) -> bool:
@@ -153,10 +155,10 @@ def _version(target) -> list[int]:
   return [int(info.length), int(info.mtime or 0)]
 
 
-def _remote_listing(path: str, suffixes) -> tuple[bool, dict[str, list[int]]]:
+def _remote_listing(path: str, suffixes, folders) -> tuple[bool, dict[str, list[int]]]:
   """(whether `path` is one object, {name: _version}): the object under its own name, or the
-  objects under the folder `path` whose names end with one of `suffixes` (None: all), by
-  relative name."""
+  objects under the folder `path` whose names end with one of `suffixes` (None: all) and, when
+  `folders` is given, that lie in one of those sub-folders, by relative name."""
   target = _epath(path)
   if target.is_file():
     return True, {str(path).rsplit("/", 1)[-1]: _version(target)}
@@ -165,6 +167,8 @@ def _remote_listing(path: str, suffixes) -> tuple[bool, dict[str, list[int]]]:
   found = {}
   for root, _, files in target.walk():
     folder = str(root).split("://", 1)[-1].rstrip("/")[len(top):].strip("/")
+    if folders is not None and folder.split("/")[0] not in folders:
+      continue
     for name in files:
       relative = f"{folder}/{name}" if folder else name
       if suffixes is None or name.endswith(suffixes):
@@ -185,45 +189,114 @@ def _copied(home: str, listing: dict[str, list[int]]) -> bool:
       for name, file in files.items())
 
 
-@functools.lru_cache(maxsize=64)
-def _local_copy(path: str, suffixes) -> str:
-  single, listing = _remote_listing(path, suffixes)
+def _download(path: str, single: bool, listing, home: str) -> None:
+  """Copies the objects of `listing` into a new folder and puts it in place of `home`; the
+  caller holds home's lock. Left-overs of killed copies of this key are removed first."""
+  import tempfile
+  parent, key = os.path.split(home)
+  for name in os.listdir(parent):
+    if name.startswith((key + ".tmp.", key + ".old.")):
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+  temporary = tempfile.mkdtemp(dir=parent, prefix=key + ".tmp.")
+  total = sum(size for size, _ in listing.values())
+  logging.info("Copying %s (%d files, %.1f MB) to %s.", path, len(listing), total / 1e6, home)
+  for name in sorted(listing):
+    file = os.path.join(temporary, "data", name)
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    with _epath(path if single else join(path, name)).open("rb") as source, \
+        open(file, "wb") as target:
+      shutil.copyfileobj(source, target, 64 << 20)
+  with open(os.path.join(temporary, "manifest.json"), "w") as f:
+    json.dump(listing, f)
+  stale = None
+  if os.path.isdir(home):
+    stale = tempfile.mkdtemp(dir=parent, prefix=key + ".old.")
+    os.rename(home, os.path.join(stale, "copy"))
+  os.rename(temporary, home)
+  if stale:
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+_COPIES: dict = {}  # (path, suffixes, folders) -> the local path, in this process
+
+
+def local_copy(path: str, suffixes=MODEL_FOLDER_SUFFIXES, folders=None) -> str:
+  """A local path to the file or folder `path`: `path` itself when it is local; for an object or
+  a folder of objects (gs://...), a copy under cache_root()/objects/<hash of the arguments>,
+  made by one process of a host while the others wait for it (a file lock), and made again when
+  the objects' names, sizes or modification times change (checked on a process's first call).
+  Of a folder, the files whose names end with one of `suffixes` (None: every file), in
+  sub-folders too, or only in the sub-folders named in `folders`; an object keeps its name."""
+  if not is_remote(path):
+    return path
+  import fcntl
+  path = str(path).rstrip("/")
+  suffixes = None if suffixes is None else tuple(suffixes)
+  folders = None if folders is None else tuple(folders)
+  known = _COPIES.get((path, suffixes, folders))
+  if known is not None and os.path.exists(known):
+    return known
+  single, listing = _remote_listing(path, suffixes, folders)
   if not listing:
     raise FileNotFoundError(
         f"{path}: there is no such object, nor objects under it"
         + (f" ending in {', '.join(suffixes)}" if suffixes else "") + "; check the path.")
-  key = hashlib.sha256(f"{path}|{suffixes}".encode()).hexdigest()[:20]
+  key = hashlib.sha256(f"{path}|{suffixes}|{folders}".encode()).hexdigest()[:20]
   home = os.path.join(cache_root(), "objects", key)
   if not _copied(home, listing):
-    temporary = f"{home}.tmp.{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    for name in sorted(listing):
-      file = os.path.join(temporary, "data", name)
-      os.makedirs(os.path.dirname(file), exist_ok=True)
-      with open(file, "wb") as f:
-        f.write(read_bytes(path if single else join(path, name)))
-    with open(os.path.join(temporary, "manifest.json"), "w") as f:
-      json.dump(listing, f)
-    # Another process of this host may finish the same copy first: the first one in place stays.
-    stale = f"{home}.old.{os.getpid()}"
-    if os.path.isdir(home) and not _copied(home, listing):
-      os.rename(home, stale)
-    try:
-      os.rename(temporary, home)
-    except OSError:
-      if not _copied(home, listing):
-        raise
-    shutil.rmtree(temporary, ignore_errors=True)
-    shutil.rmtree(stale, ignore_errors=True)
+    os.makedirs(os.path.dirname(home), exist_ok=True)
+    with open(home + ".lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+      if not _copied(home, listing):  # another process may have made it meanwhile
+        _download(path, single, listing, home)
   data = os.path.join(home, "data")
-  return os.path.join(data, next(iter(listing))) if single else data
+  found = os.path.join(data, next(iter(listing))) if single else data
+  _COPIES[(path, suffixes, folders)] = found
+  return found
 
 
-def local_copy(path: str, suffixes=MODEL_FOLDER_SUFFIXES) -> str:
-  """A local path to the file or folder `path`: `path` itself when it is local; for an object or
-  a folder of objects (gs://...), a copy under cache_root()/objects, downloaded once per host and
-  fetched again when the objects' names, sizes or modification times change. Of a folder, the files whose names end
-  with one of `suffixes` (None: every file), in sub-folders too; an object keeps its own name."""
+@contextlib.contextmanager
+def naming(local: str, remote: str):
+  """Errors raised inside the block name `remote` where they would name its local copy `local`
+  (a loader reading a model folder from object storage through `local_copy`)."""
+  try:
+    yield
+  except (OSError, ValueError) as error:
+    if local == remote or local not in str(error):
+      raise
+    try:
+      renamed = type(error)(str(error).replace(local, remote))
+    except Exception:  # an error type with another constructor keeps its own message
+      raise error from None
+    raise renamed from error
+
+
+def local_weights(path: str, config, config_name: str = "config.json"):
+  """(local path, config) of a network's weights `path` and its `config` (None: the
+  `config_name` beside the weights; a path; or a config object) for a loader that reads local
+  files: object-storage paths through `local_copy`. A weights file brings the config beside it
+  when `config` is None, and a HF index (*.index.json) the folder of its shards."""
+  if isinstance(config, str) and is_remote(config):
+    config = local_copy(config)
   if not is_remote(path):
-    return path
-  return _local_copy(str(path).rstrip("/"), None if suffixes is None else tuple(suffixes))
+    return path, config
+  if not isfile(path):
+    return local_copy(path), config
+  folder, name = str(path).rsplit("/", 1)
+  if name.endswith(".index.json"):
+    return os.path.join(local_copy(folder), name), config
+  if config is None and isfile(join(folder, config_name)):
+    config = local_copy(join(folder, config_name))
+  return local_copy(path), config
+
+
+def naming_copy(local: str, path: str):
+  """`naming` for `local`, the local copy of `path` that `local_copy` or `local_weights` gave: a
+  file's error names the object's folder, a folder's the folder (nothing to do for local
+  paths)."""
+  if not is_remote(path):
+    return contextlib.nullcontext()
+  path = str(path).rstrip("/")
+  if os.path.isfile(local):
+    return naming(os.path.dirname(local), path.rsplit("/", 1)[0])
+  return naming(local, path)

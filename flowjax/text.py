@@ -32,6 +32,7 @@ The `data.text` config section picks the encoder:
   the same features on every machine.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -392,19 +393,35 @@ def _gemma_encoder(settings: TextSettings) -> TextEncoder:
   return TextEncoder(settings, config.hidden_size, tokenize, params, _jitted_features(module))
 
 
-def on_disk(settings: TextSettings) -> TextSettings:
+# The encoders whose data.text.path is a folder of files.
+FILE_ENCODERS = ("t5", "gemma_embed", "gemma")
+
+
+@contextlib.contextmanager
+def on_disk(settings: TextSettings):
   """`settings` with a data.text.path on object storage (gs://...) replaced by its local copy
-  (`storage.local_copy`: the folder's configs, tokenizers and .safetensors, once per host)."""
+  (`storage.local_copy`: the folder's configs, tokenizers and .safetensors, once per host; of a
+  Lumina-style 'gemma' folder only text_encoder/ and tokenizer/); errors inside the block name
+  the path as given."""
   from flowjax import storage
-  if not storage.is_remote(settings.path):
-    return settings
-  return dataclasses.replace(settings, path=storage.local_copy(settings.path))
+  if settings.encoder not in FILE_ENCODERS or not storage.is_remote(settings.path):
+    yield settings
+    return
+  nested = [storage.join(settings.path, name) for name in ("text_encoder", "tokenizer")]
+  folders = None
+  if settings.encoder == "gemma" and any(storage.isdir(folder) for folder in nested):
+    folders = ("text_encoder", "tokenizer")
+  local = dataclasses.replace(settings,
+                              path=storage.local_copy(settings.path, folders=folders))
+  with storage.naming(local.path, settings.path):
+    yield local
 
 
 def encoder_of(settings: TextSettings) -> TextEncoder:
   """The encoder of a setting (built once; a data.text.path on object storage is read through a
-  local copy)."""
-  return _encoder_of(on_disk(settings))
+  local copy, `on_disk`)."""
+  with on_disk(settings) as local:
+    return _encoder_of(local)
 
 
 @functools.lru_cache(maxsize=4)
@@ -425,7 +442,11 @@ def feature_dim(settings: TextSettings) -> int:
   """The feature width D without building the encoder: 'words': data.text.dim; 't5': d_model of
   the config.json in data.text.path, 'gemma_embed' and 'gemma': its hidden_size (data.text.dim
   when there is no path: a synthetic dry run)."""
-  settings = on_disk(settings)
+  with on_disk(settings) as local:
+    return _feature_dim(local)
+
+
+def _feature_dim(settings: TextSettings) -> int:
   if settings.encoder == "gemma_embed" and settings.path:
     return gemma_sizes(settings.path)[1]
   if settings.encoder == "gemma" and settings.path:
@@ -451,10 +472,14 @@ def encoder_fingerprint(settings: TextSettings) -> str:
   files in data.text.path that make the encoder (for 'gemma', its text_encoder/ and tokenizer/):
   each config, tokenizer and weights file's name, size and first MiB. Two checkpoints of one
   architecture (a model and its fine-tune) differ in it; the same files anywhere do not."""
-  import hashlib
   if not settings.path:
     return ""
-  settings = on_disk(settings)
+  with on_disk(settings) as local:
+    return _fingerprint(local)
+
+
+def _fingerprint(settings: TextSettings) -> str:
+  import hashlib
   folders = list(dict.fromkeys(gemma_folders(settings.path))) if settings.encoder == "gemma" \
       else [settings.path]
   digest = hashlib.sha256()

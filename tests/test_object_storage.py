@@ -446,6 +446,21 @@ got = dinov2.load(f"{bucket}/dinov2")
 assert got[0] == want[0]
 for a, b in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
   np.testing.assert_array_equal(a, b)
+# A weights file alone: the config beside it comes with it.
+from flowjax.models import t5
+for (config, _, params), (config_want, _, params_want) in (
+    (t5.load(f"{bucket}/t5_tiny/model.safetensors"), t5.load(os.path.join(reference, "t5_tiny"))),
+    (dinov2.load(f"{bucket}/dinov2/model.safetensors"), want)):
+  assert config == config_want
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_want)):
+    np.testing.assert_array_equal(a, b)
+# A folder that lacks a file: the error names the folder in the bucket, not its copy.
+try:
+  text.encoder_of(text.TextSettings(encoder="t5", path=f"{bucket}/t5_no_tokenizer"))
+except FileNotFoundError as error:
+  assert f"{bucket}/t5_no_tokenizer" in str(error) and storage.cache_root() not in str(error), error
+else:
+  raise AssertionError("no error")
 copies = os.path.join(storage.cache_root(), "objects")
 print(json.dumps(sorted(os.path.relpath(os.path.join(root, name), copies)
                         for root, _, names in os.walk(copies) for name in names)))
@@ -464,6 +479,11 @@ def test_model_folders_on_object_storage(emulator, tmp_path):
   for name in ("t5_tiny", "gemma1_tiny"):
     shutil.copytree(os.path.join(reference, name), models / name)
   (models / "t5_tiny" / "pytorch_model.bin").write_bytes(b"torch weights, not copied")
+  shutil.copytree(models / "t5_tiny", models / "t5_no_tokenizer")
+  os.remove(models / "t5_no_tokenizer" / "tokenizer.json")
+  # A Lumina-style pipeline folder: only text_encoder/ and tokenizer/ are the encoder's.
+  (models / "gemma1_tiny" / "transformer").mkdir()
+  (models / "gemma1_tiny" / "transformer" / "model.safetensors").write_bytes(b"not copied")
   (models / "dinov2").mkdir()
   shutil.copyfile(os.path.join(reference, "dinov2_tiny.safetensors"),
                   models / "dinov2" / "model.safetensors")
@@ -481,14 +501,12 @@ def test_model_folders_on_object_storage(emulator, tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   copied = json.loads(done.stdout.strip().splitlines()[-1])
   names = sorted(name.split("/data/", 1)[-1] for name in copied if "/data/" in name)
-  # T5's and DINOv2's folders, Gemma's two sub-folders, and the VAE's file (read once from its
-  # folder and once by its own name); no torch .bin.
-  assert names == ["config.json", "config.json", "diffusion_pytorch_model.safetensors",
-                   "diffusion_pytorch_model.safetensors", "model.safetensors",
-                   "model.safetensors",
-                   "text_encoder/config.json", "text_encoder/model.safetensors",
-                   "tokenizer.json", "tokenizer/tokenizer.json",
-                   "tokenizer/tokenizer_config.json", "tokenizer_config.json"], copied
+  # Configs, tokenizers and safetensors, in their sub-folders; no torch .bin, and of the
+  # Lumina-style folder only the encoder's two sub-folders.
+  assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+          "text_encoder/config.json", "text_encoder/model.safetensors",
+          "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+          "diffusion_pytorch_model.safetensors"} == set(names), copied
   # Another process: the copies are reused as they are; a changed object is fetched again.
   reuse = """
 import os, sys
@@ -520,3 +538,23 @@ print(os.stat(os.path.join(path, 'config.json')).st_mtime_ns, path)
                          capture_output=True, text=True, timeout=300)
   assert third.returncode == 0, third.stderr[-3000:]
   assert json.loads(open(os.path.join(path, "config.json")).read())["note"] == "CHANGED"
+  # Processes of one host that ask for the same folder at once: one copies it, the others wait
+  # for that copy (a file lock) and use it.
+  together = """
+import sys, time
+from absl import logging
+from flowjax import storage
+logging.set_verbosity(logging.INFO)
+while time.time() < float(sys.argv[2]):
+  time.sleep(0.005)
+print(storage.local_copy(sys.argv[1]))
+"""
+  environment = dict(environment, XDG_CACHE_HOME=str(tmp_path / "cache_together"))
+  start = f"{time.time() + 8:.3f}"
+  runs = [subprocess.Popen([sys.executable, "-c", together, f"{bucket}/gemma1_tiny", start],
+                           env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True) for _ in range(3)]
+  outputs = [run.communicate(timeout=300) for run in runs]
+  assert all(run.returncode == 0 for run in runs), outputs
+  assert len({out.strip() for out, _ in outputs}) == 1, outputs
+  assert sum(err.count("Copying gs://") for _, err in outputs) == 1, outputs

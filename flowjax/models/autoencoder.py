@@ -464,11 +464,8 @@ def load_diffusers(path: str, params_shapes: Params) -> Params:
     the flax parameter tree, float32 NumPy leaves.
   """
   from safetensors import numpy as safetensors_numpy
-  if storage.is_remote(path):  # the one file, through a local copy
-    try:
-      path = storage.local_copy(path, (DIFFUSERS_FILENAME,))
-    except FileNotFoundError:
-      pass  # the error below names the file
+  if storage.is_remote(path) and storage.exists(path):  # the one file, through a local copy
+    path = storage.local_copy(path, (DIFFUSERS_FILENAME,))
   if os.path.isdir(path):
     path = os.path.join(path, DIFFUSERS_FILENAME)
   if not os.path.isfile(path):

@@ -517,16 +517,18 @@ def load(path: str, config: "Dinov2Config | str | None" = None,
       PRESETS name (the official hub state dicts carry no config: 'dinov2_vitb14' for
       dinov2_vitb14_pretrain.pth); or a Dinov2Config.
     dtype: the module's compute dtype.
-  A folder or file on object storage (gs://...) is read through a local copy
-  (`storage.local_copy`).
+  A folder or file (with the config beside it) on object storage (gs://...) is read through a
+  local copy (`storage.local_weights`).
   """
-  weights, config = _resolve(storage.local_copy(path), config)
-  module = Dinov2(config, dtype=dtype)
-  try:
-    state_dict = state_dicts.read_state_dict(weights)
-  except state_dicts.ConversionError as error:
-    raise ValueError(f"DINOv2 weights {weights}: {error}") from error
-  return config, module, params_from_state_dict(state_dict, module, weights)
+  local, config = storage.local_weights(path, config, HF_CONFIG)
+  with storage.naming_copy(local, path):
+    weights, config = _resolve(local, config)
+    module = Dinov2(config, dtype=dtype)
+    try:
+      state_dict = state_dicts.read_state_dict(weights)
+    except state_dicts.ConversionError as error:
+      raise ValueError(f"DINOv2 weights {weights}: {error}") from error
+    return config, module, params_from_state_dict(state_dict, module, weights)
 
 
 def for_resolution(config: Dinov2Config, params: Params, resolution: int,

@@ -217,9 +217,14 @@ def load(path: str, config: "T5Config | str | None" = None,
   model.safetensors, or its shards with model.safetensors.index.json, as save_pretrained writes
   them; e.g. google/flan-t5-xl) or a weights file
   (.safetensors, .npz, .pt/.pth with torch) with config= its config.json (None: the one beside
-  it) or a T5Config. On object storage (gs://...) the folder or file is read through a local
-  copy (`storage.local_copy`)."""
-  path = storage.local_copy(path)
+  it) or a T5Config. On object storage (gs://...) the folder or file (with the config beside it)
+  is read through a local copy (`storage.local_weights`)."""
+  local, config = storage.local_weights(path, config, HF_CONFIG)
+  with storage.naming_copy(local, path):
+    return _load(local, config, dtype)
+
+
+def _load(path, config, dtype):
   weights = path
   if os.path.isdir(path):
     index = os.path.join(path, HF_INDEX)
