@@ -79,6 +79,19 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
+def read_head(path: str, size: int) -> bytes:
+  """The first `size` bytes of a file or object (one ranged read, not the whole object)."""
+  if is_remote(path):
+    with _epath(path).open("rb") as f:
+      return f.read(size)
+  with open(path, "rb") as f:
+    return f.read(size)
+
+
+def getsize(path: str) -> int:
+  return int(_epath(path).stat().length) if is_remote(path) else os.path.getsize(path)
+
+
 def read_text(path: str) -> str:
   return read_bytes(path).decode("utf-8")
 

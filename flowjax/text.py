@@ -249,15 +249,15 @@ def _t5_encoder(settings: TextSettings) -> TextEncoder:
 
 
 def _json_file(path: str, name: str, required: bool = True) -> dict:
-  file = os.path.join(path, name)
-  if not os.path.isfile(file):
+  from flowjax import storage
+  file = storage.join(path, name)
+  if not storage.isfile(file):
     if not required:
       return {}
     raise FileNotFoundError(f"data.text.path={path!r} has no {name}: give a HF Gemma folder "
                             "(save_pretrained writes config.json, the weights, "
                             f"{TOKENIZER_FILE} and {TOKENIZER_CONFIG}).")
-  with open(file) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(file))
 
 
 def gemma_sizes(path: str) -> tuple[int, int]:
@@ -366,10 +366,12 @@ def _gemma_embed_encoder(settings: TextSettings) -> TextEncoder:
 def gemma_folders(path: str) -> tuple[str, str]:
   """(decoder folder, tokenizer folder) of a 'gemma' path: its text_encoder/ and tokenizer/ when
   it has them (a Lumina-style pipeline folder), else the folder itself for both."""
-  nested = [os.path.join(path, name) for name in ("text_encoder", "tokenizer")]
-  if all(os.path.isdir(folder) for folder in nested):
+  from flowjax import storage
+  nested = [storage.join(path, name) for name in ("text_encoder", "tokenizer")]
+  found = [storage.isdir(folder) for folder in nested]
+  if all(found):
     return nested[0], nested[1]
-  if any(os.path.isdir(folder) for folder in nested):
+  if any(found):
     raise FileNotFoundError(f"data.text.path={path!r} holds one of text_encoder/ and tokenizer/ "
                             "but not the other: a Lumina-style folder needs both (the decoder "
                             "and its tokenizer).")
@@ -441,25 +443,21 @@ def encoder(data_config) -> TextEncoder:
 def feature_dim(settings: TextSettings) -> int:
   """The feature width D without building the encoder: 'words': data.text.dim; 't5': d_model of
   the config.json in data.text.path, 'gemma_embed' and 'gemma': its hidden_size (data.text.dim
-  when there is no path: a synthetic dry run)."""
-  with on_disk(settings) as local:
-    return _feature_dim(local)
-
-
-def _feature_dim(settings: TextSettings) -> int:
+  when there is no path: a synthetic dry run). A folder on object storage is read there (its
+  config.json only)."""
+  from flowjax import storage
   if settings.encoder == "gemma_embed" and settings.path:
     return gemma_sizes(settings.path)[1]
   if settings.encoder == "gemma" and settings.path:
     return gemma_sizes(gemma_folders(settings.path)[0])[1]
   if settings.encoder == "t5" and settings.path:
     from flowjax.models import t5
-    config = os.path.join(settings.path, t5.HF_CONFIG)
-    if not os.path.isfile(config):
+    config = storage.join(settings.path, t5.HF_CONFIG)
+    if not storage.isfile(config):
       raise FileNotFoundError(f"data.text.path={settings.path!r} has no {t5.HF_CONFIG}: give a "
                               "HF T5 folder (save_pretrained writes config.json, the weights "
                               f"and {TOKENIZER_FILE}).")
-    with open(config) as f:
-      return int(json.load(f)["d_model"])
+    return int(json.loads(storage.read_text(config))["d_model"])
   return settings.dim
 
 
@@ -471,26 +469,24 @@ def encoder_fingerprint(settings: TextSettings) -> str:
   """'' for an encoder without files ('words': its settings are all of it); else a hash of the
   files in data.text.path that make the encoder (for 'gemma', its text_encoder/ and tokenizer/):
   each config, tokenizer and weights file's name, size and first MiB. Two checkpoints of one
-  architecture (a model and its fine-tune) differ in it; the same files anywhere do not."""
+  architecture (a model and its fine-tune) differ in it; the same files anywhere do not (a folder
+  on object storage is read there: sizes and first MiBs, not whole files)."""
+  import hashlib
+
+  from flowjax import storage
   if not settings.path:
     return ""
-  with on_disk(settings) as local:
-    return _fingerprint(local)
-
-
-def _fingerprint(settings: TextSettings) -> str:
-  import hashlib
   folders = list(dict.fromkeys(gemma_folders(settings.path))) if settings.encoder == "gemma" \
       else [settings.path]
   digest = hashlib.sha256()
   for folder in folders:
-    files = [folder] if os.path.isfile(folder) else sorted(
-        os.path.join(folder, name) for name in os.listdir(folder)
+    files = [folder] if storage.isfile(folder) else sorted(
+        storage.join(folder, name) for name in storage.listdir(folder)
         if name.endswith(FINGERPRINT_SUFFIXES))
     for file in files:
-      with open(file, "rb") as f:
-        head = f.read(FINGERPRINT_BYTES)
-      digest.update(f"{os.path.basename(file)}:{os.path.getsize(file)}:".encode() + head)
+      name = str(file).rstrip("/").rsplit("/", 1)[-1]
+      head = storage.read_head(file, FINGERPRINT_BYTES)
+      digest.update(f"{name}:{storage.getsize(file)}:".encode() + head)
   return digest.hexdigest()[:16]
 
 
