@@ -433,11 +433,7 @@ for name, encoder, npz in (("t5_tiny", "t5", "t5_tiny_text.npz"),
   np.testing.assert_allclose(got.encode(captions), want["features"], atol=2e-5, rtol=1e-4)
 with open(os.path.join(reference, "sdvae_tiny.config.json")) as f:
   config = json.load(f)
-model = autoencoder.AutoencoderKL(
-    block_out_channels=tuple(config["block_out_channels"]),
-    layers_per_block=config["layers_per_block"], latent_channels=config["latent_channels"],
-    image_channels=config["in_channels"], norm_groups=config["norm_num_groups"],
-    mid_attention=config["mid_block_add_attention"])
+model = autoencoder.from_diffusers_config(config)
 shape = (config["sample_size"],) * 2 + (config["in_channels"],)
 want = autoencoder.load_params(os.path.join(reference, "sdvae_tiny.safetensors"), model, shape)
 for where in (f"{bucket}/vae", f"{bucket}/vae/diffusion_pytorch_model.safetensors"):

@@ -74,11 +74,7 @@ def assert_matches(got_nhwc, want_nchw, name):
 def sdvae():
   with open(os.path.join(REFERENCE, "sdvae_tiny.config.json")) as f:
     config = json.load(f)
-  model = autoencoder.AutoencoderKL(
-      block_out_channels=tuple(config["block_out_channels"]),
-      layers_per_block=config["layers_per_block"], latent_channels=config["latent_channels"],
-      image_channels=config["in_channels"], norm_groups=config["norm_num_groups"],
-      mid_attention=config["mid_block_add_attention"])
+  model = autoencoder.from_diffusers_config(config)
   size = config["sample_size"]
   params = autoencoder.load_params(os.path.join(REFERENCE, "sdvae_tiny.safetensors"), model,
                                    (size, size, config["in_channels"]))

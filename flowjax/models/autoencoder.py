@@ -453,6 +453,17 @@ def to_diffusers(params: Params, legacy_attention: bool = False) -> dict[str, np
   return out
 
 
+def from_diffusers_config(config: dict) -> "AutoencoderKL":
+  """The AutoencoderKL of a diffusers AutoencoderKL config.json (its block_out_channels,
+  layers_per_block, latent_channels, in_channels, norm_num_groups and mid_block_add_attention,
+  which is true when absent, as in diffusers)."""
+  return AutoencoderKL(
+      block_out_channels=tuple(config["block_out_channels"]),
+      layers_per_block=config["layers_per_block"], latent_channels=config["latent_channels"],
+      image_channels=config["in_channels"], norm_groups=config["norm_num_groups"],
+      mid_attention=config.get("mid_block_add_attention", True))
+
+
 def load_diffusers(path: str, params_shapes: Params) -> Params:
   """Reads a diffusers AutoencoderKL .safetensors file (or a folder holding one).
 
