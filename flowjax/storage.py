@@ -33,6 +33,17 @@ def _epath(path: str):
                   "for gs:// install flowjax[gcs] (gcsfs).") from error
 
 
+def check_local_output(path: str, flag: str, reads_as: str) -> None:
+  """Refuses an output directory on object storage for a writer of local files (a dataset's
+  shards): one ValueError naming the local-then-copy route, instead of a local folder named
+  'gs:'."""
+  if is_remote(path):
+    raise ValueError(
+        f"{flag}={path}: this command writes to local disk. Write to a local directory and copy "
+        f"it to the bucket (gcloud storage cp -r DIR {path}); training reads it there as "
+        f"data.name={reads_as}{path}.")
+
+
 def absolute(path: str) -> str:
   """An absolute local path, or the URL unchanged."""
   return str(path) if is_remote(path) else os.path.abspath(path)

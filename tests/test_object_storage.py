@@ -559,3 +559,18 @@ print(storage.local_copy(sys.argv[1]))
   assert all(run.returncode == 0 for run in runs), outputs
   assert len({out.strip() for out, _ in outputs}) == 1, outputs
   assert sum(err.count("Copying gs://") for _, err in outputs) == 1, outputs
+
+
+def test_dataset_writers_refuse_a_bucket_output_and_name_the_copy(tmp_path, monkeypatch):
+  """prepare and cache_latents write shards to local disk: --out=gs://... is one error naming the
+  local-then-copy route (and the data.name that reads the copy), not a local folder named 'gs:'."""
+  from flowjax import config as config_lib
+  from flowjax.data import cache_latents, prepare
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r"writes to local disk.*data.name=packed:gs://b/packed"):
+    prepare.prepare("folder:/nonexistent", "gs://b/packed", image_size=8)
+  config = config_lib.load_experiment(os.path.join(ROOT, "experiments", "autoencoder_digits.py"),
+                                      "tiny")
+  with pytest.raises(ValueError, match=r"writes to local disk.*data.name=latents:gs://b/lat"):
+    cache_latents.cache(config, "gs://b/lat", weights=str(tmp_path / "none"))
+  assert os.listdir(tmp_path) == []

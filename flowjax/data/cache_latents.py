@@ -205,6 +205,7 @@ def cache(config: ml_collections.ConfigDict, out: str, *, weights: str, split: s
     {'written': shard indices encoded now, 'skipped': shards that existed, 'num_shards': N,
      'stats': the per-channel statistics}.
   """
+  storage.check_local_output(out, "--out", "latents:")
   if config.model.name != "autoencoder":
     raise ValueError(f"--config must train an autoencoder (model.name='autoencoder'); it has "
                      f"model.name={config.model.name!r}. Use e.g. experiments/"

@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from flowjax import config as config_lib, data
+from flowjax import config as config_lib, data, storage
 from flowjax.data import arrays, images, packed
 
 SOURCES = ("folder:", "arrays:")
@@ -233,6 +233,7 @@ def prepare(source: str, out: str, *, image_size: int = 0, splits: tuple[str, ..
   Returns:
     {split: pack_split's result}.
   """
+  storage.check_local_output(out, "--out", "packed:")
   source = _source_name(source)
   image_size = image_size or _default_image_size(source)
   if image_size <= 0:
