@@ -574,3 +574,51 @@ def test_dataset_writers_refuse_a_bucket_output_and_name_the_copy(tmp_path, monk
   with pytest.raises(ValueError, match=r"writes to local disk.*data.name=latents:gs://b/lat"):
     cache_latents.cache(config, "gs://b/lat", weights=str(tmp_path / "none"))
   assert os.listdir(tmp_path) == []
+
+
+ARRAYS_SCRIPT = """
+import sys
+import ml_collections
+import numpy as np
+from flowjax.data import arrays, folder
+local, bucket = sys.argv[1], sys.argv[2]
+for name in ("digits.npz", "idx"):
+  got = arrays.load(f"arrays:{bucket}/{name}", "train")
+  want = arrays.load(f"arrays:{local}/{name}", "train")
+  np.testing.assert_array_equal(got.images, want.images)
+  np.testing.assert_array_equal(got.labels, want.labels)
+assert arrays.splits(__import__("ml_collections").ConfigDict({"name": f"arrays:{bucket}/idx"})) \\
+    == ("train",)
+try:
+  folder._split_folder(f"folder:{bucket}/pets", "train")
+except ValueError as error:
+  assert "packed:gs://" in str(error), error
+else:
+  raise AssertionError("a folder on object storage was not refused")
+print("ok")
+"""
+
+
+def test_own_arrays_on_object_storage(emulator, tmp_path):
+  """data.name=arrays:gs://... (an .npz, or a folder of MNIST idx files) reads the same arrays as
+  from disk, through a local copy; folder:gs://... is refused with the packing route named."""
+  import gzip
+
+  import numpy as np
+  _, environment = emulator
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (16, 8, 8), dtype=np.uint8)
+  labels = rng.integers(0, 10, 16).astype(np.uint8)
+  local = tmp_path / "data"
+  (local / "idx").mkdir(parents=True)
+  np.savez(local / "digits.npz", x_train=images, y_train=labels)
+  with gzip.open(local / "idx" / "train-images-idx3-ubyte.gz", "wb") as f:
+    f.write(bytes([0, 0, 8, 3]) + np.asarray((16, 8, 8), ">u4").tobytes() + images.tobytes())
+  with gzip.open(local / "idx" / "train-labels-idx1-ubyte.gz", "wb") as f:
+    f.write(bytes([0, 0, 8, 1]) + np.asarray((16,), ">u4").tobytes() + labels.tobytes())
+  bucket = f"gs://{BUCKET}/own"
+  upload(environment, local, bucket)
+  done = subprocess.run([sys.executable, "-c", ARRAYS_SCRIPT, str(local), bucket], cwd=ROOT,
+                        env=dict(environment, XDG_CACHE_HOME=str(tmp_path / "cache")),
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

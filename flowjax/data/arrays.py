@@ -53,10 +53,15 @@ _RANGE_TOLERANCE = 1e-3
 
 
 def path_of(name: str) -> str:
-  """'arrays:<PATH>' -> PATH, with ~ expanded."""
+  """'arrays:<PATH>' -> PATH, with ~ expanded; a PATH on object storage (gs://...: an .npz,
+  .npy or idx folder) is its local copy (`storage.local_copy`, once per host)."""
+  from flowjax import storage
   if not name.startswith(PREFIX) or len(name) == len(PREFIX):
     raise ValueError(f"data.name={name!r} is not an array dataset; use 'arrays:<PATH>'.")
-  return os.path.expanduser(name[len(PREFIX):])
+  path = name[len(PREFIX):]
+  if storage.is_remote(path):
+    return storage.local_copy(path, suffixes=None)
+  return os.path.expanduser(path)
 
 
 # ----------------------------------------------------------------------------------------------

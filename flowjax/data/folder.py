@@ -60,6 +60,12 @@ def _is_image_file(name: str) -> bool:
 def _split_folder(data_name: str, split: str) -> str:
   """The folder holding a split of data.name='folder:<DIR>' (absolute path)."""
   root = directory(data_name)
+  if "://" in root:
+    raise ValueError(
+        f"data.name={data_name!r}: image folders are read from local disk, one file at a time. "
+        f"Pack the folder into shards (python -m flowjax.data.prepare --source=folder:<local "
+        "copy> --out=DIR ..., BUILD.md), copy DIR to the bucket and train with "
+        "data.name=packed:gs://...")
   if not os.path.isdir(root):
     where = "" if os.path.isabs(root) else f" (relative to the working directory {os.getcwd()})"
     raise FileNotFoundError(f"data.name={data_name!r}: there is no directory {root!r}{where}; "
