@@ -40,7 +40,7 @@ def check_local_output(path: str, flag: str, reads_as: str) -> None:
   if is_remote(path):
     raise ValueError(
         f"{flag}={path}: this command writes to local disk. Write to a local directory and copy "
-        f"it to the bucket (gcloud storage cp -r DIR {path}); training reads it there as "
+        f"it to the bucket (gcloud storage rsync -r DIR {path}); training reads it there as "
         f"data.name={reads_as}{path}.")
 
 

@@ -444,7 +444,25 @@ def feature_dim(settings: TextSettings) -> int:
   """The feature width D without building the encoder: 'words': data.text.dim; 't5': d_model of
   the config.json in data.text.path, 'gemma_embed' and 'gemma': its hidden_size (data.text.dim
   when there is no path: a synthetic dry run). A folder on object storage is read there (its
-  config.json only)."""
+  config.json only; once per process)."""
+  return _remote_once(_feature_dim, settings)
+
+
+_REMOTE_ANSWERS: dict = {}
+
+
+def _remote_once(function, settings: TextSettings):
+  """function(settings), remembered in this process when data.text.path is on object storage
+  (each call would read the bucket again; local files are read each time)."""
+  if "://" not in settings.path:
+    return function(settings)
+  key = (function.__name__, settings)
+  if key not in _REMOTE_ANSWERS:
+    _REMOTE_ANSWERS[key] = function(settings)
+  return _REMOTE_ANSWERS[key]
+
+
+def _feature_dim(settings: TextSettings) -> int:
   from flowjax import storage
   if settings.encoder == "gemma_embed" and settings.path:
     return gemma_sizes(settings.path)[1]
@@ -471,11 +489,15 @@ def encoder_fingerprint(settings: TextSettings) -> str:
   each config, tokenizer and weights file's name, size and first MiB. Two checkpoints of one
   architecture (a model and its fine-tune) differ in it; the same files anywhere do not (a folder
   on object storage is read there: sizes and first MiBs, not whole files)."""
+  if not settings.path:
+    return ""
+  return _remote_once(_fingerprint, settings)
+
+
+def _fingerprint(settings: TextSettings) -> str:
   import hashlib
 
   from flowjax import storage
-  if not settings.path:
-    return ""
   folders = list(dict.fromkeys(gemma_folders(settings.path))) if settings.encoder == "gemma" \
       else [settings.path]
   digest = hashlib.sha256()
@@ -483,6 +505,10 @@ def encoder_fingerprint(settings: TextSettings) -> str:
     files = [folder] if storage.isfile(folder) else sorted(
         storage.join(folder, name) for name in storage.listdir(folder)
         if name.endswith(FINGERPRINT_SUFFIXES))
+    if not files:
+      raise FileNotFoundError(
+          f"data.text.path={settings.path!r}: {folder} holds no config, tokenizer or weights "
+          f"file (none ending in {', '.join(FINGERPRINT_SUFFIXES)}); give the encoder's folder.")
     for file in files:
       name = str(file).rstrip("/").rsplit("/", 1)[-1]
       head = storage.read_head(file, FINGERPRINT_BYTES)

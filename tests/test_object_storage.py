@@ -569,11 +569,14 @@ def test_dataset_writers_refuse_a_bucket_output_and_name_the_copy(tmp_path, monk
   monkeypatch.chdir(tmp_path)
   with pytest.raises(ValueError, match=r"writes to local disk.*data.name=packed:gs://b/packed"):
     prepare.prepare("folder:/nonexistent", "gs://b/packed", image_size=8)
+  # A folder of images in a bucket: pack a local copy (the message names the route).
+  with pytest.raises(ValueError, match=r"image folders are read from local disk.*packed:gs://"):
+    prepare.prepare("folder:gs://b/pets", str(tmp_path / "packed"), image_size=8)
   config = config_lib.load_experiment(os.path.join(ROOT, "experiments", "autoencoder_digits.py"),
                                       "tiny")
   with pytest.raises(ValueError, match=r"writes to local disk.*data.name=latents:gs://b/lat"):
     cache_latents.cache(config, "gs://b/lat", weights=str(tmp_path / "none"))
-  assert os.listdir(tmp_path) == []
+  assert not any(name.startswith("gs:") for name in os.listdir(tmp_path))
 
 
 ARRAYS_SCRIPT = """
@@ -589,6 +592,12 @@ for name in ("digits.npz", "idx"):
   np.testing.assert_array_equal(got.labels, want.labels)
 assert arrays.splits(__import__("ml_collections").ConfigDict({"name": f"arrays:{bucket}/idx"})) \\
     == ("train",)
+try:  # an error about the arrays names them in the bucket, not their local copy
+  arrays.load(f"arrays:{bucket}/idx", "test")
+except FileNotFoundError as error:
+  assert f"{bucket}/idx" in str(error) and "flowjax/objects" not in str(error), error
+else:
+  raise AssertionError("split 'test' of a folder without t10k files was read")
 try:
   folder._split_folder(f"folder:{bucket}/pets", "train")
 except ValueError as error:

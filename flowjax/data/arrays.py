@@ -60,8 +60,18 @@ def path_of(name: str) -> str:
     raise ValueError(f"data.name={name!r} is not an array dataset; use 'arrays:<PATH>'.")
   path = name[len(PREFIX):]
   if storage.is_remote(path):
-    return storage.local_copy(path, suffixes=None)
+    return storage.local_copy(path, suffixes=ARRAY_SUFFIXES)
   return os.path.expanduser(path)
+
+
+# What a folder of arrays on object storage holds that arrays: reads (idx files, gzipped or not).
+ARRAY_SUFFIXES = (".npy", ".npz", "ubyte", "ubyte.gz")
+
+
+def _named(data_name: str, local: str):
+  """Errors inside name the dataset's path on object storage, not its local copy."""
+  from flowjax import storage
+  return storage.naming_copy(local, data_name[len(PREFIX):])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +189,8 @@ def splits(data_config) -> tuple[str, ...]:
   """The splits of data.name='arrays:<PATH>': ('train', 'test') when PATH has test images (t10k
   idx files, or an .npz key of IMAGE_KEYS['test']), else ('train',)."""
   path = path_of(data_config.name)
-  _split_files(path, data_config.name, "train")  # a missing PATH or train split: its error
+  with _named(data_config.name, path):
+    _split_files(path, data_config.name, "train")  # a missing PATH or train split: its error
   if os.path.isdir(path):
     has_test = idx_file(path, "test", "images") is not None
   elif path.endswith(".npz"):
@@ -198,7 +209,8 @@ def splits(data_config) -> tuple[str, ...]:
 
 def load(data_name: str, split: str) -> Arrays:
   """The arrays of a split of data.name='arrays:<PATH>', checked (cached per file state)."""
-  return _load(data_name, split, _stamp(data_name, split))
+  with _named(data_name, path_of(data_name)):
+    return _load(data_name, split, _stamp(data_name, split))
 
 
 def _stamp(data_name: str, split: str) -> tuple:
@@ -247,8 +259,10 @@ def _read_npy(path: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _load(data_name: str, split: str, stamp: tuple) -> Arrays:
-  path = path_of(data_name)
-  if os.path.isdir(path):
+  # The files the stamp names (a worker process reads the ones its parent checked).
+  path = stamp[0][0]
+  if not path.endswith((".npz", ".npy")):  # an idx folder's images
+    path = os.path.dirname(path)
     images = read_idx(stamp[0][0])
     labels = read_idx(stamp[1][0]) if len(stamp) > 1 else None
     origin = stamp[0][0]
@@ -355,8 +369,9 @@ def _num_classes(data_config) -> int:
 def _describe(data_config, split: str) -> tuple[tuple, np.ndarray | None, pipeline.DataInfo]:
   """(the split's cache key, its checked labels or None, its DataInfo)."""
   image_size = pipeline.check_positive_int(data_config.image_size, "data.image_size")
-  stamp = _stamp(data_config.name, split)
-  arrays = _load(data_config.name, split, stamp)
+  with _named(data_config.name, path_of(data_config.name)):
+    stamp = _stamp(data_config.name, split)
+    arrays = _load(data_config.name, split, stamp)
   labels, num_classes = None, 0
   if data_config.conditional:
     labels = _checked_labels(arrays, data_config.name, split)

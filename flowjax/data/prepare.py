@@ -45,7 +45,7 @@ def _source_name(source: str) -> str:
     raise ValueError(f"--source={source!r}; pack a folder of images (--source=folder:<DIR>) or "
                      "image arrays (--source=arrays:<PATH>: .npy, .npz or a directory of MNIST idx "
                      "files).")
-  return prefix + os.path.abspath(os.path.expanduser(source[len(prefix):]))
+  return prefix + storage.absolute(os.path.expanduser(source[len(prefix):]))
 
 
 def _data_config(source: str, **values) -> ml_collections.ConfigDict:
