@@ -268,7 +268,11 @@ def local_copy(path: str, suffixes=MODEL_FOLDER_SUFFIXES, folders=None) -> str:
   key = hashlib.sha256(f"{path}|{suffixes}|{folders}".encode()).hexdigest()[:20]
   home = os.path.join(cache_root(), "objects", key)
   if not _copied(home, listing):
-    os.makedirs(os.path.dirname(home), exist_ok=True)
+    try:
+      os.makedirs(os.path.dirname(home), exist_ok=True)
+    except OSError as error:
+      raise OSError(f"{path}: its local copy cannot be made in {os.path.dirname(home)} "
+                    f"({error}); set XDG_CACHE_HOME to a writable local directory.") from error
     with open(home + ".lock", "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
       if not _copied(home, listing):  # another process may have made it meanwhile
