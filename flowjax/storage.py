@@ -270,10 +270,11 @@ def local_copy(path: str, suffixes=MODEL_FOLDER_SUFFIXES, folders=None) -> str:
   if not _copied(home, listing):
     try:
       os.makedirs(os.path.dirname(home), exist_ok=True)
+      lock = open(home + ".lock", "w")
     except OSError as error:
       raise OSError(f"{path}: its local copy cannot be made in {os.path.dirname(home)} "
                     f"({error}); set XDG_CACHE_HOME to a writable local directory.") from error
-    with open(home + ".lock", "w") as lock:
+    with lock:
       fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
       if not _copied(home, listing):  # another process may have made it meanwhile
         _download(path, single, listing, home)

@@ -489,7 +489,7 @@ def encoder_fingerprint(settings: TextSettings) -> str:
   each config, tokenizer and weights file's name, size and first MiB. Two checkpoints of one
   architecture (a model and its fine-tune) differ in it; the same files anywhere do not (a folder
   on object storage is read there: sizes and first MiBs, not whole files)."""
-  if not settings.path:
+  if not settings.path or settings.encoder not in FILE_ENCODERS:
     return ""
   return _remote_once(_fingerprint, settings)
 

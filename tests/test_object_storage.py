@@ -689,3 +689,20 @@ def test_tfds_data_dir_on_object_storage(emulator, tmp_path):
       cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
   assert done.returncode != 0
   assert f"is not prepared in gs://{BUCKET}/empty" in done.stderr, done.stderr[-3000:]
+
+
+def test_a_cache_that_cannot_be_written_names_xdg_cache_home(monkeypatch, tmp_path):
+  """A model on object storage whose local copy cannot be made (the cache directory is not a
+  writable directory) is one OSError naming XDG_CACHE_HOME."""
+  from flowjax import storage
+  store = {"objects": {"mem://b/vae.safetensors": b"weights"}, "writes": []}
+
+  class Stat:
+    length, mtime = 7, 1
+
+  monkeypatch.setattr(_MemoryPath, "stat", lambda self: Stat(), raising=False)
+  monkeypatch.setattr(storage, "_epath", lambda path: _MemoryPath(store, path))
+  (tmp_path / "not_a_directory").write_text("")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not_a_directory"))
+  with pytest.raises(OSError, match="set XDG_CACHE_HOME to a writable local directory"):
+    storage.local_copy("mem://b/vae.safetensors")

@@ -64,8 +64,9 @@ def path_of(name: str) -> str:
   return os.path.expanduser(path)
 
 
-# What a folder of arrays on object storage holds that arrays: reads (idx files, gzipped or not).
-ARRAY_SUFFIXES = (".npy", ".npz", "ubyte", "ubyte.gz")
+# What arrays: reads from a folder on object storage: its idx files, gzipped or not (a single
+# .npz or .npy object is copied whatever its name).
+ARRAY_SUFFIXES = ("ubyte", "ubyte.gz")
 
 
 def _named(data_name: str, local: str):
@@ -372,6 +373,14 @@ def _describe(data_config, split: str) -> tuple[tuple, np.ndarray | None, pipeli
   with _named(data_config.name, path_of(data_config.name)):
     stamp = _stamp(data_config.name, split)
     arrays = _load(data_config.name, split, stamp)
+    labels, num_classes = _checked(data_config, split, arrays)
+  return stamp, labels, pipeline.DataInfo(
+      image_shape=(image_size, image_size, arrays.images.shape[-1]), num_classes=num_classes,
+      num_examples=len(arrays.images))
+
+
+def _checked(data_config, split: str, arrays: Arrays) -> tuple[np.ndarray | None, int]:
+  """(the checked labels or None, the number of classes) of a split's arrays."""
   labels, num_classes = None, 0
   if data_config.conditional:
     labels = _checked_labels(arrays, data_config.name, split)
@@ -385,9 +394,7 @@ def _describe(data_config, split: str) -> tuple[tuple, np.ndarray | None, pipeli
           f"({arrays.labels_origin}) include {int(labels[index])} (example {index}), outside "
           f"[0, {num_classes}) where {num_classes} classes is {source}; set "
           "--config.data.num_classes to the number of classes.")
-  return stamp, labels, pipeline.DataInfo(
-      image_shape=(image_size, image_size, arrays.images.shape[-1]), num_classes=num_classes,
-      num_examples=len(arrays.images))
+  return labels, num_classes
 
 
 def info(data_config, split: str) -> pipeline.DataInfo:
