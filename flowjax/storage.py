@@ -12,10 +12,12 @@ once per host and made again when an object changes.
 """
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 
 from absl import logging
 
@@ -216,7 +218,6 @@ def _copied(home: str, listing: dict[str, list[int]]) -> bool:
 def _download(path: str, single: bool, listing, home: str) -> None:
   """Copies the objects of `listing` into a new folder and puts it in place of `home`; the
   caller holds home's lock. Left-overs of killed copies of this key are removed first."""
-  import tempfile
   parent, key = os.path.split(home)
   for name in os.listdir(parent):
     if name.startswith((key + ".tmp.", key + ".old.")):
@@ -253,7 +254,6 @@ def local_copy(path: str, suffixes=MODEL_FOLDER_SUFFIXES, folders=None) -> str:
   sub-folders too, or only in the sub-folders named in `folders`; an object keeps its name."""
   if not is_remote(path):
     return path
-  import fcntl
   path = str(path).rstrip("/")
   suffixes = None if suffixes is None else tuple(suffixes)
   folders = None if folders is None else tuple(folders)

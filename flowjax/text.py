@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowjax import storage
 from flowjax.registry import unknown_name_message
 
 ENCODERS = ("words", "t5", "gemma_embed", "gemma")
@@ -249,7 +250,6 @@ def _t5_encoder(settings: TextSettings) -> TextEncoder:
 
 
 def _json_file(path: str, name: str, required: bool = True) -> dict:
-  from flowjax import storage
   file = storage.join(path, name)
   if not storage.isfile(file):
     if not required:
@@ -366,7 +366,6 @@ def _gemma_embed_encoder(settings: TextSettings) -> TextEncoder:
 def gemma_folders(path: str) -> tuple[str, str]:
   """(decoder folder, tokenizer folder) of a 'gemma' path: its text_encoder/ and tokenizer/ when
   it has them (a Lumina-style pipeline folder), else the folder itself for both."""
-  from flowjax import storage
   nested = [storage.join(path, name) for name in ("text_encoder", "tokenizer")]
   found = [storage.isdir(folder) for folder in nested]
   if all(found):
@@ -405,17 +404,15 @@ def on_disk(settings: TextSettings):
   (`storage.local_copy`: the folder's configs, tokenizers and .safetensors, once per host; of a
   Lumina-style 'gemma' folder only text_encoder/ and tokenizer/); errors inside the block name
   the path as given."""
-  from flowjax import storage
   if settings.encoder not in FILE_ENCODERS or not storage.is_remote(settings.path):
     yield settings
     return
-  nested = [storage.join(settings.path, name) for name in ("text_encoder", "tokenizer")]
   folders = None
-  if settings.encoder == "gemma" and any(storage.isdir(folder) for folder in nested):
+  if settings.encoder == "gemma" and gemma_folders(settings.path)[0] != settings.path:
     folders = ("text_encoder", "tokenizer")
   local = dataclasses.replace(settings,
                               path=storage.local_copy(settings.path, folders=folders))
-  with storage.naming(local.path, settings.path):
+  with storage.naming_copy(local.path, settings.path):
     yield local
 
 
@@ -454,7 +451,7 @@ _REMOTE_ANSWERS: dict = {}
 def _remote_once(function, settings: TextSettings):
   """function(settings), remembered in this process when data.text.path is on object storage
   (each call would read the bucket again; local files are read each time)."""
-  if "://" not in settings.path:
+  if not storage.is_remote(settings.path):
     return function(settings)
   key = (function.__name__, settings)
   if key not in _REMOTE_ANSWERS:
@@ -463,7 +460,6 @@ def _remote_once(function, settings: TextSettings):
 
 
 def _feature_dim(settings: TextSettings) -> int:
-  from flowjax import storage
   if settings.encoder == "gemma_embed" and settings.path:
     return gemma_sizes(settings.path)[1]
   if settings.encoder == "gemma" and settings.path:
@@ -496,8 +492,6 @@ def encoder_fingerprint(settings: TextSettings) -> str:
 
 def _fingerprint(settings: TextSettings) -> str:
   import hashlib
-
-  from flowjax import storage
   folders = list(dict.fromkeys(gemma_folders(settings.path))) if settings.encoder == "gemma" \
       else [settings.path]
   digest = hashlib.sha256()
@@ -518,7 +512,6 @@ def _fingerprint(settings: TextSettings) -> str:
 
 def read_prompts(path: str) -> list[str]:
   """The prompts of a text file: one per non-empty line (surrounding spaces stripped)."""
-  from flowjax import storage
   if not storage.exists(path):
     raise FileNotFoundError(f"--prompts={path}: no such file; write one prompt per line.")
   prompts = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]

@@ -37,6 +37,7 @@ import zlib
 
 import numpy as np
 
+from flowjax import storage
 from flowjax.data import images as image_lib
 from flowjax.data import pipeline
 
@@ -55,7 +56,6 @@ _RANGE_TOLERANCE = 1e-3
 def path_of(name: str) -> str:
   """'arrays:<PATH>' -> PATH, with ~ expanded; a PATH on object storage (gs://...: an .npz,
   .npy or idx folder) is its local copy (`storage.local_copy`, once per host)."""
-  from flowjax import storage
   if not name.startswith(PREFIX) or len(name) == len(PREFIX):
     raise ValueError(f"data.name={name!r} is not an array dataset; use 'arrays:<PATH>'.")
   path = name[len(PREFIX):]
@@ -71,7 +71,6 @@ ARRAY_SUFFIXES = ("ubyte", "ubyte.gz")
 
 def _named(data_name: str, local: str):
   """Errors inside name the dataset's path on object storage, not its local copy."""
-  from flowjax import storage
   return storage.naming_copy(local, data_name[len(PREFIX):])
 
 
