@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 import types
 
 import flax.linen as nn
@@ -282,3 +283,88 @@ def test_dit_xl2_param_count():
   expected = patch_embed + time_embed + label_embed + depth * block + final
   assert expected == 674_816_272
   assert count == expected
+
+
+# Dropout masks: flowjax's threefry hash (one elementwise program) against jax.random's.
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 1, 7), (2, 3, 4, 5, 6), (16, 32, 32, 8)])
+@pytest.mark.parametrize("typed", [True, False])
+def test_threefry_bits_and_bernoulli_equal_jax_random(shape, typed):
+  for seed in (0, 1, 2**31 + 5):
+    key = jax.random.key(seed) if typed else jax.random.PRNGKey(seed)
+    bits = jax.jit(lambda k: layers.threefry_bits(k, shape))(key)
+    np.testing.assert_array_equal(bits, jax.random.bits(key, shape, jnp.uint32))
+    for p in (0.1, 0.5, 0.8, 0.87):
+      np.testing.assert_array_equal(jax.jit(lambda k: layers.bernoulli(k, p, shape))(key),
+                                    jax.random.bernoulli(key, p, shape))
+
+
+class _Dropouts(nn.Module):
+  """Two auto-named dropout layers (one broadcasting over axis 1), then a sum."""
+  layer: type
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, train):
+    h = self.layer(self.rate, deterministic=not train)(x)
+    return h + 2.0 * self.layer(self.rate, broadcast_dims=(1,), deterministic=not train)(x ** 2)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.5, 1.0])
+def test_dropout_equals_flax_dropout_masks_and_gradients(rate):
+  x = jax.random.normal(jax.random.key(0), (4, 6, 5, 3))
+
+  def run(layer, train, key):
+    f = lambda x: _Dropouts(layer, rate).apply({}, x, train, rngs={"dropout": key}).sum()
+    return jax.jit(jax.value_and_grad(f))(x)
+
+  for train in (True, False):
+    for key in (jax.random.key(3), jax.random.key(4, impl="rbg")):
+      ours, flax_ = run(layers.Dropout, train, key), run(nn.Dropout, train, key)
+      for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_threefry_bits_defers_to_jax_where_its_layout_differs():
+  assert layers.threefry_bits(jax.random.key(0, impl="rbg"), (4,)) is None
+  assert layers.threefry_bits(jax.random.key(0), (2**16, 2**16)) is None  # 2^32 counters
+  jax.config.update("jax_threefry_partitionable", False)
+  try:
+    key = jax.random.key(1)
+    assert layers.threefry_bits(key, (4, 5)) is None
+    np.testing.assert_array_equal(layers.bernoulli(key, 0.7, (4, 5)),
+                                  jax.random.bernoulli(key, 0.7, (4, 5)))
+  finally:
+    jax.config.update("jax_threefry_partitionable", True)
+
+
+def test_sharded_dropout_mask_equals_the_unsharded_one():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None, None, "model"))
+  x = jax.device_put(jnp.ones((8, 4, 4, 6)), spec)
+  key = jax.random.key(5)
+  out = jax.jit(lambda x: layers.Dropout(0.3, deterministic=False).apply(
+      {}, x, rngs={"dropout": key}), out_shardings=spec)(x)
+  np.testing.assert_array_equal(out, nn.Dropout(0.3, deterministic=False).apply(
+      {}, jnp.ones((8, 4, 4, 6)), rngs={"dropout": key}))
+
+
+@pytest.mark.parametrize("config_fn, shape", [
+    (lambda: dit_config(dropout=0.3), (8, 8, 1)),
+    (lambda: mlp_config(dropout=0.3), (2,)),
+    (lambda: ml_collections.ConfigDict(dict(
+        name="unet", model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=(),
+        dropout=0.3, time_scale=1000.0, attention_impl="xla")), (8, 8, 1))])
+def test_train_step_draws_dropout_masks_without_loops(config_fn, shape):
+  """XLA:CPU lowers jax.random's threefry as a loop over whole arrays (a slow dropout mask);
+  every dropout layer of the backbones draws its mask as one elementwise program instead."""
+  model = models.build(config_fn(), make_info(shape, 0))
+  x, times, _ = inputs(shape, 1)
+  variables = random_variables(model, x, times, None)
+
+  def loss(v):
+    return apply(model, v, x, times, None, train=True, rngs={"dropout": jax.random.key(3)}).sum()
+
+  hlo = jax.jit(jax.grad(loss)).lower(variables).compile().as_text()
+  loops = [line for line in hlo.splitlines() if " while(" in line]
+  assert not [line for line in loops if re.search(r"u32\[\d+,\d+", line)], loops[:1]

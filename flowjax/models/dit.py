@@ -135,7 +135,7 @@ class DiTBlock(nn.Module):
                          param_dtype=self.param_dtype, qk_norm=self.qk_norm,
                          spectral_init=self.spectral_init, logit_scale=self.attention_scale,
                          separate_qkv_init=xavier, name="attn")(h)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = layers.Dropout(self.dropout, deterministic=not train)(h)
     x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
     x = nn.with_logical_constraint(x, TOKENS)
 
@@ -143,7 +143,7 @@ class DiTBlock(nn.Module):
     h = layers.FeedForward(int(width * self.mlp_ratio), dropout=self.dropout, dtype=self.dtype,
                            param_dtype=self.param_dtype, spectral_init=self.spectral_init,
                            name="mlp")(h, train)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = layers.Dropout(self.dropout, deterministic=not train)(h)
     x = x + gate_mlp[:, None, :] * h.astype(jnp.float32)
     return nn.with_logical_constraint(x, TOKENS)
 

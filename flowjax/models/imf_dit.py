@@ -61,13 +61,13 @@ class InContextBlock(nn.Module):
     h = _layer_norm(self.dtype, "norm1")(x)
     h = layers.Attention(self.num_heads, impl=self.attention_impl, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="attn")(h)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = layers.Dropout(self.dropout, deterministic=not train)(h)
     x = x + gate("attn_gate") * h.astype(jnp.float32)
     x = nn.with_logical_constraint(x, TOKENS)
     h = _layer_norm(self.dtype, "norm2")(x)
     h = layers.FeedForward(int(width * self.mlp_ratio), dropout=self.dropout, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="mlp")(h, train)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = layers.Dropout(self.dropout, deterministic=not train)(h)
     x = x + gate("mlp_gate") * h.astype(jnp.float32)
     return nn.with_logical_constraint(x, TOKENS)
 

@@ -56,6 +56,86 @@ def rms_norm(x: jax.Array, epsilon: float = 1e-6) -> jax.Array:
   return normed.astype(x.dtype)
 
 
+# Threefry-2x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011): the
+# rotation constants of its 20 rounds and the key-schedule parity constant.
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_THREEFRY_PARITY = 0x1BD11BDA
+
+
+def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
+  return (x << np.uint32(bits)) | (x >> np.uint32(32 - bits))
+
+
+def threefry_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array | None:
+  """uint32 random bits of `shape`, equal to jax.random.bits(key, shape, jnp.uint32) for a
+  threefry2x32 key with jax_threefry_partitionable (JAX's default), computed as one elementwise
+  program: on XLA:CPU, JAX hashes the counters in a 5-iteration while loop over whole arrays,
+  which writes both words back to memory after every 4 rounds (4-7x the time at a
+  [16, 32, 32, 64] dropout mask). The counters are the row-major positions, built from
+  broadcast iotas so that a sharded mask is computed shard by shard as JAX's is. None where that
+  equality does not hold (another PRNG implementation, the non-partitionable layout, 2^32 or
+  more elements): the caller then uses jax.random.
+  """
+  shape = tuple(int(d) for d in shape)
+  if (not jax.config.jax_threefry_partitionable or math.prod(shape) >= 2**32
+      or not shape):
+    return None
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if str(jax.random.key_impl(key)) != "threefry2x32":
+      return None
+    key = jax.random.key_data(key)
+  elif jax.config.jax_default_prng_impl != "threefry2x32":
+    return None
+  k0, k1 = key[0].astype(jnp.uint32), key[1].astype(jnp.uint32)
+  strides = np.cumprod((1,) + shape[:0:-1])[::-1]
+  count = sum(jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+              for axis, stride in enumerate(strides))
+  schedule = (k0, k1, k0 ^ k1 ^ np.uint32(_THREEFRY_PARITY))
+  # The high word of every count is 0 below 2^32 elements.
+  x0 = jnp.zeros(shape, jnp.uint32) + schedule[0]
+  x1 = count + schedule[1]
+  for block in range(5):
+    for rotation in _THREEFRY_ROTATIONS[block % 2]:
+      x0 = x0 + x1
+      x1 = _rotate_left(x1, rotation) ^ x0
+    x0 = x0 + schedule[(block + 1) % 3]
+    x1 = x1 + schedule[(block + 2) % 3] + np.uint32(block + 1)
+  return x0 ^ x1
+
+
+def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
+  """Boolean samples with P(True) = p, equal to jax.random.bernoulli(key, p, shape) (float32 p),
+  through `threefry_bits` where it applies."""
+  bits = threefry_bits(key, shape)
+  if bits is None:
+    return jax.random.bernoulli(key, p, shape)
+  # jax.random.uniform's float32 construction: 23 mantissa bits into [1, 2), minus 1.
+  uniform = jax.lax.bitcast_convert_type(
+      (bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32) - np.float32(1.0)
+  return uniform < np.float32(p)
+
+
+class Dropout(nn.Dropout):
+  """flax.linen.Dropout with the same masks (same key, same bits; the class keeps flax's name, so
+  auto-named layers draw the same keys), drawn through `bernoulli`."""
+
+  @nn.compact
+  def __call__(self, inputs, deterministic: bool | None = None, rng: jax.Array | None = None):
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if self.rate == 0.0 or deterministic:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    keep_prob = 1.0 - self.rate
+    if rng is None:
+      rng = self.make_rng(self.rng_collection)
+    shape = list(inputs.shape)
+    for dim in self.broadcast_dims:
+      shape[dim] = 1
+    mask = jnp.broadcast_to(bernoulli(rng, keep_prob, shape), inputs.shape)
+    return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+
+
 def dtype_from_name(name: str, key: str = "dtype") -> Dtype:
   """Maps a config string ('float32' | 'bfloat16') to a jnp dtype."""
   if name not in DTYPES:
@@ -333,7 +413,7 @@ class FeedForward(nn.Module):
               dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.gelu(h, approximate=not self.exact_gelu)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = Dropout(self.dropout, deterministic=not train)(h)
     return dense(width, ("mlp", self.embed_axis),
                  kernel_init=nn.initializers.zeros if self.zero_out else init,
                  dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(h)

@@ -41,7 +41,7 @@ class ResidualBlock(nn.Module):
     y = layers.dense(width, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
                      name="fc1")(y)
     y = nn.with_logical_constraint(nn.silu(y), ("batch", "mlp"))
-    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = layers.Dropout(self.dropout, deterministic=not train)(y)
     y = layers.dense(width, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
                      name="fc2")(y)
     return nn.with_logical_constraint(h + y.astype(jnp.float32), ("batch", "embed"))

@@ -298,7 +298,7 @@ class UNetBlock(nn.Module):
                              name=AFFINE_NAMES[i])(e) for i, e in enumerate(embs))
     h = h + shift.astype(h.dtype)[:, None, None, :]
     h = nn.silu(group_norm(self.out_channels, name="norm1", **kw)(h))
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = layers.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_channels, 3, ("mlp", "embed"), weight_scale=self.zero_init_scale,
              name="conv1", **kw)(h)
     skip = x
