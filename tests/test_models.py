@@ -4,6 +4,7 @@ import functools
 import math
 import re
 import types
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -319,7 +320,7 @@ def test_dropout_equals_flax_dropout_masks_and_gradients(rate):
     return jax.jit(jax.value_and_grad(f))(x)
 
   for train in (True, False):
-    for key in (jax.random.key(3), jax.random.key(4, impl="rbg")):
+    for key in (jax.random.key(3), jax.random.PRNGKey(5), jax.random.key(4, impl="rbg")):
       ours, flax_ = run(layers.Dropout, train, key), run(nn.Dropout, train, key)
       for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_)):
         np.testing.assert_array_equal(a, b)
@@ -328,6 +329,12 @@ def test_dropout_equals_flax_dropout_masks_and_gradients(rate):
 def test_threefry_bits_defers_to_jax_where_its_layout_differs():
   assert layers.threefry_bits(jax.random.key(0, impl="rbg"), (4,)) is None
   assert layers.threefry_bits(jax.random.key(0), (2**16, 2**16)) is None  # 2^32 counters
+  assert layers.threefry_bits(jax.random.split(jax.random.key(0), 3), (4, 2)) is None  # batched
+  assert layers.threefry_bits(jnp.zeros((3, 2), jnp.uint32), (4, 2)) is None
+  with jax.enable_x64(True):  # jax.random then draws float64 uniforms for a Python-float p
+    key = jax.random.key(2)
+    np.testing.assert_array_equal(layers.bernoulli(key, 0.7, (64, 5)),
+                                  jax.random.bernoulli(key, 0.7, (64, 5)))
   jax.config.update("jax_threefry_partitionable", False)
   try:
     key = jax.random.key(1)
@@ -365,6 +372,13 @@ def test_train_step_draws_dropout_masks_without_loops(config_fn, shape):
   def loss(v):
     return apply(model, v, x, times, None, train=True, rngs={"dropout": jax.random.key(3)}).sum()
 
-  hlo = jax.jit(jax.grad(loss)).lower(variables).compile().as_text()
-  loops = [line for line in hlo.splitlines() if " while(" in line]
-  assert not [line for line in loops if re.search(r"u32\[\d+,\d+", line)], loops[:1]
+  def mask_loops():
+    jax.clear_caches()  # traces of the backbones' blocks are cached across jits
+    hlo = jax.jit(jax.grad(loss)).lower(variables).compile().as_text()
+    return [line for line in hlo.splitlines()
+            if " while(" in line and re.search(r"u32\[\d+,\d+", line)]
+
+  assert not mask_loops()
+  # The check sees flax's masks: with jax.random's bernoulli the loops are there.
+  with mock.patch.object(layers, "bernoulli", jax.random.bernoulli):
+    assert mask_loops()

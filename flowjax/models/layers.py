@@ -70,21 +70,24 @@ def threefry_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array | None:
   """uint32 random bits of `shape`, equal to jax.random.bits(key, shape, jnp.uint32) for a
   threefry2x32 key with jax_threefry_partitionable (JAX's default), computed as one elementwise
   program: on XLA:CPU, JAX hashes the counters in a 5-iteration while loop over whole arrays,
-  which writes both words back to memory after every 4 rounds (4-7x the time at a
+  which writes both words back to memory after every 4 rounds (about 6x the time at a
   [16, 32, 32, 64] dropout mask). The counters are the row-major positions, built from
   broadcast iotas so that a sharded mask is computed shard by shard as JAX's is. None where that
   equality does not hold (another PRNG implementation, the non-partitionable layout, 2^32 or
   more elements): the caller then uses jax.random.
   """
+  if not all(isinstance(d, (int, np.integer)) for d in shape):
+    return None  # symbolic (shape-polymorphic) dimensions
   shape = tuple(int(d) for d in shape)
   if (not jax.config.jax_threefry_partitionable or math.prod(shape) >= 2**32
       or not shape):
     return None
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    if str(jax.random.key_impl(key)) != "threefry2x32":
+    if key.shape != () or str(jax.random.key_impl(key)) != "threefry2x32":
       return None
     key = jax.random.key_data(key)
-  elif jax.config.jax_default_prng_impl != "threefry2x32":
+  elif (jax.config.jax_default_prng_impl != "threefry2x32" or key.shape != (2,)
+        or key.dtype != jnp.uint32):
     return None
   k0, k1 = key[0].astype(jnp.uint32), key[1].astype(jnp.uint32)
   strides = np.cumprod((1,) + shape[:0:-1])[::-1]
@@ -104,9 +107,12 @@ def threefry_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array | None:
 
 
 def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
-  """Boolean samples with P(True) = p, equal to jax.random.bernoulli(key, p, shape) (float32 p),
-  through `threefry_bits` where it applies."""
-  bits = threefry_bits(key, shape)
+  """Boolean samples with P(True) = p, equal to jax.random.bernoulli(key, p, shape), through
+  `threefry_bits` where it applies: p a Python float, drawn as float32 (without jax_enable_x64,
+  which would make jax.random draw float64 uniforms)."""
+  bits = None
+  if isinstance(p, (float, np.floating)) and not jax.config.jax_enable_x64:
+    bits = threefry_bits(key, shape)
   if bits is None:
     return jax.random.bernoulli(key, p, shape)
   # jax.random.uniform's float32 construction: 23 mantissa bits into [1, 2), minus 1.
