@@ -5,6 +5,7 @@ on localhost; the runs are the real command line in subprocesses whose storage c
 it (tensorstore for orbax's arrays, gcsfs for everything else). Nothing leaves the machine.
 """
 
+import collections
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -66,17 +68,24 @@ def emulator():
     original_finalize(response, storage, obj, data, upload_id)
     completed[upload_id] = obj
 
+  sessions = collections.defaultdict(threading.Lock)
+
   def upload_partial(request, response, storage, *args, **kwargs):
-    """A repeated final PUT of a finished resumable upload answers with the object, as GCS does
-    (the emulator forgets the session and answers 404; a client retries a PUT whose answer came
-    too late, as a loaded machine makes happen)."""
+    """A repeated final chunk of a finished resumable upload answers with the object, as GCS does
+    (the emulator forgets the session and answers 404; a client retries a chunk whose answer came
+    too late, as a loaded machine makes happen). One chunk of a session at a time: a retry waits
+    for the first try to finish instead of racing it."""
     upload_id = request.query.get("upload_id", [None])[0]
-    if upload_id in completed:
-      response.json(completed[upload_id])
-      return
-    original_upload_partial(request, response, storage, *args, **kwargs)
+    with sessions[upload_id]:
+      if upload_id in completed:
+        response.json(completed[upload_id])
+        return
+      original_upload_partial(request, response, storage, *args, **kwargs)
 
   objects._finalize_resumable_object = finalize
+  # Chunks come as PUT (tensorstore) or as POST to the session (gcsfs), which the emulator
+  # forwards to objects.upload_partial by its module-level name.
+  objects.upload_partial = upload_partial
   objects.download = download  # objects.get calls it for ?alt=media
   replaced = {original_download: download, original_upload_partial: upload_partial}
   route = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
@@ -149,6 +158,56 @@ def command(workdir, *overrides, mode="train"):
           f"--workdir={workdir}", "--num_cpu_devices=1", f"--mode={mode}",
           "--config.sample.every_steps=0", "--config.ckpt.every_steps=2",
           "--config.ckpt.async_save=False", "--config.train.log_every=1", *overrides]
+
+
+@pytest.mark.parametrize("method,overlap", [("POST", False), ("PUT", False), ("POST", True)])
+def test_the_emulator_answers_a_repeated_final_chunk_with_the_object(emulator, method, overlap):
+  """A client that retries the final chunk of a resumable upload (its first answer came too late,
+  or the first try is still being served) gets the object back, as from GCS: gcsfs sends chunks
+  as POST, tensorstore as PUT."""
+  import urllib.request
+  from concurrent import futures
+
+  from gcp_storage_emulator.handlers import objects
+  _, environment = emulator
+  url = environment["STORAGE_EMULATOR_HOST"]
+  name = f"retried/{method}-{overlap}.txt"
+  start = urllib.request.Request(
+      f"{url}/upload/storage/v1/b/{BUCKET}/o?uploadType=resumable&name={name}",
+      data=json.dumps({"name": name}).encode(), method="POST",
+      headers={"Content-Type": "application/json"})
+  with urllib.request.urlopen(start, timeout=30) as answer:
+    session = answer.headers["Location"]
+  body = b"0123456789"
+
+  def send(_):
+    chunk = urllib.request.Request(session, data=body, method=method, headers={
+        "Content-Range": f"bytes 0-{len(body) - 1}/{len(body)}",
+        "Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(chunk, timeout=30) as answer:
+      return answer.status, json.loads(answer.read())
+
+  if overlap:  # the retry arrives while the first try is still finishing the object
+    finish = objects._finalize_resumable_object
+
+    def slow_finish(*args):
+      time.sleep(1.0)
+      finish(*args)
+
+    objects._finalize_resumable_object = slow_finish
+    try:
+      with futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(send, 0)
+        time.sleep(0.3)
+        retry = pool.submit(send, 1)
+        answers = [first.result(), retry.result()]
+    finally:
+      objects._finalize_resumable_object = finish
+  else:
+    answers = [send(0), send(1)]
+  assert [status for status, _ in answers] == [200, 200], answers
+  assert answers[0][1]["name"] == answers[1][1]["name"] == name
+  assert answers[0][1]["size"] == answers[1][1]["size"] == str(len(body))
 
 
 def test_train_kill_resume_and_sample_in_a_bucket(emulator, tmp_path):
