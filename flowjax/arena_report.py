@@ -152,7 +152,8 @@ def markdown(record: dict) -> str:
            f"({_seeds(seeds)}; seed k sets config.seed = k, the sampling key and the "
            "evaluation seed)."]
   if counts != {len(seeds)}:
-    lines[-1] += (f" Some entries have fewer seeds ({', '.join(map(str, sorted(counts)))}); "
+    fewer = sorted(count for count in counts if count < len(seeds))
+    lines[-1] += (f" Some entries have fewer seeds ({' or '.join(map(str, fewer))}); "
                   "the range table shows which.")
   lines[-1] += (f" Bold: the best mean of a column and every entry within {RESOLVED_STDS:g} x "
                 "the larger of the two standard deviations of it (the known one beside a single "

@@ -189,6 +189,17 @@ def test_differences_report_a_moved_number_and_a_missing_record():
              for p in arena_report.differences(committed, moved, 0.02, 0.0))
 
 
+def test_the_header_names_only_the_smaller_seed_counts():
+  record = arena_report.load(str(ROOT / "experiments/results/arena_digits28.json"))
+  single = next(r for r in record["results"] if r["method"] == "flow_matching")
+  record["results"] = [r for r in record["results"] if r["method"] == "flow_matching"] + [
+      dict(single, method="shortcut", seed=0)]
+  header = arena_report.markdown(record).split("\n\n")[0]
+  assert "over 3 seeds" in header and "Some entries have fewer seeds (1);" in header, header
+  record["results"] = record["results"][:-1]
+  assert "fewer seeds" not in arena_report.markdown(record)
+
+
 def test_statistics_and_which_entries_the_seeds_tell_apart():
   s = arena_report.statistics([1.0, 2.0, 3.0])
   assert (s["mean"], s["std"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 1.0, 3.0, 3)
