@@ -174,7 +174,7 @@ def markdown(record: dict) -> str:
   if len(seeds) > 1:
     lines += ["", f"Range of {metric} over seeds [min, max]:", ""] + _table(
         record, metric, columns, lambda s: f"[{s['min']:.4g}, {s['max']:.4g}]"
-        + ("" if s["n"] == len(seeds) else f" ({s['n']} seeds)"))
+        + ("" if s["n"] == len(seeds) else f" ({s['n']} seed{'s' * (s['n'] > 1)})"))
   for key, floor_values in record.get("extra_metrics", {}).items():
     lines += ["", f"{EXTRA_METRICS.get(key, key)} (lower is better):", ""]
     lines += _table(record, key, columns, lambda s: _mean_std(s, ".3g"), "lower")

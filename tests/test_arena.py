@@ -196,6 +196,8 @@ def test_the_header_names_only_the_smaller_seed_counts():
       dict(single, method="shortcut", seed=0)]
   header = arena_report.markdown(record).split("\n\n")[0]
   assert "over 3 seeds" in header and "Some entries have fewer seeds (1);" in header, header
+  assert "(1 seed)" in arena_report.markdown(record) and "(1 seeds)" not in arena_report.markdown(
+      record)
   record["results"] = record["results"][:-1]
   assert "fewer seeds" not in arena_report.markdown(record)
 
