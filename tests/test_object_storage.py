@@ -73,8 +73,8 @@ def emulator():
   def upload_partial(request, response, storage, *args, **kwargs):
     """A repeated final chunk of a finished resumable upload answers with the object, as GCS does
     (the emulator forgets the session and answers 404; a client retries a chunk whose answer came
-    too late, as a loaded machine makes happen). One chunk of a session at a time: a retry waits
-    for the first try to finish instead of racing it."""
+    too late, as a loaded machine makes happen). One chunk of a session at a time: a retry that
+    races the first try would otherwise be refused (400, its range already received)."""
     upload_id = request.query.get("upload_id", [None])[0]
     with sessions[upload_id]:
       if upload_id in completed:
@@ -82,42 +82,44 @@ def emulator():
         return
       original_upload_partial(request, response, storage, *args, **kwargs)
 
-  objects._finalize_resumable_object = finalize
-  # Chunks come as PUT (tensorstore) or as POST to the session (gcsfs), which the emulator
-  # forwards to objects.upload_partial by its module-level name.
-  objects.upload_partial = upload_partial
-  objects.download = download  # objects.get calls it for ?alt=media
-  replaced = {original_download: download, original_upload_partial: upload_partial}
   route = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
            r"/moveTo/o/(?P<dest_object_id>.*[^/]+)$")
+  replaced = {original_download: download, original_upload_partial: upload_partial}
   handlers = tuple((pattern, {method: replaced.get(handler, handler)
                               for method, handler in methods.items()})
                    for pattern, methods in emulator_server.HANDLERS)
-  emulator_server.HANDLERS = ((route, {"POST": move_to}),) + handlers
-  # One thread per request (the emulator serves one at a time, and tensorstore's parallel
-  # uploads then stall behind a slow client); dict-backed in-memory storage.
-  emulator_server.server.HTTPServer = emulator_server.server.ThreadingHTTPServer
-  emulator_server.server.ThreadingHTTPServer.daemon_threads = True
-  emulator_server.server.HTTPServer.handle_error = lambda *args: None  # cancelled requests
-  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # expected 404s
-  port = _free_port()
-  server = emulator_server.create_server("127.0.0.1", port, in_memory=True,
-                                         default_bucket=BUCKET)
-  server.start()
-  url = f"http://127.0.0.1:{port}"
-  environment = dict(
-      os.environ,
-      TENSORSTORE_GCS_HTTP_URL=url,            # orbax's arrays (tensorstore's gcs driver)
-      GOOGLE_AUTH_TOKEN_FOR_TESTING="test",    # tensorstore: no credential search
-      STORAGE_EMULATOR_HOST=url,               # gcsfs and google-cloud-storage
-      CLOUD_STORAGE_EMULATOR_ENDPOINT=url,     # array_record's own GCS reader (dataset shards)
-      FSSPEC_GCS_TOKEN="anon",                 # gcsfs: no credential search
-      NO_GCE_CHECK="true",                     # never probe the GCE metadata server
-      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",  # no gRPC bucket-type probe
-      EPATH_USE_TF="false",                    # etils.epath through fsspec/gcsfs
-      JAX_PLATFORMS="cpu")
-  yield server, environment
-  server.stop()
+  threading_server = emulator_server.server.ThreadingHTTPServer
+  with pytest.MonkeyPatch.context() as patch:  # undone when the module's tests are done
+    patch.setattr(objects, "_finalize_resumable_object", finalize)
+    # Chunks come as PUT (tensorstore) or as POST to the session (gcsfs), which the emulator
+    # forwards to objects.upload_partial by its module-level name.
+    patch.setattr(objects, "upload_partial", upload_partial)
+    patch.setattr(objects, "download", download)  # objects.get calls it for ?alt=media
+    patch.setattr(emulator_server, "HANDLERS", ((route, {"POST": move_to}),) + handlers)
+    # One thread per request (the emulator serves one at a time, and tensorstore's parallel
+    # uploads then stall behind a slow client); dict-backed in-memory storage.
+    patch.setattr(emulator_server.server, "HTTPServer", threading_server)
+    patch.setattr(threading_server, "daemon_threads", True)
+    patch.setattr(threading_server, "handle_error", lambda *args: None)  # cancelled requests
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # expected 404s
+    port = _free_port()
+    server = emulator_server.create_server("127.0.0.1", port, in_memory=True,
+                                           default_bucket=BUCKET)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    environment = dict(
+        os.environ,
+        TENSORSTORE_GCS_HTTP_URL=url,            # orbax's arrays (tensorstore's gcs driver)
+        GOOGLE_AUTH_TOKEN_FOR_TESTING="test",    # tensorstore: no credential search
+        STORAGE_EMULATOR_HOST=url,               # gcsfs and google-cloud-storage
+        CLOUD_STORAGE_EMULATOR_ENDPOINT=url,     # array_record's own GCS reader (dataset shards)
+        FSSPEC_GCS_TOKEN="anon",                 # gcsfs: no credential search
+        NO_GCE_CHECK="true",                     # never probe the GCE metadata server
+        GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",  # no gRPC bucket-type probe
+        EPATH_USE_TF="false",                    # etils.epath through fsspec/gcsfs
+        JAX_PLATFORMS="cpu")
+    yield server, environment
+    server.stop()
 
 
 LIST_SCRIPT = """
@@ -160,8 +162,10 @@ def command(workdir, *overrides, mode="train"):
           "--config.ckpt.async_save=False", "--config.train.log_every=1", *overrides]
 
 
-@pytest.mark.parametrize("method,overlap", [("POST", False), ("PUT", False), ("POST", True)])
-def test_the_emulator_answers_a_repeated_final_chunk_with_the_object(emulator, method, overlap):
+@pytest.mark.parametrize("method,overlap", [("POST", False), ("PUT", False), ("POST", True),
+                                            ("PUT", True)])
+def test_the_emulator_answers_a_repeated_final_chunk_with_the_object(emulator, monkeypatch,
+                                                                     method, overlap):
   """A client that retries the final chunk of a resumable upload (its first answer came too late,
   or the first try is still being served) gets the object back, as from GCS: gcsfs sends chunks
   as POST, tensorstore as PUT."""
@@ -194,15 +198,12 @@ def test_the_emulator_answers_a_repeated_final_chunk_with_the_object(emulator, m
       time.sleep(1.0)
       finish(*args)
 
-    objects._finalize_resumable_object = slow_finish
-    try:
-      with futures.ThreadPoolExecutor(2) as pool:
-        first = pool.submit(send, 0)
-        time.sleep(0.3)
-        retry = pool.submit(send, 1)
-        answers = [first.result(), retry.result()]
-    finally:
-      objects._finalize_resumable_object = finish
+    monkeypatch.setattr(objects, "_finalize_resumable_object", slow_finish)
+    with futures.ThreadPoolExecutor(2) as pool:
+      first = pool.submit(send, 0)
+      time.sleep(0.3)
+      retry = pool.submit(send, 1)
+      answers = [first.result(), retry.result()]
   else:
     answers = [send(0), send(1)]
   assert [status for status, _ in answers] == [200, 200], answers
