@@ -2,10 +2,10 @@
 
 python -m flowjax.main --config=experiments/imm_digits.py --workdir=workdirs/imm_digits
 Samples take 2 pushforward steps with classifier-free guidance 1.5 on the raw network output.
-The loss weighting's alpha_t^a uses a = 1, as the official CIFAR-10 configuration (and its
-ImageNet-256 a1 model), not the ImageNet default a = 2: a = 2 gives the noisiest times, where a
-sample's class is decided, little weight, and on these digits its samples follow the label far
-less often (the README's digits arenas, row "IMM, weighting a = 2").
+The loss weighting's alpha_t^a uses a = 1, the CIFAR-10 value of arXiv:2503.07565 (Table 5),
+not the a = 2 of the ImageNet preset: a = 2 gives the noisiest times, where a sample's class is
+decided, little weight, and on these digits its samples follow the label far less often (the
+README's digits arenas, row "IMM, weighting a = 2").
 Presets: :tiny (a few CPU steps in tests).
 """
 

@@ -98,16 +98,15 @@ SUITES = {
 # The digits at 28x28 (upscaled bilinearly, MNIST's size): the same methods and budget with
 # patch 4 (49 tokens) at batch 64; samples are scored by the 8x8 digits classifier after a
 # resize back to 8x8, against a floor of real images taken through the same round trip.
-# IMM's label input is weak after this budget at 28x28: "imm_guided" is the same training
-# sampled with guidance 5 instead of the preset's 1.5 (which is the better on the 8x8 digits).
-_DIGITS28_METHODS = {}
-for _name, _entry in SUITES["digits"]["methods"].items():
-  _DIGITS28_METHODS[_name] = _entry
-  if _name == "imm_a2":
-    _DIGITS28_METHODS["imm_guided"] = ("imm_digits.py", [1, 2, 4, 8], "uniform",
-                                       {"sample.guidance": 5.0})
+# IMM's label input is weak after this budget at 28x28: "imm_guided" is IMM's preset sampled
+# with guidance 5 instead of 1.5 (1.5 is the better on the 8x8 digits); the arena trains it in
+# its own folder, to the same parameters as "imm" (a run is deterministic).
+_IMM_ROWS = ["imm", "imm_by_label", "imm_a2"]
 SUITES["digits28"] = dict(
-    SUITES["digits"], methods=_DIGITS28_METHODS,
+    SUITES["digits"],
+    methods={**{m: SUITES["digits"]["methods"][m] for m in ["flow_matching"] + _IMM_ROWS},
+             "imm_guided": ("imm_digits.py", [1, 2, 4, 8], "uniform", {"sample.guidance": 5.0}),
+             **SUITES["digits"]["methods"]},
     overrides=dict(SUITES["digits"]["overrides"], **{
         "data.image_size": 28, "model.patch_size": 4, "train.batch_size": 64}))
 # Heavy tails (t-Flow, Pandey et al., arXiv:2410.14171): flow matching and MeanFlow with Gaussian
@@ -273,13 +272,30 @@ def evaluate_method(config, workdir: str, method: str, step_counts, sample_metho
   return results
 
 
+def method_config(suite: str, method: str, seed: int, steps: int, workdir: str):
+  """The config `method` of `suite` trains with at `seed` for `steps` steps in the arena DIR
+  `workdir`: its experiment with the suite's overrides, then its own."""
+  from flowjax import config as config_lib
+  spec = SUITES[suite]
+  experiment, _, _, *extra = spec["methods"][method]
+  own = {key: value.format(workdir=seed_workdir(workdir, seed)) if isinstance(value, str)
+         else value for key, value in (extra[0] if extra else {}).items()}
+  overrides = dict(spec["overrides"], **own, **{"train.steps": steps,
+                                                "ckpt.every_steps": steps, "seed": seed})
+  # A shared override that the method's backbone does not have (an MLP's depth for a flow) is
+  # left out; the method's own experiment sizes that part.
+  keys = config_lib.flatten(config_lib.load_experiment(experiment))
+  overrides = {k: v for k, v in overrides.items() if k in keys or k in own}
+  return config_lib.load_experiment(experiment, None, **overrides)
+
+
 def run(suite: str, workdir: str, budget: int | None = None, methods=None, seeds: int = 1,
         command: str | None = None, first_seed: int = 0) -> list[Result]:
   """Trains and evaluates the chosen methods of `suite` with seeds first_seed..seeds-1 (every
   method of the first seed first, so that an interrupted run already holds a complete
   single-seed arena), then writes DIR/arena.json, .md, .png and _samples.png; returns every
   result of DIR/arena.json (the results of other seeds and methods at this budget are kept)."""
-  from flowjax import config as config_lib, provenance, train
+  from flowjax import provenance, train
   spec = SUITES[suite]
   steps = budget or spec["steps"]
   unknown = [m for m in (methods or []) if m not in spec["methods"]]
@@ -297,16 +313,8 @@ def run(suite: str, workdir: str, budget: int | None = None, methods=None, seeds
   results = []
   for seed in range(first_seed, seeds):
     for method in chosen:
-      experiment, step_counts, sample_method, *extra = spec["methods"][method]
-      own = {key: value.format(workdir=seed_workdir(workdir, seed)) if isinstance(value, str)
-             else value for key, value in (extra[0] if extra else {}).items()}
-      overrides = dict(spec["overrides"], **own, **{"train.steps": steps,
-                                                    "ckpt.every_steps": steps, "seed": seed})
-      # A shared override that the method's backbone does not have (an MLP's depth for a flow)
-      # is left out; the method's own experiment sizes that part.
-      keys = config_lib.flatten(config_lib.load_experiment(experiment))
-      overrides = {k: v for k, v in overrides.items() if k in keys or k in own}
-      config = config_lib.load_experiment(experiment, None, **overrides)
+      _, step_counts, sample_method, *_ = spec["methods"][method]
+      config = method_config(suite, method, seed, steps, workdir)
       method_dir = storage.join(seed_workdir(workdir, seed), method)
       state = train.run(config, method_dir)
       if int(state.step) < steps:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from flowjax import arena, arena_report, metrics
+from flowjax import arena, arena_report, config as config_lib, metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = "experiments/results/arena_toy2d_smoke.json"
@@ -200,6 +200,21 @@ def test_the_header_names_only_the_smaller_seed_counts():
       record)
   record["results"] = record["results"][:-1]
   assert "fewer seeds" not in arena_report.markdown(record)
+
+
+def test_every_method_has_a_row_name_and_the_guided_imm_row_trains_imm():
+  for suite, spec in arena.SUITES.items():
+    assert set(spec["methods"]) <= set(arena_report.LABELS), suite
+  assert "imm_guided" in arena.SUITES["digits28"]["methods"]
+  assert "imm_guided" not in arena.SUITES["digits"]["methods"]
+  imm, guided, a2 = (arena.method_config("digits28", m, 1, 1500, "/w")
+                     for m in ("imm", "imm_guided", "imm_a2"))
+  # The same training (sample.* may change on resume, so it is not part of the identity) ...
+  assert config_lib.identity(guided) == config_lib.identity(imm)
+  assert config_lib.identity(a2) != config_lib.identity(imm)
+  # ... sampled with more guidance, at the suite's size.
+  assert (guided.sample.guidance, imm.sample.guidance) == (5.0, 1.5)
+  assert (imm.data.image_size, imm.objective.weight_a, a2.objective.weight_a) == (28, 1.0, 2.0)
 
 
 def test_statistics_and_which_entries_the_seeds_tell_apart():
