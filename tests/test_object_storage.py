@@ -5,7 +5,6 @@ on localhost; the runs are the real command line in subprocesses whose storage c
 it (tensorstore for orbax's arrays, gcsfs for everything else). Nothing leaves the machine.
 """
 
-import collections
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ def emulator():
   """(server, environment of the clients) for an in-memory emulator with one bucket."""
   from http import HTTPStatus
 
-  from gcp_storage_emulator import server as emulator_server
+  from gcp_storage_emulator import server as emulator_server, storage as emulator_storage
   from gcp_storage_emulator.exceptions import NotFound
   from gcp_storage_emulator.handlers import objects
 
@@ -68,35 +67,51 @@ def emulator():
     original_finalize(response, storage, obj, data, upload_id)
     completed[upload_id] = obj
 
-  sessions = collections.defaultdict(threading.Lock)
-
   def upload_partial(request, response, storage, *args, **kwargs):
     """A repeated final chunk of a finished resumable upload answers with the object, as GCS does
     (the emulator forgets the session and answers 404; a client retries a chunk whose answer came
-    too late, as a loaded machine makes happen). One chunk of a session at a time: a retry that
-    races the first try would otherwise be refused (400, its range already received)."""
+    too late, as a loaded machine makes happen)."""
     upload_id = request.query.get("upload_id", [None])[0]
-    with sessions[upload_id]:
-      if upload_id in completed:
-        response.json(completed[upload_id])
-        return
-      original_upload_partial(request, response, storage, *args, **kwargs)
+    if upload_id in completed:
+      response.json(completed[upload_id])
+      return
+    original_upload_partial(request, response, storage, *args, **kwargs)
 
   route = (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
            r"/moveTo/o/(?P<dest_object_id>.*[^/]+)$")
   replaced = {original_download: download, original_upload_partial: upload_partial}
-  handlers = tuple((pattern, {method: replaced.get(handler, handler)
+  serving = threading.Lock()
+
+  def one_at_a_time(handler):
+    """The handler under one lock for the whole emulator, its request body read before: its
+    storage is plain dicts, which requests served side by side would change while another
+    iterates over them (a listing, or the JSON dump of every write), and a request that fails so
+    closes its connection unanswered; and a client's retry of a chunk would race its first try
+    (refused with 400, its range already received)."""
+    def handle(request, response, *args, **kwargs):
+      request.data  # noqa: B018 (reads the body: a slow client does not hold up the others)
+      with serving:
+        return handler(request, response, *args, **kwargs)
+    return handle
+
+  handlers = tuple((pattern, {method: one_at_a_time(replaced.get(handler, handler))
                               for method, handler in methods.items()})
-                   for pattern, methods in emulator_server.HANDLERS)
+                   for pattern, methods in ((route, {"POST": move_to}),)
+                   + emulator_server.HANDLERS)
   threading_server = emulator_server.server.ThreadingHTTPServer
   with pytest.MonkeyPatch.context() as patch:  # undone when the module's tests are done
     patch.setattr(objects, "_finalize_resumable_object", finalize)
     # Chunks come as PUT (tensorstore) or as POST to the session (gcsfs), which the emulator
-    # forwards to objects.upload_partial by its module-level name.
+    # forwards to objects.upload_partial by its module-level name (under the lock already).
     patch.setattr(objects, "upload_partial", upload_partial)
     patch.setattr(objects, "download", download)  # objects.get calls it for ?alt=media
-    patch.setattr(emulator_server, "HANDLERS", ((route, {"POST": move_to}),) + handlers)
-    # One thread per request (the emulator serves one at a time, and tensorstore's parallel
+    # Uploads POSTed to .../o without the /upload prefix reach objects.insert by its name.
+    patch.setattr(objects, "insert", one_at_a_time(objects.insert))
+    patch.setattr(emulator_server, "HANDLERS", handlers)
+    # In memory, nothing reads the emulator's .meta file back, which it rewrote (every object's
+    # metadata as JSON) on every write: a run's hundreds of checkpoint files made each write slow.
+    patch.setattr(emulator_storage.Storage, "_write_config_to_file", lambda self: None)
+    # One thread per connection (the emulator serves one at a time, and tensorstore's parallel
     # uploads then stall behind a slow client); dict-backed in-memory storage.
     patch.setattr(emulator_server.server, "HTTPServer", threading_server)
     patch.setattr(threading_server, "daemon_threads", True)
@@ -209,6 +224,28 @@ def test_the_emulator_answers_a_repeated_final_chunk_with_the_object(emulator, m
   assert [status for status, _ in answers] == [200, 200], answers
   assert answers[0][1]["name"] == answers[1][1]["name"] == name
   assert answers[0][1]["size"] == answers[1][1]["size"] == str(len(body))
+
+
+def test_the_emulator_serves_many_writers_at_once(emulator):
+  """Writers side by side (a checkpoint's files, tensorstore's parallel chunks) each get their
+  answer: the emulator's storage is not changed under a request that iterates over it."""
+  import urllib.request
+  from concurrent import futures
+  _, environment = emulator
+  url = environment["STORAGE_EMULATOR_HOST"]
+
+  def write(k):
+    name = f"many/{k // 100}/{k % 100}.bin"
+    request = urllib.request.Request(
+        f"{url}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={name}",
+        data=bytes(k % 251 for _ in range(64)), method="POST",
+        headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(request, timeout=60) as answer:
+      return answer.status, json.loads(answer.read())["name"]
+
+  with futures.ThreadPoolExecutor(8) as pool:
+    answers = list(pool.map(write, range(800)))
+  assert answers == [(200, f"many/{k // 100}/{k % 100}.bin") for k in range(800)]
 
 
 def test_train_kill_resume_and_sample_in_a_bucket(emulator, tmp_path):
