@@ -89,9 +89,13 @@ def emulator():
     closes its connection unanswered; and a client's retry of a chunk would race its first try
     (refused with 400, its range already received)."""
     def handle(request, response, *args, **kwargs):
-      request.data  # noqa: B018 (reads the body: a slow client does not hold up the others)
-      with serving:
-        return handler(request, response, *args, **kwargs)
+      try:
+        request.data  # noqa: B018 (reads the body: a slow client does not hold up the others)
+        with serving:
+          return handler(request, response, *args, **kwargs)
+      except Exception:  # answered (500, which clients retry), not a connection closed unanswered
+        logging.getLogger(__name__).exception("emulator: %s %s", request.method, request.path)
+        response.status = HTTPStatus.INTERNAL_SERVER_ERROR
     return handle
 
   handlers = tuple((pattern, {method: one_at_a_time(replaced.get(handler, handler))
@@ -246,6 +250,25 @@ def test_the_emulator_serves_many_writers_at_once(emulator):
   with futures.ThreadPoolExecutor(8) as pool:
     answers = list(pool.map(write, range(800)))
   assert answers == [(200, f"many/{k // 100}/{k % 100}.bin") for k in range(800)]
+
+
+def test_an_emulator_error_is_answered_with_500(emulator, monkeypatch):
+  """A request the emulator fails on is answered (500, which clients retry) instead of closing
+  its connection unanswered."""
+  import urllib.error
+  import urllib.request
+
+  from gcp_storage_emulator import storage as emulator_storage
+  _, environment = emulator
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("planted")
+
+  monkeypatch.setattr(emulator_storage.Storage, "get_file_obj", fail)
+  url = f"{environment['STORAGE_EMULATOR_HOST']}/storage/v1/b/{BUCKET}/o/anything"
+  with pytest.raises(urllib.error.HTTPError) as error:
+    urllib.request.urlopen(url, timeout=30)
+  assert error.value.code == 500
 
 
 def test_train_kill_resume_and_sample_in_a_bucket(emulator, tmp_path):
